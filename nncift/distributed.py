@@ -1,0 +1,222 @@
+"""The only module that imports Ray (lazily): block fan-out with Ray Data, fitting with Ray Train.
+
+Every fan-out here has a local twin (:func:`map_local`) running the same callable class in a loop; the
+tests assert both give identical artifacts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nncift.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(cfg: RayConfig) -> None:
+    """Connect to ``cfg.address`` or start a local Ray with logical CPUs >= 4 (so actors never starve
+    the read tasks of a 2-core machine)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if cfg.address:
+        ray.init(address=cfg.address, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=cfg.num_cpus or max(4, os.cpu_count() or 1),
+            include_dashboard=False,
+            log_to_driver=True,
+            configure_logging=True,
+            logging_level=logging.WARNING,
+        )
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    ctx.verbose_progress = False
+
+
+def map_local(worker_cls: type, ctor_kwargs: dict[str, Any], specs: list[dict], desc: str = "") -> list[dict]:
+    """Local twin of :func:`map_ray`: construct the worker once, call it on each spec in order."""
+    from tqdm.auto import tqdm
+
+    worker = worker_cls(**ctor_kwargs)
+    out = []
+    for spec in tqdm(specs, desc=desc or worker_cls.__name__, disable=not specs, leave=False):
+        res = worker({k: np.asarray([v]) for k, v in spec.items()})
+        out.append({k: v[0] for k, v in res.items()})
+    return out
+
+
+def map_ray(
+    worker_cls: type,
+    ctor_kwargs: dict[str, Any],
+    specs: list[dict],
+    *,
+    concurrency: int = 1,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+) -> list[dict]:
+    """Fan ``specs`` (one dict per block) out over an actor pool of ``worker_cls`` with Ray Data.
+
+    Each actor builds the worker once (``ctor_kwargs`` are shipped through the object store) and handles
+    one block per call; the worker writes its own artifact, so finished blocks survive a crash.
+    """
+    import ray
+
+    if not specs:
+        return []
+    ds = ray.data.from_items(specs, override_num_blocks=min(len(specs), 4 * concurrency * 8))
+    out = ds.map_batches(
+        worker_cls,
+        fn_constructor_kwargs=ctor_kwargs,
+        batch_size=1,
+        concurrency=concurrency,
+        num_cpus=num_cpus,
+        num_gpus=num_gpus or None,
+    )
+    return out.take_all()
+
+
+def map_blocks(
+    executor: str,
+    worker_cls: type,
+    ctor_kwargs: dict[str, Any],
+    specs: list[dict],
+    desc: str = "",
+    **res: Any,
+) -> list[dict]:
+    """Dispatch to :func:`map_ray` or :func:`map_local`."""
+    if executor == "local":
+        return map_local(worker_cls, ctor_kwargs, specs, desc)
+    return map_ray(worker_cls, ctor_kwargs, specs, **res)
+
+
+def embed_ray(texts: list[str], ctor_kwargs: dict[str, Any], batch_size: int, **res: Any) -> np.ndarray:
+    """Embed ``texts`` with Ray Data ``map_batches`` over :class:`~nncift.embed.Embedder` actors.
+
+    Returns:
+        (len(texts), d) float32 in input order.
+    """
+    import ray
+
+    from nncift.embed import Embedder
+
+    items = [{"idx": i, "text": t} for i, t in enumerate(texts)]
+    n_blocks = max(1, min(len(items) // max(batch_size, 1), 8 * res.get("concurrency", 1)))
+    ds = ray.data.from_items(items, override_num_blocks=n_blocks).map_batches(
+        Embedder,
+        fn_constructor_kwargs=ctor_kwargs,
+        batch_size=batch_size,
+        concurrency=res.get("concurrency", 1),
+        num_cpus=res.get("num_cpus", 1.0),
+        num_gpus=res.get("num_gpus") or None,
+    )
+    rows = ds.select_columns(["idx", "embedding"]).take_all()
+    out = np.empty((len(texts), len(rows[0]["embedding"])), dtype=np.float32)
+    for r in rows:
+        out[r["idx"]] = r["embedding"]
+    return out
+
+
+def _train_worker(config: dict) -> None:
+    """Ray Train per-worker loop: the pure :func:`~nncift.train.fit_loop` under DDP."""
+    import json
+
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from nncift.train import PairLabels, fit_loop
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    state, history = fit_loop(
+        config["fit"],
+        config["e_rows"],
+        config["e_cols"],
+        PairLabels(*config["train"]),
+        PairLabels(*config["val"]),
+        rank=rank,
+        world_size=world,
+        wrap=ray.train.torch.prepare_model,
+    )
+    metrics = {"best_val_mse": min(h["val_mse"] for h in history), "epochs": len(history)}
+    if rank == 0:
+        from safetensors.torch import save_file
+
+        with tempfile.TemporaryDirectory() as d:
+            save_file(state, os.path.join(d, "model.safetensors"))
+            Path(d, "history.json").write_text(json.dumps(history))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+    else:
+        ray.train.report(metrics)
+
+
+def fit_ray(
+    fit_cfg: dict,
+    e_rows: np.ndarray,
+    e_cols: np.ndarray,
+    train: Any,
+    val: Any,
+    *,
+    num_workers: int,
+    use_gpu: bool,
+    storage: Path,
+    name: str,
+) -> tuple[dict, list[dict]]:
+    """Fit the InfluenceNetwork with a Ray Train ``TorchTrainer`` (DDP; gloo on CPU).
+
+    Returns:
+        (best state dict, per-epoch history of rank 0).
+    """
+    import json
+
+    import ray.train
+    import torch
+    from ray.train.torch import TorchTrainer
+    from safetensors.torch import load_file
+
+    cpus = os.cpu_count() or 1
+    config = {
+        "fit": fit_cfg,
+        "e_rows": e_rows,
+        "e_cols": e_cols,
+        "train": (train.rows, train.cols, train.y),
+        "val": (val.rows, val.cols, val.y),
+        "threads": max(1, cpus // num_workers),
+    }
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        run_config=ray.train.RunConfig(storage_path=str(storage.resolve()), name=name),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train fit '{name}' returned no checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as d:
+        state = load_file(os.path.join(d, "model.safetensors"))
+        history = json.loads(Path(d, "history.json").read_text())
+    return {k: torch.as_tensor(v) for k, v in state.items()}, history
+
+
+def run_fit(executor: str, fit_cfg: dict, e_rows, e_cols, train, val, **kw: Any) -> tuple[dict, list[dict]]:
+    """Dispatch to :func:`fit_ray` or the local :func:`~nncift.train.fit_loop`."""
+    if executor == "local":
+        from nncift.train import fit_loop
+
+        on_epoch: Callable[[dict], None] = lambda r: log.info(  # noqa: E731
+            "epoch %d train MSE %.5f val MSE %.5f", r["epoch"], r["train_mse"], r["val_mse"]
+        )
+        return fit_loop(fit_cfg, e_rows, e_cols, train, val, on_epoch=on_epoch)
+    return fit_ray(fit_cfg, e_rows, e_cols, train, val, **kw)

@@ -1,0 +1,21 @@
+"""DELIFT (SE): cosine similarity of sentence embeddings (METHOD.md §1.3)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nncift.influence.base import InfluenceFunction, Items
+
+
+class DeliftSE(InfluenceFunction):
+    """U(e -> t) = cos(emb_e, emb_t); symmetric, model-independent.
+
+    Uses the pipeline's cached unit-norm embeddings (one embedding definition everywhere), so the value
+    is a plain dot product.
+    """
+
+    name = "delift_se"
+
+    def utility(self, examples: Items, targets: Items) -> np.ndarray:
+        """Returns (E, T) float32 cosines."""
+        return (examples.embeddings @ targets.embeddings.T).astype(np.float32)

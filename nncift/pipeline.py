@@ -1,0 +1,467 @@
+"""The NN-CIFT pipeline: data -> embed -> label -> fit -> estimate -> select -> report.
+
+Each stage reads its inputs from the run directory, writes its artifacts atomically, and ends with a
+completion marker that carries the fingerprint of the configuration it depends on (its own section and
+every upstream one). A rerun skips finished stages (and finished blocks of unfinished ones); a changed
+configuration of a finished stage is refused unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from nncift import data as data_mod
+from nncift.config import RunConfig
+from nncift.errors import NncifError
+from nncift.store import (
+    STAGES,
+    RunDir,
+    read_safetensors,
+    write_json,
+    write_parquet,
+    write_safetensors,
+    write_text,
+)
+
+log = logging.getLogger(__name__)
+
+# config sections each stage depends on, cumulatively ("" = root fields such as the seed)
+_SECTIONS = {
+    "data": ("", "data"),
+    "embed": ("embed",),
+    "label": ("label",),
+    "fit": ("network",),
+    "estimate": ("estimate",),
+    "select": ("select",),
+    "report": (),
+}
+
+
+def stage_sections(stage: str) -> tuple[str, ...]:
+    out: tuple[str, ...] = ()
+    for s in STAGES[: STAGES.index(stage) + 1]:
+        out += _SECTIONS[s]
+    return out
+
+
+class Pipeline:
+    """Runs the stages of one run directory.
+
+    Args:
+        cfg: validated configuration.
+        run_dir: the run directory.
+        overwrite: recompute finished stages whose configuration changed (and all later stages).
+    """
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, overwrite: bool = False):
+        self.cfg = cfg
+        self.store = RunDir(run_dir)
+        self.overwrite = overwrite
+        self._ray_ready = False
+
+    # ------------------------------------------------------------------ driver
+    def run(self, until: str = "report") -> dict:
+        """Run every stage up to ``until`` (inclusive); returns {stage: seconds or 'skipped'}."""
+        if until not in STAGES:
+            raise ValueError(f"unknown stage {until!r} (stages: {', '.join(STAGES)})")
+        fresh = not self.store.root.exists()
+        done: dict[str, object] = {}
+        try:
+            for stage in STAGES[: STAGES.index(until) + 1]:
+                done[stage] = self._run_stage(stage)
+                if stage == "data":
+                    write_text(self.store.root / "config.yaml", self.cfg.to_yaml())
+        except NncifError:
+            if fresh and self.store.root.exists() and not self.store.has_finished_stage():
+                shutil.rmtree(self.store.root)  # bad input: leave nothing half-written behind
+            raise
+        return done
+
+    def _run_stage(self, stage: str) -> object:
+        sections = stage_sections(stage)
+        fp = self.cfg.fingerprint(*sections)
+        prov = self.cfg.provenance(*sections)
+        if stage == "data":  # validate the inputs before anything is written
+            if not self._needs(stage, fp, prov):
+                log.info("stage %-8s already done, skipping", stage)
+                return "skipped"
+            tables = data_mod.load_pool_target(self.cfg.data, self.cfg.seed)
+            compute: Callable[[], dict] = lambda: self.stage_data(*tables)  # noqa: E731
+        else:
+            compute = getattr(self, f"stage_{stage}")
+        if not self.store.begin(stage, fp, prov, overwrite=self.overwrite):
+            log.info("stage %-8s already done, skipping", stage)
+            return "skipped"
+        log.info("stage %-8s running", stage)
+        t0 = time.perf_counter()
+        info = compute() or {}
+        seconds = time.perf_counter() - t0
+        self.store.finish(stage, fp, prov, seconds=seconds, **info)
+        log.info("stage %-8s done in %.1f s", stage, seconds)
+        return seconds
+
+    def _needs(self, stage: str, fp: str, prov: dict) -> bool:
+        done = self.store.done_info(stage)
+        if done is not None and done.get("fingerprint") == fp:
+            return False
+        if done is not None and not self.overwrite:
+            self.store.begin(stage, fp, prov, overwrite=False)  # raises ProvenanceError with the diff
+        return True
+
+    def _ray(self) -> bool:
+        if self.cfg.ray.executor != "ray":
+            return False
+        if not self._ray_ready:
+            from nncift.distributed import init_ray
+
+            init_ray(self.cfg.ray)
+            self._ray_ready = True
+        return True
+
+    # ------------------------------------------------------------------ helpers
+    def tables(self) -> tuple[pa.Table, pa.Table]:
+        return (
+            pq.read_table(self.store.path("data", "pool.parquet")),
+            pq.read_table(self.store.path("data", "target.parquet")),
+        )
+
+    def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        t = read_safetensors(self.store.path("embed", "embeddings.safetensors"))
+        return t["pool"], t["target"]
+
+    # ------------------------------------------------------------------ stages
+    def stage_data(self, pool: pa.Table, target: pa.Table) -> dict:
+        write_parquet(self.store.path("data", "pool.parquet"), pool)
+        write_parquet(self.store.path("data", "target.parquet"), target)
+        return {"M": pool.num_rows, "N": target.num_rows}
+
+    def stage_embed(self) -> dict:
+        from nncift.models import resolve_embedding_model
+
+        c = self.cfg.embed
+        pool, target = self.tables()
+        texts = data_mod.texts(pool, c.template) + data_mod.texts(target, c.template)
+        kwargs = {
+            "model_path": str(resolve_embedding_model(c.model)),
+            "device": c.device,
+            "batch_size": c.batch_size,
+            "max_seq_length": c.max_seq_length,
+        }
+        if self._ray():
+            from nncift.distributed import embed_ray
+
+            emb = embed_ray(
+                texts,
+                kwargs,
+                c.batch_size,
+                concurrency=c.concurrency,
+                num_cpus=c.num_cpus,
+                num_gpus=c.num_gpus,
+            )
+        else:
+            from tqdm.auto import tqdm
+
+            from nncift.embed import Embedder
+
+            enc = Embedder(**kwargs)
+            step = c.batch_size * 8
+            emb = np.concatenate(
+                [enc.encode(texts[s : s + step]) for s in tqdm(range(0, len(texts), step), desc="embed")]
+            )
+        m = pool.num_rows
+        write_safetensors(
+            self.store.path("embed", "embeddings.safetensors"),
+            {"pool": emb[:m], "target": emb[m:]},
+            metadata={"model": kwargs["model_path"]},
+        )
+        return {"dim": int(emb.shape[1]), "texts": len(texts)}
+
+    def stage_label(self) -> dict:
+        from nncift.distributed import map_blocks
+        from nncift.label import LabelWorker, gather_labels, plan_blocks
+        from nncift.pairs import plan_labels
+
+        c = self.cfg.label
+        pool, target = self.tables()
+        e_pool, e_target = self.embeddings()
+        m, n = pool.num_rows, target.num_rows
+        plan = plan_labels(m, n, c.fraction, c.min_count, c.eval_pairs, self.cfg.seed)
+        write_json(
+            self.store.path("label", "plan.json"),
+            {
+                "pool_labeled": plan.pool_labeled,
+                "target_labeled": plan.target_labeled,
+                "sets": [
+                    {"kernel": s.kernel, "quadrant": s.quadrant, "rows": len(s.rows), "cols": len(s.cols)}
+                    for s in plan.sets
+                ],
+            },
+        )
+        specs = plan_blocks(plan, c.block_size)
+        block_dir = self.store.path("label", "blocks")
+        todo = [s for s in specs if not (block_dir / f"{s['block_id']:06d}.parquet").is_file()]
+        log.info(
+            "label: %d blocks (%d already done), %d train + %d eval pairs",
+            len(specs),
+            len(specs) - len(todo),
+            plan.train_pairs,
+            plan.eval_pairs,
+        )
+
+        def side(t: pa.Table, e: np.ndarray) -> dict:
+            return {
+                "ids": t.column("id").to_pylist(),
+                "prompts": t.column("prompt").to_pylist(),
+                "responses": t.column("response").to_pylist(),
+                "embeddings": e,
+            }
+
+        kwargs = {
+            "function": c.function,
+            "function_kwargs": {},
+            "pool": side(pool, e_pool),
+            "target": side(target, e_target),
+            "sets": [{"kernel": s.kernel, "quadrant": s.quadrant, "rows": s.rows, "cols": s.cols} for s in plan.sets],
+            "out_dir": str(block_dir),
+        }
+        executor = "ray" if self._ray() else "local"
+        map_blocks(
+            executor,
+            LabelWorker,
+            kwargs,
+            todo,
+            desc="label",
+            concurrency=c.concurrency,
+            num_cpus=c.num_cpus,
+            num_gpus=c.num_gpus,
+        )
+        labels = gather_labels(block_dir, len(specs))
+        write_parquet(self.store.path("label", "labels.parquet"), labels)
+        return {
+            "function": c.function,
+            "pairs_labeled": int(labels.num_rows),
+            "train_pairs": plan.train_pairs,
+            "eval_pairs": plan.eval_pairs,
+            "total_pairs": m * m + m * n,
+            "labeled_pool": len(plan.pool_labeled),
+            "labeled_target": len(plan.target_labeled),
+        }
+
+    def _labels(self) -> dict[str, dict[str, np.ndarray]]:
+        t = pq.read_table(self.store.path("label", "labels.parquet"))
+        kern = np.asarray(t.column("kernel").to_pylist())
+        quad = np.asarray(t.column("quadrant").to_pylist())
+        rows, cols = t.column("row").to_numpy(), t.column("col").to_numpy()
+        vals = t.column("value").to_numpy()
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for k in ("ff", "ft"):
+            for q in ("q1", "q2", "q3", "q4"):
+                sel = (kern == k) & (quad == q)
+                out.setdefault(k, {})[q] = np.stack([rows[sel], cols[sel]]), vals[sel]
+        return out
+
+    def stage_fit(self) -> dict:
+        from nncift.distributed import run_fit
+        from nncift.metrics import quadrant_report
+        from nncift.network import InfluenceNetwork, Scaler
+        from nncift.train import PairLabels, predict_pairs, split_train_val
+
+        c = self.cfg.network
+        e_pool, e_target = self.embeddings()
+        labels = self._labels()
+        fit_cfg = {
+            "hidden": c.hidden,
+            "lr": c.lr,
+            "epochs": c.epochs,
+            "batch_size": c.batch_size,
+            "patience": c.patience,
+            "seed": c.seed,
+        }
+        executor = "ray" if self._ray() else "local"
+        metrics, preds = {}, []
+        import torch
+
+        for kernel, e_cols in (("ff", e_pool), ("ft", e_target)):
+            (rc, y_raw) = labels[kernel]["q1"]
+            scaler = Scaler.fit(y_raw)
+            q1 = PairLabels(rc[0], rc[1], scaler.transform(y_raw))
+            tr_idx, va_idx = split_train_val(len(q1), c.val_fraction, c.seed)
+            log.info("fit %s: %d train / %d val pairs", kernel, len(tr_idx), len(va_idx))
+            state, history = run_fit(
+                executor,
+                fit_cfg,
+                e_pool,
+                e_cols,
+                q1.take(tr_idx),
+                q1.take(va_idx),
+                num_workers=c.num_workers,
+                use_gpu=c.use_gpu,
+                storage=self.store.path("fit", "ray_train"),
+                name=f"fit_{kernel}",
+            )
+            net = InfluenceNetwork(e_pool.shape[1], c.hidden)
+            net.load_state_dict(state)
+            net.eval()
+            er, ec = torch.as_tensor(e_pool), torch.as_tensor(e_cols)
+            train_mean = float(q1.take(tr_idx).y.mean())
+            kernel_metrics = {}
+            for q in ("q1", "q2", "q3", "q4"):
+                rcq, yq = labels[kernel][q]
+                if len(yq) == 0:
+                    continue
+                pq_ = PairLabels(rcq[0], rcq[1], scaler.transform(yq))
+                pred = predict_pairs(net, er, ec, pq_)
+                kernel_metrics[q] = quadrant_report(pred, pq_.y, train_mean, seed=c.seed)
+                preds.append(
+                    pa.table(
+                        {
+                            "kernel": [kernel] * len(pred),
+                            "quadrant": [q] * len(pred),
+                            "true": pq_.y,
+                            "pred": pred,
+                        }
+                    )
+                )
+            metrics[kernel] = {
+                "quadrants": kernel_metrics,
+                "history": history,
+                "scaler": scaler.__dict__,
+                "train_pairs": len(tr_idx),
+                "val_pairs": len(va_idx),
+            }
+            net.save(
+                self.store.path("fit", f"network_{kernel}"),
+                scaler,
+                extra={"kernel": kernel, "history": history},
+            )
+        if preds:
+            write_parquet(self.store.path("fit", "eval_predictions.parquet"), pa.concat_tables(preds))
+        write_json(self.store.path("fit", "metrics.json"), _clean(metrics))
+        shutil.rmtree(self.store.path("fit", "ray_train"), ignore_errors=True)
+        n_params = InfluenceNetwork(e_pool.shape[1], c.hidden).num_parameters()
+        return {"parameters_per_network": n_params}
+
+    def stage_estimate(self) -> dict:
+        import torch
+
+        from nncift.distributed import map_blocks
+        from nncift.estimate import EstimateWorker
+        from nncift.network import InfluenceNetwork
+        from nncift.pairs import block_grid
+
+        c = self.cfg.estimate
+        e_pool, e_target = self.embeddings()
+        m, n = len(e_pool), len(e_target)
+        if m * m > c.dense_max_pairs:
+            raise NotImplementedError(
+                f"K_FF has {m * m:,} pairs > estimate.dense_max_pairs={c.dense_max_pairs:,}: the sparse "
+                "top-k estimation path for million-scale corpora is not implemented yet (issue #4)"
+            )
+        heads = {}
+        for kernel, e_cols in (("ff", e_pool), ("ft", e_target)):
+            net, scaler, _ = InfluenceNetwork.load(self.store.path("fit", f"network_{kernel}"))
+            p, q = net.project(torch.as_tensor(e_pool), torch.as_tensor(e_cols))
+            w2, b2 = net.head()
+            heads[kernel] = {
+                "p": p.numpy(),
+                "q": q.numpy(),
+                "w2": w2,
+                "b2": b2,
+                "lo": scaler.lo,
+                "hi": scaler.hi,
+            }
+        blocks = block_grid("ff", m, m, c.block_size)
+        blocks += block_grid("ft", m, n, c.block_size, start_id=len(blocks))
+        block_dir = self.store.path("estimate", "blocks")
+        todo = [b.to_dict() for b in blocks if not (block_dir / f"{b.name}.parquet").is_file()]
+        log.info(
+            "estimate: %d blocks (%d already done), %d pairs",
+            len(blocks),
+            len(blocks) - len(todo),
+            m * m + m * n,
+        )
+        executor = "ray" if self._ray() else "local"
+        t0 = time.perf_counter()
+        map_blocks(
+            executor,
+            EstimateWorker,
+            {"heads": heads, "out_dir": str(block_dir), "device": c.device},
+            todo,
+            desc="estimate",
+            concurrency=c.concurrency,
+            num_cpus=c.num_cpus,
+            num_gpus=c.num_gpus,
+        )
+        dt = time.perf_counter() - t0
+        write_json(
+            self.store.path("estimate", "kernels.json"),
+            {
+                "ff": {"shape": [m, m], "layout": "dense"},
+                "ft": {"shape": [m, n], "layout": "dense"},
+                "blocks": len(blocks),
+            },
+        )
+        return {"pairs": m * m + m * n, "blocks": len(blocks), "map_seconds": dt}
+
+    def kernels(self) -> tuple[np.ndarray, np.ndarray]:
+        from nncift.estimate import assemble_dense
+
+        meta = json.loads(self.store.path("estimate", "kernels.json").read_text())
+        block_dir = self.store.path("estimate", "blocks")
+        return (
+            assemble_dense(block_dir, "ff", tuple(meta["ff"]["shape"])),
+            assemble_dense(block_dir, "ft", tuple(meta["ft"]["shape"])),
+        )
+
+    def stage_select(self) -> dict:
+        from nncift.select import greedy_select, minmax_scale, objective_value
+
+        c = self.cfg.select
+        pool, _ = self.tables()
+        k_ff, k_ft = self.kernels()
+        m = pool.num_rows
+        budget = max(1, int(c.fraction * m))
+        idx, gains = greedy_select(k_ff, budget, objective=c.objective, k_ft=k_ft, eta=c.eta, nu=c.nu)
+        value = objective_value(minmax_scale(k_ff), idx, c.objective, minmax_scale(k_ft), c.eta, c.nu)
+        ids = pool.column("id").to_pylist()
+        write_parquet(
+            self.store.path("select", "selection.parquet"),
+            pa.table(
+                {
+                    "id": [ids[i] for i in idx],
+                    "rank": np.arange(len(idx), dtype=np.int64),
+                    "gain": gains.astype(np.float64),
+                    "index": idx,
+                }
+            ),
+            metadata={"objective": c.objective, "budget": budget, "value": value},
+        )
+        chosen = pool.take(pa.array(idx))
+        lines = [json.dumps(r, ensure_ascii=False) for r in chosen.to_pylist()]
+        write_text(self.store.path("select", "selected.jsonl"), "\n".join(lines) + "\n")
+        return {"objective": c.objective, "budget": budget, "value": value}
+
+    def stage_report(self) -> dict:
+        from nncift.report import write_report
+
+        return write_report(self.store, self.cfg)
+
+
+def _clean(obj):
+    """Replace NaN/inf with None so the JSON is standard."""
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj

@@ -1,0 +1,165 @@
+"""report.json (machine-readable), report.md (human-readable) and plots for a run directory."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from nncift.config import RunConfig
+from nncift.store import STAGES, RunDir, atomic_path, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+
+def build_report(store: RunDir) -> dict:
+    """Collect the stage markers and metrics of a finished run into one dict (see README for keys)."""
+    done = {s: store.done_info(s) or {} for s in STAGES}
+    metrics = json.loads(store.path("fit", "metrics.json").read_text())
+    lab = done["label"]
+    rep = {
+        "run_dir": str(store.root),
+        "seconds": {s: round(done[s].get("seconds", 0.0), 3) for s in STAGES if s != "report" and done[s]},
+        "data": {"M": done["data"].get("M"), "N": done["data"].get("N")},
+        "label": {
+            "function": lab.get("function"),
+            "pairs_labeled": lab.get("pairs_labeled"),
+            "train_pairs": lab.get("train_pairs"),
+            "eval_pairs": lab.get("eval_pairs"),
+            "total_pairs": lab.get("total_pairs"),
+            "fraction_of_pairs_labeled": (lab.get("pairs_labeled") or 0) / max(1, lab.get("total_pairs") or 1),
+        },
+        "network": {
+            "parameters": done["fit"].get("parameters_per_network"),
+            **{
+                k: {"quadrants": v["quadrants"], "epochs": len(v["history"]), "train_pairs": v["train_pairs"]}
+                for k, v in metrics.items()
+            },
+        },
+        "estimate": {"pairs": done["estimate"].get("pairs"), "blocks": done["estimate"].get("blocks")},
+        "selection": {k: done["select"].get(k) for k in ("objective", "budget", "value")},
+    }
+    rep["seconds"]["total"] = round(sum(rep["seconds"].values()), 3)
+    return rep
+
+
+def _plots(store: RunDir, rep: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    preds = pq.read_table(store.path("fit", "eval_predictions.parquet")).to_pydict()
+    kern, quad = np.asarray(preds["kernel"]), np.asarray(preds["quadrant"])
+    true, pred = np.asarray(preds["true"]), np.asarray(preds["pred"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    for ax, k in zip(axes, ("ff", "ft"), strict=True):
+        sel = (kern == k) & (quad == "q4")
+        ax.scatter(true[sel], pred[sel], s=4, alpha=0.4)
+        lo, hi = (
+            (float(min(true[sel].min(), pred[sel].min())), float(max(true[sel].max(), pred[sel].max())))
+            if sel.any()
+            else (0.0, 1.0)
+        )
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+        ax.set(
+            title=f"K_{k.upper()} Q4 (unseen rows x unseen cols)",
+            xlabel="teacher (scaled)",
+            ylabel="InfluenceNetwork (scaled)",
+        )
+    fig.tight_layout()
+    files.append(_save(fig, store, "pred_vs_true_q4.png"))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    names = ("network", "baseline_mean", "baseline_zero", "baseline_uniform")
+    for ax, k in zip(axes, ("ff", "ft"), strict=True):
+        qs = list(rep["network"][k]["quadrants"])
+        x = np.arange(len(qs))
+        for i, nme in enumerate(names):
+            ax.bar(
+                x + (i - 1.5) * 0.2,
+                [rep["network"][k]["quadrants"][q][nme]["mse"] for q in qs],
+                0.2,
+                label=nme,
+            )
+        ax.set(
+            xticks=x,
+            xticklabels=[q.upper() for q in qs],
+            title=f"K_{k.upper()} MSE per quadrant",
+            yscale="log",
+            ylabel="MSE (scaled labels)",
+        )
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    files.append(_save(fig, store, "mse_per_quadrant.png"))
+    plt.close("all")
+    return files
+
+
+def _save(fig, store: RunDir, name: str) -> str:
+    path = store.path("report", name)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    return name
+
+
+def _markdown(rep: dict, plots: list[str]) -> str:
+    lines = [
+        "# NN-CIFT run report",
+        "",
+        f"Run directory: `{rep['run_dir']}`. Pool M = {rep['data']['M']}, target N = {rep['data']['N']}.",
+        "",
+        "## Cost",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+        *[f"| {s} | {v:.1f} |" for s, v in rep["seconds"].items()],
+        "",
+        f"Influence function `{rep['label']['function']}` labeled {rep['label']['pairs_labeled']:,} of "
+        f"{rep['label']['total_pairs']:,} pairs ({100 * rep['label']['fraction_of_pairs_labeled']:.3f}%): "
+        f"{rep['label']['train_pairs']:,} for training, {rep['label']['eval_pairs']:,} for the fidelity report.",
+        "",
+        "## InfluenceNetwork fidelity (labels min-max scaled with the training scaler)",
+        "",
+        f"{rep['network']['parameters']:,} parameters per network.",
+        "",
+    ]
+    for k in ("ff", "ft"):
+        lines += [
+            f"### K_{k.upper()} ({rep['network'][k]['epochs']} epochs)",
+            "",
+            "| quadrant | pairs | MSE | MAE | Spearman | MSE mean-baseline | MSE zero | MSE uniform |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for q, v in rep["network"][k]["quadrants"].items():
+            sp = v["network"]["spearman"]
+            lines.append(
+                f"| {q.upper()} | {v['pairs']} | {v['network']['mse']:.4f} | {v['network']['mae']:.4f} | "
+                f"{'n/a' if sp is None else f'{sp:.3f}'} | {v['baseline_mean']['mse']:.4f} | "
+                f"{v['baseline_zero']['mse']:.4f} | {v['baseline_uniform']['mse']:.4f} |"
+            )
+        lines.append("")
+    sel = rep["selection"]
+    lines += [
+        "## Selection",
+        "",
+        f"Objective `{sel['objective']}`, budget {sel['budget']}, "
+        f"objective value {sel['value']:.3f}. Items: `select/selected.jsonl`.",
+        "",
+    ]
+    lines += [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(store: RunDir, cfg: RunConfig) -> dict:
+    """Write report/report.json, report/report.md and the PNG plots."""
+    from nncift.pipeline import _clean
+
+    rep = _clean(build_report(store))
+    plots = _plots(store, rep)
+    write_json(store.path("report", "report.json"), rep)
+    write_text(store.path("report", "report.md"), _markdown(rep, plots))
+    log.info("report: %s", store.path("report", "report.md"))
+    return {"plots": plots}

@@ -1,0 +1,182 @@
+"""The run directory: atomic artifacts, completion markers and provenance checks.
+
+Layout::
+
+    <run>/config.yaml                 the last configuration used (informational)
+    <run>/<stage>/_STARTED.json       fingerprint of the config the stage is being computed with
+    <run>/<stage>/_DONE.json          fingerprint, provenance and seconds of a finished stage
+    <run>/<stage>/...                 the stage's artifacts (Parquet / JSON / safetensors)
+    <run>/<stage>/blocks/*.parquet    per-block outputs of block-parallel stages (each file = one done block)
+
+Every file is written to a temporary name in the same folder and renamed into place, so a reader (or a
+run killed with ``kill -9``) never sees a half-written artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from nncift.errors import ProvenanceError
+
+log = logging.getLogger(__name__)
+
+STAGES = ("data", "embed", "label", "fit", "estimate", "select", "report")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_parquet(path: str | Path, table: pa.Table, metadata: dict[str, Any] | None = None) -> None:
+    if metadata:
+        meta = dict(table.schema.metadata or {})
+        meta.update({k.encode(): json.dumps(v, default=_json_default).encode() for k, v in metadata.items()})
+        table = table.replace_schema_metadata(meta)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_parquet_metadata(path: str | Path) -> dict[str, Any]:
+    meta = pq.read_schema(path).metadata or {}
+    out = {}
+    for k, v in meta.items():
+        key = k.decode()
+        if key.startswith("ARROW") or key == "pandas":
+            continue
+        try:
+            out[key] = json.loads(v.decode())
+        except (ValueError, UnicodeDecodeError):
+            continue
+    return out
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None):
+    from safetensors.numpy import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+class RunDir:
+    """A run directory with per-stage completion markers and enforced provenance.
+
+    Args:
+        root: the directory (created on first write).
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    def path(self, stage: str, name: str) -> Path:
+        return self.root / stage / name
+
+    def done_info(self, stage: str) -> dict[str, Any] | None:
+        p = self.stage_dir(stage) / "_DONE.json"
+        if not p.is_file():
+            return None
+        return json.loads(p.read_text())
+
+    def is_done(self, stage: str) -> bool:
+        return self.done_info(stage) is not None
+
+    def begin(self, stage: str, fingerprint: str, provenance: dict[str, Any], overwrite: bool = False) -> bool:
+        """Prepare ``stage`` for computation.
+
+        Returns:
+            True if the stage must be computed, False if it is already done with the same fingerprint.
+
+        Raises:
+            ProvenanceError: the stage is finished with a different configuration and ``overwrite`` is False.
+        """
+        done = self.done_info(stage)
+        if done is not None:
+            if done.get("fingerprint") == fingerprint:
+                return False
+            if not overwrite:
+                raise ProvenanceError(
+                    f"stage '{stage}' in {self.root} was finished with a different configuration "
+                    f"(saved {json.dumps(done.get('provenance'), sort_keys=True)}; "
+                    f"now {json.dumps(provenance, sort_keys=True, default=str)}). "
+                    "Use another --run-dir, or rerun with --overwrite to recompute it and every later stage."
+                )
+            log.warning("overwriting stage '%s' and every later stage in %s", stage, self.root)
+            self.clear_from(stage)
+        started = self.stage_dir(stage) / "_STARTED.json"
+        if started.is_file() and json.loads(started.read_text()).get("fingerprint") != fingerprint:
+            log.warning("stage '%s' was started with another configuration; discarding its partial blocks", stage)
+            shutil.rmtree(self.stage_dir(stage))
+        write_json(started, {"fingerprint": fingerprint, "provenance": provenance, "started": time.time()})
+        return True
+
+    def finish(self, stage: str, fingerprint: str, provenance: dict[str, Any], **info: Any) -> None:
+        """Write the completion marker of ``stage`` (the last write of the stage)."""
+        write_json(
+            self.stage_dir(stage) / "_DONE.json",
+            {"fingerprint": fingerprint, "provenance": provenance, "finished": time.time(), **info},
+        )
+
+    def clear_from(self, stage: str) -> None:
+        """Remove ``stage`` and every later stage."""
+        for s in STAGES[STAGES.index(stage) :]:
+            d = self.stage_dir(s)
+            if d.exists():
+                shutil.rmtree(d)
+
+    def has_finished_stage(self) -> bool:
+        return any(self.is_done(s) for s in STAGES)

@@ -1,0 +1,148 @@
+"""Fitting and evaluating the InfluenceNetwork: pure loops that know nothing about Ray.
+
+:func:`fit_loop` is the per-worker training loop. The local executor calls it once with
+``rank=0, world_size=1``; :mod:`nncift.distributed` calls it inside each Ray Train worker with the
+DDP-wrapped model. Pairs are index triples (row, col, label) gathered from the embedding matrices on the
+fly: no pair feature tensor is ever built.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from nncift.network import InfluenceNetwork
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PairLabels:
+    """Labeled pairs by index.
+
+    Attributes:
+        rows: (P,) int64 indices into the row embeddings (D_F).
+        cols: (P,) int64 indices into the column embeddings (D_F or D_T).
+        y: (P,) float32 labels (already scaled).
+    """
+
+    rows: np.ndarray
+    cols: np.ndarray
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def take(self, idx: np.ndarray) -> PairLabels:
+        return PairLabels(self.rows[idx], self.cols[idx], self.y[idx])
+
+
+def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of range(n) into (train, val) index arrays; val has at least one item when n > 1."""
+    perm = np.random.default_rng([seed, 2]).permutation(n)
+    n_val = min(n - 1, max(1, round(val_fraction * n))) if n > 1 else 0
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+@torch.no_grad()
+def predict_pairs(
+    model: nn.Module, e_rows: torch.Tensor, e_cols: torch.Tensor, pairs: PairLabels, batch: int = 65536
+) -> np.ndarray:
+    """Network outputs for labeled pairs: (P,) float32 (in the scaled label space)."""
+    out = []
+    for s in range(0, len(pairs), batch):
+        r = torch.as_tensor(pairs.rows[s : s + batch])
+        c = torch.as_tensor(pairs.cols[s : s + batch])
+        out.append(model(e_rows[r], e_cols[c]))
+    return torch.cat(out).cpu().numpy() if out else np.zeros(0, np.float32)
+
+
+def train_epoch(
+    model: nn.Module,
+    e_rows: torch.Tensor,
+    e_cols: torch.Tensor,
+    pairs: PairLabels,
+    optimizer: torch.optim.Optimizer,
+    batch_size: int,
+    epoch_seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> float:
+    """One epoch over this rank's shard of a seeded permutation; every rank runs the same step count.
+
+    Returns:
+        mean training MSE over this rank's batches.
+    """
+    model.train()
+    perm = np.random.default_rng(epoch_seed).permutation(len(pairs))
+    per_rank = len(perm) // world_size if world_size > 1 else len(perm)
+    shard = perm[rank * per_rank : (rank + 1) * per_rank]
+    total, steps = 0.0, 0
+    for s in range(0, len(shard), batch_size):
+        idx = shard[s : s + batch_size]
+        r = torch.as_tensor(pairs.rows[idx])
+        c = torch.as_tensor(pairs.cols[idx])
+        y = torch.as_tensor(pairs.y[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.mean((model(e_rows[r], e_cols[c]) - y) ** 2)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach())
+        steps += 1
+    return total / max(steps, 1)
+
+
+def fit_loop(
+    cfg: dict,
+    e_rows: np.ndarray,
+    e_cols: np.ndarray,
+    train: PairLabels,
+    val: PairLabels,
+    rank: int = 0,
+    world_size: int = 1,
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Train with Adam + MSE and early stopping on the validation MSE.
+
+    Args:
+        cfg: ``hidden``, ``lr``, ``epochs``, ``batch_size``, ``patience``, ``seed``.
+        e_rows: (R, d) float32 row embeddings. e_cols: (C, d) float32 column embeddings.
+        train, val: labeled pairs (scaled labels).
+        rank, world_size: this worker's shard.
+        wrap: e.g. Ray Train's ``prepare_model`` (DDP); identity when None.
+        on_epoch: called with each epoch's metrics.
+
+    Returns:
+        (best state dict (unwrapped, CPU tensors), per-epoch history).
+    """
+    torch.manual_seed(cfg["seed"])
+    net = InfluenceNetwork(e_rows.shape[1], cfg["hidden"])
+    model = wrap(net) if wrap is not None else net
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    er, ec = torch.as_tensor(e_rows), torch.as_tensor(e_cols)
+    best, best_state, stale, history = math.inf, copy.deepcopy(net.state_dict()), 0, []
+    for epoch in range(cfg["epochs"]):
+        tr = train_epoch(model, er, ec, train, opt, cfg["batch_size"], cfg["seed"] * 1000 + epoch, rank, world_size)
+        net.eval()
+        val_mse = float(np.mean((predict_pairs(net, er, ec, val) - val.y) ** 2)) if len(val) else tr
+        rec = {"epoch": epoch, "train_mse": tr, "val_mse": val_mse}
+        history.append(rec)
+        if on_epoch is not None:
+            on_epoch(rec)
+        if val_mse < best - 1e-9:
+            best, stale = val_mse, 0
+            best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= cfg["patience"]:
+                log.info("early stop at epoch %d (best val MSE %.5f)", epoch, best)
+                break
+    return best_state, history
