@@ -55,9 +55,9 @@ class EmbedConfig:
     model: str = _f("all-MiniLM-L6-v2", "embedded model name or a local sentence-transformers directory")
     template: str = _f("{prompt}\n{response}", "text embedded for each row")
     batch_size: int = _f(64, "rows per encoder batch")
-    max_seq_length: int = _f(256, "encoder token limit")
+    max_seq_length: int = _f(128, "encoder token limit (all-MiniLM-L6-v2 was trained with 128)")
     device: str = _f("cpu", "cpu | cuda | cuda:N", runtime=True)
-    concurrency: int = _f(1, "Ray Data actors", runtime=True)
+    concurrency: int = _f(2, "Ray Data actors (each uses num_cpus threads)", runtime=True)
     num_cpus: float = _f(1.0, "CPUs per actor", runtime=True)
     num_gpus: float = _f(0.0, "GPUs per actor", runtime=True)
 

@@ -33,6 +33,7 @@ def init_ray(cfg: RayConfig) -> None:
         ray.init(address=cfg.address, log_to_driver=True)
     else:
         ray.init(
+            address="local",  # never attach by accident to a head started with `ray start`
             num_cpus=cfg.num_cpus or max(4, os.cpu_count() or 1),
             include_dashboard=False,
             log_to_driver=True,
@@ -110,7 +111,9 @@ def embed_ray(texts: list[str], ctor_kwargs: dict[str, Any], batch_size: int, **
 
     from nncift.embed import Embedder
 
-    items = [{"idx": i, "text": t} for i, t in enumerate(texts)]
+    # length-sorted so each encoder batch pads little; "idx" restores the input order
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    items = [{"idx": i, "text": texts[i]} for i in order]
     n_blocks = max(1, min(len(items) // max(batch_size, 1), 8 * res.get("concurrency", 1)))
     ds = ray.data.from_items(items, override_num_blocks=n_blocks).map_batches(
         Embedder,

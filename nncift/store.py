@@ -110,6 +110,19 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
+def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Human-readable differences between two nested provenance dicts ("key: old -> new")."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        name = key if not prefix else (f"{prefix}.{key}" if prefix != "root" else key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, name)
+        elif a != b:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out
+
+
 class RunDir:
     """A run directory with per-stage completion markers and enforced provenance.
 
@@ -149,10 +162,9 @@ class RunDir:
             if done.get("fingerprint") == fingerprint:
                 return False
             if not overwrite:
+                changes = "; ".join(_diff(done.get("provenance") or {}, provenance)) or "fingerprint differs"
                 raise ProvenanceError(
-                    f"stage '{stage}' in {self.root} was finished with a different configuration "
-                    f"(saved {json.dumps(done.get('provenance'), sort_keys=True)}; "
-                    f"now {json.dumps(provenance, sort_keys=True, default=str)}). "
+                    f"stage '{stage}' in {self.root} was finished with a different configuration ({changes}). "
                     "Use another --run-dir, or rerun with --overwrite to recompute it and every later stage."
                 )
             log.warning("overwriting stage '%s' and every later stage in %s", stage, self.root)
@@ -161,6 +173,8 @@ class RunDir:
         if started.is_file() and json.loads(started.read_text()).get("fingerprint") != fingerprint:
             log.warning("stage '%s' was started with another configuration; discarding its partial blocks", stage)
             shutil.rmtree(self.stage_dir(stage))
+        for stray in self.stage_dir(stage).rglob(".*.tmp"):  # left by a process killed mid-write
+            stray.unlink(missing_ok=True)
         write_json(started, {"fingerprint": fingerprint, "provenance": provenance, "started": time.time()})
         return True
 

@@ -1,0 +1,148 @@
+"""Shared fixtures: tiny generated corpora, a tiny sentence-transformer built from a config, one Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+WORDS = [
+    "python",
+    "sort",
+    "list",
+    "reverse",
+    "string",
+    "json",
+    "parse",
+    "file",
+    "read",
+    "write",
+    "loop",
+    "async",
+    "http",
+    "request",
+    "cat",
+    "dog",
+    "bird",
+    "recipe",
+    "bake",
+    "bread",
+    "flour",
+    "oven",
+    "soup",
+    "salt",
+    "history",
+    "war",
+    "empire",
+    "king",
+    "river",
+    "mountain",
+    "math",
+    "prime",
+    "number",
+    "sum",
+    "matrix",
+    "vector",
+    "gradient",
+    "loss",
+    "train",
+    "model",
+    "data",
+    "table",
+    "sql",
+    "join",
+    "index",
+    "query",
+    "music",
+    "guitar",
+    "chord",
+    "song",
+]
+
+
+def make_rows(n: int, seed: int = 0, topics: int = 4) -> list[dict]:
+    """Synthetic instruction rows drawn from ``topics`` clusters of words (deterministic)."""
+    rng = np.random.default_rng(seed)
+    groups = np.array_split(np.array(WORDS), topics)
+    rows = []
+    for i in range(n):
+        g = groups[i % topics]
+        p = " ".join(rng.choice(g, size=6))
+        r = " ".join(rng.choice(g, size=10))
+        rows.append({"id": f"r{i}", "instruction": f"explain {p}", "input": "", "output": f"answer {r}"})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_st_model(tmp_path_factory) -> str:
+    """A 2-layer, 32-wide BERT sentence-transformer built from a config (random weights, word vocab)."""
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny_st")
+    bert_dir = root / "bert"
+    bert_dir.mkdir()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(WORDS)), "explain", "answer"]
+    (bert_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(bert_dir / "vocab.txt")).save_pretrained(bert_dir)
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(cfg).save_pretrained(bert_dir)
+    word = models.Transformer(str(bert_dir), max_seq_length=64)
+    pool = models.Pooling(word.get_word_embedding_dimension(), pooling_mode="mean")
+    out = root / "st"
+    SentenceTransformer(modules=[word, pool], device="cpu").save(str(out))
+    return str(out)
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "corpus.jsonl", make_rows(160))
+
+
+@pytest.fixture
+def tiny_overrides(tiny_st_model) -> list[str]:
+    """Config overrides for a fast end-to-end run on the tiny corpus and model."""
+    return [
+        f"embed.model={tiny_st_model}",
+        "data.pool_size=120",
+        "data.target_size=40",
+        "label.fraction=0.2",
+        "label.min_count=8",
+        "label.eval_pairs=400",
+        "label.block_size=16",
+        "network.hidden=16",
+        "network.epochs=4",
+        "estimate.block_size=50",
+        "select.fraction=0.2",
+    ]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session, with 4 logical CPUs so actors never starve 2 real cores."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,65 @@
+import pytest
+
+from nncift.config import RunConfig, apply_overrides, load_config
+from nncift.errors import ConfigError
+
+
+def test_defaults_validate_and_roundtrip(tmp_path):
+    cfg = RunConfig()
+    cfg.validate()
+    p = tmp_path / "c.yaml"
+    p.write_text(cfg.to_yaml())
+    assert load_config(p).to_dict() == cfg.to_dict()
+
+
+def test_yaml_plus_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("label:\n  fraction: 0.1\nselect:\n  objective: flmi\n")
+    cfg = load_config(p, ["label.fraction=0.2", "network.hidden=50", "data.pool_size=null"])
+    assert cfg.label.fraction == 0.2
+    assert cfg.network.hidden == 50
+    assert cfg.select.objective == "flmi"
+    assert cfg.data.pool_size is None
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("label.fractoin=0.1", "label.fractoin"),
+        ("label.fraction=2", "label.fraction"),
+        ("network.hidden=abc", "network.hidden"),
+        ("select.objective=xx", "select.objective"),
+        ("nosection.x=1", "nosection"),
+        ("badly-formed", "key=value"),
+    ],
+)
+def test_bad_fields_are_named(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, [override])
+
+
+def test_bad_yaml_names_file_and_line(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("label:\n  fraction: [1,\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:\d+"):
+        load_config(p)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_fingerprint_ignores_runtime_fields():
+    a = load_config(None, [])
+    b = load_config(None, ["label.concurrency=4", "estimate.device=cuda", "ray.executor=local"])
+    c = load_config(None, ["label.fraction=0.1"])
+    assert a.fingerprint("", "data", "label") == b.fingerprint("", "data", "label")
+    assert a.fingerprint("", "data", "label") != c.fingerprint("", "data", "label")
+    assert a.fingerprint("", "data") == c.fingerprint("", "data")
+
+
+def test_apply_overrides_does_not_mutate():
+    raw = {"label": {"fraction": 0.1}}
+    out = apply_overrides(raw, ["label.fraction=0.3"])
+    assert raw["label"]["fraction"] == 0.1 and out["label"]["fraction"] == 0.3

@@ -1,0 +1,89 @@
+"""Every Ray fan-out against its local twin (identical artifacts), and the Ray Train fit."""
+
+import numpy as np
+import pytest
+
+from nncift.distributed import embed_ray, fit_ray, map_local, map_ray
+from nncift.estimate import EstimateWorker, assemble_dense
+from nncift.label import LabelWorker, gather_labels, plan_blocks
+from nncift.pairs import block_grid, plan_labels
+from nncift.train import PairLabels, split_train_val
+from tests.test_estimate import _heads
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+
+
+def test_estimate_ray_equals_local(ray_session, tmp_path):
+    heads, _ = _heads()
+    specs = [b.to_dict() for b in block_grid("ff", 37, 37, 10) + block_grid("ft", 37, 11, 10, start_id=50)]
+    for name, fn in (("local", map_local), ("ray", map_ray)):
+        res = fn(EstimateWorker, {"heads": heads, "out_dir": str(tmp_path / name)}, specs)
+        assert sorted(int(r["block_id"]) for r in res) == [s["block_id"] for s in specs]
+    for kernel, shape in (("ff", (37, 37)), ("ft", (37, 11))):
+        np.testing.assert_array_equal(
+            assemble_dense(tmp_path / "local", kernel, shape), assemble_dense(tmp_path / "ray", kernel, shape)
+        )
+
+
+def test_label_ray_equals_local(ray_session, tmp_path):
+    rng = np.random.default_rng(0)
+    e = rng.normal(size=(60, 8)).astype(np.float32)
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+
+    def side(sl):
+        return {
+            "ids": [f"i{i}" for i in range(sl.start, sl.stop)],
+            "prompts": ["p"] * (sl.stop - sl.start),
+            "responses": ["r"] * (sl.stop - sl.start),
+            "embeddings": e[sl],
+        }
+
+    plan = plan_labels(40, 20, 0.25, 4, 36, seed=0)
+    specs = plan_blocks(plan, 4)
+    sets = [{"kernel": s.kernel, "quadrant": s.quadrant, "rows": s.rows, "cols": s.cols} for s in plan.sets]
+    for name, fn in (("local", map_local), ("ray", map_ray)):
+        kw = {
+            "function": "delift_se",
+            "function_kwargs": {},
+            "pool": side(slice(0, 40)),
+            "target": side(slice(40, 60)),
+            "sets": sets,
+            "out_dir": str(tmp_path / name),
+        }
+        fn(LabelWorker, kw, specs)
+    a = gather_labels(tmp_path / "local", len(specs))
+    b = gather_labels(tmp_path / "ray", len(specs))
+    assert a.equals(b)
+    # the SE teacher labels are exactly the cosines of the embeddings they name
+    rows, cols = a.column("row").to_numpy(), a.column("col").to_numpy()
+    ft = np.asarray(a.column("kernel").to_pylist()) == "ft"
+    np.testing.assert_allclose(a.column("value").to_numpy()[ft], np.sum(e[rows[ft]] * e[40 + cols[ft]], 1), rtol=1e-5)
+
+
+def test_embed_ray_equals_local(ray_session, tiny_st_model):
+    from nncift.embed import Embedder
+
+    texts = [f"explain python sort {i} " * (1 + i % 3) for i in range(50)]
+    kw = {"model_path": tiny_st_model, "batch_size": 8, "max_seq_length": 64}
+    local = Embedder(**kw).encode(texts)
+    remote = embed_ray(texts, kw, 8, concurrency=1, num_cpus=1)
+    assert remote.shape == local.shape
+    np.testing.assert_allclose(remote, local, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(remote, axis=1), 1.0, rtol=1e-5)
+
+
+def test_torchtrainer_fit_reduces_loss(ray_session, tmp_path):
+    rng = np.random.default_rng(0)
+    e = rng.normal(size=(40, 8)).astype(np.float32)
+    rows, cols = np.meshgrid(np.arange(40), np.arange(40), indexing="ij")
+    rows, cols = rows.reshape(-1), cols.reshape(-1)
+    y = np.tanh(e[rows, 0] + e[cols, 1]).astype(np.float32) * 0.5 + 0.5
+    labels = PairLabels(rows, cols, y)
+    tr, va = split_train_val(len(y), 0.1, 0)
+    cfg = {"hidden": 16, "lr": 1e-2, "epochs": 6, "batch_size": 64, "patience": 6, "seed": 0}
+    state, history = fit_ray(
+        cfg, e, e, labels.take(tr), labels.take(va), num_workers=2, use_gpu=False, storage=tmp_path, name="t"
+    )
+    assert len(history) == 6
+    assert history[-1]["val_mse"] < 0.5 * history[0]["val_mse"]
+    assert set(state) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}

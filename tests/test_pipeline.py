@@ -1,0 +1,117 @@
+"""End to end on a tiny corpus and model: artifacts, resume, provenance, kill -9 and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from nncift.config import load_config
+from nncift.errors import ProvenanceError
+from nncift.pipeline import Pipeline
+
+LOCAL = ["ray.executor=local"]
+
+
+def _run(run_dir, corpus, overrides, **kw):
+    cfg = load_config(None, [f"data.input={corpus}", *overrides])
+    return Pipeline(cfg, run_dir, **kw).run()
+
+
+def test_end_to_end_local(tmp_path, corpus, tiny_overrides):
+    run = tmp_path / "run"
+    stages = _run(run, corpus, tiny_overrides + LOCAL)
+    assert all(isinstance(v, float) for v in stages.values())
+    labels = pq.read_table(run / "label" / "labels.parquet")
+    assert labels.column_names[:4] == ["kernel", "quadrant", "row_id", "col_id"]
+    assert set(labels.column("kernel").to_pylist()) == {"ff", "ft"}
+    sel = pq.read_table(run / "select" / "selection.parquet")
+    assert sel.column_names[:3] == ["id", "rank", "gain"]
+    assert sel.num_rows == int(0.2 * 120) == len(set(sel.column("id").to_pylist()))
+    gains = sel.column("gain").to_numpy()
+    assert np.all(np.diff(gains) <= 1e-9)  # greedy gains never increase (submodularity)
+    selected = [json.loads(x) for x in (run / "select" / "selected.jsonl").read_text().splitlines()]
+    pool_ids = set(pq.read_table(run / "data" / "pool.parquet").column("id").to_pylist())
+    assert [r["id"] for r in selected] == sel.column("id").to_pylist() and set(sel.column("id").to_pylist()) <= pool_ids
+    rep = json.loads((run / "report" / "report.json").read_text())
+    assert rep["data"] == {"M": 120, "N": 40}
+    assert rep["label"]["total_pairs"] == 120 * 120 + 120 * 40
+    assert set(rep["network"]["ff"]["quadrants"]) == {"q1", "q2", "q3", "q4"}
+    for q in rep["network"]["ft"]["quadrants"].values():
+        assert set(q) == {"pairs", "network", "baseline_mean", "baseline_zero", "baseline_uniform"}
+    assert (run / "report" / "pred_vs_true_q4.png").stat().st_size > 1000
+    assert "MSE" in (run / "report" / "report.md").read_text()
+    assert (run / "config.yaml").is_file()
+
+
+def test_resume_skips_and_changed_config_is_refused(tmp_path, corpus, tiny_overrides):
+    run = tmp_path / "run"
+    _run(run, corpus, tiny_overrides + LOCAL)
+    before = (run / "select" / "selection.parquet").stat().st_mtime_ns
+    stages = _run(run, corpus, tiny_overrides + LOCAL + ["label.concurrency=3"])  # runtime knob: still same run
+    assert set(stages.values()) == {"skipped"}
+    assert (run / "select" / "selection.parquet").stat().st_mtime_ns == before
+    with pytest.raises(ProvenanceError, match=r"stage 'fit' .*\(network\.hidden: 16 -> 8\)"):
+        _run(run, corpus, tiny_overrides + LOCAL + ["network.hidden=8"])
+    stages = _run(run, corpus, tiny_overrides + LOCAL + ["network.hidden=8"], overwrite=True)
+    assert stages["label"] == "skipped" and isinstance(stages["fit"], float)
+    assert json.loads((run / "fit" / "network_ff.json").read_text())["hidden"] == 8
+    stages = _run(run, corpus, tiny_overrides + LOCAL + ["network.hidden=8", "select.objective=flmi"], overwrite=True)
+    assert stages["estimate"] == "skipped" and isinstance(stages["select"], float)
+
+
+def test_objectives_run(tmp_path, corpus, tiny_overrides):
+    run = tmp_path / "run"
+    for obj in ("flmi", "flcg", "topk"):
+        _run(run, corpus, tiny_overrides + LOCAL + [f"select.objective={obj}"], overwrite=True)
+        assert pq.read_table(run / "select" / "selection.parquet").num_rows == 24
+
+
+def _cli(run_dir, corpus, overrides):
+    return [
+        sys.executable,
+        "-m",
+        "nncift.cli",
+        "run",
+        "-q",
+        "--input",
+        str(corpus),
+        "--run-dir",
+        str(run_dir),
+        *[x for o in overrides for x in ("--set", o)],
+    ]
+
+
+@pytest.mark.parametrize("watch", ["label/blocks/*.parquet", "estimate/blocks/ff_*.parquet", "fit/_STARTED.json"])
+def test_kill_9_and_resume_gives_the_same_selection(tmp_path, corpus, tiny_overrides, watch):
+    overrides = [*tiny_overrides, *LOCAL, "label.block_size=4", "estimate.block_size=10"]
+    ref = tmp_path / "ref"
+    subprocess.run(_cli(ref, corpus, overrides), check=True, timeout=300, capture_output=True)
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cli(run, corpus, overrides), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not list(run.glob(watch)) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "report" / "_DONE.json").exists(), "the run finished before it could be killed"
+    subprocess.run(_cli(run, corpus, overrides), check=True, timeout=300, capture_output=True)
+    a = pq.read_table(ref / "select" / "selection.parquet")
+    b = pq.read_table(run / "select" / "selection.parquet")
+    assert a.equals(b)
+    assert not list(run.rglob("*.tmp"))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_end_to_end_ray(ray_session, tmp_path, corpus, tiny_overrides):
+    run = tmp_path / "run"
+    _run(run, corpus, [*tiny_overrides, "network.num_workers=2", "embed.concurrency=1"])
+    rep = json.loads((run / "report" / "report.json").read_text())
+    assert rep["selection"]["budget"] == 24
+    assert rep["network"]["ff"]["epochs"] >= 1
