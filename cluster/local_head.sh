@@ -113,7 +113,8 @@ stop() {
     kill -KILL -- "-$pgid" 2>/dev/null || true
     sleep 1
   fi
-  rm -f "$PGID_FILE"
+  # what `ray stop` would also reset: the "latest cluster" file that ray.init("auto") falls back on
+  rm -f "$PGID_FILE" "$HEAD_TEMP_DIR/ray_current_cluster"
   echo "stopped"
 }
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,8 @@ def init_ray(cfg: RayConfig) -> None:
         ray.init(
             address="local",  # never attach by accident to a head started with `ray start`
             num_cpus=cfg.num_cpus or max(4, os.cpu_count() or 1),
-            include_dashboard=False,
+            include_dashboard=True,  # Ray Train's placement-group cleaner needs the state API
+            dashboard_host="127.0.0.1",
             log_to_driver=True,
             configure_logging=True,
             logging_level=logging.WARNING,
@@ -80,7 +80,7 @@ def map_ray(
         worker_cls,
         fn_constructor_kwargs=ctor_kwargs,
         batch_size=1,
-        concurrency=concurrency,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=num_cpus,
         num_gpus=num_gpus or None,
     )
@@ -119,7 +119,7 @@ def embed_ray(texts: list[str], ctor_kwargs: dict[str, Any], batch_size: int, **
         Embedder,
         fn_constructor_kwargs=ctor_kwargs,
         batch_size=batch_size,
-        concurrency=res.get("concurrency", 1),
+        compute=ray.data.ActorPoolStrategy(size=res.get("concurrency", 1)),
         num_cpus=res.get("num_cpus", 1.0),
         num_gpus=res.get("num_gpus") or None,
     )
@@ -131,56 +131,64 @@ def embed_ray(texts: list[str], ctor_kwargs: dict[str, Any], batch_size: int, **
 
 
 def _train_worker(config: dict) -> None:
-    """Ray Train per-worker loop: the pure :func:`~nncift.train.fit_loop` under DDP."""
+    """Ray Train per-worker loop: the pure :func:`~nncift.train.fit_loop` under DDP, once per network."""
     import json
 
     import ray.train
     import ray.train.torch
     import torch
+    from safetensors.torch import save_file
 
     from nncift.train import PairLabels, fit_loop
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
-    state, history = fit_loop(
-        config["fit"],
-        config["e_rows"],
-        config["e_cols"],
-        PairLabels(*config["train"]),
-        PairLabels(*config["val"]),
-        rank=rank,
-        world_size=world,
-        wrap=ray.train.torch.prepare_model,
-    )
-    metrics = {"best_val_mse": min(h["val_mse"] for h in history), "epochs": len(history)}
+    results = {}
+    for name, task in config["tasks"].items():
+        results[name] = fit_loop(
+            config["fit"],
+            config["e_rows"],
+            task["e_cols"],
+            PairLabels(*task["train"]),
+            PairLabels(*task["val"]),
+            rank=rank,
+            world_size=world,
+            wrap=ray.train.torch.prepare_model,
+        )
+    metrics = {f"{n}_best_val_mse": min(h["val_mse"] for h in hist) for n, (_, hist) in results.items()}
     if rank == 0:
-        from safetensors.torch import save_file
-
         with tempfile.TemporaryDirectory() as d:
-            save_file(state, os.path.join(d, "model.safetensors"))
-            Path(d, "history.json").write_text(json.dumps(history))
+            for name, (state, history) in results.items():
+                save_file(state, os.path.join(d, f"{name}.safetensors"))
+                Path(d, f"{name}.history.json").write_text(json.dumps(history))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
     else:
         ray.train.report(metrics)
 
 
+FitTask = tuple[np.ndarray, Any, Any]  # (e_cols (C, d), train PairLabels, val PairLabels)
+
+
 def fit_ray(
     fit_cfg: dict,
     e_rows: np.ndarray,
-    e_cols: np.ndarray,
-    train: Any,
-    val: Any,
+    tasks: dict[str, FitTask],
     *,
     num_workers: int,
     use_gpu: bool,
     storage: Path,
     name: str,
-) -> tuple[dict, list[dict]]:
-    """Fit the InfluenceNetwork with a Ray Train ``TorchTrainer`` (DDP; gloo on CPU).
+) -> dict[str, tuple[dict, list[dict]]]:
+    """Fit one InfluenceNetwork per task in a single Ray Train ``TorchTrainer`` run (DDP; gloo on CPU).
+
+    Args:
+        fit_cfg: see :func:`~nncift.train.fit_loop`.
+        e_rows: (M, d) row embeddings shared by every task.
+        tasks: name -> (column embeddings, train pairs, validation pairs).
 
     Returns:
-        (best state dict, per-epoch history of rank 0).
+        name -> (best state dict, per-epoch history of rank 0).
     """
     import json
 
@@ -193,9 +201,10 @@ def fit_ray(
     config = {
         "fit": fit_cfg,
         "e_rows": e_rows,
-        "e_cols": e_cols,
-        "train": (train.rows, train.cols, train.y),
-        "val": (val.rows, val.cols, val.y),
+        "tasks": {
+            n: {"e_cols": ec, "train": (tr.rows, tr.cols, tr.y), "val": (va.rows, va.cols, va.y)}
+            for n, (ec, tr, va) in tasks.items()
+        },
         "threads": max(1, cpus // num_workers),
     }
     trainer = TorchTrainer(
@@ -207,19 +216,24 @@ def fit_ray(
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train fit '{name}' returned no checkpoint: {result.error}")
+    out = {}
     with result.checkpoint.as_directory() as d:
-        state = load_file(os.path.join(d, "model.safetensors"))
-        history = json.loads(Path(d, "history.json").read_text())
-    return {k: torch.as_tensor(v) for k, v in state.items()}, history
+        for n in tasks:
+            state = load_file(os.path.join(d, f"{n}.safetensors"))
+            history = json.loads(Path(d, f"{n}.history.json").read_text())
+            out[n] = ({k: torch.as_tensor(v) for k, v in state.items()}, history)
+    return out
 
 
-def run_fit(executor: str, fit_cfg: dict, e_rows, e_cols, train, val, **kw: Any) -> tuple[dict, list[dict]]:
-    """Dispatch to :func:`fit_ray` or the local :func:`~nncift.train.fit_loop`."""
-    if executor == "local":
-        from nncift.train import fit_loop
+def run_fit(
+    executor: str, fit_cfg: dict, e_rows: np.ndarray, tasks: dict[str, FitTask], **kw: Any
+) -> dict[str, tuple[dict, list[dict]]]:
+    """Dispatch to :func:`fit_ray` or the local :func:`~nncift.train.fit_loop` (same loop, one process)."""
+    if executor != "local":
+        return fit_ray(fit_cfg, e_rows, tasks, **kw)
+    from nncift.train import fit_loop
 
-        on_epoch: Callable[[dict], None] = lambda r: log.info(  # noqa: E731
-            "epoch %d train MSE %.5f val MSE %.5f", r["epoch"], r["train_mse"], r["val_mse"]
-        )
-        return fit_loop(fit_cfg, e_rows, e_cols, train, val, on_epoch=on_epoch)
-    return fit_ray(fit_cfg, e_rows, e_cols, train, val, **kw)
+    def on_epoch(r: dict) -> None:
+        log.info("epoch %d train MSE %.5f val MSE %.5f", r["epoch"], r["train_mse"], r["val_mse"])
+
+    return {n: fit_loop(fit_cfg, e_rows, ec, tr, va, on_epoch=on_epoch) for n, (ec, tr, va) in tasks.items()}

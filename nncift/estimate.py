@@ -59,9 +59,9 @@ class EstimateWorker:
         self.out_dir = Path(out_dir)
         self.heads = {
             k: {
-                "p": torch.as_tensor(v["p"], device=self.device),
-                "q": torch.as_tensor(v["q"], device=self.device),
-                "w2": torch.as_tensor(v["w2"], device=self.device),
+                "p": torch.from_numpy(np.array(v["p"], np.float32)).to(self.device),
+                "q": torch.from_numpy(np.array(v["q"], np.float32)).to(self.device),
+                "w2": torch.from_numpy(np.array(v["w2"], np.float32)).to(self.device),
                 "b2": float(v["b2"]),
                 "lo": float(v["lo"]),
                 "hi": float(v["hi"]),

@@ -290,24 +290,27 @@ class Pipeline:
         metrics, preds = {}, []
         import torch
 
+        tasks, scalers, q1s, splits = {}, {}, {}, {}
         for kernel, e_cols in (("ff", e_pool), ("ft", e_target)):
-            (rc, y_raw) = labels[kernel]["q1"]
-            scaler = Scaler.fit(y_raw)
-            q1 = PairLabels(rc[0], rc[1], scaler.transform(y_raw))
-            tr_idx, va_idx = split_train_val(len(q1), c.val_fraction, c.seed)
+            rc, y_raw = labels[kernel]["q1"]
+            scalers[kernel] = Scaler.fit(y_raw)
+            q1s[kernel] = q1 = PairLabels(rc[0], rc[1], scalers[kernel].transform(y_raw))
+            splits[kernel] = tr_idx, va_idx = split_train_val(len(q1), c.val_fraction, c.seed)
             log.info("fit %s: %d train / %d val pairs", kernel, len(tr_idx), len(va_idx))
-            state, history = run_fit(
-                executor,
-                fit_cfg,
-                e_pool,
-                e_cols,
-                q1.take(tr_idx),
-                q1.take(va_idx),
-                num_workers=c.num_workers,
-                use_gpu=c.use_gpu,
-                storage=self.store.path("fit", "ray_train"),
-                name=f"fit_{kernel}",
-            )
+            tasks[kernel] = (e_cols, q1.take(tr_idx), q1.take(va_idx))
+        fitted = run_fit(
+            executor,
+            fit_cfg,
+            e_pool,
+            tasks,
+            num_workers=c.num_workers,
+            use_gpu=c.use_gpu,
+            storage=self.store.path("fit", "ray_train"),
+            name="fit",
+        )
+        for kernel, e_cols in (("ff", e_pool), ("ft", e_target)):
+            state, history = fitted[kernel]
+            scaler, q1, (tr_idx, va_idx) = scalers[kernel], q1s[kernel], splits[kernel]
             net = InfluenceNetwork(e_pool.shape[1], c.hidden)
             net.load_state_dict(state)
             net.eval()

@@ -127,7 +127,7 @@ def fit_loop(
     net = InfluenceNetwork(e_rows.shape[1], cfg["hidden"])
     model = wrap(net) if wrap is not None else net
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
-    er, ec = torch.as_tensor(e_rows), torch.as_tensor(e_cols)
+    er, ec = torch.from_numpy(np.array(e_rows, np.float32)), torch.from_numpy(np.array(e_cols, np.float32))
     best, best_state, stale, history = math.inf, copy.deepcopy(net.state_dict()), 0, []
     for epoch in range(cfg["epochs"]):
         tr = train_epoch(model, er, ec, train, opt, cfg["batch_size"], cfg["seed"] * 1000 + epoch, rank, world_size)
