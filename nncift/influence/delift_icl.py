@@ -1,0 +1,230 @@
+"""DELIFT in-context-learning utility (METHOD.md §1.1), exact and with shared-prefix KV reuse.
+
+For target t = (x_t, y_t) and in-context example e = (x_e, y_e)::
+
+    U(e -> t) = d(no example) - d(with e),   d = ||1 - p||_2 / sqrt(T)
+
+where p are the teacher-forced probabilities of the gold response tokens of t (the response tokens and the
+final EOS, as both reference codebases score) and T their count. Token t is scored with the logits at
+position t - 1 (the shift the reference NN-CIFT code misses). Positive means the example helps.
+
+Sequences are built from separately tokenised pieces, so they are identical whether computed as one full
+sequence or as a cached example prefix followed by the target suffix::
+
+    no ICL: tok(head_noicl) + P_t + tok(tail) + [EOS] + R_t + [EOS]
+    ICL:    tok(head_icl) + P_e + tok(sep) + R_e + tok(mid_icl) + P_t + tok(tail) + [EOS] + R_t + [EOS]
+
+with P_x / R_x the prompt / response tokens truncated to ``max_prompt_tokens`` / ``max_response_tokens``.
+Only the hidden states of scored positions go through the LM head (log-softmax at the gold tokens only).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from nncift.influence.base import InfluenceFunction, Items
+
+log = logging.getLogger(__name__)
+
+HEAD_NOICL = "Instruction: Please generate a response to the following query.\n\n\nQuery: "
+HEAD_ICL = (
+    "Instruction:\nUse the following example as a guide to answer the query in the same format and style, "
+    "providing a clear and concise response.\n\n\nExample:\n"
+)
+SEP_ICL = "\n"
+MID_ICL = "\n\n\nQuery:\n"
+TAIL = "\n"
+
+
+@dataclass
+class Encoded:
+    """Token pieces of one row: prompt ids and response ids (truncated)."""
+
+    prompt: list[int]
+    response: list[int]
+
+
+class DeliftICL(InfluenceFunction):
+    """The DELIFT ICL utility with a causal LM (HF transformers backend).
+
+    Args:
+        model: a causal LM (``AutoModelForCausalLM``-like: ``.model`` body and ``.lm_head``), in eval mode.
+        tokenizer: its tokenizer (needs an EOS token).
+        batch_size: sequences per forward.
+        max_prompt_tokens / max_response_tokens: truncation of each prompt / response.
+        mode: "prefix" (shared example prefix KV reuse, default), "batched" (full sequences, batched), or
+            "single" (one padded forward per pair, the reference style).
+    """
+
+    name = "delift_icl"
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        batch_size: int = 16,
+        max_prompt_tokens: int = 256,
+        max_response_tokens: int = 256,
+        mode: str = "prefix",
+    ):
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token")
+        if mode not in ("prefix", "batched", "single"):
+            raise ValueError(f"mode must be prefix | batched | single, got {mode!r}")
+        self.model, self.tok = model, tokenizer
+        self.device = next(model.parameters()).device
+        self.batch_size, self.mode = batch_size, mode
+        self.max_p, self.max_r = max_prompt_tokens, max_response_tokens
+        self.eos = int(tokenizer.eos_token_id)
+        self.pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos)
+        enc = self._ids
+        self.head_noicl, self.head_icl = enc(HEAD_NOICL), enc(HEAD_ICL)
+        self.sep, self.mid, self.tail = enc(SEP_ICL), enc(MID_ICL), enc(TAIL)
+        self._noicl_cache: dict[tuple[str, str], float] = {}
+
+    # ------------------------------------------------------------------ tokens
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def encode(self, items: Items) -> list[Encoded]:
+        return [
+            Encoded(self._ids(p)[: self.max_p], self._ids(r)[: self.max_r])
+            for p, r in zip(items.prompts, items.responses, strict=True)
+        ]
+
+    def prefix_ids(self, ex: Encoded) -> list[int]:
+        """Token ids shared by every target paired with example ``ex``."""
+        return self.head_icl + ex.prompt + self.sep + ex.response + self.mid
+
+    def suffix_ids(self, t: Encoded) -> tuple[list[int], int]:
+        """Target part and the number of leading unscored tokens in it."""
+        unscored = t.prompt + self.tail + [self.eos]
+        return unscored + t.response + [self.eos], len(unscored)
+
+    # ------------------------------------------------------------------ scoring kernels
+    @torch.no_grad()
+    def _distances(self, seqs: list[list[int]], first_scored: list[int], cache=None, offset: int = 0) -> np.ndarray:
+        """d = ||1 - p||/sqrt(T) of each sequence's tokens from ``first_scored`` on (right-padded batch).
+
+        With ``cache`` (a KV cache of ``offset`` prefix tokens, batch-expanded), ``seqs`` are suffixes.
+        """
+        b = len(seqs)
+        width = max(len(s) for s in seqs)
+        ids = torch.full((b, width), self.pad, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+        lengths = torch.tensor([len(s) for s in seqs])
+        mask = torch.arange(width)[None, :] < lengths[:, None]
+        attn = torch.cat([torch.ones(b, offset, dtype=torch.long), mask.long()], dim=1) if offset else mask.long()
+        pos = (torch.arange(width) + offset)[None, :].expand(b, -1)
+        out = self.model.model(
+            input_ids=ids.to(self.device),
+            attention_mask=attn.to(self.device),
+            position_ids=pos.to(self.device),
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
+        hidden = out.last_hidden_state
+        # scored token at position j is predicted by the hidden state at j - 1
+        first = torch.tensor(first_scored)
+        scored = (torch.arange(width)[None, :] >= first[:, None]) & mask
+        bi, pj = torch.nonzero(scored, as_tuple=True)
+        logits = self.model.lm_head(hidden[bi.to(self.device), (pj - 1).to(self.device)]).float()
+        logp = torch.log_softmax(logits, dim=-1).gather(1, ids[bi, pj].to(self.device)[:, None]).squeeze(1)
+        sq = (1.0 - logp.exp()) ** 2
+        sums = torch.zeros(b, dtype=torch.float64, device=self.device).index_add_(0, bi.to(self.device), sq.double())
+        counts = scored.sum(1).to(self.device).double()
+        return (sums.sqrt() / counts.sqrt()).cpu().numpy()
+
+    def no_icl_distance(self, targets: Items) -> np.ndarray:
+        """d(no example) per target (computed once per distinct target and cached). Returns (T,) float64."""
+        enc = self.encode(targets)
+        keys = list(zip(targets.prompts, targets.responses, strict=True))
+        todo = [i for i, k in enumerate(keys) if k not in self._noicl_cache]
+        for s in range(0, len(todo), self.batch_size):
+            chunk = todo[s : s + self.batch_size]
+            seqs, firsts = [], []
+            for i in chunk:
+                suf, n_unscored = self.suffix_ids(enc[i])
+                head = self.head_noicl
+                seqs.append(head + suf)
+                firsts.append(len(head) + n_unscored)
+            for i, d in zip(chunk, self._distances(seqs, firsts), strict=True):
+                self._noicl_cache[keys[i]] = float(d)
+        return np.array([self._noicl_cache[k] for k in keys])
+
+    def icl_distance(self, examples: Items, targets: Items) -> np.ndarray:
+        """d(with example e) for every (e, t). Returns (E, T) float64."""
+        ex_enc, t_enc = self.encode(examples), self.encode(targets)
+        suffixes = [self.suffix_ids(t) for t in t_enc]
+        out = np.empty((len(ex_enc), len(t_enc)))
+        bs = self.batch_size
+        for ei, ex in enumerate(ex_enc):
+            prefix = self.prefix_ids(ex)
+            if self.mode == "prefix":
+                out[ei] = self._prefix_reuse(prefix, suffixes)
+                continue
+            step = 1 if self.mode == "single" else bs
+            for s in range(0, len(suffixes), step):
+                chunk = suffixes[s : s + step]
+                out[ei, s : s + len(chunk)] = self._distances(
+                    [prefix + suf for suf, _ in chunk], [len(prefix) + n for _, n in chunk]
+                )
+        return out
+
+    @torch.no_grad()
+    def _prefix_reuse(self, prefix: list[int], suffixes: list[tuple[list[int], int]]) -> np.ndarray:
+        """Run the example prefix once, then score the target suffixes in batches on its KV cache."""
+        pre = self.model.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True)
+        base = pre.past_key_values
+        res = np.empty(len(suffixes))
+        bs = self.batch_size
+        for s in range(0, len(suffixes), bs):
+            chunk = suffixes[s : s + bs]
+            cache = copy.deepcopy(base)
+            cache.batch_repeat_interleave(len(chunk))
+            res[s : s + len(chunk)] = self._distances(
+                [suf for suf, _ in chunk], [n for _, n in chunk], cache=cache, offset=len(prefix)
+            )
+        return res
+
+    # ------------------------------------------------------------------ interface
+    def utility(self, examples: Items, targets: Items) -> np.ndarray:
+        """U(e -> t) = d_noICL(t) - d_ICL(e, t). Returns (E, T) float32."""
+        base = self.no_icl_distance(targets)
+        return (base[None, :] - self.icl_distance(examples, targets)).astype(np.float32)
+
+
+def pairs_per_second(fn: DeliftICL, examples: Items, targets: Items) -> tuple[float, np.ndarray]:
+    """Time :meth:`DeliftICL.icl_distance` on every pair; returns (pairs/s, values (E, T))."""
+    import time
+
+    t0 = time.perf_counter()
+    vals = fn.icl_distance(examples, targets)
+    dt = time.perf_counter() - t0
+    return len(examples) * len(targets) / max(dt, 1e-9), vals
+
+
+def build_delift_icl(
+    model: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    batch_size: int = 16,
+    max_prompt_tokens: int = 256,
+    max_response_tokens: int = 256,
+    mode: str = "prefix",
+    trust_remote_code: bool = False,
+    threads: int | None = None,
+) -> DeliftICL:
+    """Load the LM (a local path, or the embedded SmolLM2 when None) and wrap it as :class:`DeliftICL`."""
+    from nncift.models import load_causal_lm
+
+    if threads:
+        torch.set_num_threads(threads)
+    lm, tok = load_causal_lm(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    return DeliftICL(lm, tok, batch_size, max_prompt_tokens, max_response_tokens, mode)

@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+import torch
+
+from nncift.influence import Items
+from nncift.influence.delift_icl import DeliftICL, build_delift_icl
+
+
+def _items(n, seed=0, prefix="q"):
+    rng = np.random.default_rng(seed)
+    words = ["alpha", "beta", "gamma", "delta", "sum", "of", "two", "cats", "runs", "fast"]
+    prompts = [f"{prefix}{i}: " + " ".join(rng.choice(words, size=3 + i % 4)) for i in range(n)]
+    responses = [" ".join(rng.choice(words, size=2 + i % 5)) for i in range(n)]
+    return Items(prompts, responses, np.zeros((n, 2), np.float32))
+
+
+@pytest.fixture(scope="module")
+def fns(tiny_lm):
+    return {m: build_delift_icl(tiny_lm, batch_size=3, mode=m, max_prompt_tokens=40, max_response_tokens=30)
+            for m in ("prefix", "batched", "single")}
+
+
+def test_prefix_reuse_equals_full_sequences(fns):
+    ex, tg = _items(3, 1, "e"), _items(7, 2, "t")
+    ref = fns["single"].icl_distance(ex, tg)
+    for mode in ("batched", "prefix"):
+        np.testing.assert_allclose(fns[mode].icl_distance(ex, tg), ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(fns["prefix"].utility(ex, tg), fns["single"].utility(ex, tg), atol=1e-4)
+
+
+def _manual_distance(model, ids, first):
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0]
+    probs = torch.softmax(logits.double(), -1)
+    p = torch.stack([probs[j - 1, ids[j]] for j in range(first, len(ids))])  # token j scored by logits j-1
+    return float(torch.sqrt(((1 - p) ** 2).sum()) / np.sqrt(len(p)))
+
+
+def test_shift_hand_computed(fns):
+    fn: DeliftICL = fns["prefix"]
+    ex, tg = _items(1, 3, "e"), _items(1, 4, "t")
+    e, t = fn.encode(ex)[0], fn.encode(tg)[0]
+    eos = fn.tok.eos_token_id
+    no_icl = fn.head_noicl + t.prompt + fn.tail + [eos] + t.response + [eos]
+    icl = fn.head_icl + e.prompt + fn.sep + e.response + fn.mid + t.prompt + fn.tail + [eos] + t.response + [eos]
+    n_scored = len(t.response) + 1  # response tokens and the final EOS
+    want = _manual_distance(fn.model, no_icl, len(no_icl) - n_scored) - _manual_distance(
+        fn.model, icl, len(icl) - n_scored
+    )
+    assert fn.utility(ex, tg)[0, 0] == pytest.approx(want, abs=1e-5)
+
+
+def test_orientation_of_kernels(fns):
+    fn = fns["prefix"]
+    rows, cols = _items(2, 5, "r"), _items(3, 6, "c")
+    ft = fn.kernel_block("ft", rows, cols)
+    ff = fn.kernel_block("ff", rows, cols)
+    for i in range(2):
+        for j in range(3):
+            r, c = rows.take(np.array([i])), cols.take(np.array([j]))
+            assert ft[i, j] == pytest.approx(fn.utility(r, c)[0, 0], abs=1e-5)  # U(row i -> col j)
+            assert ff[i, j] == pytest.approx(fn.utility(c, r)[0, 0], abs=1e-5)  # U(col j -> row i)
+
+
+def test_no_icl_is_computed_once_per_target(fns):
+    fn = fns["prefix"]
+    tg = _items(4, 9, "once")
+    fn.no_icl_distance(tg)
+    calls = []
+    orig = fn._distances
+    fn._distances = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    try:
+        fn.no_icl_distance(tg)
+    finally:
+        fn._distances = orig
+    assert not calls
