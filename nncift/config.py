@@ -68,7 +68,7 @@ class LabelConfig:
 
     function: str = _f("delift_se", "influence function: delift_se | delift_icl")
     fraction: float = _f(0.05, "u: fraction of D_F and of D_T whose pairs are labeled")
-    min_count: int = _f(32, "floor on the number of labeled rows (and columns) per side")
+    min_count: int = _f(200, "floor on labeled rows (and columns) per side; ~200 are needed to generalise OOD")
     eval_pairs: int = _f(4000, "pairs sampled per quadrant Q2-Q4 and kernel for the fidelity report")
     block_size: int = _f(128, "rows and columns per label block")
     model: str | None = _f(None, "LM for model-based functions (local path); None = embedded SmolLM2")

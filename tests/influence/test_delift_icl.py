@@ -16,8 +16,10 @@ def _items(n, seed=0, prefix="q"):
 
 @pytest.fixture(scope="module")
 def fns(tiny_lm):
-    return {m: build_delift_icl(tiny_lm, batch_size=3, mode=m, max_prompt_tokens=40, max_response_tokens=30)
-            for m in ("prefix", "batched", "single")}
+    return {
+        m: build_delift_icl(tiny_lm, batch_size=3, mode=m, max_prompt_tokens=40, max_response_tokens=30)
+        for m in ("prefix", "batched", "single")
+    }
 
 
 def test_prefix_reuse_equals_full_sequences(fns):
