@@ -227,7 +227,7 @@ class Pipeline:
 
         kwargs = {
             "function": c.function,
-            "function_kwargs": {},
+            "function_kwargs": self._function_kwargs(),
             "pool": side(pool, e_pool),
             "target": side(target, e_target),
             "sets": [{"kernel": s.kernel, "quadrant": s.quadrant, "rows": s.rows, "cols": s.cols} for s in plan.sets],
@@ -254,6 +254,25 @@ class Pipeline:
             "total_pairs": m * m + m * n,
             "labeled_pool": len(plan.pool_labeled),
             "labeled_target": len(plan.target_labeled),
+        }
+
+    def _function_kwargs(self) -> dict:
+        """Constructor arguments of the configured influence function (resolved once, in the driver)."""
+        c = self.cfg.label
+        if c.function != "delift_icl":
+            return {}
+        from nncift.models import embedded_lm_dir
+
+        return {
+            "model": str(embedded_lm_dir()) if c.model is None else c.model,
+            "backend": c.backend,
+            "device": c.device,
+            "dtype": c.dtype,
+            "batch_size": c.batch_size,
+            "max_prompt_tokens": c.max_prompt_tokens,
+            "max_response_tokens": c.max_response_tokens,
+            "mode": c.mode,
+            "trust_remote_code": c.trust_remote_code,
         }
 
     def _labels(self) -> dict[str, dict[str, np.ndarray]]:

@@ -115,3 +115,24 @@ def test_end_to_end_ray(ray_session, tmp_path, corpus, tiny_overrides):
     rep = json.loads((run / "report" / "report.json").read_text())
     assert rep["selection"]["budget"] == 24
     assert rep["network"]["ff"]["epochs"] >= 1
+
+
+def test_end_to_end_delift_icl_tiny_lm(tmp_path, corpus, tiny_overrides, tiny_lm):
+    run = tmp_path / "run"
+    icl = [
+        "label.function=delift_icl",
+        f"label.model={tiny_lm}",
+        "label.max_prompt_tokens=24",
+        "label.max_response_tokens=16",
+        "label.eval_pairs=36",
+        "label.min_count=6",
+        "label.fraction=0.05",
+    ]
+    _run(run, corpus, tiny_overrides + LOCAL + icl)
+    labels = pq.read_table(run / "label" / "labels.parquet")
+    quadrant = np.asarray(labels.column("quadrant").to_pylist())
+    assert (quadrant == "q1").sum() == 6 * 6 + 6 * 6  # 6 labeled pool rows x (6 pool + 6 target) columns
+    assert np.isfinite(labels.column("value").to_numpy()).all()
+    rep = json.loads((run / "report" / "report.json").read_text())
+    assert rep["label"]["function"] == "delift_icl"
+    assert rep["selection"]["budget"] == 24

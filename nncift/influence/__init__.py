@@ -19,10 +19,14 @@ def build_influence_function(name: str, **kwargs: Any) -> InfluenceFunction:
     if name == "delift_se":
         return DeliftSE()
     if name == "delift_icl":
-        raise NotImplementedError(
-            "label.function=delift_icl (the DELIFT in-context-learning utility) is not implemented yet "
-            "(tracked in issue #3); use label.function=delift_se"
-        )
+        backend = kwargs.pop("backend", "hf")
+        if backend == "vllm":
+            from nncift.influence.delift_icl_vllm import build_delift_icl_vllm
+
+            return build_delift_icl_vllm(**kwargs)
+        from nncift.influence.delift_icl import build_delift_icl
+
+        return build_delift_icl(**kwargs)
     raise ValueError(f"unknown influence function {name!r} (known: {', '.join(FUNCTIONS)})")
 
 

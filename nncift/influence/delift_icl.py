@@ -77,7 +77,7 @@ class DeliftICL(InfluenceFunction):
         if mode not in ("prefix", "batched", "single"):
             raise ValueError(f"mode must be prefix | batched | single, got {mode!r}")
         self.model, self.tok = model, tokenizer
-        self.device = next(model.parameters()).device
+        self.device = next(model.parameters()).device if model is not None else torch.device("cpu")
         self.batch_size, self.mode = batch_size, mode
         self.max_p, self.max_r = max_prompt_tokens, max_response_tokens
         self.eos = int(tokenizer.eos_token_id)
@@ -122,12 +122,12 @@ class DeliftICL(InfluenceFunction):
         mask = torch.arange(width)[None, :] < lengths[:, None]
         attn = torch.cat([torch.ones(b, offset, dtype=torch.long), mask.long()], dim=1) if offset else mask.long()
         pos = (torch.arange(width) + offset)[None, :].expand(b, -1)
+        extra = {"past_key_values": cache, "use_cache": True} if cache is not None else {"use_cache": False}
         out = self.model.model(
             input_ids=ids.to(self.device),
             attention_mask=attn.to(self.device),
             position_ids=pos.to(self.device),
-            past_key_values=cache,
-            use_cache=cache is not None,
+            **extra,
         )
         hidden = out.last_hidden_state
         # scored token at position j is predicted by the hidden state at j - 1

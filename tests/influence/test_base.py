@@ -39,8 +39,15 @@ def test_delift_se_is_cosine():
     np.testing.assert_allclose(np.diag(DeliftSE().utility(items, items)), 1.0, rtol=1e-6)
 
 
-def test_unknown_and_unimplemented_functions():
-    with pytest.raises(NotImplementedError, match="issue #3"):
-        build_influence_function("delift_icl")
+def test_registry(tiny_lm):
+    from nncift.errors import MissingDependencyError
+    from nncift.influence.delift_icl import DeliftICL
+
+    assert isinstance(build_influence_function("delift_icl", model=tiny_lm), DeliftICL)
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        with pytest.raises(MissingDependencyError, match=r"\[vllm\]"):
+            build_influence_function("delift_icl", model=tiny_lm, backend="vllm")
     with pytest.raises(ValueError, match="unknown influence function"):
         build_influence_function("less")

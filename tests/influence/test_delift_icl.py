@@ -76,3 +76,63 @@ def test_no_icl_is_computed_once_per_target(fns):
     finally:
         fn._distances = orig
     assert not calls
+
+
+# --------------------------------------------------------------------------- real embedded model (slow)
+@pytest.fixture(scope="module")
+def smollm():
+    return build_delift_icl(None, batch_size=8, max_prompt_tokens=64, max_response_tokens=48)
+
+
+CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Egypt", "Cairo"), ("Peru", "Lima")]
+
+
+def _capital_items(pairs):
+    return Items(
+        [f"What is the capital of {c}?" for c, _ in pairs],
+        [f"The capital of {c} is {city}." for c, city in pairs],
+        np.zeros((len(pairs), 2), np.float32),
+    )
+
+
+@pytest.mark.slow
+def test_real_model_prefix_reuse_equals_full(smollm):
+    ex, tg = _items(2, 11, "e"), _items(5, 12, "t")
+    full = DeliftICL(
+        smollm.model, smollm.tok, batch_size=8, max_prompt_tokens=64, max_response_tokens=48, mode="batched"
+    )
+    np.testing.assert_allclose(smollm.icl_distance(ex, tg), full.icl_distance(ex, tg), atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_real_model_sign_convention(smollm):
+    code = Items(
+        ["Write a haiku about autumn leaves."],
+        ["Red leaves drift and fall, quiet wind hums."],
+        np.zeros((1, 2), np.float32),
+    )
+    tg = Items(["Spell the made-up word zorblax backwards."], ["xalbroz"], np.zeros((1, 2), np.float32))
+    own = smollm.utility(tg, tg)[0, 0]  # the target's own pair as the in-context example
+    other = smollm.utility(code, tg)[0, 0]
+    assert own > 0 and own > other
+
+
+@pytest.mark.slow
+def test_planted_helpful_example_is_selected_first(smollm):
+    from nncift import select_subset
+
+    unrelated = Items(
+        ["Give me a bread recipe.", "Sort a list in Python.", "Who wrote Hamlet?"],
+        ["Mix flour, water, yeast and salt; bake.", "Use sorted(xs).", "William Shakespeare."],
+        np.zeros((3, 2), np.float32),
+    )
+    planted = _capital_items(CAPITALS[:1])
+    targets = _capital_items(CAPITALS[1:])
+    pool = Items(
+        unrelated.prompts + planted.prompts + targets.prompts,
+        unrelated.responses + planted.responses + targets.responses,
+        np.zeros((8, 2), np.float32),
+    )
+    k_ff = smollm.kernel_block("ff", pool, pool)  # K_FF[i, j] = U(j -> i)
+    np.fill_diagonal(k_ff, k_ff.min())  # an item's own pair is trivially helpful; ask who helps the others
+    assert select_subset(k_ff, 1)[0] in {3, 4, 5, 6, 7}  # a capital Q&A (the planted family) covers most
