@@ -120,15 +120,11 @@ class DeliftICL(InfluenceFunction):
             ids[i, : len(s)] = torch.tensor(s)
         lengths = torch.tensor([len(s) for s in seqs])
         mask = torch.arange(width)[None, :] < lengths[:, None]
-        attn = torch.cat([torch.ones(b, offset, dtype=torch.long), mask.long()], dim=1) if offset else mask.long()
         pos = (torch.arange(width) + offset)[None, :].expand(b, -1)
-        extra = {"past_key_values": cache, "use_cache": True} if cache is not None else {"use_cache": False}
-        out = self.model.model(
-            input_ids=ids.to(self.device),
-            attention_mask=attn.to(self.device),
-            position_ids=pos.to(self.device),
-            **extra,
-        )
+        extra = {"cache": cache, "use_cache": True} if cache is not None else {"use_cache": False}
+        # Right padding needs no attention mask: under causal attention a real token never sees the pads
+        # after it, and pad outputs are never read. Without a mask the fused causal attention path is used.
+        out = self.model.model(input_ids=ids.to(self.device), position_ids=pos.to(self.device), **extra)
         hidden = out.last_hidden_state
         # scored token at position j is predicted by the hidden state at j - 1
         first = torch.tensor(first_scored)
@@ -145,7 +141,10 @@ class DeliftICL(InfluenceFunction):
         """d(no example) per target (computed once per distinct target and cached). Returns (T,) float64."""
         enc = self.encode(targets)
         keys = list(zip(targets.prompts, targets.responses, strict=True))
-        todo = [i for i, k in enumerate(keys) if k not in self._noicl_cache]
+        todo = sorted(
+            (i for i, k in enumerate(keys) if k not in self._noicl_cache),
+            key=lambda i: len(enc[i].prompt) + len(enc[i].response),
+        )
         for s in range(0, len(todo), self.batch_size):
             chunk = todo[s : s + self.batch_size]
             seqs, firsts = [], []
@@ -161,18 +160,20 @@ class DeliftICL(InfluenceFunction):
     def icl_distance(self, examples: Items, targets: Items) -> np.ndarray:
         """d(with example e) for every (e, t). Returns (E, T) float64."""
         ex_enc, t_enc = self.encode(examples), self.encode(targets)
-        suffixes = [self.suffix_ids(t) for t in t_enc]
+        # targets in length order so that each batch pads little (every mode); results are scattered back
+        order = np.argsort([len(self.suffix_ids(t)[0]) for t in t_enc], kind="stable")
+        suffixes = [self.suffix_ids(t_enc[i]) for i in order]
         out = np.empty((len(ex_enc), len(t_enc)))
         bs = self.batch_size
         for ei, ex in enumerate(ex_enc):
             prefix = self.prefix_ids(ex)
             if self.mode == "prefix":
-                out[ei] = self._prefix_reuse(prefix, suffixes)
+                out[ei, order] = self._prefix_reuse(prefix, suffixes)
                 continue
             step = 1 if self.mode == "single" else bs
             for s in range(0, len(suffixes), step):
                 chunk = suffixes[s : s + step]
-                out[ei, s : s + len(chunk)] = self._distances(
+                out[ei, order[s : s + len(chunk)]] = self._distances(
                     [prefix + suf for suf, _ in chunk], [len(prefix) + n for _, n in chunk]
                 )
         return out
@@ -187,7 +188,9 @@ class DeliftICL(InfluenceFunction):
         for s in range(0, len(suffixes), bs):
             chunk = suffixes[s : s + bs]
             cache = copy.deepcopy(base)
-            cache.batch_repeat_interleave(len(chunk))
+            for layer in cache.layers:  # broadcast views: the only copy is the concat inside the forward
+                layer.keys = layer.keys.expand(len(chunk), -1, -1, -1)
+                layer.values = layer.values.expand(len(chunk), -1, -1, -1)
             res[s : s + len(chunk)] = self._distances(
                 [suf for suf, _ in chunk], [n for _, n in chunk], cache=cache, offset=len(prefix)
             )
