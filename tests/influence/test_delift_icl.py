@@ -119,20 +119,26 @@ def test_real_model_sign_convention(smollm):
 
 @pytest.mark.slow
 def test_planted_helpful_example_is_selected_first(smollm):
-    from nncift import select_subset
+    from nncift.select import lazy_greedy, minmax_scale
 
-    unrelated = Items(
-        ["Give me a bread recipe.", "Sort a list in Python.", "Who wrote Hamlet?"],
-        ["Mix flour, water, yeast and salt; bake.", "Use sorted(xs).", "William Shakespeare."],
-        np.zeros((3, 2), np.float32),
+    words = ["apple", "river", "candle", "tiger", "piano", "cloud"]
+    targets = Items(
+        [f"Repeat the word {w} three times." for w in words],
+        [f"{w} {w} {w}" for w in words],
+        np.zeros((6, 2), np.float32),
     )
-    planted = _capital_items(CAPITALS[:1])
-    targets = _capital_items(CAPITALS[1:])
-    pool = Items(
-        unrelated.prompts + planted.prompts + targets.prompts,
-        unrelated.responses + planted.responses + targets.responses,
-        np.zeros((8, 2), np.float32),
+    unrelated = [
+        ("Give me a bread recipe.", "Mix flour, water, yeast and salt; bake."),
+        ("Sort a list in Python.", "Use sorted(xs)."),
+        ("Who wrote Hamlet?", "William Shakespeare."),
+        ("Name a primary color.", "Red."),
+        ("What is 2+2?", "4"),
+        ("Translate 'cat' to French.", "chat"),
+    ]
+    planted = ("Repeat the word stone three times.", "stone stone stone")  # shows the format every target needs
+    cands = Items(
+        [p for p, _ in [*unrelated, planted]], [r for _, r in [*unrelated, planted]], np.zeros((7, 2), np.float32)
     )
-    k_ff = smollm.kernel_block("ff", pool, pool)  # K_FF[i, j] = U(j -> i)
-    np.fill_diagonal(k_ff, k_ff.min())  # an item's own pair is trivially helpful; ask who helps the others
-    assert select_subset(k_ff, 1)[0] in {3, 4, 5, 6, 7}  # a capital Q&A (the planted family) covers most
+    k = smollm.kernel_block("ff", targets, cands)  # k[i, j] = U(candidate j -> target i), the FL orientation
+    first = lazy_greedy(minmax_scale(k), 1)[0][0]
+    assert first == 6
