@@ -136,3 +136,44 @@ def test_end_to_end_delift_icl_tiny_lm(tmp_path, corpus, tiny_overrides, tiny_lm
     rep = json.loads((run / "report" / "report.json").read_text())
     assert rep["label"]["function"] == "delift_icl"
     assert rep["selection"]["budget"] == 24
+
+
+def _icl(tiny_lm):
+    return [
+        "label.function=delift_icl",
+        f"label.model={tiny_lm}",
+        "label.max_prompt_tokens=24",
+        "label.max_response_tokens=16",
+        "label.eval_pairs=36",
+        "label.min_count=6",
+        "label.fraction=0.05",
+        "label.block_size=4",
+    ]
+
+
+def test_icl_label_resume_recomputes_only_missing_blocks(tmp_path, corpus, tiny_overrides, tiny_lm, monkeypatch):
+    from nncift.label import LabelWorker
+
+    run = tmp_path / "run"
+    cfg = load_config(None, [f"data.input={corpus}", *tiny_overrides, *LOCAL, *_icl(tiny_lm)])
+    Pipeline(cfg, run).run("label")
+    full = pq.read_table(run / "label" / "labels.parquet")
+    blocks = sorted((run / "label" / "blocks").glob("*.parquet"))
+    dropped = blocks[::3]
+    for b in dropped:  # as if the run had died before these blocks finished
+        b.unlink()
+    (run / "label" / "_DONE.json").unlink()
+    calls = []
+    orig = LabelWorker.run_block
+    monkeypatch.setattr(LabelWorker, "run_block", lambda self, spec: calls.append(spec["block_id"]) or orig(self, spec))
+    Pipeline(cfg, run).run("label")
+    assert sorted(calls) == sorted(int(b.stem) for b in dropped)
+    assert pq.read_table(run / "label" / "labels.parquet").equals(full)
+
+
+def test_full_labeling_mode_labels_every_pair(tmp_path, corpus, tiny_overrides):
+    run = tmp_path / "run"
+    _run(run, corpus, [*tiny_overrides, *LOCAL, "label.fraction=1.0"])
+    rep = json.loads((run / "report" / "report.json").read_text())
+    assert rep["label"]["pairs_labeled"] == rep["label"]["total_pairs"] == 120 * 120 + 120 * 40
+    assert list(rep["network"]["ff"]["quadrants"]) == ["q1"]
