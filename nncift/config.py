@@ -105,7 +105,10 @@ class EstimateConfig:
     """Blockwise estimation of the full K_FF (M x M) and K_FT (M x N)."""
 
     block_size: int = _f(512, "rows and columns per estimation block")
-    dense_max_pairs: int = _f(100_000_000, "largest kernel (pairs) assembled densely for selection")
+    dense_max_pairs: int = _f(100_000_000, "layout=auto: dense tiles up to this many pairs per kernel, else sparse")
+    layout: str = _f("auto", "auto | dense (tiles) | sparse (per-row top-k stripes)")
+    topk: int = _f(32, "sparse layout: columns kept per row")
+    col_chunk: int = _f(8192, "sparse layout: columns predicted per chunk before the top-k merge", runtime=True)
     device: str = _f("cpu", "cpu | cuda", runtime=True)
     concurrency: int = _f(1, "Ray Data actors", runtime=True)
     num_cpus: float = _f(1.0, "CPUs per actor", runtime=True)
@@ -118,6 +121,9 @@ class SelectConfig:
 
     fraction: float = _f(0.3, "v: budget as a fraction of M")
     objective: str = _f("fl", "fl (K_FF) | flmi (K_FF, K_FT) | flcg (K_FF, K_FT) | topk (mean of K_FT)")
+    algorithm: str = _f("lazy", "lazy (exact lazy greedy) | stochastic | greedi (partitioned, sparse layout)")
+    eps: float = _f(0.1, "stochastic greedy: sample size (M / budget) log(1 / eps)")
+    parts: int = _f(4, "greedi: number of partitions (Ray tasks)")
     eta: float = _f(1.0, "FLMI magnification")
     nu: float = _f(1.0, "FLCG privacy hardness")
 
@@ -196,6 +202,12 @@ class RunConfig:
         need(0.0 < s.fraction <= 1.0, "select.fraction", f"must be in (0, 1], got {s.fraction}")
         need(s.objective in {"fl", "flmi", "flcg", "topk"}, "select.objective", f"got {s.objective!r}")
         need(s.eta > 0, "select.eta", "must be positive")
+        need(s.algorithm in {"lazy", "stochastic", "greedi"}, "select.algorithm", f"got {s.algorithm!r}")
+        need(0 < s.eps < 1, "select.eps", "must be in (0, 1)")
+        need(s.parts >= 1, "select.parts", "must be >= 1")
+        need(e.layout in {"auto", "dense", "sparse"}, "estimate.layout", f"got {e.layout!r}")
+        need(e.topk >= 1, "estimate.topk", "must be >= 1")
+        need(e.col_chunk >= 1, "estimate.col_chunk", "must be >= 1")
         need(s.nu >= 0, "select.nu", "must be >= 0")
         need(self.ray.executor in {"ray", "local"}, "ray.executor", f"got {self.ray.executor!r}")
         for sec in (self.embed, lb, e):

@@ -237,3 +237,19 @@ def run_fit(
         log.info("epoch %d train MSE %.5f val MSE %.5f", r["epoch"], r["train_mse"], r["val_mse"])
 
     return {n: fit_loop(fit_cfg, e_rows, ec, tr, va, on_epoch=on_epoch) for n, (ec, tr, va) in tasks.items()}
+
+
+def greedi_ray(kern: Any, parts: list[np.ndarray], budget: int) -> tuple[np.ndarray, np.ndarray]:
+    """Partitioned two-round greedy (GreeDi) with round 1 fanned out as Ray tasks.
+
+    Local twin: :func:`nncift.select_sparse.greedi_local_round` per part, then
+    :func:`~nncift.select_sparse.greedi_merge`; the results are identical.
+    """
+    import ray
+
+    from nncift.select_sparse import greedi_local_round, greedi_merge
+
+    kern_ref = ray.put(kern)
+    task = ray.remote(num_cpus=1)(greedi_local_round)
+    local = ray.get([task.remote(kern_ref, p, budget) for p in parts])
+    return greedi_merge(kern, local, budget)

@@ -378,16 +378,12 @@ class Pipeline:
         from nncift.distributed import map_blocks
         from nncift.estimate import EstimateWorker
         from nncift.network import InfluenceNetwork
-        from nncift.pairs import block_grid
+        from nncift.pairs import Block, block_grid
 
         c = self.cfg.estimate
         e_pool, e_target = self.embeddings()
         m, n = len(e_pool), len(e_target)
-        if m * m > c.dense_max_pairs:
-            raise NotImplementedError(
-                f"K_FF has {m * m:,} pairs > estimate.dense_max_pairs={c.dense_max_pairs:,}: the sparse "
-                "top-k estimation path for million-scale corpora is not implemented yet (issue #4)"
-            )
+        layout = self.layout()
         heads = {}
         for kernel, e_cols in (("ff", e_pool), ("ft", e_target)):
             net, scaler, _ = InfluenceNetwork.load(self.store.path("fit", f"network_{kernel}"))
@@ -401,8 +397,15 @@ class Pipeline:
                 "lo": scaler.lo,
                 "hi": scaler.hi,
             }
-        blocks = block_grid("ff", m, m, c.block_size)
-        blocks += block_grid("ft", m, n, c.block_size, start_id=len(blocks))
+        if layout == "dense":
+            blocks = block_grid("ff", m, m, c.block_size)
+            blocks += block_grid("ft", m, n, c.block_size, start_id=len(blocks))
+        else:  # row stripes spanning every column: each stripe reduces to its own top-k, no merge across workers
+            blocks = [Block("ff", i, b.r0, b.r1, 0, m) for i, b in enumerate(block_grid("ff", m, 1, c.block_size))]
+            blocks += [
+                Block("ft", len(blocks) + i, b.r0, b.r1, 0, n)
+                for i, b in enumerate(block_grid("ft", m, 1, c.block_size))
+            ]
         block_dir = self.store.path("estimate", "blocks")
         todo = [b.to_dict() for b in blocks if not (block_dir / f"{b.name}.parquet").is_file()]
         log.info(
@@ -416,7 +419,14 @@ class Pipeline:
         map_blocks(
             executor,
             EstimateWorker,
-            {"heads": heads, "out_dir": str(block_dir), "device": c.device},
+            {
+                "heads": heads,
+                "out_dir": str(block_dir),
+                "device": c.device,
+                "layout": layout,
+                "topk": c.topk,
+                "col_chunk": c.col_chunk,
+            },
             todo,
             desc="estimate",
             concurrency=c.concurrency,
@@ -426,15 +436,26 @@ class Pipeline:
         dt = time.perf_counter() - t0
         write_json(
             self.store.path("estimate", "kernels.json"),
-            {
-                "ff": {"shape": [m, m], "layout": "dense"},
-                "ft": {"shape": [m, n], "layout": "dense"},
-                "blocks": len(blocks),
-            },
+            {"ff": {"shape": [m, m]}, "ft": {"shape": [m, n]}, "layout": layout, "topk": c.topk, "blocks": len(blocks)},
         )
-        return {"pairs": m * m + m * n, "blocks": len(blocks), "map_seconds": dt}
+        return {
+            "pairs": m * m + m * n,
+            "blocks": len(blocks),
+            "map_seconds": dt,
+            "layout": layout,
+            "pairs_per_second": (m * m + m * n) / max(dt, 1e-9),
+        }
+
+    def layout(self) -> str:
+        """dense or sparse, from estimate.layout (auto: dense while M*M <= estimate.dense_max_pairs)."""
+        c = self.cfg.estimate
+        if c.layout != "auto":
+            return c.layout
+        m = self.store.done_info("data")["M"]
+        return "dense" if m * m <= c.dense_max_pairs else "sparse"
 
     def kernels(self) -> tuple[np.ndarray, np.ndarray]:
+        """The dense estimated kernels (K_FF (M, M), K_FT (M, N)) of a dense-layout run."""
         from nncift.estimate import assemble_dense
 
         meta = json.loads(self.store.path("estimate", "kernels.json").read_text())
@@ -444,16 +465,73 @@ class Pipeline:
             assemble_dense(block_dir, "ft", tuple(meta["ft"]["shape"])),
         )
 
-    def stage_select(self) -> dict:
+    def _select_dense(self, budget: int) -> tuple[np.ndarray, np.ndarray, float]:
         from nncift.select import greedy_select, minmax_scale, objective_value
 
         c = self.cfg.select
-        pool, _ = self.tables()
+        if c.algorithm != "lazy":
+            raise NotImplementedError(
+                f"select.algorithm={c.algorithm} runs on the sparse layout: set estimate.layout=sparse"
+            )
         k_ff, k_ft = self.kernels()
-        m = pool.num_rows
-        budget = max(1, int(c.fraction * m))
         idx, gains = greedy_select(k_ff, budget, objective=c.objective, k_ft=k_ft, eta=c.eta, nu=c.nu)
         value = objective_value(minmax_scale(k_ff), idx, c.objective, minmax_scale(k_ft), c.eta, c.nu)
+        return idx, gains, value
+
+    def _select_sparse(self, budget: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """Selection on the per-row top-k kernels; nothing of size M x M or M x N is allocated."""
+        from nncift.estimate import read_sparse
+        from nncift.select_sparse import (
+            SparseKernel,
+            greedi_local_round,
+            greedi_merge,
+            partition_items,
+            sparse_lazy_greedy,
+            sparse_objective,
+            stochastic_greedy,
+        )
+
+        c = self.cfg.select
+        block_dir = self.store.path("estimate", "blocks")
+        m = self.store.done_info("data")["M"]
+        ff_cols, ff_vals = read_sparse(block_dir, "ff", m)
+        _, ft_vals = read_sparse(block_dir, "ft", m)
+        if c.objective == "topk":  # mean of each row's stored top-k K_FT values
+            score = ft_vals.mean(axis=1, dtype=np.float64)
+            order = np.lexsort((np.arange(m), -score))[:budget]
+            return order.astype(np.int64), score[order], float(score[order].sum())
+        kern = SparseKernel.from_topk(ff_cols, ff_vals, m).scaled()
+        floor = None
+        if c.objective in ("flmi", "flcg"):
+            lo, hi = float(ft_vals.min()), float(ft_vals.max())
+            row_max = (ft_vals.max(axis=1) - lo) / (hi - lo) if hi > lo else np.zeros(m, np.float32)
+            if c.objective == "flmi":
+                kern = kern.capped((c.eta * row_max).astype(np.float32))
+            else:
+                floor = (c.nu * row_max).astype(np.float32)
+        if c.algorithm == "lazy":
+            idx, gains = sparse_lazy_greedy(kern, budget, floor)
+        elif c.algorithm == "stochastic":
+            idx, gains = stochastic_greedy(kern, budget, c.eps, self.cfg.seed, floor)
+        else:
+            if floor is not None:
+                raise NotImplementedError("select.algorithm=greedi supports fl and flmi (not flcg)")
+            parts = partition_items(m, c.parts, self.cfg.seed)
+            if self._ray():
+                from nncift.distributed import greedi_ray
+
+                idx, gains = greedi_ray(kern, parts, budget)
+            else:
+                idx, gains = greedi_merge(kern, [greedi_local_round(kern, p, budget) for p in parts], budget)
+        return idx, gains, sparse_objective(kern, idx, floor)
+
+    def stage_select(self) -> dict:
+        c = self.cfg.select
+        pool, _ = self.tables()
+        m = pool.num_rows
+        budget = max(1, int(c.fraction * m))
+        layout = json.loads(self.store.path("estimate", "kernels.json").read_text())["layout"]
+        idx, gains, value = self._select_dense(budget) if layout == "dense" else self._select_sparse(budget)
         ids = pool.column("id").to_pylist()
         write_parquet(
             self.store.path("select", "selection.parquet"),
@@ -465,12 +543,12 @@ class Pipeline:
                     "index": idx,
                 }
             ),
-            metadata={"objective": c.objective, "budget": budget, "value": value},
+            metadata={"objective": c.objective, "budget": budget, "value": value, "layout": layout},
         )
         chosen = pool.take(pa.array(idx))
         lines = [json.dumps(r, ensure_ascii=False) for r in chosen.to_pylist()]
         write_text(self.store.path("select", "selected.jsonl"), "\n".join(lines) + "\n")
-        return {"objective": c.objective, "budget": budget, "value": value}
+        return {"objective": c.objective, "budget": budget, "value": value, "layout": layout, "algorithm": c.algorithm}
 
     def stage_report(self) -> dict:
         from nncift.report import write_report

@@ -109,7 +109,7 @@ def tiny_st_model(tmp_path_factory) -> str:
     )
     BertModel(cfg).save_pretrained(bert_dir)
     word = models.Transformer(str(bert_dir), max_seq_length=64)
-    pool = models.Pooling(word.get_word_embedding_dimension(), pooling_mode="mean")
+    pool = models.Pooling(word.get_embedding_dimension(), pooling_mode="mean")
     out = root / "st"
     SentenceTransformer(modules=[word, pool], device="cpu").save(str(out))
     return str(out)

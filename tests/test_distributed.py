@@ -88,3 +88,16 @@ def test_torchtrainer_fit_reduces_loss(ray_session, tmp_path):
     assert len(history) == 6
     assert history[-1]["val_mse"] < 0.5 * history[0]["val_mse"]
     assert set(state) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
+
+
+def test_greedi_ray_equals_local(ray_session):
+    from nncift.distributed import greedi_ray
+    from nncift.select_sparse import greedi_local_round, greedi_merge, partition_items
+    from tests.test_select_sparse import _dense, _sparse
+
+    sk = _sparse(_dense(m=300, seed=7), 24)
+    parts = partition_items(300, 3, seed=1)
+    local = greedi_merge(sk, [greedi_local_round(sk, p, 25) for p in parts], 25)
+    remote = greedi_ray(sk, parts, 25)
+    np.testing.assert_array_equal(local[0], remote[0])
+    np.testing.assert_allclose(local[1], remote[1])

@@ -177,3 +177,38 @@ def test_full_labeling_mode_labels_every_pair(tmp_path, corpus, tiny_overrides):
     rep = json.loads((run / "report" / "report.json").read_text())
     assert rep["label"]["pairs_labeled"] == rep["label"]["total_pairs"] == 120 * 120 + 120 * 40
     assert list(rep["network"]["ff"]["quadrants"]) == ["q1"]
+
+
+def test_sparse_layout_with_full_topk_equals_dense(tmp_path, corpus, tiny_overrides):
+    dense, sparse = tmp_path / "dense", tmp_path / "sparse"
+    _run(dense, corpus, [*tiny_overrides, *LOCAL])
+    _run(
+        sparse,
+        corpus,
+        [*tiny_overrides, *LOCAL, "estimate.layout=sparse", "estimate.topk=120", "estimate.col_chunk=50"],
+    )
+    assert json.loads((sparse / "estimate" / "kernels.json").read_text())["layout"] == "sparse"
+    a = pq.read_table(dense / "select" / "selection.parquet").column("id").to_pylist()
+    b = pq.read_table(sparse / "select" / "selection.parquet").column("id").to_pylist()
+    assert a == b
+
+
+@pytest.mark.parametrize("algorithm", ["lazy", "stochastic", "greedi"])
+def test_auto_sparse_layout_and_algorithms(tmp_path, corpus, tiny_overrides, algorithm):
+    run = tmp_path / "run"
+    _run(
+        run,
+        corpus,
+        [
+            *tiny_overrides,
+            *LOCAL,
+            "estimate.dense_max_pairs=1000",
+            "estimate.topk=8",
+            f"select.algorithm={algorithm}",
+            "select.parts=3",
+        ],
+    )
+    meta = json.loads((run / "estimate" / "kernels.json").read_text())
+    assert meta["layout"] == "sparse" and meta["topk"] == 8
+    sel = pq.read_table(run / "select" / "selection.parquet")
+    assert sel.num_rows == 24 == len(set(sel.column("id").to_pylist()))
