@@ -1,9 +1,10 @@
 """Compiled CPU kernels for blockwise estimation (numba), with exact torch twins for other devices.
 
 The estimation inner loop is ``out[i, j] = b2 + sum_k w2[k] * relu(p[i, k] + q[j, k])``. The numba kernel
-keeps the column projections transposed (``qT`` is (h, C)) so the innermost loop runs over contiguous
-columns: one add, one max and one fused multiply-add per lane, vectorised by LLVM, with a cache-sized
-column chunk per (row, chunk) task spread over the cores by ``prange``.
+keeps the column projections transposed (``q_t`` is (h, C)) so the innermost loop runs over a contiguous
+slice of columns (one add, one max and one fused multiply-add per lane, vectorised by LLVM) for four rows
+at once (each loaded column slice serves four accumulators); (4 rows, cache-sized column chunk) tasks are
+spread over the cores by ``prange``.
 """
 
 from __future__ import annotations
@@ -23,20 +24,39 @@ if HAVE_NUMBA:
 
     @numba.njit(parallel=True, fastmath=True, cache=True)
     def _predict_numba(p, q_t, w2, b2, out):  # pragma: no cover - compiled
+        # task = (block of 4 rows, chunk of columns); each q_t row slice is loaded once for the 4 rows
         r, h = p.shape
         c = q_t.shape[1]
         n_chunks = (c + COL_CHUNK - 1) // COL_CHUNK
-        for task in numba.prange(r * n_chunks):
-            i = task // n_chunks
+        n_rb = (r + 3) // 4
+        zero = np.float32(0.0)
+        for task in numba.prange(n_rb * n_chunks):
+            i0 = (task // n_chunks) * 4
             c0 = (task % n_chunks) * COL_CHUNK
             c1 = min(c, c0 + COL_CHUNK)
-            acc = np.full(c1 - c0, b2, dtype=np.float32)
+            n = c1 - c0
+            i1, i2, i3 = min(i0 + 1, r - 1), min(i0 + 2, r - 1), min(i0 + 3, r - 1)
+            a0 = np.full(n, b2, dtype=np.float32)
+            a1 = np.full(n, b2, dtype=np.float32)
+            a2 = np.full(n, b2, dtype=np.float32)
+            a3 = np.full(n, b2, dtype=np.float32)
             for k in range(h):
-                pk = p[i, k]
                 wk = w2[k]
-                for j in range(c1 - c0):
-                    acc[j] += wk * max(pk + q_t[k, c0 + j], np.float32(0.0))
-            out[i, c0:c1] = acc
+                p0, p1, p2, p3 = p[i0, k], p[i1, k], p[i2, k], p[i3, k]
+                qk = q_t[k, c0:c1]  # a contiguous slice: lets LLVM vectorise the loop below
+                for j in range(n):
+                    v = qk[j]
+                    a0[j] += wk * max(p0 + v, zero)
+                    a1[j] += wk * max(p1 + v, zero)
+                    a2[j] += wk * max(p2 + v, zero)
+                    a3[j] += wk * max(p3 + v, zero)
+            out[i0, c0:c1] = a0
+            if i0 + 1 < r:
+                out[i0 + 1, c0:c1] = a1
+            if i0 + 2 < r:
+                out[i0 + 2, c0:c1] = a2
+            if i0 + 3 < r:
+                out[i0 + 3, c0:c1] = a3
 
     @numba.njit(cache=True)
     def _argmin_entry(vals, cols, i, k):  # pragma: no cover - compiled
