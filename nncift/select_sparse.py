@@ -7,8 +7,10 @@ counts as 0 (no coverage). Gains are computed from the column view (CSC): the ga
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 
@@ -68,10 +70,48 @@ def _gains(kern: SparseKernel, cur: np.ndarray, cands: np.ndarray) -> np.ndarray
     return np.bincount(seg, weights=g, minlength=len(cands))
 
 
+@numba.njit(cache=True)
+def _gain_one(indptr, rows, vals, cur, j):  # pragma: no cover - compiled
+    g = 0.0
+    for t in range(indptr[j], indptr[j + 1]):
+        d = vals[t] - cur[rows[t]]
+        if d > 0:
+            g += d
+    return g
+
+
+@numba.njit(cache=True)
+def _lazy_heap(indptr, rows, vals, cur, avail, budget):  # pragma: no cover - compiled
+    n = len(indptr) - 1
+    heap = [(0.0, np.int64(0))]
+    heap.pop()
+    for j in range(n):
+        if avail[j]:
+            heap.append((-_gain_one(indptr, rows, vals, cur, j), np.int64(j)))
+    heapq.heapify(heap)
+    chosen = np.empty(budget, np.int64)
+    gains = np.empty(budget, np.float64)
+    for step in range(budget):
+        while True:
+            _, j = heapq.heappop(heap)
+            g = _gain_one(indptr, rows, vals, cur, j)
+            # exact: accept when no other bound beats (g, lowest index) -- the naive greedy's choice
+            if len(heap) == 0 or (-g, j) <= heap[0]:
+                break
+            heapq.heappush(heap, (-g, j))
+        chosen[step] = j
+        gains[step] = g
+        for t in range(indptr[j], indptr[j + 1]):
+            if vals[t] > cur[rows[t]]:
+                cur[rows[t]] = vals[t]
+    return chosen, gains
+
+
 def sparse_lazy_greedy(
-    kern: SparseKernel, budget: int, floor: np.ndarray | None = None, batch: int = 64, candidates=None
+    kern: SparseKernel, budget: int, floor: np.ndarray | None = None, candidates=None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Lazy greedy FL on a sparse kernel; same semantics and tie-breaking as :func:`nncift.select.lazy_greedy`.
+    """Lazy greedy FL on a sparse kernel with a priority queue (compiled); the same picks as naive greedy
+    (ties to the lowest index), in O(nnz) to build the bounds plus O(log n) per re-evaluation.
 
     Args:
         kern: scaled sparse kernel. budget: picks. floor: (n_rows,) initial coverage (FLCG).
@@ -82,45 +122,16 @@ def sparse_lazy_greedy(
     """
     n = kern.n_cand
     cur = np.zeros(kern.n_rows, np.float32) if floor is None else np.asarray(floor, np.float32).copy()
-    avail = np.zeros(n, bool)
+    avail = np.zeros(n, np.bool_)
     if candidates is None:
         avail[:] = True
     else:
         avail[np.asarray(candidates)] = True
     if budget > int(avail.sum()):
         raise ValueError(f"budget {budget} exceeds the {int(avail.sum())} candidates")
-    pos = np.maximum(kern.vals - cur[kern.rows], 0.0)
-    owner = np.repeat(np.arange(n), np.diff(kern.indptr))
-    ub = np.bincount(owner, weights=pos, minlength=n)
-    chosen, gains = np.empty(budget, np.int64), np.empty(budget)
-    for step in range(budget):
-        while True:
-            bound = np.where(avail, ub, -np.inf)
-            b = min(batch, int(avail.sum()))
-            top = np.argpartition(-bound, b - 1)[:b] if b < n else np.arange(n)
-            top = top[avail[top]]
-            fresh = _gains(kern, cur, top)
-            ub[top] = fresh
-            best_val = fresh.max()
-            bound[top] = -np.inf
-            others = bound.max()
-            if best_val > others:
-                best = int(top[fresh == best_val].min())
-                break
-            if best_val == others:
-                if best_val <= 0.0:
-                    best = int(np.flatnonzero(avail).min())
-                    break
-                tie = np.flatnonzero(bound >= best_val)
-                f2 = _gains(kern, cur, tie)
-                ub[tie] = f2
-                best = int(min(top[fresh == best_val].min(), tie[f2 == best_val].min(initial=n)))
-                break
-        chosen[step], gains[step] = best, best_val
-        avail[best] = False
-        s, e = kern.indptr[best], kern.indptr[best + 1]
-        np.maximum.at(cur, kern.rows[s:e], kern.vals[s:e])
-    return chosen, gains
+    if budget == 0:
+        return np.zeros(0, np.int64), np.zeros(0)
+    return _lazy_heap(kern.indptr, kern.rows, kern.vals, cur, avail, budget)
 
 
 def stochastic_greedy(
@@ -134,13 +145,18 @@ def stochastic_greedy(
     avail = np.ones(n, bool)
     size = max(1, int(np.ceil(n / max(budget, 1) * np.log(1.0 / eps))))
     chosen, gains = np.empty(budget, np.int64), np.empty(budget)
+    left = n
     for step in range(budget):
-        pool = np.flatnonzero(avail)
-        sample = pool if len(pool) <= size else rng.choice(pool, size, replace=False)
+        if left <= 2 * size:
+            sample = np.flatnonzero(avail)
+        else:  # rejection sampling: O(size) per step instead of O(n)
+            draw = rng.integers(0, n, size=2 * size)
+            sample = np.unique(draw[avail[draw]])[:size]
         g = _gains(kern, cur, sample)
         j = int(np.argmax(g))
         chosen[step], gains[step] = sample[j], g[j]
         avail[sample[j]] = False
+        left -= 1
         s, e = kern.indptr[sample[j]], kern.indptr[sample[j] + 1]
         np.maximum.at(cur, kern.rows[s:e], kern.vals[s:e])
     return chosen, gains
