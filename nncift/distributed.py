@@ -101,32 +101,50 @@ def map_blocks(
     return map_ray(worker_cls, ctor_kwargs, specs, **res)
 
 
-def embed_ray(texts: list[str], ctor_kwargs: dict[str, Any], batch_size: int, **res: Any) -> np.ndarray:
-    """Embed ``texts`` with Ray Data ``map_batches`` over :class:`~nncift.embed.Embedder` actors.
+def embed_ray(
+    sources: dict[str, str], out_dir: Path, ctor_kwargs: dict[str, Any], batch_size: int, **res: Any
+) -> dict[str, np.ndarray]:
+    """Stream each Parquet source (``idx``, ``prompt``, ``response``) through Embedder actors to Parquet.
+
+    Ray Data reads the rows, renders and embeds them on actors, and writes ``idx`` + ``embedding`` parts
+    under ``out_dir/<name>/``: the corpus text never passes through the driver. The driver then gathers
+    only the embeddings.
 
     Returns:
-        (len(texts), d) float32 in input order.
+        name -> (rows, d) float32 in ``idx`` order.
     """
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     import ray
 
     from nncift.embed import Embedder
 
-    # length-sorted so each encoder batch pads little; "idx" restores the input order
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    items = [{"idx": i, "text": texts[i]} for i in order]
-    n_blocks = max(1, min(len(items) // max(batch_size, 1), 8 * res.get("concurrency", 1)))
-    ds = ray.data.from_items(items, override_num_blocks=n_blocks).map_batches(
-        Embedder,
-        fn_constructor_kwargs=ctor_kwargs,
-        batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=res.get("concurrency", 1)),
-        num_cpus=res.get("num_cpus", 1.0),
-        num_gpus=res.get("num_gpus") or None,
-    )
-    rows = ds.select_columns(["idx", "embedding"]).take_all()
-    out = np.empty((len(texts), len(rows[0]["embedding"])), dtype=np.float32)
-    for r in rows:
-        out[r["idx"]] = r["embedding"]
+    out = {}
+    for name, path in sources.items():
+        dest = out_dir / name
+        shutil.rmtree(dest, ignore_errors=True)  # parts of an interrupted attempt
+        ds = ray.data.read_parquet(path, columns=["idx", "prompt", "response"]).map_batches(
+            Embedder,
+            fn_constructor_kwargs=ctor_kwargs,
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(size=res.get("concurrency", 1)),
+            num_cpus=res.get("num_cpus", 1.0),
+            num_gpus=res.get("num_gpus") or None,
+        )
+        ds.write_parquet(str(dest))
+        table = pq.read_table(dest, columns=["idx", "embedding"])
+        order = np.argsort(table.column("idx").to_numpy())
+        col = table.column("embedding").combine_chunks()
+        if isinstance(col.type, pa.ExtensionType):  # Ray's tensor extension type
+            dense = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(col), -1)
+        else:
+            dense = col.flatten().to_numpy().reshape(len(col), -1)
+        emb = dense[order].astype(np.float32)
+        if len(emb) and not np.array_equal(table.column("idx").to_numpy()[order], np.arange(len(emb))):
+            raise RuntimeError(f"{dest}: embedded rows do not cover 0..{len(emb) - 1} exactly once")
+        out[name] = emb
     return out
 
 

@@ -18,10 +18,18 @@ class Embedder:
         batch_size: encoder batch size.
         max_seq_length: encoder token limit.
 
-    Call with ``{"text": (B,) str, ...}``; returns the batch plus ``"embedding"`` (B, d) float32.
+    Call with ``{"text": (B,) str, ...}`` (returns the batch plus ``"embedding"`` (B, d) float32), or with
+    canonical rows ``{"idx", "prompt", "response"}`` (returns ``idx`` and ``embedding``).
     """
 
-    def __init__(self, model_path: str, device: str = "cpu", batch_size: int = 64, max_seq_length: int = 256):
+    def __init__(
+        self,
+        model_path: str,
+        device: str = "cpu",
+        batch_size: int = 64,
+        max_seq_length: int = 256,
+        template: str = "{prompt}\n{response}",
+    ):
         import torch
         from sentence_transformers import SentenceTransformer
 
@@ -29,6 +37,7 @@ class Embedder:
         self.model = SentenceTransformer(str(model_path), device=device)
         self.model.max_seq_length = max_seq_length
         self.batch_size = batch_size
+        self.template = template
 
     @property
     def dim(self) -> int:
@@ -46,6 +55,15 @@ class Embedder:
         return np.asarray(emb, dtype=np.float32)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = dict(batch)
-        out["embedding"] = self.encode([str(t) for t in batch["text"]])
-        return out
+        """``text`` column, or ``prompt`` + ``response`` rendered with the template -> batch + ``embedding``.
+
+        Canonical rows (with ``idx``) come back as ``idx`` + ``embedding`` only, so no text is carried on.
+        """
+        if "text" in batch:
+            out = dict(batch)
+            out["embedding"] = self.encode([str(t) for t in batch["text"]])
+            return out
+        texts = [
+            self.template.format(prompt=p, response=r) for p, r in zip(batch["prompt"], batch["response"], strict=True)
+        ]
+        return {"idx": np.asarray(batch["idx"]), "embedding": self.encode(texts)}

@@ -140,27 +140,29 @@ class Pipeline:
 
     # ------------------------------------------------------------------ stages
     def stage_data(self, pool: pa.Table, target: pa.Table) -> dict:
-        write_parquet(self.store.path("data", "pool.parquet"), pool)
-        write_parquet(self.store.path("data", "target.parquet"), target)
+        for name, t in (("pool", pool), ("target", target)):  # idx = the row's index in K_FF / K_FT
+            t = t.append_column("idx", pa.array(np.arange(t.num_rows, dtype=np.int64)))
+            write_parquet(self.store.path("data", f"{name}.parquet"), t)
         return {"M": pool.num_rows, "N": target.num_rows}
 
     def stage_embed(self) -> dict:
         from nncift.models import resolve_embedding_model
 
         c = self.cfg.embed
-        pool, target = self.tables()
-        texts = data_mod.texts(pool, c.template) + data_mod.texts(target, c.template)
         kwargs = {
             "model_path": str(resolve_embedding_model(c.model)),
             "device": c.device,
             "batch_size": c.batch_size,
             "max_seq_length": c.max_seq_length,
+            "template": c.template,
         }
+        sources = {side: str(self.store.path("data", f"{side}.parquet")) for side in ("pool", "target")}
         if self._ray():
             from nncift.distributed import embed_ray
 
             emb = embed_ray(
-                texts,
+                sources,
+                self.store.path("embed", "parts"),
                 kwargs,
                 c.batch_size,
                 concurrency=c.concurrency,
@@ -173,17 +175,24 @@ class Pipeline:
             from nncift.embed import Embedder
 
             enc = Embedder(**kwargs)
-            step = c.batch_size * 8
-            emb = np.concatenate(
-                [enc.encode(texts[s : s + step]) for s in tqdm(range(0, len(texts), step), desc="embed")]
-            )
-        m = pool.num_rows
+            emb = {}
+            for side, path in sources.items():
+                pf = pq.ParquetFile(path)
+                parts = [
+                    enc.encode(data_mod.texts(pa.Table.from_batches([b]), c.template))
+                    for b in tqdm(
+                        pf.iter_batches(batch_size=c.batch_size * 8, columns=["prompt", "response"]),
+                        desc=f"embed {side}",
+                    )
+                ]
+                emb[side] = np.concatenate(parts)
         write_safetensors(
             self.store.path("embed", "embeddings.safetensors"),
-            {"pool": emb[:m], "target": emb[m:]},
+            {"pool": emb["pool"], "target": emb["target"]},
             metadata={"model": kwargs["model_path"]},
         )
-        return {"dim": int(emb.shape[1]), "texts": len(texts)}
+        shutil.rmtree(self.store.path("embed", "parts"), ignore_errors=True)
+        return {"dim": int(emb["pool"].shape[1]), "texts": len(emb["pool"]) + len(emb["target"])}
 
     def stage_label(self) -> dict:
         from nncift.distributed import map_blocks

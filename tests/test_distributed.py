@@ -60,16 +60,27 @@ def test_label_ray_equals_local(ray_session, tmp_path):
     np.testing.assert_allclose(a.column("value").to_numpy()[ft], np.sum(e[rows[ft]] * e[40 + cols[ft]], 1), rtol=1e-5)
 
 
-def test_embed_ray_equals_local(ray_session, tiny_st_model):
+def test_embed_ray_streams_parquet_and_equals_local(ray_session, tiny_st_model, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from nncift.embed import Embedder
 
-    texts = [f"explain python sort {i} " * (1 + i % 3) for i in range(50)]
-    kw = {"model_path": tiny_st_model, "batch_size": 8, "max_seq_length": 64}
-    local = Embedder(**kw).encode(texts)
-    remote = embed_ray(texts, kw, 8, concurrency=1, num_cpus=1)
+    prompts = [f"explain python sort {i} " * (1 + i % 3) for i in range(50)]
+    responses = [f"answer list {i}" for i in range(50)]
+    pq.write_table(
+        pa.table({"id": [str(i) for i in range(50)], "prompt": prompts, "response": responses, "idx": np.arange(50)}),
+        tmp_path / "pool.parquet",
+        row_group_size=7,
+    )
+    kw = {"model_path": tiny_st_model, "batch_size": 8, "max_seq_length": 64, "template": "{prompt}\n{response}"}
+    local = Embedder(**kw).encode([f"{p}\n{r}" for p, r in zip(prompts, responses, strict=True)])
+    remote = embed_ray({"pool": str(tmp_path / "pool.parquet")}, tmp_path / "out", kw, 8, concurrency=2, num_cpus=0.5)[
+        "pool"
+    ]
     assert remote.shape == local.shape
     np.testing.assert_allclose(remote, local, atol=1e-5)
-    np.testing.assert_allclose(np.linalg.norm(remote, axis=1), 1.0, rtol=1e-5)
+    assert list((tmp_path / "out" / "pool").glob("*.parquet"))  # written by the actors, not the driver
 
 
 def test_torchtrainer_fit_reduces_loss(ray_session, tmp_path):
