@@ -121,30 +121,35 @@ def embed_ray(
 
     from nncift.embed import Embedder
 
+    shutil.rmtree(out_dir, ignore_errors=True)  # parts of an interrupted attempt
+    conc = res.get("concurrency", 1)
+    paths = list(sources.values())
+    ds = ray.data.read_parquet(
+        paths, columns=["idx", "prompt", "response"], include_paths=True, override_num_blocks=max(8, 4 * conc)
+    ).map_batches(
+        Embedder,
+        fn_constructor_kwargs=ctor_kwargs,
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=conc),
+        num_cpus=res.get("num_cpus", 1.0),
+        num_gpus=res.get("num_gpus") or None,
+    )
+    ds.write_parquet(str(out_dir))
+    table = pq.read_table(out_dir, columns=["path", "idx", "embedding"])
+    col = table.column("embedding").combine_chunks()
+    if isinstance(col.type, pa.ExtensionType):  # Ray's tensor extension type
+        dense = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(col), -1)
+    else:
+        dense = col.flatten().to_numpy().reshape(len(col), -1)
+    idx = table.column("idx").to_numpy()
+    where = np.asarray(table.column("path").to_pylist())
     out = {}
     for name, path in sources.items():
-        dest = out_dir / name
-        shutil.rmtree(dest, ignore_errors=True)  # parts of an interrupted attempt
-        ds = ray.data.read_parquet(path, columns=["idx", "prompt", "response"]).map_batches(
-            Embedder,
-            fn_constructor_kwargs=ctor_kwargs,
-            batch_size=batch_size,
-            compute=ray.data.ActorPoolStrategy(size=res.get("concurrency", 1)),
-            num_cpus=res.get("num_cpus", 1.0),
-            num_gpus=res.get("num_gpus") or None,
-        )
-        ds.write_parquet(str(dest))
-        table = pq.read_table(dest, columns=["idx", "embedding"])
-        order = np.argsort(table.column("idx").to_numpy())
-        col = table.column("embedding").combine_chunks()
-        if isinstance(col.type, pa.ExtensionType):  # Ray's tensor extension type
-            dense = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(col), -1)
-        else:
-            dense = col.flatten().to_numpy().reshape(len(col), -1)
-        emb = dense[order].astype(np.float32)
-        if len(emb) and not np.array_equal(table.column("idx").to_numpy()[order], np.arange(len(emb))):
-            raise RuntimeError(f"{dest}: embedded rows do not cover 0..{len(emb) - 1} exactly once")
-        out[name] = emb
+        sel = np.flatnonzero(np.char.endswith(where.astype(str), os.path.basename(path)))
+        order = sel[np.argsort(idx[sel])]
+        if not np.array_equal(idx[order], np.arange(len(order))):
+            raise RuntimeError(f"{out_dir}: embedded rows of {path} do not cover 0..{len(order) - 1} exactly once")
+        out[name] = dense[order].astype(np.float32)
     return out
 
 

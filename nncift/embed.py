@@ -19,7 +19,7 @@ class Embedder:
         max_seq_length: encoder token limit.
 
     Call with ``{"text": (B,) str, ...}`` (returns the batch plus ``"embedding"`` (B, d) float32), or with
-    canonical rows ``{"idx", "prompt", "response"}`` (returns ``idx`` and ``embedding``).
+    canonical rows ``{"idx", "prompt", "response", ...}`` (returns the other columns and ``embedding``).
     """
 
     def __init__(
@@ -57,7 +57,7 @@ class Embedder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``text`` column, or ``prompt`` + ``response`` rendered with the template -> batch + ``embedding``.
 
-        Canonical rows (with ``idx``) come back as ``idx`` + ``embedding`` only, so no text is carried on.
+        Canonical rows come back without their text (``prompt`` / ``response`` dropped) plus ``embedding``.
         """
         if "text" in batch:
             out = dict(batch)
@@ -66,4 +66,6 @@ class Embedder:
         texts = [
             self.template.format(prompt=p, response=r) for p, r in zip(batch["prompt"], batch["response"], strict=True)
         ]
-        return {"idx": np.asarray(batch["idx"]), "embedding": self.encode(texts)}
+        out = {k: np.asarray(v) for k, v in batch.items() if k not in ("prompt", "response")}
+        out["embedding"] = self.encode(texts)
+        return out

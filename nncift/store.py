@@ -62,13 +62,15 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def write_parquet(path: str | Path, table: pa.Table, metadata: dict[str, Any] | None = None) -> None:
+def write_parquet(
+    path: str | Path, table: pa.Table, metadata: dict[str, Any] | None = None, row_group_size: int | None = None
+) -> None:
     if metadata:
         meta = dict(table.schema.metadata or {})
         meta.update({k.encode(): json.dumps(v, default=_json_default).encode() for k, v in metadata.items()})
         table = table.replace_schema_metadata(meta)
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, row_group_size=row_group_size)
 
 
 def read_parquet_metadata(path: str | Path) -> dict[str, Any]:

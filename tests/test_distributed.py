@@ -80,7 +80,7 @@ def test_embed_ray_streams_parquet_and_equals_local(ray_session, tiny_st_model, 
     ]
     assert remote.shape == local.shape
     np.testing.assert_allclose(remote, local, atol=1e-5)
-    assert list((tmp_path / "out" / "pool").glob("*.parquet"))  # written by the actors, not the driver
+    assert list((tmp_path / "out").glob("*.parquet"))  # written by the actors, not the driver
 
 
 def test_torchtrainer_fit_reduces_loss(ray_session, tmp_path):
