@@ -129,7 +129,7 @@ def embed_ray(
     ).map_batches(
         Embedder,
         fn_constructor_kwargs=ctor_kwargs,
-        batch_size=batch_size,
+        batch_size=batch_size * 16,  # the encoder length-sorts each call into batch_size batches: little padding
         compute=ray.data.ActorPoolStrategy(size=conc),
         num_cpus=res.get("num_cpus", 1.0),
         num_gpus=res.get("num_gpus") or None,
