@@ -124,12 +124,18 @@ def embed_ray(
     shutil.rmtree(out_dir, ignore_errors=True)  # parts of an interrupted attempt
     conc = res.get("concurrency", 1)
     paths = list(sources.values())
-    ds = ray.data.read_parquet(
-        paths, columns=["idx", "prompt", "response"], include_paths=True, override_num_blocks=max(8, 4 * conc)
+    # The encoder length-sorts each call into batch_size batches, so larger calls pad less; but every actor
+    # needs several calls. Row counts come from the Parquet footers (no data read).
+    total = sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+    rows_per_call = max(batch_size, min(batch_size * 16, -(-total // (4 * conc))))
+    ds = (
+        ray.data.read_parquet(paths, columns=["idx", "prompt", "response"], include_paths=True)
+        # small files arrive as one block: re-chunk (streaming, no shuffle) so every actor gets work
+        .repartition(target_num_rows_per_block=rows_per_call)
     ).map_batches(
         Embedder,
         fn_constructor_kwargs=ctor_kwargs,
-        batch_size=batch_size * 16,  # the encoder length-sorts each call into batch_size batches: little padding
+        batch_size=rows_per_call,
         compute=ray.data.ActorPoolStrategy(size=conc),
         num_cpus=res.get("num_cpus", 1.0),
         num_gpus=res.get("num_gpus") or None,
