@@ -96,6 +96,7 @@ class NetworkConfig:
     val_fraction: float = _f(0.1, "fraction of Q1 labels held out for early stopping")
     patience: int = _f(3, "epochs without validation improvement before stopping")
     seed: int = _f(0, "initialisation and shuffling seed")
+    exclude_self_pairs: bool = _f(True, "drop K_FF (i, i) pairs from training and evaluation (trivially maximal)")
     num_workers: int = _f(2, "Ray Train workers (DDP)", runtime=True)
     use_gpu: bool = _f(False, "train on GPUs", runtime=True)
 

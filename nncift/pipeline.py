@@ -285,15 +285,17 @@ class Pipeline:
         }
 
     def _labels(self) -> dict[str, dict[str, np.ndarray]]:
+        """Per kernel and quadrant: ((2, P) row/col indices, (P,) raw values); K_FF self pairs optionally dropped."""
         t = pq.read_table(self.store.path("label", "labels.parquet"))
         kern = np.asarray(t.column("kernel").to_pylist())
         quad = np.asarray(t.column("quadrant").to_pylist())
         rows, cols = t.column("row").to_numpy(), t.column("col").to_numpy()
         vals = t.column("value").to_numpy()
         out: dict[str, dict[str, np.ndarray]] = {}
+        self_pair = (kern == "ff") & (rows == cols) & self.cfg.network.exclude_self_pairs
         for k in ("ff", "ft"):
             for q in ("q1", "q2", "q3", "q4"):
-                sel = (kern == k) & (quad == q)
+                sel = (kern == k) & (quad == q) & ~self_pair
                 out.setdefault(k, {})[q] = np.stack([rows[sel], cols[sel]]), vals[sel]
         return out
 
