@@ -124,10 +124,13 @@ class Block:
         }
 
 
-def block_grid(kernel: str, n_rows: int, n_cols: int, size: int, start_id: int = 0) -> list[Block]:
-    """Row-major grid of blocks over an ``n_rows x n_cols`` kernel."""
+def block_grid(
+    kernel: str, n_rows: int, n_cols: int, size: int, start_id: int = 0, col_size: int | None = None
+) -> list[Block]:
+    """Row-major grid of blocks over an ``n_rows x n_cols`` kernel (``col_size`` defaults to ``size``;
+    ``col_size=n_cols`` gives row stripes)."""
     out = []
     for r0, r1 in ranges(n_rows, size):
-        for c0, c1 in ranges(n_cols, size):
+        for c0, c1 in ranges(n_cols, col_size or size):
             out.append(Block(kernel, start_id + len(out), r0, r1, c0, c1))
     return out

@@ -389,7 +389,7 @@ class Pipeline:
         from nncift.distributed import map_blocks
         from nncift.estimate import EstimateWorker
         from nncift.network import InfluenceNetwork
-        from nncift.pairs import Block, block_grid
+        from nncift.pairs import block_grid
 
         c = self.cfg.estimate
         e_pool, e_target = self.embeddings()
@@ -408,15 +408,11 @@ class Pipeline:
                 "lo": scaler.lo,
                 "hi": scaler.hi,
             }
-        if layout == "dense":
-            blocks = block_grid("ff", m, m, c.block_size)
-            blocks += block_grid("ft", m, n, c.block_size, start_id=len(blocks))
-        else:  # row stripes spanning every column: each stripe reduces to its own top-k, no merge across workers
-            blocks = [Block("ff", i, b.r0, b.r1, 0, m) for i, b in enumerate(block_grid("ff", m, 1, c.block_size))]
-            blocks += [
-                Block("ft", len(blocks) + i, b.r0, b.r1, 0, n)
-                for i, b in enumerate(block_grid("ft", m, 1, c.block_size))
-            ]
+        # dense: tiles; sparse: row stripes spanning every column, each reduced to its own top-k (no merge
+        # across workers)
+        sparse = layout == "sparse"
+        blocks = block_grid("ff", m, m, c.block_size, col_size=m if sparse else None)
+        blocks += block_grid("ft", m, n, c.block_size, start_id=len(blocks), col_size=n if sparse else None)
         block_dir = self.store.path("estimate", "blocks")
         todo = [b.to_dict() for b in blocks if not (block_dir / f"{b.name}.parquet").is_file()]
         log.info(
