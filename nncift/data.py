@@ -55,9 +55,19 @@ def _line_starts(text: str) -> np.ndarray:
 
 
 def _read_json(path: Path) -> list[Record]:
+    """A JSON list (decoded once, record by record, with line numbers), or a dict wrapping one."""
     text = path.read_text(encoding="utf-8")
     if not text.strip():
         return []
+    if text.lstrip().startswith("["):
+        records, truncated = _decode_list(path, text)
+        if truncated:
+            line = text.count("\n") + 1
+            raise DataError(
+                f"{path}:{line}: the JSON list is not closed (truncated file?); use data.format=sharegpt "
+                "to keep the complete records of a truncated ShareGPT file"
+            )
+        return records
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -65,30 +75,8 @@ def _read_json(path: Path) -> list[Record]:
     if isinstance(data, dict):
         for key in ("data", "rows", "examples", "train"):
             if isinstance(data.get(key), list):
-                data = data[key]
-                break
-    if not isinstance(data, list):
-        raise DataError(f"{path}:1: expected a JSON list of records, got {type(data).__name__}")
-    return _records_with_lines(path, text, data)
-
-
-def _records_with_lines(path: Path, text: str, data: list[Any]) -> list[Record]:
-    """Attach the line number where each top-level list element starts (best effort, one pass)."""
-    starts = _line_starts(text)
-    decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    out = []
-    for i, obj in enumerate(data):
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        line = int(np.searchsorted(starts, pos, side="right")) + 1
-        try:
-            _, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            end = pos
-        pos = end
-        out.append(Record(obj, f"{path}:{line} (record {i})"))
-    return out
+                return [Record(obj, f"{path} [{key}] record {i}") for i, obj in enumerate(data[key])]
+    raise DataError(f"{path}:1: expected a JSON list of records, got {type(data).__name__}")
 
 
 def recover_json_list(path: Path) -> tuple[list[Record], bool]:
@@ -97,11 +85,15 @@ def recover_json_list(path: Path) -> tuple[list[Record], bool]:
     Returns:
         (records, truncated): ``truncated`` is True when the file ended inside a record.
     """
-    text = path.read_text(encoding="utf-8", errors="replace")
+    return _decode_list(path, path.read_text(encoding="utf-8", errors="replace"))
+
+
+def _decode_list(path: Path, text: str) -> tuple[list[Record], bool]:
     starts = _line_starts(text)
     start = text.find("[")
     if start < 0:
         raise DataError(f"{path}:1: expected a JSON list of records")
+    closed = text.rstrip().endswith("]")  # a decode failure in a list never closed = truncation
     decoder = json.JSONDecoder()
     pos, n, out, truncated = start + 1, len(text), [], False
     while True:
@@ -112,23 +104,17 @@ def recover_json_list(path: Path) -> tuple[list[Record], bool]:
             break
         if text[pos] == "]":
             break
+        line = int(np.searchsorted(starts, pos, side="right")) + 1
         try:
             obj, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
-            line = int(np.searchsorted(starts, pos, side="right")) + 1
-            if _is_truncation(text, exc):
+            if not closed:
                 truncated = True
                 break
             raise DataError(f"{path}:{line}: malformed JSON record ({exc.msg})") from None
-        line = int(np.searchsorted(starts, pos, side="right")) + 1
         out.append(Record(obj, f"{path}:{line} (record {len(out)})"))
         pos = end
     return out, truncated
-
-
-def _is_truncation(text: str, exc: json.JSONDecodeError) -> bool:
-    """A decode failure is a truncation when the file never closes its top-level list."""
-    return not text.rstrip().endswith("]")
 
 
 def _read_parquet(path: Path) -> list[Record]:

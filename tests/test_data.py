@@ -163,3 +163,10 @@ def test_cli_bad_input_exits_cleanly_and_writes_nothing(tmp_path):
     assert "bad.jsonl:2: malformed JSON" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not run_dir.exists()
+
+
+def test_unclosed_json_list_is_reported(tmp_path):
+    p = tmp_path / "cut.json"
+    p.write_text('[\n {"instruction": "a", "output": "b"},\n {"instruction": "c", "out')
+    with pytest.raises(DataError, match=r"cut\.json:3: the JSON list is not closed"):
+        read_corpus(p, DataConfig(format="json"))
