@@ -1,6 +1,8 @@
-"""Command line: ``nncift run|data|embed|label|fit|estimate|select|report``.
+"""Command line: ``nncift run|data|embed|label|fit|estimate|select|report|finetune|evaluate|compare``.
 
-Each subcommand runs the pipeline up to and including its stage, skipping finished stages.
+Each pipeline subcommand runs the pipeline up to and including its stage, skipping finished stages.
+``finetune`` / ``evaluate`` train and score a model on one subset (``--subset``); ``compare`` does both for
+every subset of ``eval.subsets`` and writes the comparison table and plot.
 User errors (bad input, bad config, refused resume) print one line and exit with status 2.
 """
 
@@ -17,8 +19,18 @@ from nncift.store import STAGES
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nncift", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", *STAGES[:-1], "report"):
-        p = sub.add_parser(name, help="the whole pipeline" if name == "run" else f"pipeline up to '{name}'")
+    helps = {
+        "run": "the whole pipeline",
+        "finetune": "DeepSpeed fine-tune (Ray Train) on a subset",
+        "evaluate": "evaluate a subset's model on the held-out test split",
+        "compare": "fine-tune + evaluate every subset of eval.subsets; table and plot",
+    }
+    for name in ("run", *STAGES[:-1], "report", "finetune", "evaluate", "compare"):
+        p = sub.add_parser(name, help=helps.get(name, f"pipeline up to '{name}'"))
+        if name in ("finetune", "evaluate"):
+            p.add_argument("--subset", default="nncift", help="base | random | nncift | exact | full (default nncift)")
+        if name == "compare":
+            p.add_argument("--subsets", help="comma-separated subsets (sets eval.subsets)")
         p.add_argument("--config", help="YAML config file")
         p.add_argument("--input", help="pool corpus (sets data.input)")
         p.add_argument("--target", help="target corpus (sets data.target)")
@@ -37,6 +49,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = make_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
@@ -54,8 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"data.input={args.input}")
     if args.target:
         overrides.append(f"data.target={args.target}")
+    if getattr(args, "subsets", None):
+        overrides.append(f"eval.subsets={args.subsets}")
     try:
         cfg = load_config(args.config, overrides)
+        if args.command in ("finetune", "evaluate", "compare"):
+            return _subset_command(args, cfg, argv)
         until = "report" if args.command == "run" else args.command
         Pipeline(cfg, args.run_dir, overwrite=args.overwrite).run(until)
     except NncifError as exc:
@@ -66,6 +83,27 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     if args.command in ("run", "report"):
         print(f"report: {os.path.join(args.run_dir, 'report', 'report.md')}")
+    return 0
+
+
+def _subset_command(args: argparse.Namespace, cfg, argv: list[str]) -> int:
+    import json
+    import shlex
+
+    from nncift.compare import SubsetRunner
+
+    runner = SubsetRunner(cfg, args.run_dir, overwrite=args.overwrite)
+    if args.command == "finetune":
+        out = runner.finetune(args.subset)
+        print(json.dumps({k: out.get(k) for k in ("rows", "steps", "first_loss", "last_loss", "wall_seconds")}))
+        print(f"model: {os.path.join(args.run_dir, 'finetune', args.subset, 'model')}")
+    elif args.command == "evaluate":
+        out = runner.evaluate(args.subset)
+        print(json.dumps({k: out[k] for k in ("rows", "rouge_l", "embedding_similarity", "heldout_loss")}))
+        print(f"eval: {os.path.join(args.run_dir, 'finetune', args.subset, 'eval', 'eval.json')}")
+    else:
+        runner.compare(command="nncift " + shlex.join(argv))
+        print(f"comparison: {os.path.join(args.run_dir, 'compare', 'compare.md')}")
     return 0
 
 

@@ -46,6 +46,8 @@ class DataConfig:
     pool_size: int | None = _f(2000, "rows of D_F (M); None = all remaining rows")
     target_size: int | None = _f(500, "rows of D_T (N); None = all rows of `target`")
     max_chars: int = _f(4000, "truncate prompt and response to this many characters (0 = no limit)")
+    test: str | None = _f(None, "held-out test corpus for `nncift evaluate`; None = carved from the inputs")
+    test_size: int = _f(200, "rows of the held-out test split (disjoint from D_F and D_T; 0 = none)")
 
 
 @dataclass
@@ -130,6 +132,54 @@ class SelectConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """DeepSpeed fine-tuning (under Ray Train) of a causal LM on a subset of D_F."""
+
+    model: str | None = _f(None, "local causal-LM directory; None = embedded SmolLM2-135M-Instruct")
+    method: str = _f("lora", "lora (peft adapters) | full (every weight)")
+    lora_r: int = _f(8, "LoRA rank")
+    lora_alpha: int = _f(16, "LoRA alpha")
+    lora_dropout: float = _f(0.05, "LoRA dropout")
+    lora_target: str = _f("all-linear", "peft target_modules: all-linear or comma-separated module names")
+    deepspeed: str = _f("zero2", "zero0 | zero1 | zero2 | zero3 (cluster/deepspeed/*.json) or a JSON path")
+    precision: str = _f("auto", "auto (bf16 on GPUs, fp32 on CPU) | fp32 | bf16")
+    epochs: int = _f(2, "passes over the subset")
+    batch_size: int = _f(8, "global batch (sequences per optimizer step, all workers together)")
+    lr: float = _f(2e-4, "peak learning rate (linear warmup, linear decay)")
+    warmup_ratio: float = _f(0.05, "fraction of the steps used for warmup")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    grad_clip: float = _f(1.0, "gradient clipping norm")
+    max_seq_len: int = _f(384, "tokens per example (prompt + response + EOS)")
+    max_prompt_tokens: int = _f(192, "raw prompt tokens kept before the chat template is applied")
+    template: str = _f("auto", "auto (chat template if any) | chat | a format string with {prompt}")
+    trust_remote_code: bool = _f(False, "allow custom model code from the model directory")
+    seed: int = _f(0, "LoRA initialisation and data order")
+    micro_batch_size: int = _f(2, "sequences per forward on one worker", runtime=True)
+    num_workers: int = _f(2, "Ray Train workers (data-parallel ranks)", runtime=True)
+    use_gpu: bool = _f(False, "one GPU per worker (NCCL, bf16)", runtime=True)
+    save_every: int = _f(50, "checkpoint every this many optimizer steps", runtime=True)
+    keep_checkpoints: int = _f(2, "completed checkpoints kept", runtime=True)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of fine-tuned models on the held-out test split, and the subset comparison."""
+
+    max_new_tokens: int = _f(96, "greedy generation length")
+    subsets: str = _f(
+        "random,nncift,full", "`nncift compare`: base | random | nncift | exact | full, comma-separated", runtime=True
+    )
+    exact_max_pairs: int = _f(
+        20_000_000, "compare: the exact-function subset only when M*M + M*N <= this", runtime=True
+    )
+    batch_size: int = _f(8, "prompts per generation batch", runtime=True)
+    device: str = _f("cpu", "cpu | cuda", runtime=True)
+    concurrency: int = _f(1, "Ray Data actors", runtime=True)
+    num_cpus: float = _f(1.0, "CPUs per actor", runtime=True)
+    num_gpus: float = _f(0.0, "GPUs per actor", runtime=True)
+
+
+@dataclass
 class RayConfig:
     """How stages are executed."""
 
@@ -149,6 +199,8 @@ class RunConfig:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     # ------------------------------------------------------------------ (de)serialisation
@@ -210,8 +262,30 @@ class RunConfig:
         need(e.topk >= 1, "estimate.topk", "must be >= 1")
         need(e.col_chunk >= 1, "estimate.col_chunk", "must be >= 1")
         need(s.nu >= 0, "select.nu", "must be >= 0")
+        need(d.test_size >= 0, "data.test_size", "must be >= 0")
+        ft, ev = self.finetune, self.eval
+        need(ft.method in {"lora", "full"}, "finetune.method", f"got {ft.method!r}")
+        need(ft.precision in {"auto", "fp32", "bf16"}, "finetune.precision", f"got {ft.precision!r}")
+        for k in ("lora_r", "lora_alpha", "epochs", "batch_size", "micro_batch_size", "num_workers", "save_every"):
+            need(getattr(ft, k) >= 1, f"finetune.{k}", "must be >= 1")
+        need(ft.keep_checkpoints >= 1, "finetune.keep_checkpoints", "must be >= 1")
+        need(0 <= ft.lora_dropout < 1, "finetune.lora_dropout", "must be in [0, 1)")
+        need(ft.lr > 0, "finetune.lr", "must be positive")
+        need(0 <= ft.warmup_ratio < 1, "finetune.warmup_ratio", "must be in [0, 1)")
+        need(ft.max_seq_len >= 8, "finetune.max_seq_len", "must be >= 8")
+        need(0 < ft.max_prompt_tokens < ft.max_seq_len, "finetune.max_prompt_tokens", "must be in (0, max_seq_len)")
+        need(
+            ft.batch_size % (ft.micro_batch_size * ft.num_workers) == 0,
+            "finetune.batch_size",
+            f"{ft.batch_size} must be a multiple of micro_batch_size x num_workers "
+            f"({ft.micro_batch_size} x {ft.num_workers})",
+        )
+        need(ev.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
+        need(ev.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        bad = sorted(set(_split(ev.subsets)) - {"base", "random", "nncift", "exact", "full"})
+        need(not bad and bool(_split(ev.subsets)), "eval.subsets", f"unknown subset {bad[0] if bad else '(none)'}")
         need(self.ray.executor in {"ray", "local"}, "ray.executor", f"got {self.ray.executor!r}")
-        for sec in (self.embed, lb, e):
+        for sec in (self.embed, lb, e, ev):
             need(sec.concurrency >= 1, "concurrency", "must be >= 1")
 
     # ------------------------------------------------------------------ provenance
@@ -226,6 +300,10 @@ class RunConfig:
 
     def provenance(self, *sections: str) -> dict[str, Any]:
         return {name or "root": _provenance_dict(self if name == "" else getattr(self, name)) for name in sections}
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def _provenance_dict(obj: Any) -> dict[str, Any]:

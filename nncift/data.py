@@ -323,45 +323,79 @@ def read_corpus(path: str | Path | None, cfg: DataConfig) -> pa.Table:
 
 
 def split_pool_target(pool: pa.Table, target: pa.Table | None, cfg: DataConfig, seed: int):
-    """Build D_F (M rows) and D_T (N rows).
+    """Build D_F (M rows) and D_T (N rows): the first two tables of :func:`split_data`."""
+    f, t, _ = split_data(pool, target, None, cfg, seed)
+    return f, t
+
+
+def split_data(pool: pa.Table, target: pa.Table | None, test: pa.Table | None, cfg: DataConfig, seed: int):
+    """Build D_F (M rows), D_T (N rows) and the held-out test split (disjoint from both).
 
     With ``target`` None the rows of ``pool`` are permuted with ``seed``: the first ``target_size`` become
-    D_T and the next ``pool_size`` D_F. Otherwise each table is sub-sampled (seeded) to its size.
+    D_T, the last ``test_size`` the test split (only from rows beyond ``pool_size`` when that is set), and
+    the next ``pool_size`` after D_T become D_F. Otherwise
+    each table is sub-sampled (seeded) to its size and the test split is ``test`` (sub-sampled) or, when
+    None, carved from the target rows left out of D_T (then from the pool rows left out of D_F).
 
     Returns:
-        (pool_table, target_table)
+        (pool_table, target_table, test_table) - the test table may have 0 rows.
     """
     rng = np.random.default_rng(seed)
+    n_test = cfg.test_size
     if target is None:
         n_t = cfg.target_size if cfg.target_size is not None else max(1, pool.num_rows // 5)
         if pool.num_rows < n_t + 2:
             raise DataError(f"corpus has {pool.num_rows} rows; need more than data.target_size={n_t} + 1")
         perm = rng.permutation(pool.num_rows)
+        need_pool = cfg.pool_size if cfg.pool_size is not None else 2  # an explicit pool size comes first
+        n_test = 0 if test is not None else min(n_test, max(0, pool.num_rows - n_t - need_pool))
+        if n_test < cfg.test_size and test is None:
+            log.warning("data.test_size=%d but only %d rows can be held out", cfg.test_size, n_test)
         t_idx = perm[:n_t]
-        rest = perm[n_t:]
+        x_idx = perm[len(perm) - n_test :] if n_test else perm[:0]
+        rest = perm[n_t : len(perm) - n_test]
         m = len(rest) if cfg.pool_size is None else min(cfg.pool_size, len(rest))
         if cfg.pool_size is not None and cfg.pool_size > len(rest):
             log.warning("data.pool_size=%d but only %d rows remain; using %d", cfg.pool_size, len(rest), m)
         f_idx = rest[:m]
-        return pool.take(pa.array(np.sort(f_idx))), pool.take(pa.array(np.sort(t_idx)))
-    out = []
+        f_t = pool.take(pa.array(np.sort(f_idx)))
+        t_t = pool.take(pa.array(np.sort(t_idx)))
+        x_t = pool.take(pa.array(np.sort(x_idx))) if test is None else _sample(test, cfg.test_size, rng)
+        return f_t, t_t, x_t
+    out, left = [], []
     for table, size, name in ((pool, cfg.pool_size, "pool"), (target, cfg.target_size, "target")):
         if size is None or size >= table.num_rows:
-            out.append(table)
+            keep = np.arange(table.num_rows)
         else:
-            out.append(table.take(pa.array(np.sort(rng.choice(table.num_rows, size, replace=False)))))
+            keep = np.sort(rng.choice(table.num_rows, size, replace=False))
+        out.append(table.take(pa.array(keep)))
+        left.append(table.filter(pa.array(~np.isin(np.arange(table.num_rows), keep))))
         log.info("%s: %d rows", name, out[-1].num_rows)
-    return out[0], out[1]
+    if test is not None:
+        x_t = _sample(test, n_test, rng)
+    else:
+        spare = left[1] if left[1].num_rows else left[0]
+        x_t = _sample(spare, n_test, rng)
+        if x_t.num_rows < n_test:
+            log.warning("data.test_size=%d but only %d spare rows can be held out", n_test, x_t.num_rows)
+    return out[0], out[1], x_t
 
 
-def load_pool_target(cfg: DataConfig, seed: int) -> tuple[pa.Table, pa.Table]:
-    """Read and split the configured inputs into (D_F, D_T). Nothing is written."""
+def _sample(table: pa.Table, size: int, rng: np.random.Generator) -> pa.Table:
+    if size >= table.num_rows:
+        return table
+    return table.take(pa.array(np.sort(rng.choice(table.num_rows, size, replace=False))))
+
+
+def load_pool_target(cfg: DataConfig, seed: int) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """Read and split the configured inputs into (D_F, D_T, test). Nothing is written."""
     pool = read_corpus(cfg.input, cfg)
     target = read_corpus(cfg.target, cfg) if cfg.target is not None else None
-    f, t = split_pool_target(pool, target, cfg, seed)
+    test = read_corpus(cfg.test, cfg) if cfg.test is not None else None
+    f, t, x = split_data(pool, target, test, cfg, seed)
     if len(f) < 2 or len(t) < 1:
         raise DataError(f"need at least 2 pool rows and 1 target row, got {len(f)} and {len(t)}")
-    return f, t
+    return f, t, x
 
 
 def texts(table: pa.Table, template: str) -> list[str]:

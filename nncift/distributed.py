@@ -282,3 +282,77 @@ def greedi_ray(kern: Any, parts: list[np.ndarray], budget: int) -> tuple[np.ndar
     task = ray.remote(num_cpus=1)(greedi_local_round)
     local = ray.get([task.remote(kern_ref, p, budget) for p in parts])
     return greedi_merge(kern, local, budget)
+
+
+def _finetune_worker(config: dict) -> None:
+    """Ray Train per-worker loop: :func:`~nncift.finetune.sft_train` on this worker's rank."""
+    import ray.train
+    import torch
+
+    from nncift.finetune import sft_train
+
+    ctx = ray.train.get_context()
+    torch.set_num_threads(config["threads"])
+    if not config["use_gpu"]:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if config["use_gpu"] else "gloo", verbose=False)
+    summary = sft_train(
+        config["ft"],
+        config["rows"],
+        config["out_dir"],
+        rank=ctx.get_world_rank(),
+        world=ctx.get_world_size(),
+        use_gpu=config["use_gpu"],
+        stop_after=config.get("stop_after"),
+    )
+    ray.train.report({k: v for k, v in summary.items() if isinstance(v, int | float)})
+
+
+def finetune_ray(
+    ft: dict,
+    rows: dict[str, list[str]],
+    out_dir: str | Path,
+    *,
+    num_workers: int,
+    use_gpu: bool,
+    stop_after: int | None = None,
+) -> dict:
+    """DeepSpeed fine-tuning on ``num_workers`` Ray Train workers (gloo on CPU, NCCL on GPUs).
+
+    Local twin: :func:`nncift.finetune.finetune_local` (same global batches; tested to give the same
+    weights). ``rows`` go through the object store once; every rank writes its checkpoint shards into
+    ``out_dir``, which must be on storage all workers share (as for every stage of a run directory).
+
+    Returns:
+        The rank-0 summary (steps, final loss, seconds, trainable parameters).
+    """
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cpus = os.cpu_count() or 1
+    out_dir = Path(out_dir).resolve()
+    config = {
+        "ft": ft,
+        "rows": rows,
+        "out_dir": str(out_dir),
+        "use_gpu": use_gpu,
+        "threads": max(1, cpus // num_workers),
+        "stop_after": stop_after,
+    }
+    trainer = TorchTrainer(
+        _finetune_worker,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(storage_path=str(out_dir / "ray"), name="train"),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"fine-tuning failed: {result.error}")
+    if stop_after is not None:
+        return {"stopped_at": stop_after}
+    import json
+
+    return json.loads((out_dir / "train_summary.json").read_text())

@@ -139,11 +139,11 @@ class Pipeline:
         return t["pool"], t["target"]
 
     # ------------------------------------------------------------------ stages
-    def stage_data(self, pool: pa.Table, target: pa.Table) -> dict:
-        for name, t in (("pool", pool), ("target", target)):  # idx = the row's index in K_FF / K_FT
+    def stage_data(self, pool: pa.Table, target: pa.Table, test: pa.Table) -> dict:
+        for name, t in (("pool", pool), ("target", target), ("test", test)):  # idx = row in K_FF / K_FT
             t = t.append_column("idx", pa.array(np.arange(t.num_rows, dtype=np.int64)))
             write_parquet(self.store.path("data", f"{name}.parquet"), t, row_group_size=1024)
-        return {"M": pool.num_rows, "N": target.num_rows}
+        return {"M": pool.num_rows, "N": target.num_rows, "test": test.num_rows}
 
     def stage_embed(self) -> dict:
         from nncift.models import resolve_embedding_model

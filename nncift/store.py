@@ -188,8 +188,8 @@ class RunDir:
         )
 
     def clear_from(self, stage: str) -> None:
-        """Remove ``stage`` and every later stage."""
-        for s in STAGES[STAGES.index(stage) :]:
+        """Remove ``stage`` and every later pipeline stage (only ``stage`` itself if it is not a pipeline stage)."""
+        for s in STAGES[STAGES.index(stage) :] if stage in STAGES else [stage]:
             d = self.stage_dir(s)
             if d.exists():
                 shutil.rmtree(d)

@@ -170,3 +170,22 @@ def test_unclosed_json_list_is_reported(tmp_path):
     p.write_text('[\n {"instruction": "a", "output": "b"},\n {"instruction": "c", "out')
     with pytest.raises(DataError, match=r"cut\.json:3: the JSON list is not closed"):
         read_corpus(p, DataConfig(format="json"))
+
+
+def test_test_split_is_held_out_and_pool_size_comes_first(tmp_path):
+    from nncift.data import split_data
+
+    t = read_corpus(write_jsonl(tmp_path / "a.jsonl", make_rows(80)), DataConfig())
+    f, g, x = split_data(t, None, None, DataConfig(pool_size=30, target_size=10, test_size=15), seed=1)
+    ids = [set(tab.column("id").to_pylist()) for tab in (f, g, x)]
+    assert [len(s) for s in ids] == [30, 10, 15]
+    assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
+    f0, _ = split_pool_target(t, None, DataConfig(pool_size=30, target_size=10, test_size=0), seed=1)
+    assert f0.equals(f)  # carving a test split does not change D_F when pool_size fits
+    f2, _, x2 = split_data(t, None, None, DataConfig(pool_size=60, target_size=10, test_size=15), seed=1)
+    assert (f2.num_rows, x2.num_rows) == (60, 10)  # only the rows beyond the pool are held out
+    f3, _, x3 = split_data(t, None, None, DataConfig(pool_size=None, target_size=10, test_size=15), seed=1)
+    assert (f3.num_rows, x3.num_rows) == (55, 15)
+    a = read_corpus(write_jsonl(tmp_path / "b.jsonl", make_rows(20, seed=1)), DataConfig())
+    _, g4, x4 = split_data(t, a, None, DataConfig(pool_size=30, target_size=12, test_size=5), seed=0)
+    assert x4.num_rows == 5 and not set(x4.column("id").to_pylist()) & set(g4.column("id").to_pylist())
