@@ -280,6 +280,11 @@ class RunConfig:
             f"{ft.batch_size} must be a multiple of micro_batch_size x num_workers "
             f"({ft.micro_batch_size} x {ft.num_workers})",
         )
+        need(
+            ft.template in {"auto", "chat"} or "{prompt}" in ft.template,
+            "finetune.template",
+            f"must be auto, chat or a format string containing {{prompt}}, got {ft.template!r}",
+        )
         need(ev.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
         need(ev.batch_size >= 1, "eval.batch_size", "must be >= 1")
         bad = sorted(set(_split(ev.subsets)) - {"base", "random", "nncift", "exact", "full"})
