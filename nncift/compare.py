@@ -216,8 +216,14 @@ class SubsetRunner:
         log.info(
             "fine-tune '%s': %d rows, %s on %s, %s", subset, len(idx), c.method, Path(ft["model"]).name, c.deepspeed
         )
+        from nncift.finetune import check_resume
+
+        use_ray = self.pipe._ray()
+        start = check_resume(out, c.num_workers if use_ray else 1, c.deepspeed)
+        if start:
+            log.info("fine-tune '%s': resuming from step %d", subset, start)
         t0 = time.perf_counter()
-        if self.pipe._ray():
+        if use_ray:
             from nncift.distributed import finetune_ray
 
             summary = finetune_ray(ft, data, out, num_workers=c.num_workers, use_gpu=c.use_gpu, stop_after=stop_after)

@@ -293,7 +293,11 @@ def _finetune_worker(config: dict) -> None:
 
     ctx = ray.train.get_context()
     torch.set_num_threads(config["threads"])
-    if not config["use_gpu"]:
+    if config["use_gpu"]:
+        import ray.train.torch
+
+        torch.cuda.set_device(ray.train.torch.get_device())  # this worker's GPU (LOCAL_RANK of the node)
+    else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 

@@ -81,6 +81,7 @@ def load_for_eval(base: str, adapter: str | None, device: str = "cpu", trust_rem
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     else:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model.config.use_cache = True  # training saves use_cache=False; generation needs the KV cache
     return model.to(device).eval(), tok
 
 
@@ -136,6 +137,7 @@ class EvalWorker:
                 attention_mask=torch.as_tensor(real.astype(np.int64), device=self.device),
                 max_new_tokens=self.max_new_tokens,
                 do_sample=False,
+                use_cache=True,
                 pad_token_id=pad,
                 eos_token_id=self.fmt.eos,
             )

@@ -152,6 +152,22 @@ def _completed_checkpoints(ck_dir: Path) -> list[Path]:
     return sorted(p for p in ck_dir.iterdir() if p.is_dir() and (p / "trainer_state.json").is_file())
 
 
+def check_resume(out_dir: str | Path, world: int, deepspeed_config: str) -> int:
+    """Step of the newest completed checkpoint in ``out_dir`` (0 if none); refuses a world-size change
+    under ZeRO stages >= 1, whose optimizer partitions belong to the ranks that wrote them."""
+    done = _completed_checkpoints(Path(out_dir) / "checkpoints")
+    if not done:
+        return 0
+    state = json.loads((done[-1] / "trainer_state.json").read_text())
+    stage = load_deepspeed_config(deepspeed_config).get("zero_optimization", {}).get("stage", 0)
+    if state.get("world", world) != world and stage > 0:
+        raise ConfigError(
+            f"{done[-1]} was written by {state['world']} workers (ZeRO partitions are per rank): resume with "
+            f"finetune.num_workers={state['world']} (ray.executor=ray), or delete {done[-1].parent} to restart"
+        )
+    return int(state["step"])
+
+
 def _write_json_atomic(path: Path, obj: Any) -> None:
     from nncift.store import write_json
 
@@ -201,8 +217,14 @@ def sft_train(
     start = 0
     done = _completed_checkpoints(ck_dir)
     if done:
+        state = json.loads((done[-1] / "trainer_state.json").read_text())
+        if state.get("world", world) != world and ds_cfg["zero_optimization"]["stage"] > 0:
+            raise ConfigError(
+                f"{done[-1]} was written by {state['world']} workers (ZeRO partitions are per rank): resume with "
+                f"finetune.num_workers={state['world']}, or delete {ck_dir} to restart"
+            )
         engine.load_checkpoint(str(ck_dir), tag=done[-1].name, load_module_strict=not lora)
-        start = json.loads((done[-1] / "trainer_state.json").read_text())["step"]
+        start = state["step"]
         if rank == 0:
             log.info("resumed from %s (step %d of %d)", done[-1], start, total)
     progress = out / "progress.jsonl"
@@ -252,7 +274,9 @@ def sft_train(
             engine.save_checkpoint(str(ck_dir), tag=tag, save_latest=False, exclude_frozen_parameters=lora)
             dist.barrier()
             if rank == 0:
-                _write_json_atomic(ck_dir / tag / "trainer_state.json", {"step": step + 1, "total": total})
+                _write_json_atomic(
+                    ck_dir / tag / "trainer_state.json", {"step": step + 1, "total": total, "world": world}
+                )
                 for old in _completed_checkpoints(ck_dir)[: -ft["keep_checkpoints"]]:
                     shutil.rmtree(old, ignore_errors=True)
             dist.barrier()
@@ -294,6 +318,9 @@ def _export(engine, tok, dest: Path, lora: bool, rank: int, ft: dict) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=dest.parent))
         try:
+            cfg = getattr(module, "config", None)
+            if cfg is not None:
+                cfg.use_cache = True  # off only for training
             module.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
             (tmp / "nncift_finetune.json").write_text(json.dumps({"method": ft["method"], "base_model": ft["model"]}))

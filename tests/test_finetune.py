@@ -10,7 +10,7 @@ import pytest
 
 from nncift.config import RunConfig
 from nncift.errors import ConfigError
-from nncift.finetune import build_ds_config, finetune_local, plan_steps, step_rows
+from nncift.finetune import build_ds_config, check_resume, finetune_local, plan_steps, step_rows
 from tests.conftest import make_rows
 
 
@@ -81,6 +81,9 @@ def test_local_loss_decreases_and_resume_is_exact(tiny_lm, tmp_path, method, zer
     # interrupted after step 5 (a checkpoint), then resumed: identical weights and loss curve
     assert finetune_local(ft, _rows(), str(tmp_path / "b"), stop_after=5) == {"stopped_at": 5}
     assert not (tmp_path / "b" / "model").exists()
+    assert check_resume(tmp_path / "b", 1, zero) == 5
+    with pytest.raises(ConfigError, match="written by 1 workers"):
+        check_resume(tmp_path / "b", 2, zero)  # ZeRO partitions belong to the ranks that wrote them
     b = finetune_local(ft, _rows(), str(tmp_path / "b"))
     assert b["resumed_from"] == 5 and b["final_loss"] == pytest.approx(a["final_loss"], abs=1e-6)
     assert _max_diff(_weights(tmp_path / "a"), _weights(tmp_path / "b")) < 1e-6
