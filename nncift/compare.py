@@ -119,8 +119,7 @@ class SubsetRunner:
     # ------------------------------------------------------------------ exact-function subset
     def exact_selection(self) -> np.ndarray:
         """Selection on the influence function's own kernels, labeled on every pair (cached)."""
-        from nncift.distributed import map_blocks
-        from nncift.label import LabelWorker, gather_labels, plan_blocks
+        from nncift.label import gather_labels, plan_blocks
         from nncift.pairs import LabelSet
         from nncift.select import greedy_select
 
@@ -137,8 +136,6 @@ class SubsetRunner:
         key = self._upstream("exact")["exact"]
         if cached.is_file() and pq.read_metadata(cached).metadata.get(b"fingerprint", b"").decode() == key:
             return pq.read_table(cached).column("index").to_numpy()
-        pool, target = self.pipe.tables()
-        e_pool, e_target = self.pipe.embeddings()
         c = self.cfg.label
         rows = np.arange(m, dtype=np.int64)
         sets = [LabelSet("ff", "all", rows, rows), LabelSet("ft", "all", rows, np.arange(n, dtype=np.int64))]
@@ -147,34 +144,7 @@ class SubsetRunner:
         todo = [s for s in specs if not (block_dir / f"{s['block_id']:06d}.parquet").is_file()]
         log.info("exact subset: labeling %d pairs in %d blocks (%d done)", pairs, len(specs), len(specs) - len(todo))
 
-        def side(t: pa.Table, e: np.ndarray) -> dict:
-            cols = ("id", "prompt", "response")
-            return {
-                "ids": t.column(cols[0]).to_pylist(),
-                "prompts": t.column(cols[1]).to_pylist(),
-                "responses": t.column(cols[2]).to_pylist(),
-                "embeddings": e,
-            }
-
-        kwargs = {
-            "function": c.function,
-            "function_kwargs": self.pipe._function_kwargs(),
-            "pool": side(pool, e_pool),
-            "target": side(target, e_target),
-            "sets": [{"kernel": s.kernel, "quadrant": "all", "rows": s.rows, "cols": s.cols} for s in sets],
-            "out_dir": str(block_dir),
-        }
-        executor = "ray" if self.pipe._ray() else "local"
-        map_blocks(
-            executor,
-            LabelWorker,
-            kwargs,
-            todo,
-            desc="exact labels",
-            concurrency=c.concurrency,
-            num_cpus=c.num_cpus,
-            num_gpus=c.num_gpus,
-        )
+        self.pipe.run_label_blocks(sets, specs, todo, block_dir, desc="exact labels")
         t = gather_labels(block_dir, len(specs))
         kern = np.asarray(t.column("kernel").to_pylist())
         r, col, v = t.column("row").to_numpy(), t.column("col").to_numpy(), t.column("value").to_numpy()

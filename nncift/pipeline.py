@@ -195,13 +195,11 @@ class Pipeline:
         return {"dim": int(emb["pool"].shape[1]), "texts": len(emb["pool"]) + len(emb["target"])}
 
     def stage_label(self) -> dict:
-        from nncift.distributed import map_blocks
-        from nncift.label import LabelWorker, gather_labels, plan_blocks
+        from nncift.label import gather_labels, plan_blocks
         from nncift.pairs import plan_labels
 
         c = self.cfg.label
         pool, target = self.tables()
-        e_pool, e_target = self.embeddings()
         m, n = pool.num_rows, target.num_rows
         plan = plan_labels(m, n, c.fraction, c.min_count, c.eval_pairs, self.cfg.seed)
         write_json(
@@ -226,33 +224,7 @@ class Pipeline:
             plan.eval_pairs,
         )
 
-        def side(t: pa.Table, e: np.ndarray) -> dict:
-            return {
-                "ids": t.column("id").to_pylist(),
-                "prompts": t.column("prompt").to_pylist(),
-                "responses": t.column("response").to_pylist(),
-                "embeddings": e,
-            }
-
-        kwargs = {
-            "function": c.function,
-            "function_kwargs": self._function_kwargs(),
-            "pool": side(pool, e_pool),
-            "target": side(target, e_target),
-            "sets": [{"kernel": s.kernel, "quadrant": s.quadrant, "rows": s.rows, "cols": s.cols} for s in plan.sets],
-            "out_dir": str(block_dir),
-        }
-        executor = "ray" if self._ray() else "local"
-        map_blocks(
-            executor,
-            LabelWorker,
-            kwargs,
-            todo,
-            desc="label",
-            concurrency=c.concurrency,
-            num_cpus=c.num_cpus,
-            num_gpus=c.num_gpus,
-        )
+        self.run_label_blocks(plan.sets, specs, todo, block_dir, desc="label")
         labels = gather_labels(block_dir, len(specs))
         write_parquet(self.store.path("label", "labels.parquet"), labels)
         return {
@@ -264,6 +236,32 @@ class Pipeline:
             "labeled_pool": len(plan.pool_labeled),
             "labeled_target": len(plan.target_labeled),
         }
+
+    def run_label_blocks(self, sets: list, specs: list[dict], todo: list[dict], block_dir: Path, desc: str) -> None:
+        """Label the ``todo`` blocks of ``sets`` (LabelSet-like rectangles) with the configured function,
+        over Ray Data actors or in a local loop; each block lands in ``block_dir`` as one Parquet file."""
+        from nncift.distributed import map_blocks
+        from nncift.label import LabelWorker
+
+        c = self.cfg.label
+        pool, target = self.tables()
+        e_pool, e_target = self.embeddings()
+
+        def side(t: pa.Table, e: np.ndarray) -> dict:
+            cols = {k: t.column(k).to_pylist() for k in ("id", "prompt", "response")}
+            return {"ids": cols["id"], "prompts": cols["prompt"], "responses": cols["response"], "embeddings": e}
+
+        kwargs = {
+            "function": c.function,
+            "function_kwargs": self._function_kwargs(),
+            "pool": side(pool, e_pool),
+            "target": side(target, e_target),
+            "sets": [{"kernel": s.kernel, "quadrant": s.quadrant, "rows": s.rows, "cols": s.cols} for s in sets],
+            "out_dir": str(block_dir),
+        }
+        executor = "ray" if self._ray() else "local"
+        map_blocks(executor, LabelWorker, kwargs, todo, desc=desc, concurrency=c.concurrency,
+                   num_cpus=c.num_cpus, num_gpus=c.num_gpus)  # fmt: skip
 
     def _function_kwargs(self) -> dict:
         """Constructor arguments of the configured influence function (resolved once, in the driver)."""
