@@ -298,6 +298,7 @@ def sft_train(
         "grad_accum": ga,
         "world": world,
         "resumed_from": start,
+        "param_dtype": str(next(engine.module.parameters()).dtype).replace("torch.", ""),
     }
     if rank == 0:
         _write_json_atomic(out / "train_summary.json", summary)
