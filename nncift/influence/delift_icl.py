@@ -21,6 +21,7 @@ Only the hidden states of scored positions go through the LM head (log-softmax a
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from dataclasses import dataclass
 
@@ -86,6 +87,10 @@ class DeliftICL(InfluenceFunction):
         self.head_noicl, self.head_icl = enc(HEAD_NOICL), enc(HEAD_ICL)
         self.sep, self.mid, self.tail = enc(SEP_ICL), enc(MID_ICL), enc(TAIL)
         self._noicl_cache: dict[tuple[str, str], float] = {}
+        # the KV-cache keyword of the model body: ``cache`` in transformers 5.24, ``past_key_values`` in 5.19
+        # (an unknown keyword would be swallowed by ``**kwargs`` and the prefix silently ignored)
+        params = inspect.signature(model.model.forward).parameters if model is not None else {}
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     # ------------------------------------------------------------------ tokens
     def _ids(self, text: str) -> list[int]:
@@ -121,7 +126,7 @@ class DeliftICL(InfluenceFunction):
         lengths = torch.tensor([len(s) for s in seqs])
         mask = torch.arange(width)[None, :] < lengths[:, None]
         pos = (torch.arange(width) + offset)[None, :].expand(b, -1)
-        extra = {"cache": cache, "use_cache": True} if cache is not None else {"use_cache": False}
+        extra = {self._cache_kw: cache, "use_cache": True} if cache is not None else {"use_cache": False}
         # Right padding needs no attention mask: under causal attention a real token never sees the pads
         # after it, and pad outputs are never read. Without a mask the fused causal attention path is used.
         out = self.model.model(input_ids=ids.to(self.device), position_ids=pos.to(self.device), **extra)
