@@ -11,44 +11,27 @@ and excluded). Prints pairs/s, the ratios, and the maximum absolute difference o
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
 
 import numpy as np
 import torch
+from _common import items, label_parser, sharegpt_rows
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="local causal LM directory (default: embedded SmolLM2)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--examples", type=int, default=4)
-    ap.add_argument("--targets", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-prompt-tokens", type=int, default=128)
-    ap.add_argument("--max-response-tokens", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--json", default=None, help="also write the results here")
+    ap = label_parser(__doc__, targets=32, batch=16, tokens=128)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
 
-    from nncift.config import DataConfig
-    from nncift.data import read_corpus, split_pool_target
-    from nncift.influence import Items
     from nncift.influence.delift_icl import DeliftICL, pairs_per_second
     from nncift.models import load_causal_lm
 
-    pool, _ = split_pool_target(read_corpus(None, DataConfig()), None, DataConfig(pool_size=500, target_size=50), 0)
-    rows = pool.to_pylist()
+    rows = sharegpt_rows(args.examples + args.targets)
     ex = rows[: args.examples]
     tg = rows[args.examples : args.examples + args.targets]
-
-    def items(rs):
-        return Items([r["prompt"] for r in rs], [r["response"] for r in rs], np.zeros((len(rs), 1), np.float32))
 
     t0 = time.perf_counter()
     model, tok = load_causal_lm(args.model, device=args.device, dtype=args.dtype)

@@ -10,46 +10,29 @@ an environment where vLLM imports (``benchmarks/vllm_cpu_check.sh`` builds one o
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
 
 import numpy as np
+from _common import items, label_parser, sharegpt_rows
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="local causal LM directory (default: embedded SmolLM2)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--examples", type=int, default=4)
-    ap.add_argument("--targets", type=int, default=16)
-    ap.add_argument("--batch-size", type=int, default=8, help="HF prefix mode: target suffixes per forward")
-    ap.add_argument("--max-prompt-tokens", type=int, default=64)
-    ap.add_argument("--max-response-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the HF backend")
+    ap = label_parser(__doc__, targets=16, batch=8, tokens=64)
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per backend (best one reported)")
-    ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import torch
 
-    from nncift.config import DataConfig
-    from nncift.data import read_corpus, split_pool_target
-    from nncift.influence import Items, build_influence_function
+    from nncift.influence import build_influence_function
     from nncift.influence.delift_icl import pairs_per_second
     from nncift.models import embedded_lm_dir
 
     torch.set_num_threads(args.threads)
     n = args.examples + args.targets
-    pool, _ = split_pool_target(read_corpus(None, DataConfig()), None, DataConfig(pool_size=max(n, 100)), 0)
-    rows = pool.to_pylist()
-
-    def items(rs):
-        return Items([r["prompt"] for r in rs], [r["response"] for r in rs], np.zeros((len(rs), 1), np.float32))
-
+    rows = sharegpt_rows(n + 3)
     ex, tg = items(rows[: args.examples]), items(rows[args.examples : n])
     kw = {
         "model": args.model or str(embedded_lm_dir()),
