@@ -73,8 +73,9 @@ def step_rows(n_rows: int, batch_size: int, seed: int, step: int) -> np.ndarray:
     return order[k * batch_size : (k + 1) * batch_size]
 
 
-def build_ds_config(ft: dict, world: int, total_steps: int, use_gpu: bool) -> dict:
-    """The DeepSpeed config: the checked-in ZeRO file plus the batch, optimizer, schedule and precision."""
+def build_ds_config(ft: dict, world: int, use_gpu: bool) -> dict:
+    """The DeepSpeed config: the checked-in ZeRO file plus the batch, optimizer and precision (the
+    learning-rate schedule is :func:`lr_schedule`, passed to DeepSpeed as a client scheduler)."""
     cfg = load_deepspeed_config(ft["deepspeed"])
     micro = ft["micro_batch_size"]
     if ft["batch_size"] % (micro * world):
@@ -84,7 +85,6 @@ def build_ds_config(ft: dict, world: int, total_steps: int, use_gpu: bool) -> di
         )
     ga = ft["batch_size"] // (micro * world)
     bf16 = ft["precision"] == "bf16" or (ft["precision"] == "auto" and use_gpu)
-    warmup = max(1, round(ft["warmup_ratio"] * total_steps))  # DeepSpeed needs >= 1
     cfg.update(
         {
             "train_batch_size": ft["batch_size"],
@@ -105,19 +105,23 @@ def build_ds_config(ft: dict, world: int, total_steps: int, use_gpu: bool) -> di
                     "torch_adam": not use_gpu,  # CPU: plain torch AdamW, no JIT-built cpu_adam op
                 },
             },
-            "scheduler": {
-                "type": "WarmupDecayLR",
-                "params": {
-                    "total_num_steps": max(total_steps, warmup + 1),
-                    "warmup_min_lr": 0.0,
-                    "warmup_max_lr": ft["lr"],
-                    "warmup_num_steps": warmup,
-                    "warmup_type": "linear",
-                },
-            },
         }
     )
+    cfg.pop("scheduler", None)  # ours instead: DeepSpeed's linear warmup spends its first 2 steps at lr 0
     return cfg
+
+
+def lr_schedule(total_steps: int, warmup_ratio: float):
+    """LR multiplier per completed step: linear warmup to 1 over ``warmup`` steps (the first step already
+    trains at 1/warmup), then linear decay to 1/(total - warmup) at the last step."""
+    warm = max(1, round(warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (total_steps - step) / max(1, total_steps - warm))
+
+    return factor
 
 
 def _build_model(ft: dict):
@@ -206,11 +210,18 @@ def sft_train(
     per_epoch, total = plan_steps(n, ft["batch_size"], ft["epochs"])
     model, tok = _build_model(ft)
     fmt = PromptFormatter(tok, ft["template"], ft["max_prompt_tokens"], ft["max_seq_len"])
-    ds_cfg = build_ds_config(ft, world, total, use_gpu)
+    ds_cfg = build_ds_config(ft, world, use_gpu)
     ga = ds_cfg["gradient_accumulation_steps"]
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in trainable)  # before ZeRO-3 partitions them
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_cfg)
+    factor = lr_schedule(total, ft["warmup_ratio"])
+
+    def scheduler(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=trainable, config=ds_cfg, lr_scheduler=scheduler
+    )
     device = engine.device
     lora = ft["method"] == "lora"
 

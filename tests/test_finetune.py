@@ -10,7 +10,7 @@ import pytest
 
 from nncift.config import RunConfig
 from nncift.errors import ConfigError
-from nncift.finetune import build_ds_config, check_resume, finetune_local, plan_steps, step_rows
+from nncift.finetune import build_ds_config, check_resume, finetune_local, lr_schedule, plan_steps, step_rows
 from tests.conftest import make_rows
 
 
@@ -40,6 +40,13 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float(np.abs(a[k] - b[k]).max()) for k in a)
 
 
+def test_lr_schedule_warms_up_from_the_first_step_and_decays():
+    f = lr_schedule(20, 0.2)  # 4 warmup steps
+    got = [f(s) for s in range(20)]
+    assert got[:4] == [0.25, 0.5, 0.75, 1.0] and got[4] == 1.0 and got[-1] == pytest.approx(1 / 16)
+    assert got[3:] == sorted(got[3:], reverse=True) and min(got) > 0
+
+
 def test_batch_plan_covers_each_epoch_once_and_checks_sizes():
     per_epoch, total = plan_steps(50, 8, 3)
     assert (per_epoch, total) == (6, 18)
@@ -50,13 +57,13 @@ def test_batch_plan_covers_each_epoch_once_and_checks_sizes():
         plan_steps(5, 8, 1)
     ft = _ft("unused", batch_size=6, micro_batch_size=4)
     with pytest.raises(ConfigError, match="multiple of micro_batch_size"):
-        build_ds_config(ft, world=1, total_steps=10, use_gpu=False)
-    ds = build_ds_config(_ft("unused"), world=2, total_steps=10, use_gpu=False)
+        build_ds_config(ft, world=1, use_gpu=False)
+    ds = build_ds_config(_ft("unused"), world=2, use_gpu=False)
     assert ds["gradient_accumulation_steps"] == 2 and ds["zero_optimization"]["stage"] == 2
     assert ds["optimizer"]["params"]["torch_adam"] and not ds["bf16"]["enabled"]
-    assert build_ds_config(_ft("unused"), 2, 10, use_gpu=True)["bf16"]["enabled"]
+    assert build_ds_config(_ft("unused"), 2, use_gpu=True)["bf16"]["enabled"]
     with pytest.raises(ConfigError, match=r"finetune\.deepspeed"):
-        build_ds_config(_ft("unused", deepspeed="zero9"), 1, 10, False)
+        build_ds_config(_ft("unused", deepspeed="zero9"), 1, False)
 
 
 def test_config_validation_names_the_field():
@@ -78,6 +85,9 @@ def test_local_loss_decreases_and_resume_is_exact(tiny_lm, tmp_path, method, zer
     assert [r["step"] for r in recs] == list(range(1, 13)) and a["steps"] == 12
     assert np.mean([r["loss"] for r in recs[-3:]]) < np.mean([r["loss"] for r in recs[:3]]) - 0.05
     assert all(r["tokens"] > 0 for r in recs)
+    # warmup round(0.05 * 12) = 1 step: every step trains, the rate decays linearly after the peak
+    lrs = [r["lr"] for r in recs]
+    assert lrs[0] == pytest.approx(ft["lr"]) and min(lrs) > 0 and lrs == sorted(lrs, reverse=True)
     # interrupted after step 5 (a checkpoint), then resumed: identical weights and loss curve
     assert finetune_local(ft, _rows(), str(tmp_path / "b"), stop_after=5) == {"stopped_at": 5}
     assert not (tmp_path / "b" / "model").exists()
