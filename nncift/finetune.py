@@ -385,10 +385,15 @@ def loss_curve(progress: Path, dest: Path, title: str = "") -> None:
     loss = np.array([r["loss"] for r in recs])
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, loss, lw=1, alpha=0.5, label="step loss")
-    w = max(1, len(loss) // 20)
-    if w > 1:
+    w = max(3, len(loss) // 10)
+    if len(loss) >= 2 * w:
         smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
         ax.plot(steps[w - 1 :], smooth, lw=2, label=f"moving mean ({w})")
+    epochs = np.array([r["epoch"] for r in recs])
+    for e in np.unique(epochs):
+        sel = epochs == e
+        ax.hlines(loss[sel].mean(), steps[sel].min(), steps[sel].max(), colors="C3", lw=1.5,
+                  label="epoch mean" if e == epochs[0] else None)  # fmt: skip
     ax.set_xlabel("global step")
     ax.set_ylabel("training loss (response tokens)")
     ax.set_title(title or "fine-tuning loss")
