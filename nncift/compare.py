@@ -344,6 +344,15 @@ class SubsetRunner:
                     },
                 }
             )
+        ids = {}
+        for r in results:
+            f = self.ft_store.stage_dir(r["subset"]) / "subset.parquet"
+            if r["subset"] != "base" and f.is_file():
+                ids[r["subset"]] = set(pq.read_table(f, columns=["id"]).column("id").to_pylist())
+        for r in results:  # how much of the exact function's subset each subset recovers
+            r["overlap_with_exact"] = (
+                len(ids[r["subset"]] & ids["exact"]) if "exact" in ids and r["subset"] in ids else None
+            )
         out = self.root / "compare"
         rep = {
             "command": command,
@@ -368,16 +377,18 @@ def compare_markdown(rep: dict) -> str:
         f"Command: `{rep['command']}`" if rep.get("command") else "",
         "",
         f"Held-out test rows: {n}. ROUGE-L and embedding similarity are x100 (mean ± standard error over rows);"
-        " held-out loss is the token-weighted NLL of the reference responses.",
+        " held-out loss is the token-weighted NLL of the reference responses; ∩ exact = training rows shared"
+        " with the exact-function subset.",
         "",
-        "| subset | train rows | steps | train s | train loss first→last | ROUGE-L | emb. sim. | held-out loss |",
-        "|---|---|---|---|---|---|---|---|",
+        "| subset | train rows | ∩ exact | steps | train s | train loss first→last | ROUGE-L | emb. sim. | held-out loss |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res:
         se = np.sqrt(max(1, r["rows"]))
         tl = "–" if r["train_loss_first"] is None else f"{r['train_loss_first']:.3f}→{r['train_loss_last']:.3f}"
         lines.append(
-            f"| {r['subset']} | {r['train_rows']} | {r['train_steps']} | {r['train_seconds']} | {tl} | "
+            f"| {r['subset']} | {r['train_rows']} | {'–' if r.get('overlap_with_exact') is None else r['overlap_with_exact']} "
+            f"| {r['train_steps']} | {r['train_seconds']} | {tl} | "
             f"{r['rouge_l']:.2f} ± {r['rouge_l_std'] / se:.2f} | "
             f"{r['embedding_similarity']:.2f} ± {r['embedding_similarity_std'] / se:.2f} | {r['heldout_loss']:.4f} |"
         )

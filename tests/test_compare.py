@@ -65,6 +65,7 @@ def test_compare_all_subsets_end_to_end(tmp_path, ft_overrides, capsys):
     assert (run / "compare" / "compare.png").stat().st_size > 0
     md = (run / "compare" / "compare.md").read_text()
     assert "| nncift | 16 |" in md and "Command: `nncift compare" in md
+    assert got["exact"]["overlap_with_exact"] == 16 and got["base"]["overlap_with_exact"] is None
     sel = pq.read_table(run / "select" / "selection.parquet").column("id").to_pylist()
     assert sorted(pq.read_table(run / "finetune" / "nncift" / "subset.parquet").column("id").to_pylist()) == sorted(sel)
     ev = json.loads((run / "finetune" / "full" / "eval" / "eval.json").read_text())
