@@ -287,18 +287,14 @@ class SubsetRunner:
         embedder = Embedder(
             str(resolve_embedding_model(e.model)), batch_size=e.batch_size, max_seq_length=e.max_seq_length
         )
-        metrics = score(preds, rows["response"], nll, ntok, embedder)
-        from nncift.evaluate import embedding_similarity, rouge_l
-
+        metrics, values = score(preds, rows["response"], nll, ntok, embedder)
         per_row = pa.table(
             {
                 "id": test.column("id"),
                 "prompt": test.column("prompt"),
                 "reference": test.column("response"),
                 "prediction": pa.array(preds, pa.string()),
-                "rouge_l": pa.array([rouge_l(p, r) for p, r in zip(preds, rows["response"], strict=True)]),
-                "embedding_similarity": pa.array(embedding_similarity(embedder, preds, rows["response"])),
-                "nll_per_token": pa.array(nll / np.maximum(ntok, 1)),
+                **{k: pa.array(v) for k, v in values.items()},
             }
         )
         write_parquet(store.path("eval", "predictions.parquet"), per_row)

@@ -182,12 +182,15 @@ class EvalWorker:
         return {"block_id": np.asarray(batch["block_id"]), "rows": np.asarray(n, dtype=np.int64)}
 
 
-def score(predictions: list[str], references: list[str], nll_sum: np.ndarray, n_tokens: np.ndarray, embedder) -> dict:
-    """Aggregate metrics (ROUGE-L and embedding similarity x100, token-weighted held-out loss)."""
+def score(
+    predictions: list[str], references: list[str], nll_sum: np.ndarray, n_tokens: np.ndarray, embedder
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """Aggregate metrics (ROUGE-L and embedding similarity x100, token-weighted held-out loss) and the
+    per-row values they average: ``rouge_l``, ``embedding_similarity``, ``nll_per_token`` ((B,) float64)."""
     rl = np.array([rouge_l(p, r) for p, r in zip(predictions, references, strict=True)])
     sim = embedding_similarity(embedder, predictions, references)
     loss = float(np.sum(nll_sum) / max(1, int(np.sum(n_tokens))))
-    return {
+    metrics = {
         "rows": len(predictions),
         "rouge_l": 100.0 * float(rl.mean()),
         "embedding_similarity": 100.0 * float(sim.mean()),
@@ -197,3 +200,5 @@ def score(predictions: list[str], references: list[str], nll_sum: np.ndarray, n_
         "embedding_similarity_std": 100.0 * float(sim.std()),
         "empty_generations": int(sum(not p.strip() for p in predictions)),
     }
+    per_row = {"rouge_l": rl, "embedding_similarity": sim, "nll_per_token": nll_sum / np.maximum(n_tokens, 1)}
+    return metrics, per_row

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from nncift.errors import ConfigError
+from nncift.store import write_json
 
 log = logging.getLogger(__name__)
 
@@ -172,12 +173,6 @@ def check_resume(out_dir: str | Path, world: int, deepspeed_config: str) -> int:
     return int(state["step"])
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    from nncift.store import write_json
-
-    write_json(path, obj)
-
-
 def sft_train(
     ft: dict,
     rows: dict[str, list[str]],
@@ -225,19 +220,12 @@ def sft_train(
     device = engine.device
     lora = ft["method"] == "lora"
 
-    start = 0
-    done = _completed_checkpoints(ck_dir)
-    if done:
-        state = json.loads((done[-1] / "trainer_state.json").read_text())
-        if state.get("world", world) != world and ds_cfg["zero_optimization"]["stage"] > 0:
-            raise ConfigError(
-                f"{done[-1]} was written by {state['world']} workers (ZeRO partitions are per rank): resume with "
-                f"finetune.num_workers={state['world']}, or delete {ck_dir} to restart"
-            )
-        engine.load_checkpoint(str(ck_dir), tag=done[-1].name, load_module_strict=not lora)
-        start = state["step"]
+    start = check_resume(out, world, ft["deepspeed"])  # refuses a ZeRO resume on another world size
+    if start:
+        tag = _completed_checkpoints(ck_dir)[-1]
+        engine.load_checkpoint(str(ck_dir), tag=tag.name, load_module_strict=not lora)
         if rank == 0:
-            log.info("resumed from %s (step %d of %d)", done[-1], start, total)
+            log.info("resumed from %s (step %d of %d)", tag, start, total)
     progress = out / "progress.jsonl"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -285,9 +273,7 @@ def sft_train(
             engine.save_checkpoint(str(ck_dir), tag=tag, save_latest=False, exclude_frozen_parameters=lora)
             dist.barrier()
             if rank == 0:
-                _write_json_atomic(
-                    ck_dir / tag / "trainer_state.json", {"step": step + 1, "total": total, "world": world}
-                )
+                write_json(ck_dir / tag / "trainer_state.json", {"step": step + 1, "total": total, "world": world})
                 for old in _completed_checkpoints(ck_dir)[: -ft["keep_checkpoints"]]:
                     shutil.rmtree(old, ignore_errors=True)
             dist.barrier()
@@ -312,7 +298,7 @@ def sft_train(
         "param_dtype": str(next(engine.module.parameters()).dtype).replace("torch.", ""),
     }
     if rank == 0:
-        _write_json_atomic(out / "train_summary.json", summary)
+        write_json(out / "train_summary.json", summary)
     return summary
 
 
