@@ -68,9 +68,13 @@ class EmbedConfig:
 class LabelConfig:
     """Seed labeling: the expensive influence function on a u-fraction of rows and columns."""
 
-    function: str = _f("delift_se", "influence function: delift_se | delift_icl")
-    fraction: float = _f(0.05, "u: fraction of D_F and of D_T whose pairs are labeled")
-    min_count: int = _f(200, "floor on labeled rows (and columns) per side; ~200 are needed to generalise OOD")
+    function: str = _f("delift_se", "influence function: delift_se | delift_icl | table")
+    table: str | None = _f(None, "label.function=table: Parquet of example_id, target_id, value")
+    design: str = _f("block", "training pairs: block (all pairs of the labeled items) | spread (see `partners`)")
+    fraction: float = _f(0.05, "u: fraction of D_F and of D_T whose items are labeled (the rest is held out)")
+    min_count: int = _f(200, "floor on labeled rows (and columns) per side")
+    partners: int = _f(20, "design=spread: each labeled example is paired with this many labeled targets")
+    diagonal: bool = _f(False, "label the exact K_FF self-utilities U(i -> i) of every pool item (M teacher calls)")
     eval_pairs: int = _f(4000, "pairs sampled per quadrant Q2-Q4 and kernel for the fidelity report")
     block_size: int = _f(128, "rows and columns per label block")
     model: str | None = _f(None, "LM for model-based functions (local path); None = embedded SmolLM2")
@@ -91,7 +95,12 @@ class LabelConfig:
 class NetworkConfig:
     """The InfluenceNetwork and its fit."""
 
-    hidden: int = _f(100, "hidden units of the MLP")
+    kind: str = _f("mlp", "surrogate: mlp (the paper's InfluenceNetwork) | bilinear (two towers, low rank)")
+    hidden: int = _f(100, "kind=mlp: hidden units")
+    rank: int = _f(128, "kind=bilinear: tower width")
+    symmetric: str = _f("auto", "kind=bilinear: one shared tower (auto = when the teacher is symmetric) | true | false")
+    cosine_prior: bool = _f(False, "kind=bilinear: add a learned multiple of the embedding cosine")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
     epochs: int = _f(20, "maximum epochs")
     lr: float = _f(1e-3, "Adam learning rate")
     batch_size: int = _f(64, "pairs per step (per worker)")
@@ -129,6 +138,17 @@ class SelectConfig:
     parts: int = _f(4, "greedi: number of partitions (Ray tasks)")
     eta: float = _f(1.0, "FLMI magnification")
     nu: float = _f(1.0, "FLCG privacy hardness")
+
+
+@dataclass
+class FidelityConfig:
+    """Fidelity of the selection against the teacher's own full kernel (reported when it is known)."""
+
+    truth_table: str | None = _f(None, "full-label table (example_id, target_id, value) of the teacher; "
+                                 "None = the teacher itself when it is cheap (delift_se, a full table)")  # fmt: skip
+    random_subsets: int = _f(10, "seeded random subsets of the same budget (their mean f is the 0 of gap closed)")
+    max_pairs: int = _f(20_000_000, "compute fidelity only while M*M + M*N <= this (the full kernel is dense)")
+    topk: int = _f(10, "per-row top-k recall on unseen x unseen pairs (Q4)")
 
 
 @dataclass
@@ -199,6 +219,7 @@ class RunConfig:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
+    fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -235,7 +256,19 @@ class RunConfig:
             need(v is None or v > 0, f"data.{k}", f"must be positive or null, got {v}")
         need(d.max_chars >= 0, "data.max_chars", "must be >= 0")
         need(self.embed.batch_size > 0, "embed.batch_size", "must be positive")
-        need(lb.function in {"delift_se", "delift_icl"}, "label.function", f"unknown function {lb.function!r}")
+        need(lb.function in {"delift_se", "delift_icl", "table"}, "label.function", f"unknown function {lb.function!r}")
+        need(lb.function != "table" or bool(lb.table), "label.table", "label.function=table needs label.table=PATH")
+        need(lb.design in {"block", "spread"}, "label.design", f"got {lb.design!r} (block | spread)")
+        need(lb.partners >= 1, "label.partners", "must be >= 1")
+        need(n.kind in {"mlp", "bilinear"}, "network.kind", f"got {n.kind!r} (mlp | bilinear)")
+        need(n.rank >= 1, "network.rank", "must be >= 1")
+        need(
+            n.symmetric in {"auto", "true", "false"}, "network.symmetric", f"got {n.symmetric!r} (auto | true | false)"
+        )
+        need(n.weight_decay >= 0, "network.weight_decay", "must be >= 0")
+        fd = self.fidelity
+        need(fd.random_subsets >= 1, "fidelity.random_subsets", "must be >= 1")
+        need(fd.topk >= 1, "fidelity.topk", "must be >= 1")
         need(0.0 < lb.fraction <= 1.0, "label.fraction", f"must be in (0, 1], got {lb.fraction}")
         need(lb.min_count >= 2, "label.min_count", "must be >= 2")
         need(lb.block_size > 0, "label.block_size", "must be positive")
@@ -350,6 +383,8 @@ def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
                 return False
             raise ValueError
         if base in ("str", "<class 'str'>"):
+            if isinstance(value, bool):  # `--set x=true` parses as a YAML bool
+                return "true" if value else "false"
             if isinstance(value, dict | list):
                 raise ValueError
             return str(value)

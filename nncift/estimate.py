@@ -43,15 +43,35 @@ def predict_block(p: torch.Tensor, q: torch.Tensor, w2: torch.Tensor, b2: float)
     return out
 
 
-class EstimateWorker:
-    """Callable class: a batch of block specs -> Parquet blocks of predicted influence.
-
-    Runs unchanged in a plain loop (local executor) or as a Ray Data actor. On CPU the compiled
-    :func:`~nncift.kernels.predict_block_np` kernel is used; on other devices :func:`predict_block` (torch).
+def predict_factors(f: dict, r0: int = 0, r1: int | None = None, c0: int = 0, c1: int | None = None) -> np.ndarray:
+    """Scores of rows [r0, r1) x columns [c0, c1) from a surrogate's factors (numpy, CPU).
 
     Args:
-        heads: per kernel ("ff" / "ft") a dict with ``p`` (M, h), ``q`` (M or N, h), ``w2`` (h,),
-            ``b2`` (float), ``lo`` / ``hi`` (label scaler: predictions are written in raw label units).
+        f: :meth:`nncift.network.Surrogate.estimator` output: ``{"type": "mlp", "p", "q" | "q_t", "w2", "b2"}``
+            or ``{"type": "dot", "p" (R, k), "q" (C, k)}``.
+
+    Returns:
+        (r1-r0, c1-c0) float32 in the scaled label space.
+    """
+    if f["type"] == "dot":
+        return np.matmul(f["p"][r0:r1], f["q"][c0:c1].T).astype(np.float32, copy=False)
+    q_t = f["q_t"] if "q_t" in f else np.ascontiguousarray(np.asarray(f["q"]).T)
+    return predict_block_np(f["p"][r0:r1], q_t[:, c0:c1], f["w2"], f["b2"])
+
+
+class EstimateWorker:
+    """Callable class: a batch of block specs -> Parquet blocks of estimated influence (raw label units).
+
+    Runs unchanged in a plain loop (local executor) or as a Ray Data actor. On CPU the ``mlp`` factors go
+    through the compiled :func:`~nncift.kernels.predict_block_np` kernel and the ``dot`` factors through one
+    BLAS GEMM per block; on other devices through torch.
+
+    Args:
+        heads: per kernel ("ff" / "ft") the surrogate's factors (:meth:`~nncift.network.Surrogate.estimator`:
+            ``type`` "mlp" with ``p`` (M, h), ``q`` (M or N, h), ``w2`` (h,), ``b2``; or ``type`` "dot" with
+            ``p`` (M, k), ``q`` (M or N, k)), plus ``lo`` / ``hi`` (the label scaler: outputs are written in
+            raw label units) and optionally ``diag`` ((M,) float32 raw teacher values of K_FF[i, i], written
+            in place of the estimate on the diagonal).
         out_dir: folder receiving ``<kernel>_<block_id>.parquet``.
         device: torch device.
         layout: "dense" (a block is a tile) or "sparse" (a block is a row stripe reduced to its per-row top-k).
@@ -72,38 +92,49 @@ class EstimateWorker:
         self.layout, self.topk, self.col_chunk = layout, topk, col_chunk
         self.heads = {}
         for k, v in heads.items():
-            head = {"b2": float(v["b2"]), "lo": float(v["lo"]), "hi": float(v["hi"])}
+            kind = v.get("type", "mlp")
+            head = {"type": kind, "lo": float(v["lo"]), "hi": float(v["hi"])}
+            head["diag"] = None if v.get("diag") is None else np.asarray(v["diag"], np.float32)
+            names = ("p", "q", "w2") if kind == "mlp" else ("p", "q")
+            if kind == "mlp":
+                head["b2"] = float(v["b2"])
             if self.device.type == "cpu":
-                head.update(
-                    p=np.ascontiguousarray(v["p"], np.float32),
-                    q_t=np.ascontiguousarray(np.asarray(v["q"]).T, np.float32),
-                    w2=np.ascontiguousarray(v["w2"], np.float32),
-                )
+                head.update({n: np.ascontiguousarray(v[n], np.float32) for n in names})
+                if kind == "mlp":
+                    head["q_t"] = np.ascontiguousarray(head.pop("q").T)
             else:
-                head.update({n: torch.from_numpy(np.array(v[n], np.float32)).to(self.device) for n in ("p", "q", "w2")})
+                head.update({n: torch.from_numpy(np.array(v[n], np.float32)).to(self.device) for n in names})
             self.heads[k] = head
 
     def predict(self, kernel: str, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
-        """(r1-r0, c1-c0) float32 network outputs (scaled label space)."""
+        """(r1-r0, c1-c0) float32 surrogate outputs (scaled label space)."""
         h = self.heads[kernel]
         if self.device.type == "cpu":
-            return predict_block_np(h["p"][r0:r1], h["q_t"][:, c0:c1], h["w2"], h["b2"])
+            return predict_factors(h, r0, r1, c0, c1)
+        if h["type"] == "dot":
+            return (h["p"][r0:r1] @ h["q"][c0:c1].T).cpu().numpy()
         return predict_block(h["p"][r0:r1], h["q"][c0:c1], h["w2"], h["b2"]).cpu().numpy()
 
+    def predict_raw(self, kernel: str, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """Like :meth:`predict` in raw label units, with exact diagonal values where the head has them."""
+        head = self.heads[kernel]
+        vals = self.predict(kernel, r0, r1, c0, c1) * np.float32(head["hi"] - head["lo"]) + np.float32(head["lo"])
+        if head["diag"] is not None:
+            overwrite_diagonal(vals, head["diag"], r0, r1, c0, c1)
+        return vals
+
     def run_block(self, block: Block) -> int:
-        head = self.heads[block.kernel]
-        scale, lo = head["hi"] - head["lo"], head["lo"]
         path = self.out_dir / f"{block.name}.parquet"
         if self.layout == "dense":
-            vals = self.predict(block.kernel, block.r0, block.r1, block.c0, block.c1) * scale + lo
+            vals = self.predict_raw(block.kernel, block.r0, block.r1, block.c0, block.c1)
             write_block(path, block, vals)
             return vals.size
         tk = TopK(block.r1 - block.r0, min(self.topk, block.c1 - block.c0))
         for c0 in range(block.c0, block.c1, self.col_chunk):
             c1 = min(block.c1, c0 + self.col_chunk)
-            tk.update(self.predict(block.kernel, block.r0, block.r1, c0, c1), c0)
+            tk.update(self.predict_raw(block.kernel, block.r0, block.r1, c0, c1), c0)
         cols, vals = tk.result()
-        write_sparse_block(path, block, cols, vals * scale + lo, self.topk)
+        write_sparse_block(path, block, cols, vals, self.topk)
         return (block.r1 - block.r0) * (block.c1 - block.c0)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -114,6 +145,14 @@ class EstimateWorker:
             )
             pairs.append(self.run_block(block))
         return {"block_id": np.asarray(batch["block_id"]), "pairs": np.asarray(pairs, dtype=np.int64)}
+
+
+def overwrite_diagonal(vals: np.ndarray, diag: np.ndarray, r0: int, r1: int, c0: int, c1: int) -> None:
+    """Write ``diag[i]`` into ``vals`` (the tile rows [r0, r1) x columns [c0, c1)) wherever row i == column i."""
+    lo, hi = max(r0, c0), min(r1, c1)
+    if hi > lo:
+        i = np.arange(lo, hi)
+        vals[i - r0, i - c0] = diag[lo:hi]
 
 
 def write_sparse_block(path: Path, block: Block, cols: np.ndarray, vals: np.ndarray, k: int) -> None:

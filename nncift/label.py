@@ -26,16 +26,42 @@ LABEL_SCHEMA = pa.schema(
 
 
 def plan_blocks(plan: LabelPlan, block_size: int) -> list[dict]:
-    """Tile every label rectangle of ``plan`` into blocks of at most block_size x block_size.
+    """Split the sets of ``plan`` into label blocks of about ``block_size**2`` pairs.
 
-    Blocks are ordered column-block-major within a rectangle, so the blocks of one worker call share
-    their in-context examples (what model-based functions reuse).
+    A block spec is ``{block_id, set_id, set_end, r0, r1, c0, c1}``:
+
+    - a large dense set is tiled into ``block_size x block_size`` blocks (``set_end = set_id + 1``), ordered
+      column-block-major within the set, so the blocks of one worker call share their in-context examples;
+    - consecutive small dense sets (the rectangles of the spread design) are packed whole into one block
+      (``set_end > set_id + 1``; the ranges are unused);
+    - a paired set (the K_FF diagonal) is cut into chunks ``[r0, r1)`` of its pair list.
     """
-    specs = []
+    target = block_size * block_size
+    specs: list[dict] = []
+
+    def add(set_id: int, set_end: int, r0: int = 0, r1: int = 0, c0: int = 0, c1: int = 0) -> None:
+        specs.append({"block_id": len(specs), "set_id": set_id, "set_end": set_end, "r0": r0, "r1": r1, "c0": c0,
+                      "c1": c1})  # fmt: skip
+
+    pack: list[int] = []
+    pack_pairs = 0
     for set_id, s in enumerate(plan.sets):
-        for c0, c1 in ranges(len(s.cols), block_size):
-            for r0, r1 in ranges(len(s.rows), block_size):
-                specs.append({"block_id": len(specs), "set_id": set_id, "r0": r0, "r1": r1, "c0": c0, "c1": c1})
+        small = not s.paired and len(s.rows) <= block_size and len(s.cols) <= block_size
+        if pack and (not small or pack_pairs + s.num_pairs > target or plan.sets[pack[0]].kernel != s.kernel):
+            add(pack[0], pack[-1] + 1, 0, len(plan.sets[pack[0]].rows), 0, len(plan.sets[pack[0]].cols))
+            pack, pack_pairs = [], 0
+        if small:
+            pack.append(set_id)
+            pack_pairs += s.num_pairs
+        elif s.paired:
+            for r0, r1 in ranges(s.num_pairs, target):
+                add(set_id, set_id + 1, r0, r1, r0, r1)
+        else:
+            for c0, c1 in ranges(len(s.cols), block_size):
+                for r0, r1 in ranges(len(s.rows), block_size):
+                    add(set_id, set_id + 1, r0, r1, c0, c1)
+    if pack:
+        add(pack[0], pack[-1] + 1, 0, len(plan.sets[pack[0]].rows), 0, len(plan.sets[pack[0]].cols))
     return specs
 
 
@@ -45,31 +71,35 @@ class LabelWorker:
     Args:
         function: influence function name. function_kwargs: its constructor arguments.
         pool, target: dicts with ``ids``, ``prompts``, ``responses`` (lists) and ``embeddings`` (M|N, d).
-        sets: the plan's rectangles as dicts (kernel, quadrant, rows, cols).
+        sets: the plan's sets as dicts (kernel, quadrant, rows, cols, paired).
         out_dir: block folder.
     """
 
     def __init__(self, function: str, function_kwargs: dict, pool: dict, target: dict, sets: list[dict], out_dir: str):
         self.fn = build_influence_function(function, **function_kwargs)
-        self.items = {
-            "pool": Items(pool["prompts"], pool["responses"], np.asarray(pool["embeddings"], np.float32)),
-            "target": Items(target["prompts"], target["responses"], np.asarray(target["embeddings"], np.float32)),
-        }
         self.ids = {
             "pool": np.asarray(pool["ids"], dtype=object),
             "target": np.asarray(target["ids"], dtype=object),
         }
+        self.items = {
+            side: Items(d["prompts"], d["responses"], np.asarray(d["embeddings"], np.float32), list(d["ids"]))
+            for side, d in (("pool", pool), ("target", target))
+        }
         self.sets = sets
         self.out_dir = Path(out_dir)
 
-    def run_block(self, spec: dict) -> int:
-        s = self.sets[spec["set_id"]]
-        rows = np.asarray(s["rows"][spec["r0"] : spec["r1"]], dtype=np.int64)
-        cols = np.asarray(s["cols"][spec["c0"] : spec["c1"]], dtype=np.int64)
+    def _label_set(self, s: dict, r0: int, r1: int, c0: int, c1: int) -> pa.Table:
         col_side = "pool" if s["kernel"] == "ff" else "target"
-        vals = self.fn.kernel_block(s["kernel"], self.items["pool"].take(rows), self.items[col_side].take(cols))
-        rr, cc = np.repeat(rows, len(cols)), np.tile(cols, len(rows))
-        table = pa.table(
+        rows = np.asarray(s["rows"][r0:r1], dtype=np.int64)
+        if s.get("paired"):
+            rr = rows
+            cc = np.asarray(s["cols"][r0:r1], dtype=np.int64)
+            vals = self.fn.kernel_pairs(s["kernel"], self.items["pool"].take(rr), self.items[col_side].take(cc))
+        else:
+            cols = np.asarray(s["cols"][c0:c1], dtype=np.int64)
+            vals = self.fn.kernel_block(s["kernel"], self.items["pool"].take(rows), self.items[col_side].take(cols))
+            rr, cc = np.repeat(rows, len(cols)), np.tile(cols, len(rows))
+        return pa.table(
             {
                 "kernel": pa.array([s["kernel"]] * len(rr), pa.string()),
                 "quadrant": pa.array([s["quadrant"]] * len(rr), pa.string()),
@@ -77,12 +107,21 @@ class LabelWorker:
                 "col_id": pa.array(self.ids[col_side][cc].tolist(), pa.string()),
                 "row": pa.array(rr),
                 "col": pa.array(cc),
-                "value": pa.array(vals.reshape(-1).astype(np.float32)),
+                "value": pa.array(np.asarray(vals, np.float32).reshape(-1)),
             },
             schema=LABEL_SCHEMA,
         )
+
+    def run_block(self, spec: dict) -> int:
+        first, end = int(spec["set_id"]), int(spec.get("set_end", int(spec["set_id"]) + 1))
+        if end > first + 1:  # packed small rectangles, each labeled whole
+            parts = [self._label_set(self.sets[i], 0, len(self.sets[i]["rows"]), 0, len(self.sets[i]["cols"]))
+                     for i in range(first, end)]  # fmt: skip
+            table = pa.concat_tables(parts)
+        else:
+            table = self._label_set(self.sets[first], spec["r0"], spec["r1"], spec["c0"], spec["c1"])
         write_parquet(self.out_dir / f"{int(spec['block_id']):06d}.parquet", table)
-        return len(rr)
+        return table.num_rows
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = [self.run_block({k: int(v[i]) for k, v in batch.items()}) for i in range(len(batch["block_id"]))]

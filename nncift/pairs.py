@@ -30,18 +30,30 @@ def sample_fraction(n: int, fraction: float, min_count: int, rng: np.random.Gene
     return np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
 
 
+DESIGNS = ("block", "spread")
+
+
 @dataclass
 class LabelSet:
-    """One rectangle of the pair space to label: rows x cols (indices into D_F and D_F / D_T)."""
+    """A set of pairs of the pair space to label (indices into D_F and D_F / D_T).
+
+    A dense set is the rectangle ``rows x cols``; a ``paired`` set is the aligned pair list
+    ``(rows[k], cols[k])`` (e.g. the diagonal of K_FF).
+    """
 
     kernel: str  # "ff" | "ft"
-    quadrant: str  # "q1".."q4"
+    quadrant: str  # "q1".."q4" | "diag"
     rows: np.ndarray
     cols: np.ndarray
+    paired: bool = False
 
     @property
     def num_pairs(self) -> int:
-        return len(self.rows) * len(self.cols)
+        return len(self.rows) if self.paired else len(self.rows) * len(self.cols)
+
+    def to_dict(self) -> dict:
+        return {"kernel": self.kernel, "quadrant": self.quadrant, "rows": self.rows, "cols": self.cols,
+                "paired": self.paired}  # fmt: skip
 
 
 @dataclass
@@ -49,39 +61,86 @@ class LabelPlan:
     """Which pairs the expensive function labels.
 
     Attributes:
-        pool_labeled: (dl,) int64 indices into D_F.
-        target_labeled: (pl,) int64 indices into D_T.
-        sets: the Q1 training rectangles and the Q2-Q4 evaluation rectangles.
+        pool_labeled: (dl,) int64 indices into D_F whose pairs may be used for training; every other pool
+            item is held out (never in a training pair), which makes Q2-Q4 honest.
+        target_labeled: (pl,) int64 indices into D_T, likewise.
+        sets: the Q1 training sets, the Q2-Q4 evaluation rectangles and the optional K_FF diagonal.
+        design: "block" or "spread".
     """
 
     pool_labeled: np.ndarray
     target_labeled: np.ndarray
     sets: list[LabelSet] = field(default_factory=list)
+    design: str = "block"
+
+    def pairs(self, *quadrants: str) -> int:
+        return sum(s.num_pairs for s in self.sets if s.quadrant in quadrants)
 
     @property
     def train_pairs(self) -> int:
-        return sum(s.num_pairs for s in self.sets if s.quadrant == "q1")
+        return self.pairs("q1")
 
     @property
     def eval_pairs(self) -> int:
-        return sum(s.num_pairs for s in self.sets if s.quadrant != "q1")
+        return self.pairs("q2", "q3", "q4")
+
+    @property
+    def diag_pairs(self) -> int:
+        return self.pairs("diag")
+
+    def summary(self) -> list[dict]:
+        """Sets and pairs per (kernel, quadrant) (for plan.json and logs)."""
+        out: dict[tuple[str, str], dict] = {}
+        for s in self.sets:
+            rec = out.setdefault((s.kernel, s.quadrant), {"kernel": s.kernel, "quadrant": s.quadrant, "sets": 0,
+                                                          "pairs": 0})  # fmt: skip
+            rec["sets"] += 1
+            rec["pairs"] += s.num_pairs
+        return list(out.values())
 
 
-def plan_labels(m: int, n: int, fraction: float, min_count: int, eval_pairs: int, seed: int) -> LabelPlan:
-    """Draw the labeled fractions of D_F (m rows) and D_T (n rows) and the evaluation rectangles.
+def plan_labels(
+    m: int,
+    n: int,
+    fraction: float,
+    min_count: int,
+    eval_pairs: int,
+    seed: int,
+    design: str = "block",
+    partners: int = 20,
+    diagonal: bool = False,
+) -> LabelPlan:
+    """Draw the labeled items of D_F (m rows) and D_T (n rows), the training pairs and the evaluation rectangles.
 
-    Evaluation rectangles of Q2-Q4 hold about ``eval_pairs`` pairs each (a square sample of their
-    rows and columns), so the fidelity report costs a bounded number of teacher calls.
+    Designs of the training pairs (Q1), both over the same seeded labeled items:
+
+    - ``block``: every pair among the labeled items (the paper's design): ``dl x dl`` for K_FF and ``dl x pl``
+      for K_FT.
+    - ``spread``: each labeled item is the in-context example of exactly one small dense rectangle of
+      ``partners`` examples x ``partners`` random labeled partners (targets), so pairs = ``dl x partners`` per
+      kernel, spread over many more items than a block of the same cost, while every example still meets
+      several targets (prefix-KV reuse keeps paying). In K_FF the example is the column, in K_FT the row.
+
+    Items outside the labeled sets are never in a training pair: Q2-Q4 rectangles (about ``eval_pairs``
+    pairs each, a square sample of their rows and columns) measure generalisation to unseen items honestly.
+    With ``diagonal``, the exact K_FF self pairs ``(i, i)`` of every pool item are labeled too (m teacher
+    calls), to be used as they are, never as training pairs.
     """
+    if design not in DESIGNS:
+        raise ValueError(f"unknown label design {design!r} (known: {', '.join(DESIGNS)})")
     rng = np.random.default_rng([seed, 1])
     pool_l = sample_fraction(m, fraction, min(min_count, m), rng)
     targ_l = sample_fraction(n, fraction, min(min_count, n), rng)
     pool_u = np.setdiff1d(np.arange(m), pool_l)
     targ_u = np.setdiff1d(np.arange(n), targ_l)
-    plan = LabelPlan(pool_l, targ_l)
+    plan = LabelPlan(pool_l, targ_l, design=design)
     side = max(1, math.isqrt(max(eval_pairs, 1)))
+    design_rng = np.random.default_rng([seed, 4])
     for kernel, col_l, col_u in (("ff", pool_l, pool_u), ("ft", targ_l, targ_u)):
-        plan.sets.append(LabelSet(kernel, "q1", pool_l, col_l))
+        if design == "block":
+            plan.sets.append(LabelSet(kernel, "q1", pool_l, col_l))
+        else:
+            plan.sets += spread_sets(kernel, pool_l, col_l, partners, design_rng)
         if eval_pairs <= 0:
             continue
         for quad, rows, cols in (("q2", pool_u, col_l), ("q3", pool_l, col_u), ("q4", pool_u, col_u)):
@@ -90,7 +149,33 @@ def plan_labels(m: int, n: int, fraction: float, min_count: int, eval_pairs: int
             r = np.sort(rng.choice(rows, size=min(side, len(rows)), replace=False))
             c = np.sort(rng.choice(cols, size=min(side, len(cols)), replace=False))
             plan.sets.append(LabelSet(kernel, quad, r, c))
+    if diagonal:
+        idx = np.arange(m, dtype=np.int64)
+        plan.sets.append(LabelSet("ff", "diag", idx, idx, paired=True))
     return plan
+
+
+def spread_sets(
+    kernel: str, pool_l: np.ndarray, col_l: np.ndarray, partners: int, rng: np.random.Generator
+) -> list[LabelSet]:
+    """Q1 rectangles of the ``spread`` design: each labeled example in one (partners x partners) rectangle.
+
+    K_FF: the examples are columns (``K_FF[i, j] = U(j -> i)``), grouped ``partners`` at a time, each group
+    with ``partners`` random labeled rows outside the group. K_FT: the examples are pool rows, each group with
+    ``partners`` random labeled targets.
+    """
+    examples = pool_l[rng.permutation(len(pool_l))]
+    others = pool_l if kernel == "ff" else col_l
+    sets = []
+    for g0 in range(0, len(examples), partners):
+        group = np.sort(examples[g0 : g0 + partners])
+        pool = np.setdiff1d(others, group, assume_unique=True) if kernel == "ff" else others
+        k = min(partners, len(pool))
+        if k == 0:
+            continue
+        mates = np.sort(rng.choice(pool, size=k, replace=False)).astype(np.int64)
+        sets.append(LabelSet(kernel, "q1", mates, group) if kernel == "ff" else LabelSet(kernel, "q1", group, mates))
+    return sets
 
 
 def ranges(n: int, size: int) -> list[tuple[int, int]]:

@@ -42,7 +42,7 @@ _SECTIONS = {
     "fit": ("network",),
     "estimate": ("estimate",),
     "select": ("select",),
-    "report": (),
+    "report": ("fidelity",),
 }
 
 
@@ -201,27 +201,30 @@ class Pipeline:
         c = self.cfg.label
         pool, target = self.tables()
         m, n = pool.num_rows, target.num_rows
-        plan = plan_labels(m, n, c.fraction, c.min_count, c.eval_pairs, self.cfg.seed)
+        plan = plan_labels(
+            m, n, c.fraction, c.min_count, c.eval_pairs, self.cfg.seed,
+            design=c.design, partners=c.partners, diagonal=c.diagonal,
+        )  # fmt: skip
         write_json(
             self.store.path("label", "plan.json"),
             {
+                "design": plan.design,
                 "pool_labeled": plan.pool_labeled,
                 "target_labeled": plan.target_labeled,
-                "sets": [
-                    {"kernel": s.kernel, "quadrant": s.quadrant, "rows": len(s.rows), "cols": len(s.cols)}
-                    for s in plan.sets
-                ],
+                "sets": plan.summary(),
             },
         )
         specs = plan_blocks(plan, c.block_size)
         block_dir = self.store.path("label", "blocks")
         todo = [s for s in specs if not (block_dir / f"{s['block_id']:06d}.parquet").is_file()]
         log.info(
-            "label: %d blocks (%d already done), %d train + %d eval pairs",
+            "label (%s design): %d blocks (%d already done), %d train + %d eval + %d diagonal pairs",
+            plan.design,
             len(specs),
             len(specs) - len(todo),
             plan.train_pairs,
             plan.eval_pairs,
+            plan.diag_pairs,
         )
 
         self.run_label_blocks(plan.sets, specs, todo, block_dir, desc="label")
@@ -229,9 +232,11 @@ class Pipeline:
         write_parquet(self.store.path("label", "labels.parquet"), labels)
         return {
             "function": c.function,
+            "design": plan.design,
             "pairs_labeled": int(labels.num_rows),
             "train_pairs": plan.train_pairs,
             "eval_pairs": plan.eval_pairs,
+            "diag_pairs": plan.diag_pairs,
             "total_pairs": m * m + m * n,
             "labeled_pool": len(plan.pool_labeled),
             "labeled_target": len(plan.target_labeled),
@@ -256,7 +261,7 @@ class Pipeline:
             "function_kwargs": self._function_kwargs(),
             "pool": side(pool, e_pool),
             "target": side(target, e_target),
-            "sets": [{"kernel": s.kernel, "quadrant": s.quadrant, "rows": s.rows, "cols": s.cols} for s in sets],
+            "sets": [s.to_dict() for s in sets],
             "out_dir": str(block_dir),
         }
         executor = "ray" if self._ray() else "local"
@@ -266,6 +271,8 @@ class Pipeline:
     def _function_kwargs(self) -> dict:
         """Constructor arguments of the configured influence function (resolved once, in the driver)."""
         c = self.cfg.label
+        if c.function == "table":
+            return {"table": str(Path(c.table).resolve())}
         if c.function != "delift_icl":
             return {}
         from nncift.models import embedded_lm_dir
@@ -282,38 +289,60 @@ class Pipeline:
             "trust_remote_code": c.trust_remote_code,
         }
 
-    def _labels(self) -> dict[str, dict[str, np.ndarray]]:
-        """Per kernel and quadrant: ((2, P) row/col indices, (P,) raw values); K_FF self pairs optionally dropped."""
+    def _labels(self) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+        """Per kernel and quadrant (q1..q4, and "diag" for K_FF): ((2, P) row/col indices, (P,) raw values).
+
+        K_FF self pairs are dropped from q1..q4 when ``network.exclude_self_pairs``.
+        """
         t = pq.read_table(self.store.path("label", "labels.parquet"))
         kern = np.asarray(t.column("kernel").to_pylist())
         quad = np.asarray(t.column("quadrant").to_pylist())
         rows, cols = t.column("row").to_numpy(), t.column("col").to_numpy()
         vals = t.column("value").to_numpy()
-        out: dict[str, dict[str, np.ndarray]] = {}
+        out: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
         self_pair = (kern == "ff") & (rows == cols) & self.cfg.network.exclude_self_pairs
         for k in ("ff", "ft"):
-            for q in ("q1", "q2", "q3", "q4"):
-                sel = (kern == k) & (quad == q) & ~self_pair
+            for q in ("q1", "q2", "q3", "q4", "diag"):
+                sel = (kern == k) & (quad == q) & (~self_pair if q != "diag" else True)
                 out.setdefault(k, {})[q] = np.stack([rows[sel], cols[sel]]), vals[sel]
         return out
 
-    def stage_fit(self) -> dict:
-        from nncift.distributed import run_fit
-        from nncift.metrics import quadrant_report
-        from nncift.network import InfluenceNetwork, Scaler
-        from nncift.train import PairLabels, predict_pairs, split_train_val
+    def symmetric(self) -> bool:
+        """Whether the surrogate shares one tower (``network.symmetric``; auto = the teacher's own trait)."""
+        from nncift.influence import function_traits
 
         c = self.cfg.network
-        e_pool, e_target = self.embeddings()
-        labels = self._labels()
-        fit_cfg = {
+        if c.symmetric != "auto":
+            return c.symmetric == "true"
+        return function_traits(self.cfg.label.function)["symmetric"]
+
+    def fit_config(self) -> dict:
+        """The surrogate's fit configuration (:func:`nncift.train.fit_loop`)."""
+        c = self.cfg.network
+        return {
+            "kind": c.kind,
             "hidden": c.hidden,
+            "rank": c.rank,
+            "symmetric": self.symmetric(),
+            "cosine_prior": c.cosine_prior,
             "lr": c.lr,
+            "weight_decay": c.weight_decay,
             "epochs": c.epochs,
             "batch_size": c.batch_size,
             "patience": c.patience,
             "seed": c.seed,
         }
+
+    def stage_fit(self) -> dict:
+        from nncift.distributed import run_fit
+        from nncift.metrics import quadrant_report
+        from nncift.network import Scaler, network_from_config
+        from nncift.train import PairLabels, predict_pairs, split_train_val
+
+        c = self.cfg.network
+        e_pool, e_target = self.embeddings()
+        labels = self._labels()
+        fit_cfg = self.fit_config()
         executor = "ray" if self._ray() else "local"
         metrics, preds = {}, []
         import torch
@@ -321,10 +350,12 @@ class Pipeline:
         tasks, scalers, q1s, splits = {}, {}, {}, {}
         for kernel, e_cols in (("ff", e_pool), ("ft", e_target)):
             rc, y_raw = labels[kernel]["q1"]
+            if len(y_raw) == 0:
+                raise NncifError(f"label stage produced no training pairs for K_{kernel.upper()}")
             scalers[kernel] = Scaler.fit(y_raw)
             q1s[kernel] = q1 = PairLabels(rc[0], rc[1], scalers[kernel].transform(y_raw))
             splits[kernel] = tr_idx, va_idx = split_train_val(len(q1), c.val_fraction, c.seed)
-            log.info("fit %s: %d train / %d val pairs", kernel, len(tr_idx), len(va_idx))
+            log.info("fit %s (%s): %d train / %d val pairs", kernel, c.kind, len(tr_idx), len(va_idx))
             tasks[kernel] = (e_cols, q1.take(tr_idx), q1.take(va_idx))
         fitted = run_fit(
             executor,
@@ -339,7 +370,7 @@ class Pipeline:
         for kernel, e_cols in (("ff", e_pool), ("ft", e_target)):
             state, history = fitted[kernel]
             scaler, q1, (tr_idx, va_idx) = scalers[kernel], q1s[kernel], splits[kernel]
-            net = InfluenceNetwork(e_pool.shape[1], c.hidden)
+            net = network_from_config(fit_cfg, e_pool.shape[1])
             net.load_state_dict(state)
             net.eval()
             er, ec = torch.as_tensor(e_pool), torch.as_tensor(e_cols)
@@ -351,12 +382,16 @@ class Pipeline:
                     continue
                 pq_ = PairLabels(rcq[0], rcq[1], scaler.transform(yq))
                 pred = predict_pairs(net, er, ec, pq_)
-                kernel_metrics[q] = quadrant_report(pred, pq_.y, train_mean, seed=c.seed)
+                kernel_metrics[q] = quadrant_report(
+                    pred, pq_.y, train_mean, seed=c.seed, rows=pq_.rows, cols=pq_.cols, k=self.cfg.fidelity.topk
+                )
                 preds.append(
                     pa.table(
                         {
                             "kernel": [kernel] * len(pred),
                             "quadrant": [q] * len(pred),
+                            "row": pq_.rows,
+                            "col": pq_.cols,
                             "true": pq_.y,
                             "pred": pred,
                         }
@@ -378,34 +413,46 @@ class Pipeline:
             write_parquet(self.store.path("fit", "eval_predictions.parquet"), pa.concat_tables(preds))
         write_json(self.store.path("fit", "metrics.json"), _clean(metrics))
         shutil.rmtree(self.store.path("fit", "ray_train"), ignore_errors=True)
-        n_params = InfluenceNetwork(e_pool.shape[1], c.hidden).num_parameters()
-        return {"parameters_per_network": n_params}
+        n_params = network_from_config(fit_cfg, e_pool.shape[1]).num_parameters()
+        return {"parameters_per_network": n_params, "kind": c.kind, "symmetric": fit_cfg["symmetric"]}
 
-    def stage_estimate(self) -> dict:
+    def diagonal(self) -> np.ndarray | None:
+        """(M,) float32 exact K_FF self-utilities from the label stage (``label.diagonal``), else None."""
+        if not self.cfg.label.diagonal:
+            return None
+        (rc, vals) = self._labels()["ff"]["diag"]
+        m = self.store.done_info("data")["M"]
+        diag = np.full(m, np.nan, np.float32)
+        diag[rc[0]] = vals
+        if np.isnan(diag).any():
+            raise RuntimeError(f"label stage has {int(np.isnan(diag).sum())} pool items without a diagonal label")
+        return diag
+
+    def estimator_heads(self) -> dict[str, dict]:
+        """Per kernel, the fitted surrogate's factors + label scaler (+ the exact diagonal of K_FF)."""
         import torch
 
+        from nncift.network import load_network
+
+        e_pool, e_target = self.embeddings()
+        diag = self.diagonal()
+        heads = {}
+        for kernel, e_cols in (("ff", e_pool), ("ft", e_target)):
+            net, scaler, _ = load_network(self.store.path("fit", f"network_{kernel}"))
+            head = net.estimator(torch.as_tensor(e_pool), torch.as_tensor(e_cols))
+            head.update(lo=scaler.lo, hi=scaler.hi, diag=diag if kernel == "ff" else None)
+            heads[kernel] = head
+        return heads
+
+    def stage_estimate(self) -> dict:
         from nncift.distributed import map_blocks
         from nncift.estimate import EstimateWorker
-        from nncift.network import InfluenceNetwork
         from nncift.pairs import block_grid
 
         c = self.cfg.estimate
-        e_pool, e_target = self.embeddings()
-        m, n = len(e_pool), len(e_target)
+        m, n = self.store.done_info("data")["M"], self.store.done_info("data")["N"]
         layout = self.layout()
-        heads = {}
-        for kernel, e_cols in (("ff", e_pool), ("ft", e_target)):
-            net, scaler, _ = InfluenceNetwork.load(self.store.path("fit", f"network_{kernel}"))
-            p, q = net.project(torch.as_tensor(e_pool), torch.as_tensor(e_cols))
-            w2, b2 = net.head()
-            heads[kernel] = {
-                "p": p.numpy(),
-                "q": q.numpy(),
-                "w2": w2,
-                "b2": b2,
-                "lo": scaler.lo,
-                "hi": scaler.hi,
-            }
+        heads = self.estimator_heads()
         # dense: tiles; sparse: row stripes spanning every column, each reduced to its own top-k (no merge
         # across workers)
         sparse = layout == "sparse"
@@ -555,9 +602,83 @@ class Pipeline:
         write_text(self.store.path("select", "selected.jsonl"), "\n".join(lines) + "\n")
         return {"objective": c.objective, "budget": budget, "value": value, "layout": layout, "algorithm": c.algorithm}
 
+    def items(self) -> tuple:
+        """Items (ids, prompts, responses, embeddings) of D_F and D_T."""
+        from nncift.influence import Items
+
+        pool, target = self.tables()
+        e_pool, e_target = self.embeddings()
+        return tuple(
+            Items(t.column("prompt").to_pylist(), t.column("response").to_pylist(), e, t.column("id").to_pylist())
+            for t, e in ((pool, e_pool), (target, e_target))
+        )
+
+    def truth_function(self):
+        """The teacher's full-kernel source for fidelity, or (None, reason)."""
+        from nncift.influence import build_influence_function, function_traits
+
+        fd, lb = self.cfg.fidelity, self.cfg.label
+        if fd.truth_table:
+            return build_influence_function("table", table=str(Path(fd.truth_table).resolve())), None
+        if function_traits(lb.function)["exact_is_cheap"]:
+            return build_influence_function(lb.function, **self._function_kwargs()), None
+        return None, f"the full kernel of `{lb.function}` is unknown: set fidelity.truth_table to a full-label table"
+
+    def fidelity(self) -> dict:
+        """Selection fidelity of this run under the teacher's full kernel (see :mod:`nncift.fidelity`).
+
+        Returns ``{"measured": False, "reason": ...}`` when the full kernel is unknown or too large.
+        """
+        from nncift import fidelity as fid
+        from nncift.errors import DataError
+
+        fd, sc = self.cfg.fidelity, self.cfg.select
+        m, n = self.store.done_info("data")["M"], self.store.done_info("data")["N"]
+        if m * m + m * n > fd.max_pairs:
+            return {
+                "measured": False,
+                "reason": f"M*M + M*N = {m * m + m * n:,} > fidelity.max_pairs = {fd.max_pairs:,}",
+            }
+        fn, reason = self.truth_function()
+        if fn is None:
+            return {"measured": False, "reason": reason}
+        pool, target = self.items()
+        try:
+            true_ff, true_ft = fid.teacher_kernels(fn, pool, target)
+        except DataError as exc:
+            return {"measured": False, "reason": f"the truth table does not cover this run: {exc}"}
+        sel = pq.read_table(self.store.path("select", "selection.parquet"))
+        est = sel.column("index").to_numpy()
+        budget = len(est)
+        cos_ff, cos_ft = fid.cosine_kernels(pool.embeddings, target.embeddings)
+        zero = fid.select(cos_ff, cos_ft, budget, sc.objective, sc.eta, sc.nu)
+        out = fid.selection_fidelity(
+            true_ff, true_ft, {"nncift": est, "zero_label": zero}, budget, sc.objective, sc.eta, sc.nu,
+            fd.random_subsets, self.cfg.seed,
+        )  # fmt: skip
+        out["measured"] = True
+        out["truth"] = fd.truth_table or self.cfg.label.function
+        out["zero_label"] = out["subsets"].pop("zero_label")
+        out.update(out["subsets"].pop("nncift"))
+        del out["subsets"]
+        return out
+
     def stage_report(self) -> dict:
         from nncift.report import write_report
 
+        fidelity = self.fidelity()
+        write_json(self.store.path("report", "fidelity.json"), _clean(fidelity))
+        if fidelity.get("measured"):
+            log.info(
+                "fidelity: gap closed %.3f (zero-label baseline %.3f), Jaccard with the teacher's subset %.3f",
+                fidelity["gap_closed"] if fidelity["gap_closed"] is not None else float("nan"),
+                fidelity["zero_label"]["gap_closed"]
+                if fidelity["zero_label"]["gap_closed"] is not None
+                else float("nan"),
+                fidelity["jaccard"],
+            )
+        else:
+            log.info("fidelity: not measured (%s)", fidelity["reason"])
         return write_report(self.store, self.cfg)
 
 

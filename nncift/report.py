@@ -25,6 +25,8 @@ def build_report(store: RunDir) -> dict:
         "data": {"M": done["data"].get("M"), "N": done["data"].get("N")},
         "label": {
             "function": lab.get("function"),
+            "design": lab.get("design", "block"),
+            "diag_pairs": lab.get("diag_pairs", 0),
             "pairs_labeled": lab.get("pairs_labeled"),
             "train_pairs": lab.get("train_pairs"),
             "eval_pairs": lab.get("eval_pairs"),
@@ -32,6 +34,8 @@ def build_report(store: RunDir) -> dict:
             "fraction_of_pairs_labeled": (lab.get("pairs_labeled") or 0) / max(1, lab.get("total_pairs") or 1),
         },
         "network": {
+            "kind": done["fit"].get("kind", "mlp"),
+            "symmetric": done["fit"].get("symmetric", False),
             "parameters": done["fit"].get("parameters_per_network"),
             **{
                 k: {"quadrants": v["quadrants"], "epochs": len(v["history"]), "train_pairs": v["train_pairs"]}
@@ -41,6 +45,10 @@ def build_report(store: RunDir) -> dict:
         "estimate": {"pairs": done["estimate"].get("pairs"), "blocks": done["estimate"].get("blocks")},
         "selection": {k: done["select"].get(k) for k in ("objective", "budget", "value")},
     }
+    fid_path = store.path("report", "fidelity.json")
+    if fid_path.is_file():
+        fid = json.loads(fid_path.read_text())
+        rep["fidelity"] = {k: v for k, v in fid.items() if k != "exact"}
     rep["seconds"]["total"] = round(sum(rep["seconds"].values()), 3)
     return rep
 
@@ -94,6 +102,23 @@ def _plots(store: RunDir, rep: dict) -> list[str]:
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     files.append(_save(fig, store, "mse_per_quadrant.png"))
+    fid = rep.get("fidelity") or {}
+    if fid.get("measured"):
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        names = ["random (mean)", "zero-label\n(embedding cosine)", "NN-CIFT\n(this run)", "teacher\n(exact kernel)"]
+        vals = [0.0, fid["zero_label"]["gap_closed"] or 0.0, fid["gap_closed"] or 0.0, 1.0]
+        colors = ["#bbbbbb", "#8fb3d9", "#d9822b", "#4a4a4a"]
+        ax.bar(names, vals, color=colors)
+        for x, v in enumerate(vals):
+            ax.text(x, v + (0.02 if v >= 0 else -0.06), f"{v:+.2f}", ha="center", fontsize=9)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set(
+            ylabel="gap closed",
+            title=f"Selection fidelity under the teacher's kernel ({fid['objective']}, budget {fid['budget']})",
+        )
+        ax.title.set_fontsize(10)
+        fig.tight_layout()
+        files.append(_save(fig, store, "fidelity.png"))
     plt.close("all")
     return files
 
@@ -118,26 +143,32 @@ def _markdown(rep: dict, plots: list[str]) -> str:
         *[f"| {s} | {v:.1f} |" for s, v in rep["seconds"].items()],
         "",
         f"Influence function `{rep['label']['function']}` labeled {rep['label']['pairs_labeled']:,} of "
-        f"{rep['label']['total_pairs']:,} pairs ({100 * rep['label']['fraction_of_pairs_labeled']:.3f}%): "
-        f"{rep['label']['train_pairs']:,} for training, {rep['label']['eval_pairs']:,} for the fidelity report.",
+        f"{rep['label']['total_pairs']:,} pairs ({100 * rep['label']['fraction_of_pairs_labeled']:.3f}%) "
+        f"with the `{rep['label']['design']}` design: {rep['label']['train_pairs']:,} for training, "
+        f"{rep['label']['eval_pairs']:,} for the fidelity report"
+        + (f", {rep['label']['diag_pairs']:,} exact self-utilities." if rep["label"]["diag_pairs"] else "."),
         "",
-        "## InfluenceNetwork fidelity (labels min-max scaled with the training scaler)",
+        *_fidelity_markdown(rep.get("fidelity")),
+        "## Surrogate fit (labels min-max scaled with the training scaler)",
         "",
-        f"{rep['network']['parameters']:,} parameters per network.",
+        f"`network.kind={rep['network']['kind']}`"
+        + (" (symmetric towers)" if rep["network"]["symmetric"] else "")
+        + f", {rep['network']['parameters']:,} parameters per network.",
         "",
     ]
     for k in ("ff", "ft"):
         lines += [
             f"### K_{k.upper()} ({rep['network'][k]['epochs']} epochs)",
             "",
-            "| quadrant | pairs | MSE | MAE | Spearman | MSE mean-baseline | MSE zero | MSE uniform |",
-            "|---|---|---|---|---|---|---|---|",
+            "| quadrant | pairs | MSE | MAE | Spearman | top-k recall | MSE mean-baseline | MSE zero | MSE uniform |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for q, v in rep["network"][k]["quadrants"].items():
-            sp = v["network"]["spearman"]
+            sp, rc = v["network"]["spearman"], v["network"].get("topk_recall")
             lines.append(
                 f"| {q.upper()} | {v['pairs']} | {v['network']['mse']:.4f} | {v['network']['mae']:.4f} | "
-                f"{'n/a' if sp is None else f'{sp:.3f}'} | {v['baseline_mean']['mse']:.4f} | "
+                f"{'n/a' if sp is None else f'{sp:.3f}'} | {'n/a' if rc is None else f'{rc:.2f}'} | "
+                f"{v['baseline_mean']['mse']:.4f} | "
                 f"{v['baseline_zero']['mse']:.4f} | {v['baseline_uniform']['mse']:.4f} |"
             )
         lines.append("")
@@ -151,6 +182,35 @@ def _markdown(rep: dict, plots: list[str]) -> str:
     ]
     lines += [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _fmt(v: float | None, spec: str = "+.3f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def _fidelity_markdown(fid: dict | None) -> list[str]:
+    """The fidelity section: gap closed, Jaccard and the zero-label baseline (or why it is not measured)."""
+    if not fid:
+        return []
+    if not fid.get("measured"):
+        return ["## Selection fidelity", "", f"Not measured: {fid.get('reason')}.", ""]
+    z = fid["zero_label"]
+    return [
+        "## Selection fidelity (under the teacher's own kernel)",
+        "",
+        f"Objective `{fid['objective']}`, budget {fid['budget']}, ground truth `{fid['truth']}`. "
+        f"f = objective on the teacher's min-max-scaled kernels; gap closed = (f − mean f(random)) / "
+        f"(f(teacher's subset) − mean f(random)), over {fid['random_subsets']} seeded random subsets.",
+        "",
+        "| subset | f | gap closed | Jaccard with the teacher's subset |",
+        "|---|---|---|---|",
+        f"| teacher's own selection (exact kernel) | {fid['f_exact']:.2f} | 1 | 1 |",
+        f"| **NN-CIFT (this run)** | {fid['f']:.2f} | **{_fmt(fid['gap_closed'])}** | {fid['jaccard']:.3f} |",
+        f"| zero-label baseline (embedding cosine, no teacher calls) | {z['f']:.2f} | {_fmt(z['gap_closed'])} | "
+        f"{z['jaccard']:.3f} |",
+        f"| random (mean ± sd) | {fid['f_random_mean']:.2f} ± {fid['f_random_sd']:.2f} | 0 | – |",
+        "",
+    ]
 
 
 def write_report(store: RunDir, cfg: RunConfig) -> dict:

@@ -1,4 +1,4 @@
-"""Fitting and evaluating the InfluenceNetwork: pure loops that know nothing about Ray.
+"""Fitting and evaluating the surrogates: pure loops that know nothing about Ray.
 
 :func:`fit_loop` is the per-worker training loop. The local executor calls it once with
 ``rank=0, world_size=1``; :mod:`nncift.distributed` calls it inside each Ray Train worker with the
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nncift.network import InfluenceNetwork
+from nncift.network import network_from_config
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +110,11 @@ def fit_loop(
     wrap: Callable[[nn.Module], nn.Module] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Train with Adam + MSE and early stopping on the validation MSE.
+    """Train with Adam (AdamW with ``weight_decay``) + MSE and early stopping on the validation MSE.
 
     Args:
-        cfg: ``hidden``, ``lr``, ``epochs``, ``batch_size``, ``patience``, ``seed``.
+        cfg: ``kind`` (default "mlp") and its parameters (``hidden``; ``rank``, ``symmetric``,
+            ``cosine_prior``), ``lr``, ``epochs``, ``batch_size``, ``patience``, ``seed``.
         e_rows: (R, d) float32 row embeddings. e_cols: (C, d) float32 column embeddings.
         train, val: labeled pairs (scaled labels).
         rank, world_size: this worker's shard.
@@ -124,9 +125,14 @@ def fit_loop(
         (best state dict (unwrapped, CPU tensors), per-epoch history).
     """
     torch.manual_seed(cfg["seed"])
-    net = InfluenceNetwork(e_rows.shape[1], cfg["hidden"])
+    net = network_from_config(cfg, e_rows.shape[1])
     model = wrap(net) if wrap is not None else net
-    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    wd = float(cfg.get("weight_decay", 0.0))
+    opt = (
+        torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=wd)
+        if wd
+        else torch.optim.Adam(model.parameters(), lr=cfg["lr"])
+    )
     er, ec = torch.from_numpy(np.array(e_rows, np.float32)), torch.from_numpy(np.array(e_cols, np.float32))
     best, best_state, stale, history = math.inf, copy.deepcopy(net.state_dict()), 0, []
     for epoch in range(cfg["epochs"]):

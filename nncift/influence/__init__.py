@@ -11,13 +11,17 @@ from typing import Any
 from nncift.influence.base import InfluenceFunction, Items
 from nncift.influence.delift_se import DeliftSE
 
-FUNCTIONS = ("delift_se", "delift_icl")
+FUNCTIONS = ("delift_se", "delift_icl", "table")
 
 
 def build_influence_function(name: str, **kwargs: Any) -> InfluenceFunction:
     """Instantiate the influence function ``name`` (one of :data:`FUNCTIONS`)."""
     if name == "delift_se":
         return DeliftSE()
+    if name == "table":
+        from nncift.influence.table import TableFunction
+
+        return TableFunction(kwargs["table"], symmetric=kwargs.get("symmetric", False))
     if name == "delift_icl":
         backend = kwargs.pop("backend", "hf")
         if backend == "vllm":
@@ -30,4 +34,22 @@ def build_influence_function(name: str, **kwargs: Any) -> InfluenceFunction:
     raise ValueError(f"unknown influence function {name!r} (known: {', '.join(FUNCTIONS)})")
 
 
-__all__ = ["FUNCTIONS", "DeliftSE", "InfluenceFunction", "Items", "build_influence_function"]
+def function_traits(name: str) -> dict[str, bool]:
+    """Class-level traits of a function without building it (no model is loaded): ``symmetric``,
+    ``exact_is_cheap``."""
+    if name == "delift_se":
+        cls: type[InfluenceFunction] = DeliftSE
+    elif name == "table":
+        from nncift.influence.table import TableFunction
+
+        cls = TableFunction
+    elif name == "delift_icl":
+        from nncift.influence.delift_icl import DeliftICL
+
+        cls = DeliftICL
+    else:
+        raise ValueError(f"unknown influence function {name!r} (known: {', '.join(FUNCTIONS)})")
+    return {"symmetric": cls.symmetric, "exact_is_cheap": cls.exact_is_cheap}
+
+
+__all__ = ["FUNCTIONS", "DeliftSE", "InfluenceFunction", "Items", "build_influence_function", "function_traits"]

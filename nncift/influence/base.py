@@ -16,27 +16,43 @@ class Items:
         prompts: (B,) prompt strings.
         responses: (B,) response strings.
         embeddings: (B, d) float32 unit-norm embeddings.
+        ids: (B,) row ids (the table teacher looks values up by id); None when unknown.
     """
 
     prompts: list[str]
     responses: list[str]
     embeddings: np.ndarray
+    ids: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     def take(self, idx: np.ndarray) -> Items:
         idx = np.asarray(idx, dtype=np.int64)
-        return Items([self.prompts[i] for i in idx], [self.responses[i] for i in idx], self.embeddings[idx])
+        return Items(
+            [self.prompts[i] for i in idx],
+            [self.responses[i] for i in idx],
+            self.embeddings[idx],
+            None if self.ids is None else [self.ids[i] for i in idx],
+        )
 
 
 class InfluenceFunction(ABC):
     """An expensive pairwise influence function.
 
-    Subclasses implement :meth:`utility`. Positive values mean the example helps the target.
+    Subclasses implement :meth:`utility` (and, for speed, :meth:`utility_pairs`). Positive values mean the
+    example helps the target.
+
+    Attributes:
+        name: registry name.
+        symmetric: ``U(a -> b) == U(b -> a)`` for every pair (surrogates may then share one tower).
+        exact_is_cheap: every pair can be computed at negligible cost (embedding cosine, a lookup table), so
+            a run can afford the full kernel as fidelity ground truth.
     """
 
     name: str = "base"
+    symmetric: bool = False
+    exact_is_cheap: bool = False
 
     @abstractmethod
     def utility(self, examples: Items, targets: Items) -> np.ndarray:
@@ -45,6 +61,20 @@ class InfluenceFunction(ABC):
         Returns:
             (len(examples), len(targets)) float32.
         """
+
+    def utility_pairs(self, examples: Items, targets: Items) -> np.ndarray:
+        """U(examples[k] -> targets[k]) for aligned pairs (default: one :meth:`utility` call per pair;
+        the built-in functions override it with a batched computation).
+
+        Returns:
+            (len(examples),) float32.
+        """
+        if len(examples) != len(targets):
+            raise ValueError(f"utility_pairs needs aligned pairs, got {len(examples)} examples, {len(targets)} targets")
+        out = np.empty(len(examples), np.float32)
+        for k in range(len(examples)):
+            out[k] = self.utility(examples.take([k]), targets.take([k]))[0, 0]
+        return out
 
     def kernel_block(self, kernel: str, rows: Items, cols: Items) -> np.ndarray:
         """A block of K_FF or K_FT with rows from D_F.
@@ -59,4 +89,17 @@ class InfluenceFunction(ABC):
             return np.ascontiguousarray(self.utility(cols, rows).T, dtype=np.float32)
         if kernel == "ft":
             return np.ascontiguousarray(self.utility(rows, cols), dtype=np.float32)
+        raise ValueError(f"kernel must be 'ff' or 'ft', got {kernel!r}")
+
+    def kernel_pairs(self, kernel: str, rows: Items, cols: Items) -> np.ndarray:
+        """Entries ``K[rows[k], cols[k]]`` of K_FF or K_FT for aligned pairs (same orientation as
+        :meth:`kernel_block`).
+
+        Returns:
+            (len(rows),) float32.
+        """
+        if kernel == "ff":
+            return np.asarray(self.utility_pairs(cols, rows), dtype=np.float32)
+        if kernel == "ft":
+            return np.asarray(self.utility_pairs(rows, cols), dtype=np.float32)
         raise ValueError(f"kernel must be 'ff' or 'ft', got {kernel!r}")

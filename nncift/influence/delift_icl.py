@@ -201,11 +201,37 @@ class DeliftICL(InfluenceFunction):
             )
         return res
 
+    def icl_distance_pairs(self, examples: Items, targets: Items) -> np.ndarray:
+        """d(with example e_k) of target t_k for aligned pairs, as length-sorted batches of full sequences
+        (no prefix is shared between pairs). Returns (P,) float64."""
+        ex_enc, t_enc = self.encode(examples), self.encode(targets)
+        seqs, firsts = [], []
+        for ex, t in zip(ex_enc, t_enc, strict=True):
+            prefix = self.prefix_ids(ex)
+            suf, n_unscored = self.suffix_ids(t)
+            seqs.append(prefix + suf)
+            firsts.append(len(prefix) + n_unscored)
+        order = np.argsort([len(s) for s in seqs], kind="stable")
+        out = np.empty(len(seqs))
+        step = 1 if self.mode == "single" else self.batch_size
+        for s in range(0, len(order), step):
+            chunk = order[s : s + step]
+            out[chunk] = self._distances([seqs[i] for i in chunk], [firsts[i] for i in chunk])
+        return out
+
     # ------------------------------------------------------------------ interface
     def utility(self, examples: Items, targets: Items) -> np.ndarray:
         """U(e -> t) = d_noICL(t) - d_ICL(e, t). Returns (E, T) float32."""
         base = self.no_icl_distance(targets)
         return (base[None, :] - self.icl_distance(examples, targets)).astype(np.float32)
+
+    def utility_pairs(self, examples: Items, targets: Items) -> np.ndarray:
+        """U(e_k -> t_k) for aligned pairs (e.g. the self-utilities U(i -> i)). Returns (P,) float32."""
+        if len(examples) != len(targets):
+            raise ValueError(f"utility_pairs needs aligned pairs, got {len(examples)} examples, {len(targets)} targets")
+        if not len(examples):
+            return np.zeros(0, np.float32)
+        return (self.no_icl_distance(targets) - self.icl_distance_pairs(examples, targets)).astype(np.float32)
 
 
 def pairs_per_second(fn: DeliftICL, examples: Items, targets: Items) -> tuple[float, np.ndarray]:

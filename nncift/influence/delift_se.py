@@ -1,4 +1,4 @@
-"""DELIFT (SE): cosine similarity of sentence embeddings (METHOD.md §1.3)."""
+"""DELIFT (SE): cosine similarity of sentence embeddings (the DELIFT paper, App. C.1 of NN-CIFT)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,13 @@ class DeliftSE(InfluenceFunction):
     """
 
     name = "delift_se"
+    symmetric = True
+    exact_is_cheap = True
 
     def utility(self, examples: Items, targets: Items) -> np.ndarray:
         """Returns (E, T) float32 cosines."""
         return (examples.embeddings @ targets.embeddings.T).astype(np.float32)
+
+    def utility_pairs(self, examples: Items, targets: Items) -> np.ndarray:
+        """Returns (P,) float32 cosines of aligned pairs."""
+        return np.einsum("pd,pd->p", examples.embeddings, targets.embeddings).astype(np.float32)

@@ -1,0 +1,127 @@
+"""A table teacher: influence values read from a Parquet file instead of computed.
+
+Users who already have scores from another tool, or from an earlier full run (``nncift export-table``),
+bring them in with ``label.function=table`` and ``label.table=PATH``. The file has one row per pair:
+
+- ``example_id`` (string): the in-context example / training item e;
+- ``target_id`` (string): the item it is scored for, t;
+- ``value`` (float): U(e -> t), the same orientation as every teacher (positive = e helps t).
+
+Ids are the run's row ids (``id`` of ``data/pool.parquet`` and ``data/target.parquet``), so
+``K_FF[i, j] = U(pool j -> pool i)`` and ``K_FT[i, j] = U(pool i -> target j)``. A pair the plan needs that
+the table lacks is a :class:`~nncift.errors.DataError` naming the ids.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from nncift.errors import DataError
+from nncift.influence.base import InfluenceFunction, Items
+
+TABLE_COLUMNS = ("example_id", "target_id", "value")
+
+
+class TableFunction(InfluenceFunction):
+    """Lookup of U(example -> target) in a Parquet table (vectorised: sorted int64 keys + searchsorted).
+
+    Args:
+        path: Parquet file with columns ``example_id``, ``target_id``, ``value``.
+        symmetric: declare the values symmetric (surrogates may share one tower).
+    """
+
+    name = "table"
+    exact_is_cheap = True
+
+    def __init__(self, path: str | Path, symmetric: bool = False):
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        self.path = Path(path)
+        self.symmetric = bool(symmetric)
+        if not self.path.is_file():
+            raise DataError(f"label.table: file not found: {self.path}")
+        try:
+            schema = pq.read_schema(self.path)
+        except Exception as exc:  # pyarrow raises several types for a non-Parquet file
+            raise DataError(f"label.table: {self.path} is not a Parquet file ({exc})") from None
+        missing = [c for c in TABLE_COLUMNS if c not in schema.names]
+        if missing:
+            raise DataError(f"label.table: {self.path} has no column '{missing[0]}' (needs {', '.join(TABLE_COLUMNS)})")
+        t = pq.read_table(self.path, columns=list(TABLE_COLUMNS))
+        if t.num_rows == 0:
+            raise DataError(f"label.table: {self.path} is empty")
+        for c in ("example_id", "target_id"):
+            if t.column(c).null_count:
+                raise DataError(f"label.table: {self.path} column '{c}' has {t.column(c).null_count} null ids")
+        values = t.column("value").cast("float64").to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if len(bad):
+            raise DataError(f"label.table: {self.path} row {int(bad[0])}: value is {values[bad[0]]} (not finite)")
+        ex = pc.cast(t.column("example_id"), "string").to_numpy(zero_copy_only=False).astype(object)
+        tg = pc.cast(t.column("target_id"), "string").to_numpy(zero_copy_only=False).astype(object)
+        vocab, codes = np.unique(np.concatenate([ex, tg]), return_inverse=True)
+        self.vocab = vocab.astype(str)
+        n = len(ex)
+        keys = codes[:n].astype(np.int64) * len(self.vocab) + codes[n:].astype(np.int64)
+        order = np.argsort(keys, kind="stable")
+        self.keys, self.values = keys[order], values[order].astype(np.float32)
+        dup = np.flatnonzero(self.keys[1:] == self.keys[:-1])
+        if len(dup):
+            i = order[dup[0] + 1]
+            raise DataError(f"label.table: {self.path} row {int(i)}: duplicate pair ({ex[i]!r} -> {tg[i]!r})")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _codes(self, ids: list[str] | None) -> tuple[np.ndarray, np.ndarray]:
+        if ids is None:
+            raise DataError("label.function=table needs item ids (the run's data ids)")
+        arr = np.asarray(ids, dtype=object).astype(str)
+        pos = np.minimum(np.searchsorted(self.vocab, arr), len(self.vocab) - 1)
+        found = self.vocab[pos] == arr
+        return pos.astype(np.int64), found
+
+    def lookup(self, example_ids: list[str], target_ids: list[str]) -> np.ndarray:
+        """U(example_ids[k] -> target_ids[k]) for aligned id lists; (P,) float32.
+
+        Raises:
+            DataError: naming the first missing pair and how many are missing.
+        """
+        e, e_ok = self._codes(example_ids)
+        t, t_ok = self._codes(target_ids)
+        keys = e * len(self.vocab) + t
+        pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        ok = e_ok & t_ok & (self.keys[pos] == keys)
+        if not ok.all():
+            bad = np.flatnonzero(~ok)
+            k = int(bad[0])
+            raise DataError(
+                f"label.table: {self.path} has no value for {len(bad):,} of {len(keys):,} pairs needed, e.g. "
+                f"example_id={example_ids[k]!r} -> target_id={target_ids[k]!r} (ids must be the run's data ids)"
+            )
+        return self.values[pos]
+
+    def covers(self, example_ids: list[str], target_ids: list[str]) -> bool:
+        """Whether every aligned pair is in the table."""
+        try:
+            self.lookup(example_ids, target_ids)
+        except DataError:
+            return False
+        return True
+
+    def utility(self, examples: Items, targets: Items) -> np.ndarray:
+        """(E, T) float32 looked up by id."""
+        ex = np.repeat(np.asarray(examples.ids, dtype=object), len(targets)).tolist() if examples.ids else None
+        tg = np.tile(np.asarray(targets.ids, dtype=object), len(examples)).tolist() if targets.ids else None
+        if not len(examples) or not len(targets):
+            return np.zeros((len(examples), len(targets)), np.float32)
+        return self.lookup(ex, tg).reshape(len(examples), len(targets))
+
+    def utility_pairs(self, examples: Items, targets: Items) -> np.ndarray:
+        """(P,) float32 looked up by id."""
+        if not len(examples):
+            return np.zeros(0, np.float32)
+        return self.lookup(examples.ids, targets.ids)
