@@ -25,8 +25,11 @@ def make_parser() -> argparse.ArgumentParser:
         "evaluate": "evaluate a subset's model on the held-out test split",
         "compare": "fine-tune + evaluate every subset of eval.subsets; table and plot",
     }
-    for name in ("run", *STAGES[:-1], "report", "finetune", "evaluate", "compare"):
+    helps["export-table"] = "write the run's teacher labels as a table file (label.function=table)"
+    for name in ("run", *STAGES[:-1], "report", "finetune", "evaluate", "compare", "export-table"):
         p = sub.add_parser(name, help=helps.get(name, f"pipeline up to '{name}'"))
+        if name == "export-table":
+            p.add_argument("--out", required=True, help="Parquet file to write (example_id, target_id, value)")
         if name in ("finetune", "evaluate"):
             p.add_argument("--subset", default="nncift", help="base | random | nncift | exact | full (default nncift)")
         if name == "compare":
@@ -73,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         if args.command in ("finetune", "evaluate", "compare"):
             return _subset_command(args, cfg, argv)
+        if args.command == "export-table":
+            prov = Pipeline(cfg, args.run_dir).export_table(args.out)
+            print(f"table: {args.out} ({prov['pairs']:,} pairs)")
+            return 0
         until = "report" if args.command == "run" else args.command
         Pipeline(cfg, args.run_dir, overwrite=args.overwrite).run(until)
     except NncifError as exc:

@@ -602,6 +602,47 @@ class Pipeline:
         write_text(self.store.path("select", "selected.jsonl"), "\n".join(lines) + "\n")
         return {"objective": c.objective, "budget": budget, "value": value, "layout": layout, "algorithm": c.algorithm}
 
+    def export_table(self, out: str | Path) -> dict:
+        """Write the run's teacher labels as a table file (``example_id, target_id, value``) for
+        ``label.function=table`` / ``fidelity.truth_table``, with its provenance in ``<out>.json``.
+
+        Returns:
+            the provenance dict (pairs, teacher, its settings, data config, label seconds).
+        """
+        from nncift.influence.table import labels_to_table
+
+        done = self.store.done_info("label")
+        if done is None:
+            raise NncifError(f"{self.store.root}: the label stage is not finished; run `nncift label` first")
+        labels = pq.read_table(self.store.path("label", "labels.parquet"))
+        table = labels_to_table(labels)
+        out = Path(out)
+        recorded = done["provenance"]  # the configuration the labels were computed with
+        lab, data = recorded["label"], recorded["data"]
+        prov = {
+            "pairs": table.num_rows,
+            "function": lab["function"],
+            "label_config": lab,
+            "data_config": data,
+            "data_overrides": {"seed": recorded["root"]["seed"],
+                               **{f"data.{k}": v for k, v in data.items() if v is not None}},  # fmt: skip
+            "M": self.store.done_info("data")["M"],
+            "N": self.store.done_info("data")["N"],
+            "label_seconds": done.get("seconds"),
+            "teacher_pairs_per_second": labels.num_rows / done["seconds"] if done.get("seconds") else None,
+            "source_run": str(self.store.root),
+        }
+        if lab["function"] == "delift_icl":
+            from nncift.influence import delift_icl as icl
+            from nncift.models import EMBEDDED_LM
+
+            prov["template"] = {k: getattr(icl, k) for k in ("HEAD_NOICL", "HEAD_ICL", "SEP_ICL", "MID_ICL", "TAIL")}
+            pkg = EMBEDDED_LM[2].split()[0]
+            prov["model"] = lab.get("model") or f"embedded SmolLM2-135M-Instruct ({EMBEDDED_LM[1]} of {pkg})"
+        write_parquet(out, table, metadata={"nncift_table": prov})
+        write_json(out.with_suffix(".json"), prov)
+        return prov
+
     def items(self) -> tuple:
         """Items (ids, prompts, responses, embeddings) of D_F and D_T."""
         from nncift.influence import Items

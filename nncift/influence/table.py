@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from nncift.errors import DataError
 from nncift.influence.base import InfluenceFunction, Items
@@ -125,3 +126,28 @@ class TableFunction(InfluenceFunction):
         if not len(examples):
             return np.zeros(0, np.float32)
         return self.lookup(examples.ids, targets.ids)
+
+
+def labels_to_table(labels: pa.Table) -> pa.Table:
+    """A label-stage table (kernel, row_id, col_id, value, ...) in the teacher orientation of a table file.
+
+    ``K_FF[i, j] = U(j -> i)`` gives ``example_id = col_id, target_id = row_id``; ``K_FT[i, j] = U(i -> j)``
+    gives ``example_id = row_id, target_id = col_id``. A pair labeled twice (a self pair of Q1 and of the
+    diagonal) is kept once.
+    """
+    kern = np.asarray(labels.column("kernel").to_pylist())
+    row_id = np.asarray(labels.column("row_id").to_pylist(), dtype=object)
+    col_id = np.asarray(labels.column("col_id").to_pylist(), dtype=object)
+    ff = kern == "ff"
+    ex = np.where(ff, col_id, row_id)
+    tg = np.where(ff, row_id, col_id)
+    vals = labels.column("value").to_numpy().astype(np.float32)
+    _, first = np.unique(np.char.add(np.char.add(ex.astype(str), "\x00"), tg.astype(str)), return_index=True)
+    first = np.sort(first)
+    return pa.table(
+        {
+            "example_id": pa.array(ex[first].tolist(), pa.string()),
+            "target_id": pa.array(tg[first].tolist(), pa.string()),
+            "value": pa.array(vals[first], pa.float32()),
+        }
+    )

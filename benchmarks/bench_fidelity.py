@@ -1,0 +1,290 @@
+"""Benchmark: selection fidelity of the surrogates, swept over kind x label design x labeled fraction x seed.
+
+For each teacher whose full kernel is known, every configuration runs the pipeline's own pieces end to end
+on the teacher's values: the label plan (``nncift.pairs.plan_labels``), the fit (``nncift.train.fit_loop``,
+the local twin of the Ray fit), all-pairs estimation from the surrogate's factors (with the exact diagonal
+when ``label.diagonal``), greedy selection, and :func:`nncift.fidelity.selection_fidelity`. Printed side by
+side in the same run: the paper's MLP, the zero-label baseline (embedding cosine, no teacher calls), the
+exact diagonal alone (M teacher calls, constant off-diagonal) and random subsets (gap closed 0 by definition).
+
+Teachers:
+  se       DELIFT-SE on the default demo data (M=2000, N=500; embeddings from `nncift embed`)
+  icl      the full DELIFT ICL table built by benchmarks/build_delift_table.py (SmolLM2, 120 x 150)
+  textsim  a TF-IDF text-similarity kernel the network cannot read off its own embeddings (M=800, N=200)
+
+    .venv/bin/python benchmarks/bench_fidelity.py --teacher icl --seeds 0,1,2
+    .venv/bin/python benchmarks/bench_fidelity.py --teacher se --kinds mlp,bilinear --designs block,spread \
+        --fractions 0.1,0.2,0.4 --set network.epochs=40
+
+Teacher pairs counted per configuration = training pairs (Q1) + the diagonal (when labeled); the Q2-Q4
+evaluation pairs are a measurement, not needed for the selection, and are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLE = ROOT / "benchmarks" / "data" / "delift_icl_smollm2.parquet"
+log = logging.getLogger("bench_fidelity")
+
+
+# ---------------------------------------------------------------------------------------------- teachers
+def _pipeline(config: str | None, run_dir: Path, overrides: list[str]):
+    from nncift.config import load_config
+    from nncift.pipeline import Pipeline
+
+    cfg = load_config(config, ["ray.executor=local", *overrides])
+    pipe = Pipeline(cfg, run_dir)
+    pipe.run("embed")
+    return pipe
+
+
+def teacher(name: str, work: Path) -> dict:
+    """Embeddings, true kernels and a label for one teacher: {e_pool, e_target, ff, ft, ids, name}."""
+    from nncift import fidelity as fid
+    from nncift.influence import build_influence_function
+
+    if name == "se":
+        pipe = _pipeline(str(ROOT / "jobs/configs/demo.yaml"), work / "se", [])
+        pool, target = pipe.items()
+        ff, ft = fid.teacher_kernels(build_influence_function("delift_se"), pool, target)
+    elif name == "icl":
+        if not TABLE.is_file():
+            sys.exit(f"{TABLE} is missing: build it with benchmarks/build_delift_table.py")
+        meta = json.loads(TABLE.with_suffix(".json").read_text())
+        pipe = _pipeline(None, work / "icl", [f"{k}={v}" for k, v in meta["data_overrides"].items()])
+        pool, target = pipe.items()
+        ff, ft = fid.teacher_kernels(build_influence_function("table", table=str(TABLE)), pool, target)
+    elif name == "textsim":
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        pipe = _pipeline(str(ROOT / "jobs/configs/demo.yaml"), work / "se", [])
+        pool, target = pipe.items()
+        pool, target = pool.take(np.arange(800)), target.take(np.arange(200))
+        texts = [p + "\n" + r for p, r in zip(pool.prompts + target.prompts, pool.responses + target.responses, strict=True)]
+        vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2).fit_transform(texts)
+        x = vec[: len(pool)]
+        ff = (x @ x.T).toarray().astype(np.float32)
+        ft = (x @ vec[len(pool) :].T).toarray().astype(np.float32)
+    else:
+        raise SystemExit(f"unknown teacher {name!r}")
+    return {"name": name, "e_pool": pool.embeddings, "e_target": target.embeddings, "ff": ff, "ft": ft,
+            "symmetric": name in ("se", "textsim")}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- one run
+def run_one(t: dict, cfg, kind: str, design: str, fraction: float, seed: int, kernels: tuple[str, ...]) -> dict:
+    """Label (from the true kernels) -> fit -> estimate -> select -> fidelity, for one configuration."""
+    import torch
+
+    from nncift import fidelity as fid
+    from nncift.estimate import overwrite_diagonal, predict_factors
+    from nncift.metrics import spearman, topk_recall
+    from nncift.network import Scaler, network_from_config
+    from nncift.pairs import plan_labels
+    from nncift.train import PairLabels, fit_loop, split_train_val
+
+    lb, nw, sc = cfg.label, cfg.network, cfg.select
+    m, n = t["ff"].shape[0], t["ft"].shape[1]
+    plan = plan_labels(m, n, fraction, min(lb.min_count, m), lb.eval_pairs, seed, design=design,
+                       partners=lb.partners, diagonal=lb.diagonal)  # fmt: skip
+    sym = {"auto": t["symmetric"], "true": True, "false": False}[nw.symmetric]
+    fit_cfg = {"kind": kind, "hidden": nw.hidden, "rank": nw.rank, "symmetric": sym, "cosine_prior": nw.cosine_prior,
+               "lr": nw.lr, "weight_decay": nw.weight_decay, "epochs": nw.epochs, "batch_size": nw.batch_size,
+               "patience": nw.patience, "seed": seed}  # fmt: skip
+    est, q4, t0 = {}, {}, time.perf_counter()
+    for kernel in kernels:
+        true, e_cols = t[kernel], (t["e_pool"] if kernel == "ff" else t["e_target"])
+        sets = [s for s in plan.sets if s.kernel == kernel]
+        rows = np.concatenate([np.repeat(s.rows, len(s.cols)) for s in sets if s.quadrant == "q1"])
+        cols = np.concatenate([np.tile(s.cols, len(s.rows)) for s in sets if s.quadrant == "q1"])
+        if kernel == "ff":
+            keep = rows != cols
+            rows, cols = rows[keep], cols[keep]
+        scaler = Scaler.fit(true[rows, cols])
+        q1 = PairLabels(rows, cols, scaler.transform(true[rows, cols]))
+        tr, va = split_train_val(len(q1), nw.val_fraction, seed)
+        state, _ = fit_loop(fit_cfg, t["e_pool"], e_cols, q1.take(tr), q1.take(va))
+        net = network_from_config(fit_cfg, t["e_pool"].shape[1])
+        net.load_state_dict(state)
+        net.eval()
+        k = predict_factors(net.estimator(torch.as_tensor(t["e_pool"]), torch.as_tensor(e_cols)))
+        k = k * np.float32(scaler.hi - scaler.lo) + np.float32(scaler.lo)
+        if kernel == "ff" and lb.diagonal:
+            overwrite_diagonal(k, np.diag(true).astype(np.float32), 0, m, 0, m)
+        est[kernel] = k
+        for s in sets:
+            if s.quadrant == "q4":
+                sub_t, sub_e = true[np.ix_(s.rows, s.cols)], k[np.ix_(s.rows, s.cols)]
+                r, c = np.meshgrid(s.rows, s.cols, indexing="ij")
+                ok = (r != c).reshape(-1)
+                q4[kernel] = {
+                    "spearman": spearman(sub_e.reshape(-1)[ok], sub_t.reshape(-1)[ok]),
+                    "topk_recall": topk_recall(
+                        sub_e.reshape(-1)[ok],
+                        sub_t.reshape(-1)[ok],
+                        r.reshape(-1)[ok],
+                        c.reshape(-1)[ok],
+                        cfg.fidelity.topk,
+                    ),
+                }
+    budget = max(1, int(sc.fraction * m))
+    idx = fid.select(est["ff"], est.get("ft"), budget, sc.objective, sc.eta, sc.nu)
+    res = fid.selection_fidelity(t["ff"], t["ft"], {"est": idx}, budget, sc.objective, sc.eta, sc.nu,
+                                 cfg.fidelity.random_subsets, seed)  # fmt: skip
+    pairs = sum(s.num_pairs for s in plan.sets if s.quadrant == "q1" and s.kernel in kernels)
+    pairs += plan.diag_pairs
+    return {"kind": kind, "design": design, "fraction": fraction, "seed": seed, "teacher_pairs": int(pairs),
+            "labeled_items": len(plan.pool_labeled), "gap_closed": res["subsets"]["est"]["gap_closed"],
+            "jaccard": res["subsets"]["est"]["jaccard"], "q4": q4, "seconds": time.perf_counter() - t0}  # fmt: skip
+
+
+def baselines(t: dict, cfg) -> dict:
+    """Zero-label (embedding cosine) and exact-diagonal-only selections under the teacher's kernel."""
+    from nncift import fidelity as fid
+
+    sc = cfg.select
+    m = t["ff"].shape[0]
+    budget = max(1, int(sc.fraction * m))
+    cos_ff, cos_ft = fid.cosine_kernels(t["e_pool"], t["e_target"])
+    diag_only = np.full_like(t["ff"], np.median(t["ff"]))
+    np.fill_diagonal(diag_only, np.diag(t["ff"]))
+    subsets = {
+        "zero_label": fid.select(cos_ff, cos_ft, budget, sc.objective, sc.eta, sc.nu),
+        "diag_only": fid.select(diag_only, t["ft"] * 0 + np.median(t["ft"]), budget, sc.objective, sc.eta, sc.nu),
+    }
+    res = fid.selection_fidelity(t["ff"], t["ft"], subsets, budget, sc.objective, sc.eta, sc.nu,
+                                 cfg.fidelity.random_subsets, 0)  # fmt: skip
+    out = {k: v["gap_closed"] for k, v in res["subsets"].items()}
+    out["budget"], out["diag_pairs"] = budget, m
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- report
+def summarise(rows: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["kind"], r["design"], r["fraction"]), []).append(r)
+    out = []
+    for (kind, design, frac), rs in groups.items():
+
+        def ms(vals: list) -> tuple[float, float]:
+            v = np.array([x for x in vals if x is not None], float)
+            return (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0) if len(v) else (np.nan, np.nan)
+
+        rec = {"kind": kind, "design": design, "fraction": frac, "seeds": len(rs),
+               "teacher_pairs": int(np.mean([r["teacher_pairs"] for r in rs])),
+               "gap_closed": ms([r["gap_closed"] for r in rs]), "jaccard": ms([r["jaccard"] for r in rs])}  # fmt: skip
+        for k in ("ff", "ft"):
+            if k in rs[0]["q4"]:
+                rec[f"q4_spearman_{k}"] = ms([r["q4"][k]["spearman"] for r in rs])
+                rec[f"q4_top10_{k}"] = ms([r["q4"][k]["topk_recall"] for r in rs])
+        out.append(rec)
+    return out
+
+
+def print_table(teacher_name: str, summary: list[dict], base: dict) -> None:
+    print(f"\n## teacher: {teacher_name}  (selection budget {base['budget']}; mean ± sd over seeds)\n")
+    print(
+        "| surrogate | design | items labeled | teacher pairs | gap closed | Jaccard | Q4 Spearman K_FF | Q4 top-10 K_FF |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in sorted(summary, key=lambda r: (r["design"], r["kind"], r["fraction"])):
+        g, j = r["gap_closed"], r["jaccard"]
+        sp, tk = r.get("q4_spearman_ff", (np.nan, np.nan)), r.get("q4_top10_ff", (np.nan, np.nan))
+        print(f"| {r['kind']} | {r['design']} | {r['fraction']:.0%} | {r['teacher_pairs']:,} | {g[0]:+.3f} ± {g[1]:.3f} "
+              f"| {j[0]:.3f} | {sp[0]:.3f} | {tk[0]:.2f} |")  # fmt: skip
+    print(f"| zero-label (embedding cosine) | – | 0% | 0 | {base['zero_label']:+.3f} | – | – | – |")
+    print(f"| exact diagonal only | – | – | {base['diag_pairs']:,} | {base['diag_only']:+.3f} | – | – | – |")
+    print("| random subset | – | 0% | 0 | +0.000 | – | – | – |")
+
+
+def plot(path: Path, results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False)
+    for ax, (name, res) in zip(axes[0], results.items(), strict=True):
+        for (kind, design), style in (
+            (("mlp", "block"), "o--"), (("mlp", "spread"), "o-"), (("bilinear", "block"), "s--"),
+            (("bilinear", "spread"), "s-"),
+        ):  # fmt: skip
+            pts = sorted((r["teacher_pairs"], r["gap_closed"]) for r in res["summary"]
+                         if r["kind"] == kind and r["design"] == design)  # fmt: skip
+            if pts:
+                x = [p[0] for p in pts]
+                y = [p[1][0] for p in pts]
+                e = [p[1][1] for p in pts]
+                ax.errorbar(x, y, yerr=e, fmt=style, capsize=3, label=f"{kind} / {design}")
+        ax.axhline(res["baselines"]["zero_label"], color="tab:blue", ls=":", label="zero-label (cosine)")
+        ax.axhline(0, color="grey", lw=0.8, label="random")
+        ax.axhline(1, color="k", lw=0.8)
+        ax.set(xscale="log", xlabel="teacher pairs labeled", ylabel="gap closed", title=f"teacher: {name}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"\nplot: {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--teacher", default="se,icl", help="comma-separated: se | icl | textsim")
+    ap.add_argument("--kinds", default="mlp,bilinear")
+    ap.add_argument("--designs", default="block,spread")
+    ap.add_argument("--fractions", default="0.1,0.2,0.4", help="fractions of items labeled")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--kernels", default="ff", help="kernels to fit (ff suffices for objective fl)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override applied to every run (e.g. label.diagonal=true)")  # fmt: skip
+    ap.add_argument("--work", default=str(ROOT / "runs" / "bench_fidelity"), help="run directories (embeddings)")
+    ap.add_argument("--out", default=None, help="results JSON (default <work>/results.json); the plot goes beside")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from nncift.config import load_config
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    cfg = load_config(None, args.overrides)
+    split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    results = {}
+    for name in split(args.teacher):
+        t = teacher(name, work)
+        base = baselines(t, cfg)
+        rows = []
+        for kind in split(args.kinds):
+            for design in split(args.designs):
+                for frac in map(float, split(args.fractions)):
+                    for seed in map(int, split(args.seeds)):
+                        r = run_one(t, cfg, kind, design, frac, seed, tuple(split(args.kernels)))
+                        rows.append(r)
+                        print(f"[{name}] {kind:8s} {design:6s} u={frac:.2f} seed={seed}: pairs {r['teacher_pairs']:>7,} "
+                              f"gap {r['gap_closed']:+.3f} jac {r['jaccard']:.3f} "
+                              f"q4 {r['q4'].get('ff', {}).get('spearman', float('nan')):.3f} ({r['seconds']:.0f}s)",
+                              flush=True)  # fmt: skip
+        summary = summarise(rows)
+        print_table(name, summary, base)
+        results[name] = {"runs": rows, "summary": summary, "baselines": base}
+    out = Path(args.out) if args.out else work / "results.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"config_overrides": args.overrides, "results": results}, indent=1, default=float))
+    print(f"results: {out}")
+    plot(out.with_suffix(".png"), results)
+
+
+if __name__ == "__main__":
+    main()
