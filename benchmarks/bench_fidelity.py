@@ -70,7 +70,9 @@ def teacher(name: str, work: Path) -> dict:
         pipe = _pipeline(str(ROOT / "jobs/configs/demo.yaml"), work / "se", [])
         pool, target = pipe.items()
         pool, target = pool.take(np.arange(800)), target.take(np.arange(200))
-        texts = [p + "\n" + r for p, r in zip(pool.prompts + target.prompts, pool.responses + target.responses, strict=True)]
+        texts = [
+            p + "\n" + r for p, r in zip(pool.prompts + target.prompts, pool.responses + target.responses, strict=True)
+        ]
         vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2).fit_transform(texts)
         x = vec[: len(pool)]
         ff = (x @ x.T).toarray().astype(np.float32)

@@ -624,8 +624,10 @@ class Pipeline:
             "function": lab["function"],
             "label_config": lab,
             "data_config": data,
-            "data_overrides": {"seed": recorded["root"]["seed"],
-                               **{f"data.{k}": v for k, v in data.items() if v is not None}},  # fmt: skip
+            "data_overrides": {
+                "seed": recorded["root"]["seed"],
+                **{f"data.{k}": v for k, v in data.items() if v is not None},
+            },
             "M": self.store.done_info("data")["M"],
             "N": self.store.done_info("data")["N"],
             "label_seconds": done.get("seconds"),
