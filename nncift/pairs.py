@@ -161,21 +161,48 @@ def spread_sets(
     """Q1 rectangles of the ``spread`` design: each labeled example in one (partners x partners) rectangle.
 
     K_FF: the examples are columns (``K_FF[i, j] = U(j -> i)``), grouped ``partners`` at a time, each group
-    with ``partners`` random labeled rows outside the group. K_FT: the examples are pool rows, each group with
-    ``partners`` random labeled targets.
+    with ``partners`` labeled rows outside the group. K_FT: the examples are pool rows, each group with
+    ``partners`` labeled targets. Partners are drawn from a stream of seeded permutations, so every labeled
+    item is used as a partner about equally often (balanced coverage, not independent draws).
     """
     examples = pool_l[rng.permutation(len(pool_l))]
     others = pool_l if kernel == "ff" else col_l
+    stream = _PermutationStream(others, rng)
     sets = []
     for g0 in range(0, len(examples), partners):
         group = np.sort(examples[g0 : g0 + partners])
-        pool = np.setdiff1d(others, group, assume_unique=True) if kernel == "ff" else others
-        k = min(partners, len(pool))
-        if k == 0:
+        exclude = group if kernel == "ff" else group[:0]
+        k = min(partners, len(others) - len(np.intersect1d(others, exclude)))
+        if k <= 0:
             continue
-        mates = np.sort(rng.choice(pool, size=k, replace=False)).astype(np.int64)
+        mates = np.sort(stream.take(k, exclude)).astype(np.int64)
         sets.append(LabelSet(kernel, "q1", mates, group) if kernel == "ff" else LabelSet(kernel, "q1", group, mates))
     return sets
+
+
+class _PermutationStream:
+    """Items of ``items`` in consecutive seeded permutations; :meth:`take` returns distinct ones."""
+
+    def __init__(self, items: np.ndarray, rng: np.random.Generator):
+        self.items, self.rng = np.asarray(items), rng
+        self.buf = np.empty(0, self.items.dtype)
+
+    def take(self, k: int, exclude: np.ndarray) -> np.ndarray:
+        """``k`` distinct items not in ``exclude`` (requires that many to exist)."""
+        out = np.empty(0, self.items.dtype)
+        while len(out) < k:
+            while len(self.buf) < 2 * k + len(exclude):
+                self.buf = np.concatenate([self.buf, self.rng.permutation(self.items)])
+            window = self.buf[: k - len(out) + len(exclude)]
+            ok = ~np.isin(window, exclude) & ~np.isin(window, out)
+            _, first = np.unique(window, return_index=True)
+            dedup = np.zeros(len(window), bool)
+            dedup[first] = True
+            fresh = window[ok & dedup][: k - len(out)]
+            used = len(window) if len(fresh) < k - len(out) else int(np.flatnonzero(ok & dedup)[len(fresh) - 1]) + 1
+            out = np.concatenate([out, fresh])
+            self.buf = self.buf[used:]
+        return out
 
 
 def ranges(n: int, size: int) -> list[tuple[int, int]]:

@@ -112,3 +112,85 @@ def test_greedi_ray_equals_local(ray_session):
     remote = greedi_ray(sk, parts, 25)
     np.testing.assert_array_equal(local[0], remote[0])
     np.testing.assert_allclose(local[1], remote[1])
+
+
+def _bilinear_heads(m=37, n=11, d=6):
+    import torch
+
+    from nncift.network import BilinearNetwork
+
+    torch.manual_seed(1)
+    er, et = torch.randn(m, d), torch.randn(n, d)
+    heads = {}
+    for kernel, ec in (("ff", er), ("ft", et)):
+        head = BilinearNetwork(d, rank=3, symmetric=kernel == "ff", cosine_prior=True).estimator(er, ec)
+        head.update(lo=-1.0, hi=3.0, diag=np.linspace(500, 600, m).astype(np.float32) if kernel == "ff" else None)
+        heads[kernel] = head
+    return heads
+
+
+@pytest.mark.parametrize("layout", ["dense", "sparse"])
+def test_estimate_ray_equals_local_for_the_bilinear_kind(ray_session, tmp_path, layout):
+    from nncift.estimate import read_sparse
+
+    heads = _bilinear_heads()
+    sparse = layout == "sparse"
+    specs = [
+        b.to_dict()
+        for b in block_grid("ff", 37, 37, 10, col_size=37 if sparse else None)
+        + block_grid("ft", 37, 11, 10, start_id=50, col_size=11 if sparse else None)
+    ]
+    kw = {"heads": heads, "layout": layout, "topk": 5, "col_chunk": 8}
+    for name, fn in (("local", map_local), ("ray", map_ray)):
+        fn(EstimateWorker, {**kw, "out_dir": str(tmp_path / name)}, specs)
+    for kernel, shape in (("ff", (37, 37)), ("ft", (37, 11))):
+        if sparse:
+            a, b = read_sparse(tmp_path / "local", kernel, 37), read_sparse(tmp_path / "ray", kernel, 37)
+            np.testing.assert_array_equal(a[0], b[0])
+            np.testing.assert_array_equal(a[1], b[1])
+            if kernel == "ff":  # the exact diagonal (500..600, above every estimate) is each row top entry
+                np.testing.assert_array_equal(a[0][:, 0], np.arange(37))
+        else:
+            a = assemble_dense(tmp_path / "local", kernel, shape)
+            np.testing.assert_array_equal(a, assemble_dense(tmp_path / "ray", kernel, shape))
+            if kernel == "ff":
+                np.testing.assert_array_equal(np.diag(a), heads["ff"]["diag"])
+                off = ~np.eye(37, dtype=bool)
+                expect = (heads["ff"]["p"] @ heads["ff"]["q"].T) * 4.0 - 1.0
+                np.testing.assert_allclose(a[off], expect[off], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "fit_cfg",
+    [
+        {"kind": "mlp", "hidden": 8},
+        {"kind": "bilinear", "rank": 4, "symmetric": True, "cosine_prior": True},
+        {"kind": "bilinear", "rank": 4, "symmetric": False, "cosine_prior": False, "weight_decay": 1e-3},
+    ],
+)
+def test_ray_fit_on_one_worker_equals_the_local_fit(ray_session, tmp_path, fit_cfg):
+    import os
+
+    import torch
+
+    from nncift.train import fit_loop
+
+    rng = np.random.default_rng(0)
+    e = rng.normal(size=(30, 6)).astype(np.float32)
+    rows, cols = np.meshgrid(np.arange(30), np.arange(30), indexing="ij")
+    rows, cols = rows.reshape(-1), cols.reshape(-1)
+    y = (0.5 + 0.4 * np.tanh(np.sum(e[rows] * e[cols], 1) / 3)).astype(np.float32)
+    labels = PairLabels(rows, cols, y)
+    tr, va = split_train_val(len(y), 0.1, 0)
+    cfg = {**fit_cfg, "lr": 1e-2, "epochs": 3, "batch_size": 64, "patience": 3, "seed": 0}
+    task = (e, labels.take(tr), labels.take(va))
+    # the Ray worker runs cpu_count // num_workers torch threads: the local fit uses as many
+    torch.set_num_threads(os.cpu_count() or 1)
+    local_state, local_hist = fit_loop(cfg, e, *task)
+    remote = fit_ray(cfg, e, {"a": task}, num_workers=1, use_gpu=False, storage=tmp_path, name="t1")
+    state, hist = remote["a"]
+    assert set(state) == set(local_state)
+    for k in state:
+        torch.testing.assert_close(state[k], local_state[k], rtol=1e-5, atol=1e-6)
+    assert [h["epoch"] for h in hist] == [h["epoch"] for h in local_hist]
+    assert hist[-1]["val_mse"] < hist[0]["val_mse"] or len(hist) == 1

@@ -1,8 +1,9 @@
 import numpy as np
+import pytest
 import torch
 
 from nncift.estimate import predict_block
-from nncift.network import InfluenceNetwork, Scaler
+from nncift.network import BilinearNetwork, InfluenceNetwork, Scaler, build_network, load_network
 
 
 def _net(d=12, h=7, seed=0):
@@ -61,3 +62,63 @@ def test_scaler_guard_constant_labels():
     assert np.isfinite(s.transform(np.array([0.7, 1.0]))).all()
     s = Scaler.fit(np.array([-1.0, 3.0]))
     np.testing.assert_allclose(s.inverse(s.transform(np.array([0.0, 2.0]))), [0.0, 2.0], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- bilinear
+def _pairs_all(net, er, ec):
+    ii, jj = torch.meshgrid(torch.arange(len(er)), torch.arange(len(ec)), indexing="ij")
+    with torch.no_grad():
+        return net(er[ii.reshape(-1)], ec[jj.reshape(-1)]).reshape(len(er), len(ec))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("cosine_prior", [False, True])
+def test_bilinear_factors_equal_the_pair_forward(symmetric, cosine_prior):
+    torch.manual_seed(0)
+    net = BilinearNetwork(12, rank=5, symmetric=symmetric, cosine_prior=cosine_prior)
+    with torch.no_grad():  # non-trivial biases and prior weight
+        net.bias.fill_(0.3)
+        if cosine_prior:
+            net.alpha.fill_(-0.7)
+    er, ec = torch.randn(9, 12), torch.randn(13, 12)
+    f = net.estimator(er, ec)
+    assert f["type"] == "dot" and f["p"].shape == (9, 5 + 2 + (12 if cosine_prior else 0))
+    torch.testing.assert_close(torch.as_tensor(f["p"] @ f["q"].T), _pairs_all(net, er, ec), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(net.score_all(er, ec), _pairs_all(net, er, ec), rtol=1e-5, atol=1e-5)
+
+
+def test_symmetric_bilinear_is_symmetric_and_shares_its_tower():
+    torch.manual_seed(0)
+    net = BilinearNetwork(8, rank=4, symmetric=True)
+    e = torch.randn(10, 8)
+    k = _pairs_all(net, e, e)
+    torch.testing.assert_close(k, k.T)
+    assert not hasattr(net, "col_tower")
+    asym = BilinearNetwork(8, rank=4, symmetric=False)
+    assert asym.num_parameters() == net.num_parameters() + 8 * 4 + 8
+
+
+@pytest.mark.parametrize(
+    "kind,params", [("mlp", {"hidden": 6}), ("bilinear", {"rank": 3, "symmetric": True, "cosine_prior": True})]
+)
+def test_any_kind_save_load_roundtrip(tmp_path, kind, params):
+    torch.manual_seed(0)
+    net = build_network(kind, 10, **params, unused_key=1)
+    net.save(tmp_path / "n", Scaler(0.0, 2.0), extra={"kernel": "ft"})
+    again, scaler, meta = load_network(tmp_path / "n")
+    assert type(again) is type(net) and meta["kind"] == kind and scaler == Scaler(0.0, 2.0)
+    x, y = torch.randn(5, 10), torch.randn(5, 10)
+    torch.testing.assert_close(again(x, y), net(x, y))
+    f1, f2 = net.estimator(x, y), again.estimator(x, y)
+    np.testing.assert_allclose(f1["p"], f2["p"])
+
+
+def test_unknown_kind_is_refused():
+    with pytest.raises(ValueError, match="unknown network kind 'tree'"):
+        build_network("tree", 4)
+
+
+def test_mlp_estimator_matches_its_forward():
+    net = _net()
+    er, ec = torch.randn(6, 12), torch.randn(7, 12)
+    torch.testing.assert_close(net.score_all(er, ec), _pairs_all(net, er, ec), rtol=1e-5, atol=1e-5)

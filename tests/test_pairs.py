@@ -43,3 +43,75 @@ def test_block_grid_covers_exactly_once():
         cover[b.r0 : b.r1, b.c0 : b.c1] += 1
     assert (cover == 1).all()
     assert len({b.name for b in blocks}) == len(blocks)
+
+
+def test_spread_design_coverage_seeds_and_no_leakage():
+    plan = plan_labels(300, 60, 0.5, 8, 100, seed=4, design="spread", partners=7, diagonal=True)
+    again = plan_labels(300, 60, 0.5, 8, 100, seed=4, design="spread", partners=7, diagonal=True)
+    other = plan_labels(300, 60, 0.5, 8, 100, seed=5, design="spread", partners=7, diagonal=True)
+    assert all(np.array_equal(a.rows, b.rows) and np.array_equal(a.cols, b.cols) for a, b in zip(plan.sets, again.sets))
+    assert not np.array_equal(plan.pool_labeled, other.pool_labeled)
+    pool_l, targ_l = set(plan.pool_labeled.tolist()), set(plan.target_labeled.tolist())
+    assert len(pool_l) == 150 and len(targ_l) == 30
+    q1 = [s for s in plan.sets if s.quadrant == "q1"]
+    for kernel, col_l in (("ff", pool_l), ("ft", targ_l)):
+        sets = [s for s in q1 if s.kernel == kernel]
+        # every labeled pool item is the example of exactly one rectangle (K_FF: columns, K_FT: rows)
+        examples = np.concatenate([s.cols if kernel == "ff" else s.rows for s in sets])
+        assert sorted(examples.tolist()) == sorted(pool_l)
+        assert sum(s.num_pairs for s in sets) == 150 * 7
+        for s in sets:  # held-out items never appear in a training pair
+            assert set(s.rows.tolist()) <= pool_l and set(s.cols.tolist()) <= col_l
+            assert len(s.rows) <= 7 and len(s.cols) <= 7
+            if kernel == "ff":
+                assert not set(s.rows.tolist()) & set(s.cols.tolist())  # no self pair
+    # the spread design touches many more items than a block of the same cost would (sqrt(1050) ~ 32)
+    rows_ff = np.unique(np.concatenate([s.rows for s in q1 if s.kernel == "ff"]))
+    assert len(rows_ff) > 100
+    diag = [s for s in plan.sets if s.quadrant == "diag"]
+    assert len(diag) == 1 and diag[0].paired and diag[0].num_pairs == 300
+    assert np.array_equal(diag[0].rows, np.arange(300)) and np.array_equal(diag[0].cols, np.arange(300))
+    assert plan.diag_pairs == 300 and plan.train_pairs == 2 * 150 * 7
+    # Q2-Q4 rectangles stay disjoint from the labeled items exactly as in the block design
+    for s in plan.sets:
+        if s.quadrant in ("q2", "q4"):
+            assert not set(s.rows.tolist()) & pool_l
+
+
+def test_unknown_design_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown label design 'grid'"):
+        plan_labels(10, 5, 0.5, 2, 0, seed=0, design="grid")
+
+
+def test_label_blocks_cover_every_planned_pair_exactly_once():
+    from collections import Counter
+
+    from nncift.label import plan_blocks
+
+    plan = plan_labels(90, 30, 0.6, 4, 64, seed=0, design="spread", partners=5, diagonal=True)
+    plan.sets.append(plan_labels(90, 30, 0.2, 4, 0, seed=1).sets[0])  # plus one large dense rectangle
+    specs = plan_blocks(plan, 12)
+    seen = Counter()
+    for spec in specs:
+        for set_id in range(spec["set_id"], spec["set_end"]):
+            s = plan.sets[set_id]
+            if spec["set_end"] > spec["set_id"] + 1:
+                assert s.num_pairs <= 144 and not s.paired
+                pairs = [(r, c) for r in s.rows for c in s.cols]
+            elif s.paired:
+                pairs = list(zip(s.rows[spec["r0"] : spec["r1"]], s.cols[spec["r0"] : spec["r1"]]))
+            else:
+                pairs = [(r, c) for r in s.rows[spec["r0"] : spec["r1"]] for c in s.cols[spec["c0"] : spec["c1"]]]
+            seen.update((set_id, int(r), int(c)) for r, c in pairs)
+    expected = Counter()
+    for set_id, s in enumerate(plan.sets):
+        if s.paired:
+            expected.update((set_id, int(r), int(c)) for r, c in zip(s.rows, s.cols))
+        else:
+            expected.update((set_id, int(r), int(c)) for r in s.rows for c in s.cols)
+    assert seen == expected
+    packed = [s for s in specs if s["set_end"] > s["set_id"] + 1]
+    assert packed and all(sum(plan.sets[i].num_pairs for i in range(s["set_id"], s["set_end"])) <= 144 for s in packed)
+    assert len({plan.sets[i].kernel for s in packed for i in range(s["set_id"], s["set_end"])}) == 2

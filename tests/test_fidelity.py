@@ -1,0 +1,89 @@
+"""Selection-fidelity metrics against hand-computed cases."""
+
+import numpy as np
+import pytest
+
+from nncift import fidelity as fid
+from nncift.metrics import topk_recall
+
+
+def _clustered(m=120, k=6, seed=0):
+    """A kernel with k well-separated clusters (block structure plus small noise), rows = columns."""
+    rng = np.random.default_rng(seed)
+    lab = np.arange(m) % k
+    kern = np.where(lab[:, None] == lab[None, :], 0.9, 0.1) + rng.uniform(0, 0.05, (m, m))
+    return kern.astype(np.float32)
+
+
+def test_hand_computed_fl_values_and_gap():
+    # rows are items to cover, columns candidates; K scaled to [0, 1] already (min 0, max 1)
+    k = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.5, 0.5, 1.0]], np.float32)
+    res = fid.selection_fidelity(k, None, {"a": np.array([2]), "b": np.array([0])}, budget=1, random_count=30)
+    # greedy picks column 2 (coverage 0.5 + 0.5 + 1 = 2.0) over 0 or 1 (1 + 0 + 0.5 = 1.5)
+    assert res["exact"] == [2]
+    assert res["f_exact"] == pytest.approx(2.0)
+    assert res["subsets"]["a"]["gap_closed"] == pytest.approx(1.0)
+    assert res["subsets"]["a"]["jaccard"] == 1.0 and res["subsets"]["b"]["jaccard"] == 0.0
+    # 30 random singletons: f is 1.5 or 2.0; gap of b = (1.5 - mean) / (2.0 - mean) < 0
+    mean = res["f_random_mean"]
+    assert 1.5 <= mean <= 2.0
+    assert res["subsets"]["b"]["gap_closed"] == pytest.approx((1.5 - mean) / (2.0 - mean))
+
+
+def test_exact_kernel_closes_the_whole_gap_and_a_random_kernel_about_none():
+    true = _clustered(m=200, k=20)
+    exact = fid.select(true, None, 20, "fl")
+    noise = np.random.default_rng(5).uniform(size=true.shape).astype(np.float32)
+    res = fid.selection_fidelity(
+        true, None, {"exact": exact, "noise": fid.select(noise, None, 20, "fl")}, 20, random_count=20
+    )
+    assert res["subsets"]["exact"]["gap_closed"] == pytest.approx(1.0)
+    # one item per cluster covers everything: the exact subset is far above random, a noise kernel is not
+    assert res["f_exact"] > res["f_random_mean"] + 3 * res["f_random_sd"]
+    assert abs(res["subsets"]["noise"]["gap_closed"]) < 0.5
+
+
+@pytest.mark.parametrize("objective", ["flmi", "flcg", "topk"])
+def test_other_objectives_use_their_own_values(objective):
+    true = _clustered(m=60)
+    ft = np.random.default_rng(1).uniform(size=(60, 7)).astype(np.float32)
+    exact = fid.select(true, ft, 9, objective)
+    res = fid.selection_fidelity(true, ft, {"exact": exact}, 9, objective=objective)
+    assert res["objective"] == objective and res["subsets"]["exact"]["gap_closed"] == pytest.approx(1.0)
+    if objective == "topk":  # f = sum of the chosen rows' mean scaled score; top-k is its exact maximiser
+        s = (ft - ft.min()) / (ft.max() - ft.min())
+        assert res["f_exact"] == pytest.approx(np.sort(s.mean(1))[-9:].sum(), rel=1e-5)
+
+
+def test_gap_closed_guard_and_helpers():
+    assert fid.gap_closed(1.0, 2.0, 2.0) is None  # exact no better than random: undefined
+    assert fid.gap_closed(1.5, 2.0, 1.0) == pytest.approx(0.5)
+    assert fid.jaccard(np.array([1, 2, 3]), np.array([3, 4])) == pytest.approx(0.25)
+    subs = fid.random_subsets(50, 10, 4, seed=3)
+    assert all(len(set(s)) == 10 and s.max() < 50 for s in subs)
+    assert all(np.array_equal(a, b) for a, b in zip(subs, fid.random_subsets(50, 10, 4, seed=3), strict=True))
+
+
+def test_cosine_and_teacher_kernels_orientation():
+    from nncift.influence import DeliftSE, Items
+
+    rng = np.random.default_rng(0)
+    e = rng.normal(size=(9, 4)).astype(np.float32)
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    pool, target = Items(["p"] * 6, ["r"] * 6, e[:6]), Items(["p"] * 3, ["r"] * 3, e[6:])
+    ff, ft = fid.teacher_kernels(DeliftSE(), pool, target, block=4)
+    cff, cft = fid.cosine_kernels(e[:6], e[6:])
+    np.testing.assert_allclose(ff, cff, rtol=1e-6)
+    np.testing.assert_allclose(ft, cft, rtol=1e-6)
+
+
+def test_topk_recall_hand_case():
+    # 2 rows x 4 columns; k = 2
+    rows = np.repeat([0, 1], 4)
+    cols = np.tile([10, 11, 12, 13], 2)
+    true = np.array([4, 3, 2, 1, 1, 2, 3, 4], float)
+    pred = np.array([4, 1, 3, 2, 1, 2, 3, 4], float)  # row 0: top {10, 12} vs {10, 11}; row 1 exact
+    assert topk_recall(pred, true, rows, cols, k=2) == pytest.approx((0.5 + 1.0) / 2)
+    assert topk_recall(pred, true, rows, cols, k=4) is None  # no row has more than k columns
+    scattered = topk_recall(pred, true, np.arange(8), np.arange(8), k=1)
+    assert scattered is None
