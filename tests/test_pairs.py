@@ -49,7 +49,10 @@ def test_spread_design_coverage_seeds_and_no_leakage():
     plan = plan_labels(300, 60, 0.5, 8, 100, seed=4, design="spread", partners=7, diagonal=True)
     again = plan_labels(300, 60, 0.5, 8, 100, seed=4, design="spread", partners=7, diagonal=True)
     other = plan_labels(300, 60, 0.5, 8, 100, seed=5, design="spread", partners=7, diagonal=True)
-    assert all(np.array_equal(a.rows, b.rows) and np.array_equal(a.cols, b.cols) for a, b in zip(plan.sets, again.sets))
+    assert all(
+        np.array_equal(a.rows, b.rows) and np.array_equal(a.cols, b.cols)
+        for a, b in zip(plan.sets, again.sets, strict=True)
+    )
     assert not np.array_equal(plan.pool_labeled, other.pool_labeled)
     pool_l, targ_l = set(plan.pool_labeled.tolist()), set(plan.target_labeled.tolist())
     assert len(pool_l) == 150 and len(targ_l) == 30
@@ -101,14 +104,14 @@ def test_label_blocks_cover_every_planned_pair_exactly_once():
                 assert s.num_pairs <= 144 and not s.paired
                 pairs = [(r, c) for r in s.rows for c in s.cols]
             elif s.paired:
-                pairs = list(zip(s.rows[spec["r0"] : spec["r1"]], s.cols[spec["r0"] : spec["r1"]]))
+                pairs = list(zip(s.rows[spec["r0"] : spec["r1"]], s.cols[spec["r0"] : spec["r1"]], strict=True))
             else:
                 pairs = [(r, c) for r in s.rows[spec["r0"] : spec["r1"]] for c in s.cols[spec["c0"] : spec["c1"]]]
             seen.update((set_id, int(r), int(c)) for r, c in pairs)
     expected = Counter()
     for set_id, s in enumerate(plan.sets):
         if s.paired:
-            expected.update((set_id, int(r), int(c)) for r, c in zip(s.rows, s.cols))
+            expected.update((set_id, int(r), int(c)) for r, c in zip(s.rows, s.cols, strict=True))
         else:
             expected.update((set_id, int(r), int(c)) for r in s.rows for c in s.cols)
     assert seen == expected
