@@ -185,3 +185,32 @@ def tiny_lm(tmp_path_factory) -> str:
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def peaked_lm(tmp_path_factory, tiny_lm) -> str:
+    """The tiny Llama trained for a few hundred steps on short word sentences, so that its next-token
+    probabilities are peaked (a random LM gives near-uniform probabilities and utilities of ~1e-5, inside any
+    tolerance). Same architecture and byte tokenizer as ``tiny_lm``."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    model = LlamaForCausalLM.from_pretrained(tiny_lm)
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "sum", "of", "two", "cats", "runs", "fast"]
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(300):
+        stream = tok(" ".join(rng.choice(words, size=200)), add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([stream[i * 40 : (i + 1) * 40] for i in range(16)])
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    out = tmp_path_factory.mktemp("peaked_lm")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)

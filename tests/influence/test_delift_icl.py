@@ -142,3 +142,19 @@ def test_planted_helpful_example_is_selected_first(smollm):
     k = smollm.kernel_block("ff", targets, cands)  # k[i, j] = U(candidate j -> target i), the FL orientation
     first = lazy_greedy(minmax_scale(k), 1)[0][0]
     assert first == 6
+
+
+@pytest.mark.parametrize("mode", ["prefix", "single"])
+def test_aligned_pairs_equal_the_full_kernel_entries(peaked_lm, mode):
+    # utility_pairs (the self-utilities of label.diagonal and any paired set) batches full sequences of
+    # different examples; each entry must equal the same pair in the cross-product kernel. A trained tiny LM
+    # gives utilities far above the tolerance, so a mis-paired entry cannot pass.
+    fn = build_delift_icl(peaked_lm, batch_size=3, mode=mode, max_prompt_tokens=40, max_response_tokens=30)
+    items = _items(5, 8, "d")
+    full = fn.utility(items, items)
+    assert np.ptp(full) > 100 * 1e-4 and np.abs(full - np.diag(full)[None, :]).max() > 100 * 1e-4
+    idx_e, idx_t = np.array([0, 1, 2, 3, 4, 2]), np.array([0, 1, 2, 3, 4, 0])
+    got = fn.utility_pairs(items.take(idx_e), items.take(idx_t))
+    np.testing.assert_allclose(got, full[idx_e, idx_t], atol=1e-4, rtol=0)
+    diag = fn.kernel_pairs("ff", items, items)
+    np.testing.assert_allclose(diag, np.diag(full), atol=1e-4, rtol=0)
