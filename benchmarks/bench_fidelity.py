@@ -12,9 +12,8 @@ Teachers:
   icl      the full DELIFT ICL table built by benchmarks/build_delift_table.py (SmolLM2, 120 x 150)
   textsim  a TF-IDF text-similarity kernel the network cannot read off its own embeddings (M=800, N=200)
 
-    .venv/bin/python benchmarks/bench_fidelity.py --teacher icl --seeds 0,1,2
-    .venv/bin/python benchmarks/bench_fidelity.py --teacher se --kinds mlp,bilinear --designs block,spread \
-        --fractions 0.1,0.2,0.4 --set network.epochs=40
+    .venv/bin/python benchmarks/bench_fidelity.py                          # se, icl, textsim; all variants
+    .venv/bin/python benchmarks/bench_fidelity.py --teacher icl --variants paper,default --seeds 0
 
 Teacher pairs counted per configuration = training pairs (Q1) + the diagonal (when labeled); the Q2-Q4
 evaluation pairs are a measurement, not needed for the selection, and are not counted.
@@ -83,8 +82,34 @@ def teacher(name: str, work: Path) -> dict:
             "symmetric": name in ("se", "textsim")}  # fmt: skip
 
 
+# ---------------------------------------------------------------------------------------------- variants
+# name -> (network.kind, label.design, label.diagonal, network.cosine_prior)
+VARIANTS = {
+    "paper": ("mlp", "block", False, False),
+    "mlp-block-diag": ("mlp", "block", True, False),
+    "mlp-spread-diag": ("mlp", "spread", True, False),
+    "bilinear-block": ("bilinear", "block", False, False),
+    "bilinear-spread": ("bilinear", "spread", False, False),
+    "bilinear-block-diag": ("bilinear", "block", True, False),
+    "bilinear-spread-diag": ("bilinear", "spread", True, False),
+    "default": ("bilinear", "spread", True, True),
+}
+
+
+def variant_config(cfg, name: str):
+    """``cfg`` with the variant's kind, design, diagonal and cosine prior."""
+    import dataclasses
+
+    kind, design, diagonal, prior = VARIANTS[name]
+    return dataclasses.replace(
+        cfg,
+        network=dataclasses.replace(cfg.network, kind=kind, cosine_prior=prior),
+        label=dataclasses.replace(cfg.label, design=design, diagonal=diagonal),
+    )
+
+
 # ---------------------------------------------------------------------------------------------- one run
-def run_one(t: dict, cfg, kind: str, design: str, fraction: float, seed: int, kernels: tuple[str, ...]) -> dict:
+def run_one(t: dict, cfg, variant: str, fraction: float, seed: int, kernels: tuple[str, ...]) -> dict:
     """Label (from the true kernels) -> fit -> estimate -> select -> fidelity, for one configuration."""
     import torch
 
@@ -95,7 +120,9 @@ def run_one(t: dict, cfg, kind: str, design: str, fraction: float, seed: int, ke
     from nncift.pairs import plan_labels
     from nncift.train import PairLabels, fit_loop, split_train_val
 
+    cfg = variant_config(cfg, variant)
     lb, nw, sc = cfg.label, cfg.network, cfg.select
+    kind, design = nw.kind, lb.design
     m, n = t["ff"].shape[0], t["ft"].shape[1]
     plan = plan_labels(m, n, fraction, min(lb.min_count, m), lb.eval_pairs, seed, design=design,
                        partners=lb.partners, diagonal=lb.diagonal)  # fmt: skip
@@ -145,7 +172,7 @@ def run_one(t: dict, cfg, kind: str, design: str, fraction: float, seed: int, ke
                                  cfg.fidelity.random_subsets, seed)  # fmt: skip
     pairs = sum(s.num_pairs for s in plan.sets if s.quadrant == "q1" and s.kernel in kernels)
     pairs += plan.diag_pairs
-    return {"kind": kind, "design": design, "fraction": fraction, "seed": seed, "teacher_pairs": int(pairs),
+    return {"variant": variant, "kind": kind, "design": design, "fraction": fraction, "seed": seed, "teacher_pairs": int(pairs),
             "labeled_items": len(plan.pool_labeled), "gap_closed": res["subsets"]["est"]["gap_closed"],
             "jaccard": res["subsets"]["est"]["jaccard"], "q4": q4, "seconds": time.perf_counter() - t0}  # fmt: skip
 
@@ -167,6 +194,8 @@ def baselines(t: dict, cfg) -> dict:
     res = fid.selection_fidelity(t["ff"], t["ft"], subsets, budget, sc.objective, sc.eta, sc.nu,
                                  cfg.fidelity.random_subsets, 0)  # fmt: skip
     out = {k: v["gap_closed"] for k, v in res["subsets"].items()}
+    if np.ptp(np.diag(t["ff"])) < 1e-6:  # a constant diagonal (cosine teachers): the baseline is meaningless
+        out["diag_only"] = None
     out["budget"], out["diag_pairs"] = budget, m
     return out
 
@@ -175,15 +204,15 @@ def baselines(t: dict, cfg) -> dict:
 def summarise(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["kind"], r["design"], r["fraction"]), []).append(r)
+        groups.setdefault((r["variant"], r["fraction"]), []).append(r)
     out = []
-    for (kind, design, frac), rs in groups.items():
+    for (variant, frac), rs in groups.items():
 
         def ms(vals: list) -> tuple[float, float]:
             v = np.array([x for x in vals if x is not None], float)
             return (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0) if len(v) else (np.nan, np.nan)
 
-        rec = {"kind": kind, "design": design, "fraction": frac, "seeds": len(rs),
+        rec = {"variant": variant, "fraction": frac, "seeds": len(rs),
                "teacher_pairs": int(np.mean([r["teacher_pairs"] for r in rs])),
                "gap_closed": ms([r["gap_closed"] for r in rs]), "jaccard": ms([r["jaccard"] for r in rs])}  # fmt: skip
         for k in ("ff", "ft"):
@@ -196,18 +225,23 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def print_table(teacher_name: str, summary: list[dict], base: dict) -> None:
     print(f"\n## teacher: {teacher_name}  (selection budget {base['budget']}; mean ± sd over seeds)\n")
-    print(
-        "| surrogate | design | items labeled | teacher pairs | gap closed | Jaccard | Q4 Spearman K_FF | Q4 top-10 K_FF |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for r in sorted(summary, key=lambda r: (r["design"], r["kind"], r["fraction"])):
+    print("variants (network.kind, label.design, label.diagonal, network.cosine_prior):")
+    for v in dict.fromkeys(r["variant"] for r in summary):
+        print(f"  {v}: {VARIANTS[v]}")
+    print()
+    print("| variant | items labeled | teacher pairs | gap closed | Jaccard | Q4 Spearman K_FF | Q4 top-10 K_FF |")
+    print("|---|---|---|---|---|---|---|")
+    order = list(VARIANTS)
+    for r in sorted(summary, key=lambda r: (order.index(r["variant"]), r["fraction"])):
         g, j = r["gap_closed"], r["jaccard"]
         sp, tk = r.get("q4_spearman_ff", (np.nan, np.nan)), r.get("q4_top10_ff", (np.nan, np.nan))
-        print(f"| {r['kind']} | {r['design']} | {r['fraction']:.0%} | {r['teacher_pairs']:,} | {g[0]:+.3f} ± {g[1]:.3f} "
+        print(f"| {r['variant']} | {r['fraction']:.0%} | {r['teacher_pairs']:,} | {g[0]:+.3f} ± {g[1]:.3f} "
               f"| {j[0]:.3f} | {sp[0]:.3f} | {tk[0]:.2f} |")  # fmt: skip
-    print(f"| zero-label (embedding cosine) | – | 0% | 0 | {base['zero_label']:+.3f} | – | – | – |")
-    print(f"| exact diagonal only | – | – | {base['diag_pairs']:,} | {base['diag_only']:+.3f} | – | – | – |")
-    print("| random subset | – | 0% | 0 | +0.000 | – | – | – |")
+    print(f"| zero-label (embedding cosine) | 0% | 0 | {base['zero_label']:+.3f} | – | – | – |")
+    if base["diag_only"] is not None:
+        print(f"| exact diagonal only, constant off-diagonal | – | {base['diag_pairs']:,} | {base['diag_only']:+.3f} "
+              "| – | – | – |")  # fmt: skip
+    print("| random subset | 0% | 0 | +0.000 | – | – | – |")
 
 
 def plot(path: Path, results: dict) -> None:
@@ -216,19 +250,15 @@ def plot(path: Path, results: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.4), squeeze=False)
     for ax, (name, res) in zip(axes[0], results.items(), strict=True):
-        for (kind, design), style in (
-            (("mlp", "block"), "o--"), (("mlp", "spread"), "o-"), (("bilinear", "block"), "s--"),
-            (("bilinear", "spread"), "s-"),
-        ):  # fmt: skip
-            pts = sorted((r["teacher_pairs"], r["gap_closed"]) for r in res["summary"]
-                         if r["kind"] == kind and r["design"] == design)  # fmt: skip
-            if pts:
-                x = [p[0] for p in pts]
-                y = [p[1][0] for p in pts]
-                e = [p[1][1] for p in pts]
-                ax.errorbar(x, y, yerr=e, fmt=style, capsize=3, label=f"{kind} / {design}")
+        for i, variant in enumerate(dict.fromkeys(r["variant"] for r in res["summary"])):
+            pts = sorted((r["teacher_pairs"], r["gap_closed"]) for r in res["summary"] if r["variant"] == variant)
+            x = [p[0] for p in pts]
+            y = [p[1][0] for p in pts]
+            e = [p[1][1] for p in pts]
+            style = "s-" if variant == "default" else ("o--" if variant == "paper" else ".-")
+            ax.errorbar(x, y, yerr=e, fmt=style, capsize=3, label=variant, color=f"C{i}")
         ax.axhline(res["baselines"]["zero_label"], color="tab:blue", ls=":", label="zero-label (cosine)")
         ax.axhline(0, color="grey", lw=0.8, label="random")
         ax.axhline(1, color="k", lw=0.8)
@@ -241,10 +271,11 @@ def plot(path: Path, results: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--teacher", default="se,icl", help="comma-separated: se | icl | textsim")
-    ap.add_argument("--kinds", default="mlp,bilinear")
-    ap.add_argument("--designs", default="block,spread")
-    ap.add_argument("--fractions", default="0.1,0.2,0.4", help="fractions of items labeled")
+    ap.add_argument("--teacher", default="se,icl,textsim", help="comma-separated: se | icl | textsim")
+    ap.add_argument("--variants", default="paper,mlp-spread-diag,bilinear-block-diag,bilinear-spread-diag,default",
+                    help=f"comma-separated, of: {', '.join(VARIANTS)}")  # fmt: skip
+    ap.add_argument("--fractions", default="0.1,0.2,0.4,0.9", help="fractions of items labeled")
+    ap.add_argument("--max-train-pairs", type=int, default=700_000, help="skip block designs above this")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--kernels", default="ff", help="kernels to fit (ff suffices for objective fl)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -268,16 +299,21 @@ def main() -> None:
         t = teacher(name, work)
         base = baselines(t, cfg)
         rows = []
-        for kind in split(args.kinds):
-            for design in split(args.designs):
-                for frac in map(float, split(args.fractions)):
-                    for seed in map(int, split(args.seeds)):
-                        r = run_one(t, cfg, kind, design, frac, seed, tuple(split(args.kernels)))
-                        rows.append(r)
-                        print(f"[{name}] {kind:8s} {design:6s} u={frac:.2f} seed={seed}: pairs {r['teacher_pairs']:>7,} "
-                              f"gap {r['gap_closed']:+.3f} jac {r['jaccard']:.3f} "
-                              f"q4 {r['q4'].get('ff', {}).get('spearman', float('nan')):.3f} ({r['seconds']:.0f}s)",
-                              flush=True)  # fmt: skip
+        for variant in split(args.variants):
+            for frac in map(float, split(args.fractions)):
+                lab = max(int(frac * len(t["ff"])), 2)
+                if VARIANTS[variant][1] == "block" and lab * lab > args.max_train_pairs:
+                    print(
+                        f"[{name}] {variant:22s} u={frac:.2f}: skipped ({lab * lab:,} block pairs > --max-train-pairs)"
+                    )
+                    continue
+                for seed in map(int, split(args.seeds)):
+                    r = run_one(t, cfg, variant, frac, seed, tuple(split(args.kernels)))
+                    rows.append(r)
+                    print(f"[{name}] {variant:22s} u={frac:.2f} seed={seed}: pairs {r['teacher_pairs']:>7,} "
+                          f"gap {r['gap_closed']:+.3f} jac {r['jaccard']:.3f} "
+                          f"q4 {r['q4'].get('ff', {}).get('spearman', float('nan')):.3f} ({r['seconds']:.0f}s)",
+                          flush=True)  # fmt: skip
         summary = summarise(rows)
         print_table(name, summary, base)
         results[name] = {"runs": rows, "summary": summary, "baselines": base}

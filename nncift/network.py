@@ -210,15 +210,22 @@ class BilinearNetwork(Surrogate):
 
     @torch.no_grad()
     def estimator(self, e_rows: torch.Tensor, e_cols: torch.Tensor) -> dict[str, Any]:
-        """``{"type": "dot", "p": (R, k), "q": (C, k)}`` with ``score = p @ q.T`` (k = r + 2 [+ d])."""
+        """``{"type": "dot", "p": (R, k), "q": (C, k)}`` with ``score = p @ q.T``.
+
+        k = r + 2; with the cosine prior the bilinear part ``e_i (alpha I + U^T V) e_j`` is folded into one
+        (d, d) form, so k = d + 2 (not r + d + 2).
+        """
         col_tower, col_bias = self._cols()
         ones_r = torch.ones(len(e_rows), 1, dtype=e_rows.dtype, device=e_rows.device)
         ones_c = torch.ones(len(e_cols), 1, dtype=e_cols.dtype, device=e_cols.device)
-        p = [self.row_tower(e_rows), self.row_bias(e_rows) + self.bias, ones_r]
-        q = [col_tower(e_cols), ones_c, col_bias(e_cols)]
         if self.cosine_prior:
-            p.append(self.alpha * e_rows)
-            q.append(e_cols)
+            form = self.alpha * torch.eye(self.dim, dtype=e_rows.dtype, device=e_rows.device)
+            form = form + self.row_tower.weight.T @ col_tower.weight
+            p = [e_rows @ form, self.row_bias(e_rows) + self.bias, ones_r]
+            q = [e_cols, ones_c, col_bias(e_cols)]
+        else:
+            p = [self.row_tower(e_rows), self.row_bias(e_rows) + self.bias, ones_r]
+            q = [col_tower(e_cols), ones_c, col_bias(e_cols)]
         return {"type": "dot", "p": torch.cat(p, 1).cpu().numpy(), "q": torch.cat(q, 1).cpu().numpy()}
 
 

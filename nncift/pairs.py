@@ -124,10 +124,12 @@ def plan_labels(
     Items outside the labeled sets are never in a training pair: Q2-Q4 rectangles (about ``eval_pairs``
     pairs each, a square sample of their rows and columns) measure generalisation to unseen items honestly.
     With ``diagonal``, the exact K_FF self pairs ``(i, i)`` of every pool item are labeled too (m teacher
-    calls), to be used as they are, never as training pairs.
+    calls), to be used as they are, never as training pairs. ``fraction >= 1`` labels every pair (block).
     """
     if design not in DESIGNS:
         raise ValueError(f"unknown label design {design!r} (known: {', '.join(DESIGNS)})")
+    if fraction >= 1.0:  # every item labeled: every pair (full labeling, the cost baseline), whatever the design
+        design = "block"
     rng = np.random.default_rng([seed, 1])
     pool_l = sample_fraction(m, fraction, min(min_count, m), rng)
     targ_l = sample_fraction(n, fraction, min(min_count, n), rng)
@@ -160,17 +162,19 @@ def spread_sets(
 ) -> list[LabelSet]:
     """Q1 rectangles of the ``spread`` design: each labeled example in one (partners x partners) rectangle.
 
-    K_FF: the examples are columns (``K_FF[i, j] = U(j -> i)``), grouped ``partners`` at a time, each group
-    with ``partners`` labeled rows outside the group. K_FT: the examples are pool rows, each group with
+    K_FF: the examples are columns (``K_FF[i, j] = U(j -> i)``), grouped ``partners`` at a time (at most half
+    the labeled items), each group with ``partners`` labeled rows outside the group. K_FT: the examples are pool rows, each group with
     ``partners`` labeled targets. Partners are drawn from a stream of seeded permutations, so every labeled
     item is used as a partner about equally often (balanced coverage, not independent draws).
     """
     examples = pool_l[rng.permutation(len(pool_l))]
     others = pool_l if kernel == "ff" else col_l
     stream = _PermutationStream(others, rng)
+    # in K_FF a group's partners come from outside the group: keep groups at most half the labeled items
+    size = max(1, min(partners, len(examples) // 2)) if kernel == "ff" else partners
     sets = []
-    for g0 in range(0, len(examples), partners):
-        group = np.sort(examples[g0 : g0 + partners])
+    for g0 in range(0, len(examples), size):
+        group = np.sort(examples[g0 : g0 + size])
         exclude = group if kernel == "ff" else group[:0]
         k = min(partners, len(others) - len(np.intersect1d(others, exclude)))
         if k <= 0:

@@ -96,8 +96,10 @@ def tiny_st_model(tmp_path_factory) -> str:
     bert_dir = root / "bert"
     bert_dir.mkdir()
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(WORDS)), "explain", "answer"]
-    (bert_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(bert_dir / "vocab.txt")).save_pretrained(bert_dir)
+    # transformers 5 ignores `vocab_file` here (every word became [UNK] and every text the same embedding)
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)})
+    assert "[UNK]" not in tok.tokenize("explain python sort")
+    tok.save_pretrained(bert_dir)
     torch.manual_seed(0)
     cfg = BertConfig(
         vocab_size=len(vocab),
@@ -132,7 +134,9 @@ def tiny_overrides(tiny_st_model) -> list[str]:
         "label.eval_pairs=400",
         "label.block_size=16",
         "network.hidden=16",
+        "network.rank=16",
         "network.epochs=4",
+        "label.partners=6",
         "estimate.block_size=50",
         "select.fraction=0.2",
     ]

@@ -82,7 +82,7 @@ def test_bilinear_factors_equal_the_pair_forward(symmetric, cosine_prior):
             net.alpha.fill_(-0.7)
     er, ec = torch.randn(9, 12), torch.randn(13, 12)
     f = net.estimator(er, ec)
-    assert f["type"] == "dot" and f["p"].shape == (9, 5 + 2 + (12 if cosine_prior else 0))
+    assert f["type"] == "dot" and f["p"].shape == (9, (12 if cosine_prior else 5) + 2)
     torch.testing.assert_close(torch.as_tensor(f["p"] @ f["q"].T), _pairs_all(net, er, ec), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(net.score_all(er, ec), _pairs_all(net, er, ec), rtol=1e-5, atol=1e-5)
 

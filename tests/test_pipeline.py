@@ -8,6 +8,8 @@ import sys
 import time
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute
 import pyarrow.parquet as pq
 import pytest
 
@@ -46,6 +48,17 @@ def test_end_to_end_local(tmp_path, corpus, tiny_overrides):
         assert set(q) == {"pairs", "network", "baseline_mean", "baseline_zero", "baseline_uniform"}
     assert (run / "report" / "pred_vs_true_q4.png").stat().st_size > 1000
     assert "MSE" in (run / "report" / "report.md").read_text()
+    # the SE teacher's full kernel is cheap: fidelity is measured; its kernel *is* the embedding cosine, so the
+    # zero-label baseline selects exactly the teacher's subset
+    fid = rep["fidelity"]
+    assert fid["measured"] and fid["objective"] == "fl" and fid["budget"] == 24
+    assert fid["zero_label"]["jaccard"] == 1.0 and fid["zero_label"]["gap_closed"] == pytest.approx(1.0)
+    assert isinstance(fid["gap_closed"], float) and 0.0 <= fid["jaccard"] <= 1.0
+    assert fid["f_exact"] >= fid["f"] - 1e-6 or fid["gap_closed"] > 1.0
+    assert (run / "report" / "fidelity.png").stat().st_size > 1000
+    assert "gap closed" in (run / "report" / "report.md").read_text()
+    assert rep["label"]["design"] == "spread" and rep["label"]["diag_pairs"] == 120
+    assert rep["network"]["kind"] == "bilinear" and rep["network"]["symmetric"] is True
     assert (run / "config.yaml").is_file()
 
 
@@ -56,12 +69,12 @@ def test_resume_skips_and_changed_config_is_refused(tmp_path, corpus, tiny_overr
     stages = _run(run, corpus, tiny_overrides + LOCAL + ["label.concurrency=3"])  # runtime knob: still same run
     assert set(stages.values()) == {"skipped"}
     assert (run / "select" / "selection.parquet").stat().st_mtime_ns == before
-    with pytest.raises(ProvenanceError, match=r"stage 'fit' .*\(network\.hidden: 16 -> 8\)"):
-        _run(run, corpus, tiny_overrides + LOCAL + ["network.hidden=8"])
-    stages = _run(run, corpus, tiny_overrides + LOCAL + ["network.hidden=8"], overwrite=True)
+    with pytest.raises(ProvenanceError, match=r"stage 'fit' .*\(network\.rank: 16 -> 8\)"):
+        _run(run, corpus, tiny_overrides + LOCAL + ["network.rank=8"])
+    stages = _run(run, corpus, tiny_overrides + LOCAL + ["network.rank=8"], overwrite=True)
     assert stages["label"] == "skipped" and isinstance(stages["fit"], float)
-    assert json.loads((run / "fit" / "network_ff.json").read_text())["hidden"] == 8
-    stages = _run(run, corpus, tiny_overrides + LOCAL + ["network.hidden=8", "select.objective=flmi"], overwrite=True)
+    assert json.loads((run / "fit" / "network_ff.json").read_text())["rank"] == 8
+    stages = _run(run, corpus, tiny_overrides + LOCAL + ["network.rank=8", "select.objective=flmi"], overwrite=True)
     assert stages["estimate"] == "skipped" and isinstance(stages["select"], float)
 
 
@@ -127,15 +140,20 @@ def test_end_to_end_delift_icl_tiny_lm(tmp_path, corpus, tiny_overrides, tiny_lm
         "label.eval_pairs=36",
         "label.min_count=6",
         "label.fraction=0.05",
+        "label.design=block",
     ]
     _run(run, corpus, tiny_overrides + LOCAL + icl)
     labels = pq.read_table(run / "label" / "labels.parquet")
     quadrant = np.asarray(labels.column("quadrant").to_pylist())
     assert (quadrant == "q1").sum() == 6 * 6 + 6 * 6  # 6 labeled pool rows x (6 pool + 6 target) columns
+    diag = labels.filter(pa.compute.equal(labels.column("quadrant"), "diag"))
+    assert diag.num_rows == 120 and diag.column("row").to_pylist() == diag.column("col").to_pylist()
     assert np.isfinite(labels.column("value").to_numpy()).all()
     rep = json.loads((run / "report" / "report.json").read_text())
     assert rep["label"]["function"] == "delift_icl"
     assert rep["selection"]["budget"] == 24
+    assert rep["fidelity"]["measured"] is False and "fidelity.truth_table" in rep["fidelity"]["reason"]
+    assert rep["network"]["symmetric"] is False  # the ICL utility is not symmetric: two towers
 
 
 def _icl(tiny_lm):
@@ -173,7 +191,7 @@ def test_icl_label_resume_recomputes_only_missing_blocks(tmp_path, corpus, tiny_
 
 def test_full_labeling_mode_labels_every_pair(tmp_path, corpus, tiny_overrides):
     run = tmp_path / "run"
-    _run(run, corpus, [*tiny_overrides, *LOCAL, "label.fraction=1.0"])
+    _run(run, corpus, [*tiny_overrides, *LOCAL, "label.fraction=1.0", "label.diagonal=false"])
     rep = json.loads((run / "report" / "report.json").read_text())
     assert rep["label"]["pairs_labeled"] == rep["label"]["total_pairs"] == 120 * 120 + 120 * 40
     assert list(rep["network"]["ff"]["quadrants"]) == ["q1"]
@@ -212,3 +230,33 @@ def test_auto_sparse_layout_and_algorithms(tmp_path, corpus, tiny_overrides, alg
     assert meta["layout"] == "sparse" and meta["topk"] == 8
     sel = pq.read_table(run / "select" / "selection.parquet")
     assert sel.num_rows == 24 == len(set(sel.column("id").to_pylist()))
+
+
+def test_table_teacher_round_trip_through_export(tmp_path, corpus, tiny_overrides):
+    # a full-label SE run exported as a table, then used as the teacher (and as fidelity ground truth)
+    full = tmp_path / "full"
+    cfg = load_config(None, [f"data.input={corpus}", *tiny_overrides, *LOCAL, "label.fraction=1.0"])
+    Pipeline(cfg, full).run("label")
+    table = tmp_path / "table.parquet"
+    prov = Pipeline(cfg, full).export_table(table)
+    assert prov["pairs"] == 120 * 120 + 120 * 40 and (tmp_path / "table.json").is_file()
+    run = tmp_path / "run"
+    _run(run, corpus, [*tiny_overrides, *LOCAL, "label.function=table", f"label.table={table}"])
+    se = tmp_path / "se"
+    _run(se, corpus, [*tiny_overrides, *LOCAL])
+    a, b = pq.read_table(run / "label" / "labels.parquet"), pq.read_table(se / "label" / "labels.parquet")
+    assert a.column("row_id").equals(b.column("row_id")) and a.column("col_id").equals(b.column("col_id"))
+    np.testing.assert_allclose(a.column("value").to_numpy(), b.column("value").to_numpy(), rtol=1e-6)
+    rep = json.loads((run / "report" / "report.json").read_text())
+    assert rep["fidelity"]["measured"] and rep["fidelity"]["truth"] == "table"
+    # the table teacher declares no symmetry: two towers, unlike the SE run
+    assert rep["network"]["symmetric"] is False
+
+
+def test_table_missing_pair_stops_the_label_stage(tmp_path, corpus, tiny_overrides):
+    from nncift.errors import DataError
+
+    table = tmp_path / "t.parquet"
+    pa.parquet.write_table(pa.table({"example_id": ["x"], "target_id": ["y"], "value": [0.5]}), table)
+    with pytest.raises(DataError, match=r"no value for .* pairs needed"):
+        _run(tmp_path / "run", corpus, [*tiny_overrides, *LOCAL, "label.function=table", f"label.table={table}"])
