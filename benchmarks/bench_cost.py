@@ -184,8 +184,8 @@ def main() -> None:
 
     def design_pairs(mm: float, nn_: float) -> float:
         u = lc.fraction
-        if lc.design == "spread":
-            q1 = 2 * u * mm * lc.partners
+        if lc.design == "spread":  # partners are capped by the labeled items (half of them in K_FF)
+            q1 = u * mm * (min(lc.partners, max(1.0, u * mm / 2)) + min(lc.partners, u * nn_))
         else:
             q1 = (u * mm) ** 2 + (u * mm) * (u * nn_)
         return q1 + (mm if lc.diagonal else 0)
@@ -211,13 +211,13 @@ def main() -> None:
     print(f"design: {lc.design}, fraction {lc.fraction}, partners {lc.partners}, diagonal {lc.diagonal}; N = M / 3")
     print("\n| M | full DELIFT | NN-CIFT | NN-CIFT teacher pairs | ratio |")
     print("|---|---|---|---|---|")
-    grid = np.unique(np.round(np.logspace(np.log10(max(m, 50)), 6, 60)).astype(int))
+    grid = np.unique(np.round(np.logspace(1, 6, 80)).astype(int))
     curve = [(g, *costs(g)) for g in grid]
     for mm in (m, 15_000, 1_000_000):
         f, c = costs(mm)
         print(f"| {mm:,} | {_dur(f)} | {_dur(c)} | {design_pairs(mm, mm / 3):,.0f} | {c / f:.2%} |")
     even = next((g for g, f, c in curve if c < f), None)
-    print(f"\nbreak-even M (NN-CIFT cheaper from): {even if even is not None else '> 1e6'}")
+    print(f"\nbreak-even M (NN-CIFT cheaper from, on the grid 10..1e6): {even if even is not None else '> 1e6'}")
     _plot(work / "cost_vs_m.png", curve, (m, full_seconds, nn_total))
     res = {"M": m, "N": n, "stage_seconds": stage_s, "full_seconds": full_seconds, "full_source": full_src,
            "teacher_rate_full": rate_full, "teacher_rate_now": rate_now, "teacher_rate_nncift": nn_rate,

@@ -72,7 +72,7 @@ class LabelConfig:
     table: str | None = _f(None, "label.function=table: Parquet of example_id, target_id, value")
     design: str = _f("spread", "training pairs: spread (see `partners`) | block (all pairs of the labeled items)")
     fraction: float = _f(0.9, "u: fraction of D_F and of D_T whose items are labeled (the rest is held out)")
-    min_count: int = _f(200, "floor on labeled rows (and columns) per side")
+    min_count: int = _f(200, "design=block: floor on labeled items per side (the paper's u=0.05 is too few)")
     partners: int = _f(20, "design=spread: each labeled example is paired with this many labeled targets")
     diagonal: bool = _f(True, "label the exact K_FF self-utilities U(i -> i) of every pool item (M teacher calls)")
     eval_pairs: int = _f(4000, "pairs sampled per quadrant Q2-Q4 and kernel for the fidelity report")

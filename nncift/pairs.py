@@ -1,6 +1,6 @@
 """The pair space: seeded u-fraction sampling, quadrants Q1-Q4 and block tiling.
 
-Quadrants (METHOD.md §2), for a kernel whose rows are D_F and columns D_F (``ff``) or D_T (``ft``):
+Quadrants (NN-CIFT §4.2), for a kernel whose rows are D_F and columns D_F (``ff``) or D_T (``ft``):
 
 - Q1: labeled rows x labeled columns -> training labels
 - Q2: unlabeled rows x labeled columns
@@ -131,8 +131,9 @@ def plan_labels(
     if fraction >= 1.0:  # every item labeled: every pair (full labeling, the cost baseline), whatever the design
         design = "block"
     rng = np.random.default_rng([seed, 1])
-    pool_l = sample_fraction(m, fraction, min(min_count, m), rng)
-    targ_l = sample_fraction(n, fraction, min(min_count, n), rng)
+    floor = min_count if design == "block" else 2  # spread: `fraction` alone sets the held-out share
+    pool_l = sample_fraction(m, fraction, min(floor, m), rng)
+    targ_l = sample_fraction(n, fraction, min(floor, n), rng)
     pool_u = np.setdiff1d(np.arange(m), pool_l)
     targ_u = np.setdiff1d(np.arange(n), targ_l)
     plan = LabelPlan(pool_l, targ_l, design=design)

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning batches: prompt + response + EOS, loss only on the response (METHOD.md §7.10).
+"""Supervised fine-tuning batches: prompt + response + EOS, loss only on the response.
 
 The reference trainer fed only the prompt to the model and padded the labels with the EOS id, so the loss
 fell on padding. Here every example is ``prompt_ids + response_ids + [EOS]`` with

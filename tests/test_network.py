@@ -43,7 +43,7 @@ def test_tiled_prediction_matches_untiled(monkeypatch):
 
 
 def test_parameter_count_matches_paper_layout():
-    # [C]'s 1024-d embeddings, 2049-long input, hidden 100 -> 205,101 parameters (METHOD.md §2)
+    # [C]'s 1024-d embeddings, 2049-long input, hidden 100 -> 205,101 parameters (the paper's reference code)
     assert InfluenceNetwork(1024, 100).num_parameters() == 205_101
 
 

@@ -78,6 +78,20 @@ def test_resume_skips_and_changed_config_is_refused(tmp_path, corpus, tiny_overr
     assert stages["estimate"] == "skipped" and isinstance(stages["select"], float)
 
 
+@pytest.mark.parametrize("layout", ["dense", "sparse"])
+def test_paper_network_and_block_design_through_every_stage(tmp_path, corpus, tiny_overrides, layout):
+    run = tmp_path / "run"
+    paper = ["network.kind=mlp", "label.design=block", "label.diagonal=false", "network.cosine_prior=false"]
+    sparse = ["estimate.layout=sparse", "estimate.topk=120"] if layout == "sparse" else []
+    _run(run, corpus, [*tiny_overrides, *LOCAL, *paper, *sparse])
+    rep = json.loads((run / "report" / "report.json").read_text())
+    assert rep["network"]["kind"] == "mlp" and rep["label"]["design"] == "block" and rep["label"]["diag_pairs"] == 0
+    assert json.loads((run / "fit" / "network_ff.json").read_text())["kind"] == "mlp"
+    assert rep["label"]["train_pairs"] == 24 * 24 + 24 * 8  # 20% of 120 pool and of 40 target items
+    assert pq.read_table(run / "select" / "selection.parquet").num_rows == 24
+    assert rep["fidelity"]["measured"]
+
+
 def test_objectives_run(tmp_path, corpus, tiny_overrides):
     run = tmp_path / "run"
     for obj in ("flmi", "flcg", "topk"):
@@ -260,3 +274,18 @@ def test_table_missing_pair_stops_the_label_stage(tmp_path, corpus, tiny_overrid
     pa.parquet.write_table(pa.table({"example_id": ["x"], "target_id": ["y"], "value": [0.5]}), table)
     with pytest.raises(DataError, match=r"no value for .* pairs needed"):
         _run(tmp_path / "run", corpus, [*tiny_overrides, *LOCAL, "label.function=table", f"label.table={table}"])
+
+
+def test_export_table_cli(tmp_path, corpus, tiny_overrides, capsys):
+    from nncift.cli import main
+
+    sets = [x for o in [*tiny_overrides, *LOCAL, "label.fraction=1.0"] for x in ("--set", o)]
+    args = ["--input", str(corpus), "--run-dir", str(tmp_path / "run"), *sets]
+    out = tmp_path / "t.parquet"
+    assert main(["export-table", *args, "--out", str(out)]) == 2  # nothing labeled yet: one-line error
+    assert "the label stage is not finished" in capsys.readouterr().err
+    assert main(["label", "-q", *args]) == 0
+    assert main(["export-table", *args, "--out", str(out)]) == 0
+    t = pq.read_table(out)
+    assert t.column_names == ["example_id", "target_id", "value"]
+    assert t.num_rows == 120 * 120 + 120 * 40  # the diagonal is labeled twice but kept once

