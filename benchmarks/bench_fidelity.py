@@ -93,6 +93,7 @@ VARIANTS = {
     "bilinear-block-diag": ("bilinear", "block", True, False),
     "bilinear-spread-diag": ("bilinear", "spread", True, False),
     "default": ("bilinear", "spread", True, True),
+    "active": ("bilinear", "active", True, True),
 }
 
 
@@ -130,7 +131,7 @@ def run_one(t: dict, cfg, variant: str, fraction: float, seed: int, kernels: tup
     fit_cfg = {"kind": kind, "hidden": nw.hidden, "rank": nw.rank, "symmetric": sym, "cosine_prior": nw.cosine_prior,
                "lr": nw.lr, "weight_decay": nw.weight_decay, "epochs": nw.epochs, "batch_size": nw.batch_size,
                "patience": nw.patience, "seed": seed}  # fmt: skip
-    est, q4, t0 = {}, {}, time.perf_counter()
+    est, q4, round2, t0 = {}, {}, {}, time.perf_counter()
     for kernel in kernels:
         true, e_cols = t[kernel], (t["e_pool"] if kernel == "ff" else t["e_target"])
         sets = [s for s in plan.sets if s.kernel == kernel]
@@ -139,6 +140,15 @@ def run_one(t: dict, cfg, variant: str, fraction: float, seed: int, kernels: tup
         if kernel == "ff":
             keep = rows != cols
             rows, cols = rows[keep], cols[keep]
+        if design == "active":  # the second round, exactly as the label stage plans it
+            from nncift.active import second_round
+
+            col_l = plan.pool_labeled if kernel == "ff" else plan.target_labeled
+            r2, c2 = second_round(fit_cfg, t["e_pool"], e_cols, (rows, cols, true[rows, cols]), plan.pool_labeled,
+                                  col_l, (rows, cols), lb.partners - lb.partners // 2, kernel == "ff",
+                                  nw.val_fraction)  # fmt: skip
+            rows, cols = np.concatenate([rows, r2]), np.concatenate([cols, c2])
+            round2[kernel] = len(r2)
         scaler = Scaler.fit(true[rows, cols])
         q1 = PairLabels(rows, cols, scaler.transform(true[rows, cols]))
         tr, va = split_train_val(len(q1), nw.val_fraction, seed)
@@ -171,7 +181,7 @@ def run_one(t: dict, cfg, variant: str, fraction: float, seed: int, kernels: tup
     res = fid.selection_fidelity(t["ff"], t["ft"], {"est": idx}, budget, sc.objective, sc.eta, sc.nu,
                                  cfg.fidelity.random_subsets, seed)  # fmt: skip
     pairs = sum(s.num_pairs for s in plan.sets if s.quadrant == "q1" and s.kernel in kernels)
-    pairs += plan.diag_pairs
+    pairs += plan.diag_pairs + sum(round2.values())
     return {"variant": variant, "kind": kind, "design": design, "fraction": fraction, "seed": seed, "teacher_pairs": int(pairs),
             "labeled_items": len(plan.pool_labeled), "gap_closed": res["subsets"]["est"]["gap_closed"],
             "jaccard": res["subsets"]["est"]["jaccard"], "q4": q4, "seconds": time.perf_counter() - t0}  # fmt: skip

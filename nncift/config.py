@@ -70,7 +70,11 @@ class LabelConfig:
 
     function: str = _f("delift_se", "influence function: delift_se | delift_icl | table")
     table: str | None = _f(None, "label.function=table: Parquet of example_id, target_id, value")
-    design: str = _f("spread", "training pairs: spread (see `partners`) | block (all pairs of the labeled items)")
+    design: str = _f(
+        "spread",
+        "training pairs: spread (see `partners`) | block (all pairs of the labeled items) | active (spread with "
+        "half the partners, then the other half on each row's top pairs predicted by a round-1 surrogate)",
+    )
     fraction: float = _f(0.9, "u: fraction of D_F and of D_T whose items are labeled (the rest is held out)")
     min_count: int = _f(200, "design=block: floor on labeled items per side (the paper's u=0.05 is too few)")
     partners: int = _f(20, "design=spread: each labeled example is paired with this many labeled targets")
@@ -258,7 +262,7 @@ class RunConfig:
         need(self.embed.batch_size > 0, "embed.batch_size", "must be positive")
         need(lb.function in {"delift_se", "delift_icl", "table"}, "label.function", f"unknown function {lb.function!r}")
         need(lb.function != "table" or bool(lb.table), "label.table", "label.function=table needs label.table=PATH")
-        need(lb.design in {"block", "spread"}, "label.design", f"got {lb.design!r} (block | spread)")
+        need(lb.design in {"block", "spread", "active"}, "label.design", f"got {lb.design!r} (block | spread | active)")
         need(lb.partners >= 1, "label.partners", "must be >= 1")
         need(n.kind in {"mlp", "bilinear"}, "network.kind", f"got {n.kind!r} (mlp | bilinear)")
         need(n.rank >= 1, "network.rank", "must be >= 1")

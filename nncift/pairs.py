@@ -30,7 +30,7 @@ def sample_fraction(n: int, fraction: float, min_count: int, rng: np.random.Gene
     return np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
 
 
-DESIGNS = ("block", "spread")
+DESIGNS = ("block", "spread", "active")
 
 
 @dataclass
@@ -116,6 +116,8 @@ def plan_labels(
 
     - ``block``: every pair among the labeled items (the paper's design): ``dl x dl`` for K_FF and ``dl x pl``
       for K_FT.
+    - ``active``: the spread design with ``partners // 2``; the other half is spent by a second round
+      (:mod:`nncift.active`) on the pairs a round-1 surrogate ranks highest in each labeled row.
     - ``spread``: each labeled item is the in-context example of exactly one small dense rectangle of
       ``partners`` examples x ``partners`` random labeled partners (targets), so pairs = ``dl x partners`` per
       kernel, spread over many more items than a block of the same cost, while every example still meets
@@ -131,7 +133,7 @@ def plan_labels(
     if fraction >= 1.0:  # every item labeled: every pair (full labeling, the cost baseline), whatever the design
         design = "block"
     rng = np.random.default_rng([seed, 1])
-    floor = min_count if design == "block" else 2  # spread: `fraction` alone sets the held-out share
+    floor = min_count if design == "block" else 2  # spread / active: `fraction` alone sets the held-out share
     pool_l = sample_fraction(m, fraction, min(floor, m), rng)
     targ_l = sample_fraction(n, fraction, min(floor, n), rng)
     pool_u = np.setdiff1d(np.arange(m), pool_l)
@@ -142,8 +144,9 @@ def plan_labels(
     for kernel, col_l, col_u in (("ff", pool_l, pool_u), ("ft", targ_l, targ_u)):
         if design == "block":
             plan.sets.append(LabelSet(kernel, "q1", pool_l, col_l))
-        else:
-            plan.sets += spread_sets(kernel, pool_l, col_l, partners, design_rng)
+        else:  # active: this is its first round, half the partners (the pipeline plans the second round)
+            k = partners if design == "spread" else max(1, partners // 2)
+            plan.sets += spread_sets(kernel, pool_l, col_l, k, design_rng)
         if eval_pairs <= 0:
             continue
         for quad, rows, cols in (("q2", pool_u, col_l), ("q3", pool_l, col_u), ("q4", pool_u, col_u)):

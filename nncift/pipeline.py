@@ -14,9 +14,11 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute
 import pyarrow.parquet as pq
 
 from nncift import data as data_mod
@@ -229,6 +231,15 @@ class Pipeline:
 
         self.run_label_blocks(plan.sets, specs, todo, block_dir, desc="label")
         labels = gather_labels(block_dir, len(specs))
+        if plan.design == "active":
+            second = self._active_round(plan, labels)
+            plan.sets += second
+            specs2 = plan_blocks(SimpleNamespace(sets=second), c.block_size)
+            block_dir2 = self.store.path("label", "blocks_active")
+            todo2 = [s for s in specs2 if not (block_dir2 / f"{s['block_id']:06d}.parquet").is_file()]
+            log.info("label (active round 2): %d pairs in %d blocks", sum(s.num_pairs for s in second), len(specs2))
+            self.run_label_blocks(second, specs2, todo2, block_dir2, desc="label (active)")
+            labels = pa.concat_tables([labels, gather_labels(block_dir2, len(specs2))])
         write_parquet(self.store.path("label", "labels.parquet"), labels)
         return {
             "function": c.function,
@@ -241,6 +252,41 @@ class Pipeline:
             "labeled_pool": len(plan.pool_labeled),
             "labeled_target": len(plan.target_labeled),
         }
+
+    def _active_round(self, plan, labels: pa.Table) -> list:
+        """Second round of ``label.design=active``: fit a surrogate on round 1 (the local fit loop, this stage's
+        fit configuration), then choose, for every labeled row, the ``partners - partners // 2`` labeled
+        columns it predicts highest that round 1 did not label (:func:`nncift.active.top_predicted_pairs`).
+
+        The chosen pairs are saved in ``label/active_pairs.parquet`` before any is labeled, so a resumed run
+        labels the same pairs. Returns paired :class:`~nncift.pairs.LabelSet` (quadrant q1), one per kernel.
+        """
+        from nncift.active import second_round
+        from nncift.pairs import LabelSet
+
+        path = self.store.path("label", "active_pairs.parquet")
+        if path.is_file():
+            t = pq.read_table(path)
+            kern = np.asarray(t.column("kernel").to_pylist())
+            rows, cols = t.column("row").to_numpy(), t.column("col").to_numpy()
+            return [LabelSet(k, "q1", rows[kern == k], cols[kern == k], paired=True) for k in ("ff", "ft")]
+        c = self.cfg.label
+        per_row = c.partners - c.partners // 2
+        e_pool, e_target = self.embeddings()
+        lab = self._labels(labels)
+        out, parts = [], []
+        for kernel, e_cols, col_l in (("ff", e_pool, plan.pool_labeled), ("ft", e_target, plan.target_labeled)):
+            rc, y_raw = lab[kernel]["q1"]
+            every = labels.filter(pa.compute.equal(labels.column("kernel"), kernel))
+            done = (every.column("row").to_numpy(), every.column("col").to_numpy())
+            rows, cols = second_round(
+                self.fit_config(), e_pool, e_cols, (rc[0], rc[1], y_raw), plan.pool_labeled, col_l, done,
+                per_row, kernel == "ff", self.cfg.network.val_fraction,
+            )  # fmt: skip
+            out.append(LabelSet(kernel, "q1", rows, cols, paired=True))
+            parts.append(pa.table({"kernel": [kernel] * len(rows), "row": rows, "col": cols}))
+        write_parquet(path, pa.concat_tables(parts))
+        return out
 
     def run_label_blocks(self, sets: list, specs: list[dict], todo: list[dict], block_dir: Path, desc: str) -> None:
         """Label the ``todo`` blocks of ``sets`` (LabelSet-like rectangles) with the configured function,
@@ -289,12 +335,12 @@ class Pipeline:
             "trust_remote_code": c.trust_remote_code,
         }
 
-    def _labels(self) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    def _labels(self, table: pa.Table | None = None) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
         """Per kernel and quadrant (q1..q4, and "diag" for K_FF): ((2, P) row/col indices, (P,) raw values).
 
         K_FF self pairs are dropped from q1..q4 when ``network.exclude_self_pairs``.
         """
-        t = pq.read_table(self.store.path("label", "labels.parquet"))
+        t = pq.read_table(self.store.path("label", "labels.parquet")) if table is None else table
         kern = np.asarray(t.column("kernel").to_pylist())
         quad = np.asarray(t.column("quadrant").to_pylist())
         rows, cols = t.column("row").to_numpy(), t.column("col").to_numpy()

@@ -289,3 +289,31 @@ def test_export_table_cli(tmp_path, corpus, tiny_overrides, capsys):
     t = pq.read_table(out)
     assert t.column_names == ["example_id", "target_id", "value"]
     assert t.num_rows == 120 * 120 + 120 * 40  # the diagonal is labeled twice but kept once
+
+
+def test_active_design_labels_a_second_round_and_resumes_it(tmp_path, corpus, tiny_overrides, monkeypatch):
+    run = tmp_path / "run"
+    over = [*tiny_overrides, *LOCAL, "label.design=active", "label.partners=6"]
+    _run(run, corpus, over)
+    labels = pq.read_table(run / "label" / "labels.parquet")
+    chosen = pq.read_table(run / "label" / "active_pairs.parquet")
+    assert chosen.num_rows > 0
+    from collections import Counter
+
+    def keys(t):
+        return list(zip(t.column("kernel").to_pylist(), t.column("row").to_pylist(), t.column("col").to_pylist(),
+                        strict=True))  # fmt: skip
+
+    counts = Counter(keys(labels))
+    assert all(counts[k] == 1 for k in keys(chosen))  # every second-round pair labeled, exactly once
+    plan = json.loads((run / "label" / "plan.json").read_text())
+    labeled = set(plan["pool_labeled"])
+    assert set(chosen.column("row").to_pylist()) <= labeled  # held-out items never get a training pair
+    # a resumed label stage reuses the saved second round instead of refitting
+    import nncift.active
+
+    (run / "label" / "_DONE.json").unlink()
+    monkeypatch.setattr(nncift.active, "second_round", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    cfg = load_config(None, [f"data.input={corpus}", *over])
+    Pipeline(cfg, run).run("label")
+    assert pq.read_table(run / "label" / "labels.parquet").equals(labels)
