@@ -282,7 +282,7 @@ def plot(path: Path, results: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--teacher", default="se,icl,textsim", help="comma-separated: se | icl | textsim")
-    ap.add_argument("--variants", default="paper,mlp-spread-diag,bilinear-block-diag,bilinear-spread-diag,default",
+    ap.add_argument("--variants", default="paper,mlp-spread-diag,bilinear-block-diag,bilinear-spread-diag,default,active",
                     help=f"comma-separated, of: {', '.join(VARIANTS)}")  # fmt: skip
     ap.add_argument("--fractions", default="0.1,0.2,0.4,0.9", help="fractions of items labeled")
     ap.add_argument("--max-train-pairs", type=int, default=700_000, help="skip block designs above this")
