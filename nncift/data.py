@@ -36,10 +36,24 @@ class Record:
 
 
 # ----------------------------------------------------------------------------------------- raw readers
+def _decode_utf8(path: Path, data: bytes, first_line: int = 1) -> str:
+    """UTF-8 text of ``data`` (a leading BOM dropped), or a DataError naming the line and column of the first
+    invalid byte."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = first_line + data.count(b"\n", 0, exc.start)
+        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at column {col}); convert the file to UTF-8"
+        ) from None
+
+
 def _read_jsonl(path: Path) -> list[Record]:
     out = []
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            line = _decode_utf8(path, raw, lineno)
             if not line.strip():
                 continue
             try:
@@ -56,7 +70,7 @@ def _line_starts(text: str) -> np.ndarray:
 
 def _read_json(path: Path) -> list[Record]:
     """A JSON list (decoded once, record by record, with line numbers), or a dict wrapping one."""
-    text = path.read_text(encoding="utf-8")
+    text = _decode_utf8(path, path.read_bytes())
     if not text.strip():
         return []
     if text.lstrip().startswith("["):

@@ -49,11 +49,14 @@ def map_local(worker_cls: type, ctor_kwargs: dict[str, Any], specs: list[dict], 
     """Local twin of :func:`map_ray`: construct the worker once, call it on each spec in order."""
     from tqdm.auto import tqdm
 
+    from nncift.errors import raise_worker_errors
+
     worker = worker_cls(**ctor_kwargs)
     out = []
     for spec in tqdm(specs, desc=desc or worker_cls.__name__, disable=not specs, leave=False):
         res = worker({k: np.asarray([v]) for k, v in spec.items()})
         out.append({k: v[0] for k, v in res.items()})
+        raise_worker_errors(out[-1:])  # stop at the first bad block (an expensive teacher would go on)
     return out
 
 
@@ -95,10 +98,15 @@ def map_blocks(
     desc: str = "",
     **res: Any,
 ) -> list[dict]:
-    """Dispatch to :func:`map_ray` or :func:`map_local`."""
+    """Dispatch to :func:`map_ray` or :func:`map_local`; a user-fixable error a worker returned is raised here."""
+    from nncift.errors import raise_worker_errors
+
     if executor == "local":
-        return map_local(worker_cls, ctor_kwargs, specs, desc)
-    return map_ray(worker_cls, ctor_kwargs, specs, **res)
+        out = map_local(worker_cls, ctor_kwargs, specs, desc)
+    else:
+        out = map_ray(worker_cls, ctor_kwargs, specs, **res)
+    raise_worker_errors(out)
+    return out
 
 
 def embed_ray(

@@ -21,3 +21,23 @@ class ProvenanceError(NncifError):
 
 class MissingDependencyError(NncifError, ImportError):
     """An optional dependency is not installed; the message gives the install command."""
+
+
+class TeacherError(NncifError):
+    """The influence function returned unusable values (NaN / inf); the message names the block and pair."""
+
+
+def encode_worker_error(exc: NncifError) -> str:
+    """``"ClassName\tmessage"``: a user-fixable error a worker returns instead of raising, so that it reaches
+    the driver as one clear line whatever executor ran the worker (Ray wraps raised exceptions)."""
+    return f"{type(exc).__name__}\t{exc}"
+
+
+def raise_worker_errors(results: list[dict]) -> None:
+    """Re-raise, in the driver, the first user-fixable error a worker returned in its ``error`` field."""
+    for r in results:
+        err = str(r.get("error") or "")
+        if err:
+            name, _, msg = err.partition("\t")
+            cls = {c.__name__: c for c in (ConfigError, DataError, TeacherError, NncifError)}.get(name, NncifError)
+            raise cls(msg)

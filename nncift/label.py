@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from nncift.errors import NncifError, TeacherError, encode_worker_error
 from nncift.influence import Items, build_influence_function
 from nncift.pairs import LabelPlan, ranges
 from nncift.store import write_parquet
@@ -99,6 +100,15 @@ class LabelWorker:
             cols = np.asarray(s["cols"][c0:c1], dtype=np.int64)
             vals = self.fn.kernel_block(s["kernel"], self.items["pool"].take(rows), self.items[col_side].take(cols))
             rr, cc = np.repeat(rows, len(cols)), np.tile(cols, len(rows))
+        vals = np.asarray(vals, np.float32).reshape(-1)
+        bad = np.flatnonzero(~np.isfinite(vals))
+        if len(bad):
+            i = int(bad[0])
+            raise TeacherError(
+                f"teacher {self.fn.name} returned {len(bad)} non-finite values in a {s['kernel']} block, first "
+                f"{vals[i]} for the pair (row {self.ids['pool'][rr[i]]!r}, col {self.ids[col_side][cc[i]]!r}); "
+                "nothing of this block was written"
+            )
         return pa.table(
             {
                 "kernel": pa.array([s["kernel"]] * len(rr), pa.string()),
@@ -107,12 +117,18 @@ class LabelWorker:
                 "col_id": pa.array(self.ids[col_side][cc].tolist(), pa.string()),
                 "row": pa.array(rr),
                 "col": pa.array(cc),
-                "value": pa.array(np.asarray(vals, np.float32).reshape(-1)),
+                "value": pa.array(vals),
             },
             schema=LABEL_SCHEMA,
         )
 
     def run_block(self, spec: dict) -> int:
+        try:
+            return self._run_block(spec)
+        except TeacherError as exc:
+            raise TeacherError(f"label block {int(spec['block_id']):06d}: {exc}") from None
+
+    def _run_block(self, spec: dict) -> int:
         first, end = int(spec["set_id"]), int(spec.get("set_end", int(spec["set_id"]) + 1))
         if end > first + 1:  # packed small rectangles, each labeled whole
             parts = [self._label_set(self.sets[i], 0, len(self.sets[i]["rows"]), 0, len(self.sets[i]["cols"]))
@@ -124,8 +140,19 @@ class LabelWorker:
         return table.num_rows
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = [self.run_block({k: int(v[i]) for k, v in batch.items()}) for i in range(len(batch["block_id"]))]
-        return {"block_id": np.asarray(batch["block_id"]), "pairs": np.asarray(n, dtype=np.int64)}
+        """Label each block of the batch; a user-fixable error (a bad table, a non-finite teacher value) is
+        returned in ``error`` rather than raised, so the driver reports it as one line
+        (:func:`nncift.errors.raise_worker_errors`)."""
+        n, errors = [], []
+        for i in range(len(batch["block_id"])):
+            try:
+                n.append(self.run_block({k: int(v[i]) for k, v in batch.items()}))
+                errors.append("")
+            except NncifError as exc:
+                n.append(0)
+                errors.append(encode_worker_error(exc))
+        return {"block_id": np.asarray(batch["block_id"]), "pairs": np.asarray(n, dtype=np.int64),
+                "error": np.asarray(errors, dtype=object)}  # fmt: skip
 
 
 def gather_labels(block_dir: Path, n_blocks: int) -> pa.Table:

@@ -42,6 +42,9 @@ class Scaler:
 
     @classmethod
     def fit(cls, values: np.ndarray) -> Scaler:
+        values = np.asarray(values)
+        if not len(values) or not np.isfinite(values).all():
+            raise ValueError(f"Scaler.fit needs finite labels ({int((~np.isfinite(values)).sum())} non-finite)")
         lo, hi = float(np.min(values)), float(np.max(values))
         if not hi > lo:
             hi = lo + 1.0  # constant labels: any affine map works; avoid 0/0

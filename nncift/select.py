@@ -17,6 +17,15 @@ import numpy as np
 OBJECTIVES = ("fl", "flmi", "flcg", "topk")
 
 
+def check_finite(k: np.ndarray, name: str) -> None:
+    """Raise ValueError naming the first non-finite entry of a kernel (NaN / inf would select silently wrong)."""
+    k = np.asarray(k)
+    bad = ~np.isfinite(k)
+    if bad.any():
+        where = tuple(int(x) for x in np.argwhere(bad)[0])
+        raise ValueError(f"{name} has {int(bad.sum())} non-finite entries (first {k[where]} at {list(where)})")
+
+
 def minmax_scale(k: np.ndarray) -> np.ndarray:
     """Scale a kernel to [0, 1] over all its entries; a constant kernel maps to zeros (no 0/0)."""
     k = np.asarray(k, dtype=np.float32)
@@ -50,6 +59,7 @@ def lazy_greedy(
         (indices (budget,) int64 in greedy order, gains (budget,) float64).
     """
     k = np.asarray(k, dtype=np.float32)
+    check_finite(k, "kernel")
     n_rows, n_cand = k.shape
     if not 0 <= budget <= n_cand:
         raise ValueError(f"budget must be in [0, {n_cand}], got {budget}")
@@ -160,6 +170,9 @@ def greedy_select(
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r} (known: {', '.join(OBJECTIVES)})")
+    for name, k in (("k_ff", k_ff), ("k_ft", k_ft)):
+        if k is not None:
+            check_finite(k, name)
     if scale:
         k_ff = None if k_ff is None else minmax_scale(k_ff)
         k_ft = None if k_ft is None else minmax_scale(k_ft)

@@ -1,0 +1,83 @@
+"""Silent wrong answers are refused: non-finite kernels and labels, non-UTF-8 input."""
+
+import numpy as np
+import pytest
+
+from nncift import select_subset
+from nncift.errors import DataError, TeacherError
+from nncift.network import Scaler
+from nncift.select import greedy_select, lazy_greedy
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_selection_refuses_non_finite_kernels(bad):
+    k = np.random.default_rng(0).uniform(size=(6, 6)).astype(np.float32)
+    k[2, 4] = bad
+    with pytest.raises(ValueError, match=r"k_ff has 1 non-finite entries .* at \[2, 4\]"):
+        select_subset(k, 3)
+    with pytest.raises(ValueError, match="k_ft has 1 non-finite"):
+        select_subset(np.ones((6, 6)), 3, objective="flmi", k_ft=k)
+    with pytest.raises(ValueError, match="non-finite"):  # scale=False used to loop forever on NaN
+        greedy_select(k, 3, scale=False)
+    with pytest.raises(ValueError, match="non-finite"):
+        lazy_greedy(k, 3)
+
+
+def test_scaler_refuses_non_finite_labels():
+    with pytest.raises(ValueError, match="1 non-finite"):
+        Scaler.fit(np.array([0.1, np.nan, 0.3]))
+
+
+def test_non_finite_teacher_value_stops_the_label_stage(tmp_path, corpus, tiny_overrides, monkeypatch):
+    from nncift.config import load_config
+    from nncift.influence.delift_se import DeliftSE
+    from nncift.pipeline import Pipeline
+
+    orig = DeliftSE.utility
+
+    def fp16_overflow(self, examples, targets):
+        out = orig(self, examples, targets)
+        out[0, -1] = np.inf
+        return out
+
+    monkeypatch.setattr(DeliftSE, "utility", fp16_overflow)
+    cfg = load_config(None, [f"data.input={corpus}", *tiny_overrides, "ray.executor=local"])
+    with pytest.raises(TeacherError, match=r"label block 000000: teacher delift_se returned .* inf for the pair"):
+        Pipeline(cfg, tmp_path / "run").run()
+    assert not (tmp_path / "run" / "label" / "blocks" / "000000.parquet").exists()
+    assert not (tmp_path / "run" / "label" / "_DONE.json").exists()
+
+
+def test_non_utf8_and_bom(tmp_path):
+    from nncift.config import DataConfig
+    from nncift.data import read_corpus
+
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n')
+    with pytest.raises(DataError, match=r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        read_corpus(bad, DataConfig())
+    js = tmp_path / "latin1.json"
+    js.write_bytes(b'[\n{"prompt": "a", "response": "b"},\n{"prompt": "\xff", "response": "b"}\n]')
+    with pytest.raises(DataError, match=r"latin1.json:3: not UTF-8"):
+        read_corpus(js, DataConfig())
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "response": "b"}\n')
+    assert read_corpus(bom, DataConfig()).num_rows == 1
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_worker_error_reaches_the_driver_as_one_line_under_ray(ray_session, tmp_path, corpus, tiny_overrides):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nncift.config import load_config
+    from nncift.pipeline import Pipeline
+
+    table = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"example_id": ["x"], "target_id": ["y"], "value": [0.5]}), table)
+    cfg = load_config(None, [f"data.input={corpus}", *tiny_overrides, "label.function=table", f"label.table={table}"])
+    with pytest.raises(DataError) as info:
+        Pipeline(cfg, tmp_path / "run").run("label")
+    msg = str(info.value)
+    assert "has no value for" in msg and "Traceback" not in msg and "\n" not in msg
