@@ -107,7 +107,7 @@ class NetworkConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     epochs: int = _f(60, "maximum epochs")
     lr: float = _f(1e-3, "Adam learning rate")
-    batch_size: int = _f(256, "pairs per step (per worker)")
+    batch_size: int = _f(256, "pairs per optimizer step (global: all Ray Train workers together)")
     val_fraction: float = _f(0.1, "fraction of Q1 labels held out for early stopping")
     patience: int = _f(3, "epochs without validation improvement before stopping")
     seed: int = _f(0, "initialisation and shuffling seed")

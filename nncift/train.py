@@ -58,8 +58,8 @@ def predict_pairs(
     """Network outputs for labeled pairs: (P,) float32 (in the scaled label space)."""
     out = []
     for s in range(0, len(pairs), batch):
-        r = torch.as_tensor(pairs.rows[s : s + batch])
-        c = torch.as_tensor(pairs.cols[s : s + batch])
+        r = torch.as_tensor(pairs.rows[s : s + batch], device=e_rows.device)
+        c = torch.as_tensor(pairs.cols[s : s + batch], device=e_cols.device)
         out.append(model(e_rows[r], e_cols[c]))
     return torch.cat(out).cpu().numpy() if out else np.zeros(0, np.float32)
 
@@ -75,26 +75,32 @@ def train_epoch(
     rank: int = 0,
     world_size: int = 1,
 ) -> float:
-    """One epoch over this rank's shard of a seeded permutation; every rank runs the same step count.
+    """One epoch of global batches of a seeded permutation; each rank takes its slice of every global batch.
+
+    ``batch_size`` is the *global* batch. Each rank's loss is its squared errors summed and divided by the
+    global batch size, times the world size, so that DDP's gradient average equals the gradient of the
+    global batch's mean loss: the optimizer steps do not depend on the number of workers (up to float
+    summation order).
 
     Returns:
-        mean training MSE over this rank's batches.
+        mean training MSE over the epoch's global batches (this rank's estimate).
     """
     model.train()
     perm = np.random.default_rng(epoch_seed).permutation(len(pairs))
-    per_rank = len(perm) // world_size if world_size > 1 else len(perm)
-    shard = perm[rank * per_rank : (rank + 1) * per_rank]
+    dev = e_rows.device
     total, steps = 0.0, 0
-    for s in range(0, len(shard), batch_size):
-        idx = shard[s : s + batch_size]
-        r = torch.as_tensor(pairs.rows[idx])
-        c = torch.as_tensor(pairs.cols[idx])
-        y = torch.as_tensor(pairs.y[idx])
+    for s in range(0, len(perm), batch_size):
+        batch = perm[s : s + batch_size]
+        idx = np.array_split(batch, world_size)[rank]
+        r = torch.as_tensor(pairs.rows[idx], device=dev)
+        c = torch.as_tensor(pairs.cols[idx], device=dev)
+        y = torch.as_tensor(pairs.y[idx], device=dev)
         optimizer.zero_grad(set_to_none=True)
-        loss = torch.mean((model(e_rows[r], e_cols[c]) - y) ** 2)
+        sq = (model(e_rows[r], e_cols[c]) - y) ** 2
+        loss = sq.sum() * (world_size / len(batch))
         loss.backward()
         optimizer.step()
-        total += float(loss.detach())
+        total += float(sq.detach().mean()) if len(idx) else 0.0
         steps += 1
     return total / max(steps, 1)
 
@@ -114,7 +120,7 @@ def fit_loop(
 
     Args:
         cfg: ``kind`` (default "mlp") and its parameters (``hidden``; ``rank``, ``symmetric``,
-            ``cosine_prior``), ``lr``, ``epochs``, ``batch_size``, ``patience``, ``seed``.
+            ``cosine_prior``), ``lr``, ``epochs``, ``batch_size`` (global, over all ranks), ``patience``, ``seed``.
         e_rows: (R, d) float32 row embeddings. e_cols: (C, d) float32 column embeddings.
         train, val: labeled pairs (scaled labels).
         rank, world_size: this worker's shard.
@@ -133,7 +139,9 @@ def fit_loop(
         if wd
         else torch.optim.Adam(model.parameters(), lr=cfg["lr"])
     )
-    er, ec = torch.from_numpy(np.array(e_rows, np.float32)), torch.from_numpy(np.array(e_cols, np.float32))
+    device = next(model.parameters()).device  # Ray Train's prepare_model moves the model to its GPU
+    er = torch.from_numpy(np.array(e_rows, np.float32)).to(device)
+    ec = torch.from_numpy(np.array(e_cols, np.float32)).to(device)
     best, best_state, stale, history = math.inf, copy.deepcopy(net.state_dict()), 0, []
     for epoch in range(cfg["epochs"]):
         tr = train_epoch(model, er, ec, train, opt, cfg["batch_size"], cfg["seed"] * 1000 + epoch, rank, world_size)
