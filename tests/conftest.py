@@ -191,25 +191,62 @@ def tiny_lm(tmp_path_factory) -> str:
     return str(out)
 
 
-@pytest.fixture(scope="session")
-def peaked_lm(tmp_path_factory, tiny_lm) -> str:
-    """The tiny Llama trained for a few hundred steps on short word sentences, so that its next-token
-    probabilities are peaked (a random LM gives near-uniform probabilities and utilities of ~1e-5, inside any
-    tolerance). Same architecture and byte tokenizer as ``tiny_lm``."""
-    import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
+def _bpe_tokenizer(corpus: list[str]):
+    """A byte-level BPE tokenizer *with merges*, trained here on ``corpus`` (so a space merges with the word
+    after it, as in real LM tokenizers: ' I' is one token), plus an EOS token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
-    tok = AutoTokenizer.from_pretrained(tiny_lm)
-    model = LlamaForCausalLM.from_pretrained(tiny_lm)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.fixture(scope="session")
+def peaked_lm(tmp_path_factory) -> str:
+    """A tiny Llama (2 layers, 32 wide) with a trained BPE tokenizer, itself trained for a few hundred steps on
+    short word sentences in the DELIFT templates, so that its next-token probabilities are peaked: a random
+    LM gives near-uniform probabilities and utilities of ~1e-5, inside any tolerance."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from nncift.influence.delift_icl import HEAD_ICL, HEAD_NOICL, MID_ICL
+
     rng = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "delta", "sum", "of", "two", "cats", "runs", "fast"]
+    words = ["alpha", "beta", "gamma", "delta", "sum", "of", "two", "cats", "runs", "fast", "I", "is"]
+
+    def sentence(n: int) -> str:
+        return " ".join(rng.choice(words, size=n))
+
+    corpus = [f"{HEAD_NOICL}{sentence(4)}\n" for _ in range(50)]
+    corpus += [f"{HEAD_ICL}{sentence(4)}\n{sentence(3)}{MID_ICL}{sentence(4)}\n" for _ in range(50)]
+    tok = _bpe_tokenizer(corpus)
+    assert tok.tokenize(" I")[0] == "ĠI"  # a space merges with the next word
     torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id,
+    )
+    model = LlamaForCausalLM(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(300):
-        stream = tok(" ".join(rng.choice(words, size=200)), add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([stream[i * 40 : (i + 1) * 40] for i in range(16)])
-        loss = model(input_ids=ids, labels=ids).loss
+        stream = tok(" ".join(corpus[i] for i in rng.integers(0, len(corpus), 8)), add_special_tokens=False)
+        ids = stream["input_ids"]
+        batch = torch.tensor([ids[i * 32 : (i + 1) * 32] for i in range(min(8, len(ids) // 32))])
+        loss = model(input_ids=batch, labels=batch).loss
         opt.zero_grad()
         loss.backward()
         opt.step()

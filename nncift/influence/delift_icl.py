@@ -8,13 +8,17 @@ where p are the teacher-forced probabilities of the gold response tokens of t (t
 final EOS, as both reference codebases score) and T their count. Token t is scored with the logits at
 position t - 1 (the shift the reference NN-CIFT code misses). Positive means the example helps.
 
-Sequences are built from separately tokenised pieces, so they are identical whether computed as one full
-sequence or as a cached example prefix followed by the target suffix::
+Sequences are tokenised as DELIFT tokenises them: the prompt *text* of each sequence (template, example and
+target joined) is tokenised as one string, then the target's separately tokenised response follows::
 
-    no ICL: tok(head_noicl) + P_t + tok(tail) + [EOS] + R_t + [EOS]
-    ICL:    tok(head_icl) + P_e + tok(sep) + R_e + tok(mid_icl) + P_t + tok(tail) + [EOS] + R_t + [EOS]
+    no ICL: tok(HEAD_NOICL + x_t + TAIL) + [EOS] + tok(y_t) + [EOS]
+    ICL:    tok(HEAD_ICL + x_e + SEP + y_e + MID_ICL + x_t + TAIL) + [EOS] + tok(y_t) + [EOS]
 
-with P_x / R_x the prompt / response tokens truncated to ``max_prompt_tokens`` / ``max_response_tokens``.
+Tokenising template pieces separately would differ at the boundaries (``"Query: "`` + ``"I"`` gives a
+lone-space token that joint tokenisation never produces). Prompts and responses are first truncated to
+``max_prompt_tokens`` / ``max_response_tokens`` tokens (as text, so the joint tokenisation sees the truncated
+text). Prefix reuse caches ``tok(HEAD_ICL + x_e + SEP + y_e + MID_ICL)`` and scores each target on it only
+when that is exactly the start of the pair's joint tokenisation; any other target runs as a full sequence.
 Only the hidden states of scored positions go through the LM head (log-softmax at the gold tokens only).
 """
 
@@ -44,8 +48,10 @@ TAIL = "\n"
 
 @dataclass
 class Encoded:
-    """Token pieces of one row: prompt ids and response ids (truncated)."""
+    """One row, truncated: prompt and response text (what joint tokenisation sees) and token ids."""
 
+    prompt_text: str
+    response_text: str
     prompt: list[int]
     response: list[int]
 
@@ -83,9 +89,6 @@ class DeliftICL(InfluenceFunction):
         self.max_p, self.max_r = max_prompt_tokens, max_response_tokens
         self.eos = int(tokenizer.eos_token_id)
         self.pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos)
-        enc = self._ids
-        self.head_noicl, self.head_icl = enc(HEAD_NOICL), enc(HEAD_ICL)
-        self.sep, self.mid, self.tail = enc(SEP_ICL), enc(MID_ICL), enc(TAIL)
         self._noicl_cache: dict[tuple[str, str], float] = {}
         # the KV-cache keyword of the model body: ``cache`` in transformers 5.24, ``past_key_values`` in 5.19
         # (an unknown keyword would be swallowed by ``**kwargs`` and the prefix silently ignored)
@@ -96,20 +99,46 @@ class DeliftICL(InfluenceFunction):
     def _ids(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
+    def _truncate(self, text: str, limit: int) -> tuple[str, list[int]]:
+        ids = self._ids(text)
+        if len(ids) <= limit:
+            return text, ids
+        cut = self.tok.decode(ids[:limit])
+        return cut, self._ids(cut)
+
     def encode(self, items: Items) -> list[Encoded]:
-        return [
-            Encoded(self._ids(p)[: self.max_p], self._ids(r)[: self.max_r])
-            for p, r in zip(items.prompts, items.responses, strict=True)
-        ]
+        out = []
+        for p, r in zip(items.prompts, items.responses, strict=True):
+            p_text, p_ids = self._truncate(p, self.max_p)
+            r_text, _ = self._truncate(r, self.max_r)
+            out.append(Encoded(p_text, r_text, p_ids, self._ids(r)[: self.max_r]))
+        return out
+
+    def prefix_text(self, ex: Encoded) -> str:
+        """The ICL prompt text before the target's prompt (shared by every target paired with ``ex``)."""
+        return HEAD_ICL + ex.prompt_text + SEP_ICL + ex.response_text + MID_ICL
 
     def prefix_ids(self, ex: Encoded) -> list[int]:
-        """Token ids shared by every target paired with example ``ex``."""
-        return self.head_icl + ex.prompt + self.sep + ex.response + self.mid
+        """Token ids of :meth:`prefix_text` (the KV cache of prefix reuse)."""
+        return self._ids(self.prefix_text(ex))
+
+    def _with_response(self, prompt_ids: list[int], t: Encoded) -> tuple[list[int], int]:
+        """DELIFT's sequence: prompt ids + [EOS] + response ids + [EOS]; and the index of the first scored token."""
+        return [*prompt_ids, self.eos, *t.response, self.eos], len(prompt_ids) + 1
+
+    def noicl_ids(self, t: Encoded) -> tuple[list[int], int]:
+        """The no-example sequence of target ``t`` and its first scored position."""
+        return self._with_response(self._ids(HEAD_NOICL + t.prompt_text + TAIL), t)
+
+    def icl_ids(self, ex: Encoded, t: Encoded, prefix_text: str | None = None) -> tuple[list[int], int]:
+        """The with-example sequence of (``ex``, ``t``) and its first scored position."""
+        prefix_text = self.prefix_text(ex) if prefix_text is None else prefix_text
+        return self._with_response(self._ids(prefix_text + t.prompt_text + TAIL), t)
 
     def suffix_ids(self, t: Encoded) -> tuple[list[int], int]:
-        """Target part and the number of leading unscored tokens in it."""
-        unscored = t.prompt + self.tail + [self.eos]
-        return unscored + t.response + [self.eos], len(unscored)
+        """Approximate target part of an ICL sequence (its own prompt text tokenised alone) and the number of
+        its unscored tokens: for length estimates only; scoring uses :meth:`icl_ids`."""
+        return self._with_response(self._ids(t.prompt_text + TAIL), t)[0], len(self._ids(t.prompt_text + TAIL)) + 1
 
     # ------------------------------------------------------------------ scoring kernels
     @torch.no_grad()
@@ -148,39 +177,37 @@ class DeliftICL(InfluenceFunction):
         keys = list(zip(targets.prompts, targets.responses, strict=True))
         todo = sorted(
             (i for i, k in enumerate(keys) if k not in self._noicl_cache),
-            key=lambda i: len(enc[i].prompt) + len(enc[i].response),
+            key=lambda i: len(enc[i].prompt) + len(enc[i].response),  # length order: little padding
         )
         for s in range(0, len(todo), self.batch_size):
             chunk = todo[s : s + self.batch_size]
-            seqs, firsts = [], []
-            for i in chunk:
-                suf, n_unscored = self.suffix_ids(enc[i])
-                head = self.head_noicl
-                seqs.append(head + suf)
-                firsts.append(len(head) + n_unscored)
-            for i, d in zip(chunk, self._distances(seqs, firsts), strict=True):
+            seqs, firsts = zip(*(self.noicl_ids(enc[i]) for i in chunk), strict=True)
+            for i, d in zip(chunk, self._distances(list(seqs), list(firsts)), strict=True):
                 self._noicl_cache[keys[i]] = float(d)
         return np.array([self._noicl_cache[k] for k in keys])
 
     def icl_distance(self, examples: Items, targets: Items) -> np.ndarray:
         """d(with example e) for every (e, t). Returns (E, T) float64."""
         ex_enc, t_enc = self.encode(examples), self.encode(targets)
-        # targets in length order so that each batch pads little (every mode); results are scattered back
-        order = np.argsort([len(self.suffix_ids(t)[0]) for t in t_enc], kind="stable")
-        suffixes = [self.suffix_ids(t_enc[i]) for i in order]
         out = np.empty((len(ex_enc), len(t_enc)))
-        bs = self.batch_size
+        step = 1 if self.mode == "single" else self.batch_size
         for ei, ex in enumerate(ex_enc):
-            prefix = self.prefix_ids(ex)
+            prefix_text = self.prefix_text(ex)
+            seqs = [self.icl_ids(ex, t, prefix_text) for t in t_enc]
+            full = np.arange(len(seqs))
             if self.mode == "prefix":
-                out[ei, order] = self._prefix_reuse(prefix, suffixes)
-                continue
-            step = 1 if self.mode == "single" else bs
-            for s in range(0, len(suffixes), step):
-                chunk = suffixes[s : s + step]
-                out[ei, order[s : s + len(chunk)]] = self._distances(
-                    [prefix + suf for suf, _ in chunk], [len(prefix) + n for _, n in chunk]
-                )
+                prefix = self.prefix_ids(ex)
+                shared = np.array([seq[: len(prefix)] == prefix for seq, _ in seqs], bool)
+                reuse = np.flatnonzero(shared)
+                if len(reuse):
+                    order = reuse[np.argsort([len(seqs[i][0]) for i in reuse], kind="stable")]
+                    suffixes = [(seqs[i][0][len(prefix) :], seqs[i][1] - len(prefix)) for i in order]
+                    out[ei, order] = self._prefix_reuse(prefix, suffixes)
+                full = np.flatnonzero(~shared)  # a boundary the joint tokenisation merged: full sequences
+            order = full[np.argsort([len(seqs[i][0]) for i in full], kind="stable")]
+            for s in range(0, len(order), step):
+                chunk = order[s : s + step]
+                out[ei, chunk] = self._distances([seqs[i][0] for i in chunk], [seqs[i][1] for i in chunk])
         return out
 
     @torch.no_grad()
@@ -205,18 +232,13 @@ class DeliftICL(InfluenceFunction):
         """d(with example e_k) of target t_k for aligned pairs, as length-sorted batches of full sequences
         (no prefix is shared between pairs). Returns (P,) float64."""
         ex_enc, t_enc = self.encode(examples), self.encode(targets)
-        seqs, firsts = [], []
-        for ex, t in zip(ex_enc, t_enc, strict=True):
-            prefix = self.prefix_ids(ex)
-            suf, n_unscored = self.suffix_ids(t)
-            seqs.append(prefix + suf)
-            firsts.append(len(prefix) + n_unscored)
-        order = np.argsort([len(s) for s in seqs], kind="stable")
+        seqs = [self.icl_ids(ex, t) for ex, t in zip(ex_enc, t_enc, strict=True)]
+        order = np.argsort([len(s) for s, _ in seqs], kind="stable")
         out = np.empty(len(seqs))
         step = 1 if self.mode == "single" else self.batch_size
         for s in range(0, len(order), step):
             chunk = order[s : s + step]
-            out[chunk] = self._distances([seqs[i] for i in chunk], [firsts[i] for i in chunk])
+            out[chunk] = self._distances([seqs[i][0] for i in chunk], [seqs[i][1] for i in chunk])
         return out
 
     # ------------------------------------------------------------------ interface

@@ -46,13 +46,13 @@ class DeliftICLvLLM(DeliftICL):
     def icl_distance(self, examples: Items, targets: Items) -> np.ndarray:
         """d(with example e) for every (e, t), all pairs in one ``generate``. Returns (E, T) float64."""
         ex_enc, t_enc = self.encode(examples), self.encode(targets)
-        suffixes = [self.suffix_ids(t) for t in t_enc]
         seqs, firsts = [], []
         for ex in ex_enc:
-            prefix = self.prefix_ids(ex)
-            for suf, n_unscored in suffixes:
-                seqs.append(prefix + suf)
-                firsts.append(len(prefix) + n_unscored)
+            prefix_text = self.prefix_text(ex)
+            for t in t_enc:
+                seq, first = self.icl_ids(ex, t, prefix_text)
+                seqs.append(seq)
+                firsts.append(first)
         if not seqs:
             return np.empty((len(ex_enc), len(t_enc)))
         return self._distances(seqs, firsts).reshape(len(ex_enc), len(t_enc))
@@ -87,7 +87,8 @@ def max_sequence_tokens(tokenizer, max_prompt_tokens: int, max_response_tokens: 
 
     icl = n(HEAD_ICL) + n(SEP_ICL) + n(MID_ICL) + 2 * max_prompt_tokens + 2 * max_response_tokens
     noicl = n(HEAD_NOICL) + max_prompt_tokens + max_response_tokens
-    return max(icl, noicl) + n(TAIL) + 2  # + the two EOS of the target part
+    # + the two EOS of the target part; + 8: joint tokenisation of truncated text may differ by a few tokens
+    return max(icl, noicl) + n(TAIL) + 2 + 8
 
 
 def build_delift_icl_vllm(

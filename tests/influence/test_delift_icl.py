@@ -14,20 +14,63 @@ def _items(n, seed=0, prefix="q"):
     return Items(prompts, responses, np.zeros((n, 2), np.float32))
 
 
+TOL = 1e-4
+
+
 @pytest.fixture(scope="module")
-def fns(tiny_lm):
+def fns(peaked_lm):
+    """The three modes on a trained tiny LM whose utilities are far above the tolerance."""
     return {
-        m: build_delift_icl(tiny_lm, batch_size=3, mode=m, max_prompt_tokens=40, max_response_tokens=30)
+        m: build_delift_icl(peaked_lm, batch_size=3, mode=m, max_prompt_tokens=40, max_response_tokens=30)
         for m in ("prefix", "batched", "single")
     }
+
+
+def _assert_large(u: np.ndarray) -> None:
+    """A comparison at TOL only means something when utilities, and their differences, are far above it."""
+    assert np.abs(u).max() > 100 * TOL and np.ptp(u) > 100 * TOL, (np.abs(u).max(), np.ptp(u))
 
 
 def test_prefix_reuse_equals_full_sequences(fns):
     ex, tg = _items(3, 1, "e"), _items(7, 2, "t")
     ref = fns["single"].icl_distance(ex, tg)
     for mode in ("batched", "prefix"):
-        np.testing.assert_allclose(fns[mode].icl_distance(ex, tg), ref, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(fns["prefix"].utility(ex, tg), fns["single"].utility(ex, tg), atol=1e-4)
+        np.testing.assert_allclose(fns[mode].icl_distance(ex, tg), ref, atol=TOL, rtol=0)
+    u = fns["single"].utility(ex, tg)
+    _assert_large(u)
+    np.testing.assert_allclose(fns["prefix"].utility(ex, tg), u, atol=TOL)
+
+
+def test_ignoring_the_kv_cache_is_caught(fns, monkeypatch):
+    # the comparison above has teeth: a model call that drops the prefix cache (an unknown keyword is
+    # swallowed by **kwargs) gives visibly different values
+    ex, tg = _items(2, 1, "e"), _items(5, 2, "t")
+    ref = fns["single"].icl_distance(ex, tg)
+    monkeypatch.setattr(fns["prefix"], "_cache_kw", "not_a_cache_keyword")
+    wrong = fns["prefix"].icl_distance(ex, tg)
+    assert np.abs(wrong - ref).max() > 100 * TOL
+
+
+def test_sequences_are_the_joint_tokenisation_of_the_delift_prompt(fns):
+    # DELIFT tokenises the whole prompt text at once; piece-wise tokenisation gave "Query: " + "I" ->
+    # [..., 'Ġ', 'I', ...] where the joint text gives [..., 'ĠI', ...]
+    from nncift.influence.delift_icl import HEAD_ICL, HEAD_NOICL, MID_ICL, SEP_ICL, TAIL
+
+    fn = fns["prefix"]
+    items = Items(["I is two cats", "alpha runs fast"], ["beta sum", "I is"], np.zeros((2, 2), np.float32))
+    e, t = fn.encode(items)
+    eos = fn.tok.eos_token_id
+
+    def joint(text):
+        return fn.tok(text, add_special_tokens=False)["input_ids"]
+
+    resp = [*joint(t.response_text), eos]
+    assert fn.noicl_ids(t)[0] == [*joint(HEAD_NOICL + "alpha runs fast" + TAIL), eos, *resp]
+    prompt = HEAD_ICL + "I is two cats" + SEP_ICL + "beta sum" + MID_ICL + "alpha runs fast" + TAIL
+    seq, first = fn.icl_ids(e, t)
+    assert seq == [*joint(prompt), eos, *resp] and first == len(joint(prompt)) + 1
+    pieces = joint(HEAD_NOICL) + joint("I is two cats")  # what the piece-wise code built
+    assert joint(HEAD_NOICL + "I is two cats") != pieces
 
 
 def _manual_distance(model, ids, first):
@@ -42,13 +85,12 @@ def test_shift_hand_computed(fns):
     fn: DeliftICL = fns["prefix"]
     ex, tg = _items(1, 3, "e"), _items(1, 4, "t")
     e, t = fn.encode(ex)[0], fn.encode(tg)[0]
-    eos = fn.tok.eos_token_id
-    no_icl = fn.head_noicl + t.prompt + fn.tail + [eos] + t.response + [eos]
-    icl = fn.head_icl + e.prompt + fn.sep + e.response + fn.mid + t.prompt + fn.tail + [eos] + t.response + [eos]
+    no_icl, first_no = fn.noicl_ids(t)
+    icl, first_icl = fn.icl_ids(e, t)
     n_scored = len(t.response) + 1  # response tokens and the final EOS
-    want = _manual_distance(fn.model, no_icl, len(no_icl) - n_scored) - _manual_distance(
-        fn.model, icl, len(icl) - n_scored
-    )
+    assert len(no_icl) - first_no == n_scored == len(icl) - first_icl
+    want = _manual_distance(fn.model, no_icl, first_no) - _manual_distance(fn.model, icl, first_icl)
+    assert abs(want) > 100 * 1e-5
     assert fn.utility(ex, tg)[0, 0] == pytest.approx(want, abs=1e-5)
 
 
@@ -62,6 +104,7 @@ def test_orientation_of_kernels(fns):
             r, c = rows.take(np.array([i])), cols.take(np.array([j]))
             assert ft[i, j] == pytest.approx(fn.utility(r, c)[0, 0], abs=1e-5)  # U(row i -> col j)
             assert ff[i, j] == pytest.approx(fn.utility(c, r)[0, 0], abs=1e-5)  # U(col j -> row i)
+    assert np.abs(ft - ff).max() > 100 * 1e-5  # an orientation mix-up would show
 
 
 def test_no_icl_is_computed_once_per_target(fns):
@@ -145,11 +188,11 @@ def test_planted_helpful_example_is_selected_first(smollm):
 
 
 @pytest.mark.parametrize("mode", ["prefix", "single"])
-def test_aligned_pairs_equal_the_full_kernel_entries(peaked_lm, mode):
+def test_aligned_pairs_equal_the_full_kernel_entries(fns, mode):
     # utility_pairs (the self-utilities of label.diagonal and any paired set) batches full sequences of
     # different examples; each entry must equal the same pair in the cross-product kernel. A trained tiny LM
     # gives utilities far above the tolerance, so a mis-paired entry cannot pass.
-    fn = build_delift_icl(peaked_lm, batch_size=3, mode=mode, max_prompt_tokens=40, max_response_tokens=30)
+    fn = fns[mode]
     items = _items(5, 8, "d")
     full = fn.utility(items, items)
     assert np.ptp(full) > 100 * 1e-4 and np.abs(full - np.diag(full)[None, :]).max() > 100 * 1e-4
@@ -158,3 +201,43 @@ def test_aligned_pairs_equal_the_full_kernel_entries(peaked_lm, mode):
     np.testing.assert_allclose(got, full[idx_e, idx_t], atol=1e-4, rtol=0)
     diag = fn.kernel_pairs("ff", items, items)
     np.testing.assert_allclose(diag, np.diag(full), atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_real_model_equals_a_joint_tokenisation_reference(smollm):
+    # 16 ShareGPT pairs: every mode against DELIFT's construction computed independently (whole prompt text
+    # tokenised at once, plain full forward); measured max |diff| 2.5e-7 on a spread of 1.5e-2
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from _common import items, sharegpt_rows
+
+    from nncift.influence.delift_icl import HEAD_ICL, HEAD_NOICL, MID_ICL, SEP_ICL, TAIL
+
+    rows = sharegpt_rows(8)
+    ex_items, tg_items = items(rows[:4]), items(rows[4:])
+    fn = smollm
+    eos = fn.tok.eos_token_id
+
+    def ids(text):
+        return fn.tok(text, add_special_tokens=False)["input_ids"]
+
+    def dist(prompt_ids, resp):
+        seq = [*prompt_ids, eos, *resp, eos]
+        with torch.no_grad():
+            logits = fn.model(torch.tensor([seq])).logits[0].double()
+        first = len(prompt_ids) + 1
+        p = torch.softmax(logits[first - 1 : len(seq) - 1], -1).gather(1, torch.tensor(seq[first:])[:, None])
+        return float(torch.sqrt(((1 - p) ** 2).sum()) / np.sqrt(len(seq) - first))
+
+    ref = np.empty((4, 4))
+    for j, t in enumerate(fn.encode(tg_items)):
+        d0 = dist(ids(HEAD_NOICL + t.prompt_text + TAIL), t.response)
+        for i, e in enumerate(fn.encode(ex_items)):
+            text = HEAD_ICL + e.prompt_text + SEP_ICL + e.response_text + MID_ICL + t.prompt_text + TAIL
+            ref[i, j] = d0 - dist(ids(text), t.response)
+    assert np.ptp(ref) > 1e-3
+    for mode in ("prefix", "batched"):
+        f = DeliftICL(fn.model, fn.tok, batch_size=8, max_prompt_tokens=64, max_response_tokens=48, mode=mode)
+        np.testing.assert_allclose(f.utility(ex_items, tg_items), ref, atol=2e-5, rtol=0)
