@@ -130,11 +130,16 @@ class EstimateWorker:
             write_block(path, block, vals)
             return vals.size
         tk = TopK(block.r1 - block.r0, min(self.topk, block.c1 - block.c0))
+        lo, hi = np.inf, -np.inf  # of every estimated value, not only the kept ones: the kernel's scaling
+        sums = np.zeros(block.r1 - block.r0)  # each row's sum over every column: exact top-k-objective means
         for c0 in range(block.c0, block.c1, self.col_chunk):
             c1 = min(block.c1, c0 + self.col_chunk)
-            tk.update(self.predict_raw(block.kernel, block.r0, block.r1, c0, c1), c0)
+            chunk = self.predict_raw(block.kernel, block.r0, block.r1, c0, c1)
+            lo, hi = min(lo, float(chunk.min())), max(hi, float(chunk.max()))
+            sums += chunk.sum(axis=1, dtype=np.float64)
+            tk.update(chunk, c0)
         cols, vals = tk.result()
-        write_sparse_block(path, block, cols, vals, self.topk)
+        write_sparse_block(path, block, cols, vals, self.topk, (lo, hi), sums / (block.c1 - block.c0))
         return (block.r1 - block.r0) * (block.c1 - block.c0)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -155,8 +160,18 @@ def overwrite_diagonal(vals: np.ndarray, diag: np.ndarray, r0: int, r1: int, c0:
         vals[i - r0, i - c0] = diag[lo:hi]
 
 
-def write_sparse_block(path: Path, block: Block, cols: np.ndarray, vals: np.ndarray, k: int) -> None:
-    """Sparse row stripe as Parquet: ``row``, ``cols`` list<int64>, ``values`` list<float32> (top-k per row)."""
+def write_sparse_block(
+    path: Path,
+    block: Block,
+    cols: np.ndarray,
+    vals: np.ndarray,
+    k: int,
+    extent: tuple[float, float] | None = None,
+    row_means: np.ndarray | None = None,
+) -> None:
+    """Sparse row stripe as Parquet: ``row``, ``cols`` list<int64>, ``values`` list<float32> (top-k per row),
+    optionally ``row_mean`` (each row's mean over every column); ``extent`` = (min, max) of every estimated
+    value of the stripe, kept ones or not, in the metadata."""
     n, kk = cols.shape
     offsets = pa.array(np.arange(0, n * kk + 1, kk, dtype=np.int32))
     table = pa.table(
@@ -166,7 +181,12 @@ def write_sparse_block(path: Path, block: Block, cols: np.ndarray, vals: np.ndar
             "values": pa.ListArray.from_arrays(offsets, pa.array(vals.reshape(-1).astype(np.float32))),
         }
     )
-    write_parquet(path, table, metadata={"block": block.to_dict(), "layout": "sparse", "topk": k})
+    if row_means is not None:
+        table = table.append_column("row_mean", pa.array(np.asarray(row_means, np.float64)))
+    meta = {"block": block.to_dict(), "layout": "sparse", "topk": k}
+    if extent is not None:
+        meta["extent"] = [float(extent[0]), float(extent[1])]
+    write_parquet(path, table, metadata=meta)
 
 
 def read_sparse(block_dir: Path, kernel: str, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -186,6 +206,28 @@ def read_sparse(block_dir: Path, kernel: str, n_rows: int) -> tuple[np.ndarray, 
     if cols is None or not seen.all():
         raise RuntimeError(f"{block_dir}: kernel '{kernel}' has {int((~seen).sum())} rows without a finished stripe")
     return cols, vals
+
+
+def read_row_means(block_dir: Path, kernel: str, n_rows: int) -> np.ndarray:
+    """(n_rows,) float64 mean of each row over every column, from the sparse stripes of ``kernel``."""
+    out = np.full(n_rows, np.nan)
+    for path in sorted(block_dir.glob(f"{kernel}_*.parquet")):
+        t = pq.read_table(path, columns=["row", "row_mean"])
+        out[t.column("row").to_numpy()] = t.column("row_mean").to_numpy()
+    if np.isnan(out).any():
+        raise RuntimeError(f"{block_dir}: kernel '{kernel}' has {int(np.isnan(out).sum())} rows without a row mean")
+    return out
+
+
+def sparse_extent(block_dir: Path, kernel: str) -> tuple[float, float]:
+    """(min, max) of every estimated value of ``kernel`` (all stripes), the dense layout's min-max scaling."""
+    lo, hi = np.inf, -np.inf
+    for path in sorted(block_dir.glob(f"{kernel}_*.parquet")):
+        ext = read_parquet_metadata(path).get("extent")
+        if ext is None:
+            raise RuntimeError(f"{path}: a sparse stripe without its value extent (written by an older nncift)")
+        lo, hi = min(lo, ext[0]), max(hi, ext[1])
+    return float(lo), float(hi)
 
 
 def write_block(path: Path, block: Block, values: np.ndarray) -> None:

@@ -578,7 +578,7 @@ class Pipeline:
 
     def _select_sparse(self, budget: int) -> tuple[np.ndarray, np.ndarray, float]:
         """Selection on the per-row top-k kernels; nothing of size M x M or M x N is allocated."""
-        from nncift.estimate import read_sparse
+        from nncift.estimate import read_row_means, read_sparse, sparse_extent
         from nncift.select_sparse import (
             SparseKernel,
             greedi_local_round,
@@ -594,14 +594,16 @@ class Pipeline:
         m = self.store.done_info("data")["M"]
         ff_cols, ff_vals = read_sparse(block_dir, "ff", m)
         _, ft_vals = read_sparse(block_dir, "ft", m)
-        if c.objective == "topk":  # mean of each row's stored top-k K_FT values
-            score = ft_vals.mean(axis=1, dtype=np.float64)
+        ff_lo, ff_hi = sparse_extent(block_dir, "ff")  # the dense layout's scaling, not the kept values' own
+        if c.objective == "topk":  # each K_FT row's mean over every target (recorded by the estimate stage)
+            lo, hi = sparse_extent(block_dir, "ft")
+            score = (read_row_means(block_dir, "ft", m) - lo) / (hi - lo) if hi > lo else np.zeros(m)
             order = np.lexsort((np.arange(m), -score))[:budget]
             return order.astype(np.int64), score[order], float(score[order].sum())
-        kern = SparseKernel.from_topk(ff_cols, ff_vals, m).scaled()
+        kern = SparseKernel.from_topk(ff_cols, ff_vals, m).scaled(ff_lo, ff_hi)
         floor = None
         if c.objective in ("flmi", "flcg"):
-            lo, hi = float(ft_vals.min()), float(ft_vals.max())
+            lo, hi = sparse_extent(block_dir, "ft")
             row_max = (ft_vals.max(axis=1) - lo) / (hi - lo) if hi > lo else np.zeros(m, np.float32)
             if c.objective == "flmi":
                 kern = kern.capped((c.eta * row_max).astype(np.float32))

@@ -46,9 +46,11 @@ class SparseKernel:
         indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         return cls(indptr, rows[order].astype(np.int64), v[order], int(r if row_ids is None else rows.max() + 1))
 
-    def scaled(self) -> SparseKernel:
-        """Min-max scale the stored values to [0, 1] (constant -> zeros)."""
-        lo, hi = (float(self.vals.min()), float(self.vals.max())) if len(self.vals) else (0.0, 1.0)
+    def scaled(self, lo: float | None = None, hi: float | None = None) -> SparseKernel:
+        """Min-max scale the stored values with ``lo`` / ``hi`` (default: the stored values' own min / max;
+        pass the whole kernel's extent to match the dense scaling); constant -> zeros."""
+        if lo is None or hi is None:
+            lo, hi = (float(self.vals.min()), float(self.vals.max())) if len(self.vals) else (0.0, 1.0)
         v = np.zeros_like(self.vals) if not hi > lo else (self.vals - lo) / (hi - lo)
         return SparseKernel(self.indptr, self.rows, v.astype(np.float32), self.n_rows)
 

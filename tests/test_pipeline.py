@@ -211,14 +211,16 @@ def test_full_labeling_mode_labels_every_pair(tmp_path, corpus, tiny_overrides):
     assert list(rep["network"]["ff"]["quadrants"]) == ["q1"]
 
 
-def test_sparse_layout_with_full_topk_equals_dense(tmp_path, corpus, tiny_overrides):
+@pytest.mark.parametrize("objective", ["fl", "flmi", "flcg", "topk"])
+def test_sparse_layout_with_full_topk_equals_dense(tmp_path, corpus, tiny_overrides, objective):
     dense, sparse = tmp_path / "dense", tmp_path / "sparse"
-    _run(dense, corpus, [*tiny_overrides, *LOCAL])
+    _run(dense, corpus, [*tiny_overrides, *LOCAL, f"select.objective={objective}"])
     _run(
         sparse,
         corpus,
-        [*tiny_overrides, *LOCAL, "estimate.layout=sparse", "estimate.topk=120", "estimate.col_chunk=50"],
-    )
+        [*tiny_overrides, *LOCAL, "estimate.layout=sparse", "estimate.topk=120", "estimate.col_chunk=50",
+         f"select.objective={objective}"],
+    )  # fmt: skip
     assert json.loads((sparse / "estimate" / "kernels.json").read_text())["layout"] == "sparse"
     a = pq.read_table(dense / "select" / "selection.parquet").column("id").to_pylist()
     b = pq.read_table(sparse / "select" / "selection.parquet").column("id").to_pylist()
@@ -317,3 +319,23 @@ def test_active_design_labels_a_second_round_and_resumes_it(tmp_path, corpus, ti
     cfg = load_config(None, [f"data.input={corpus}", *over])
     Pipeline(cfg, run).run("label")
     assert pq.read_table(run / "label" / "labels.parquet").equals(labels)
+
+
+def test_sparse_layout_scales_like_dense_and_topk_uses_full_row_means(tmp_path, corpus, tiny_overrides):
+    # with only 8 of 120 columns kept per row, the sparse kernel must still be scaled by the whole kernel's
+    # extent (not by its kept values' minimum), and the top-k objective must use each row's full mean
+    from nncift.estimate import assemble_dense, read_row_means, sparse_extent
+
+    dense, sparse = tmp_path / "dense", tmp_path / "sparse"
+    _run(dense, corpus, [*tiny_overrides, *LOCAL, "select.objective=topk"])
+    _run(sparse, corpus, [*tiny_overrides, *LOCAL, "select.objective=topk", "estimate.layout=sparse",
+                          "estimate.topk=8", "estimate.col_chunk=50"])  # fmt: skip
+    k_ff = assemble_dense(dense / "estimate" / "blocks", "ff", (120, 120))
+    k_ft = assemble_dense(dense / "estimate" / "blocks", "ft", (120, 40))
+    lo, hi = sparse_extent(sparse / "estimate" / "blocks", "ff")
+    assert (lo, hi) == pytest.approx((float(k_ff.min()), float(k_ff.max())), abs=1e-5)
+    means = read_row_means(sparse / "estimate" / "blocks", "ft", 120)
+    np.testing.assert_allclose(means, k_ft.mean(axis=1), rtol=1e-4, atol=1e-5)
+    chosen = pq.read_table(sparse / "select" / "selection.parquet").column("index").to_numpy()
+    true_means = k_ft.mean(axis=1)
+    assert len(chosen) == 24 and true_means[chosen].min() >= np.sort(true_means)[-24] - 1e-5  # the top 24 rows
