@@ -87,3 +87,20 @@ def test_topk_recall_hand_case():
     assert topk_recall(pred, true, rows, cols, k=4) is None  # no row has more than k columns
     scattered = topk_recall(pred, true, np.arange(8), np.arange(8), k=1)
     assert scattered is None
+
+
+def test_quadrant_baselines_are_scored_against_the_truth():
+    from nncift.metrics import quadrant_report
+
+    true = np.array([0.0, 0.5, 1.0, 0.5])
+    pred = np.array([0.1, 0.4, 0.9, 0.6])
+    rep = quadrant_report(pred, true, train_mean=0.25, seed=0)
+    assert rep["pairs"] == 4
+    assert rep["network"]["mse"] == pytest.approx(0.01) and rep["network"]["mae"] == pytest.approx(0.1)
+    # predict-the-training-mean and predict-0 against the labels (the reference code scored them against
+    # the predictions and shifted the zero line by -0.1)
+    assert rep["baseline_mean"]["mse"] == pytest.approx(np.mean((0.25 - true) ** 2))
+    assert rep["baseline_zero"]["mse"] == pytest.approx(np.mean(true**2)) == pytest.approx(0.375)
+    u = np.random.default_rng([0, 3]).random(4)
+    assert rep["baseline_uniform"]["mse"] == pytest.approx(np.mean((u - true) ** 2))
+    assert rep["baseline_mean"]["spearman"] != rep["baseline_mean"]["spearman"]  # constant prediction: NaN

@@ -29,34 +29,44 @@ def test_lazy_equals_naive_with_heavy_ties():
     np.testing.assert_array_equal(lazy_greedy(k, 79)[0], naive_greedy(k, 79)[0])
 
 
-@pytest.mark.parametrize("objective", ["fl", "flmi", "flcg"])
-def test_objective_matches_submodlib(objective):
+@pytest.mark.parametrize(
+    "objective,eta,nu",
+    [("fl", 1.0, 1.0), ("flmi", 1.0, 1.0), ("flcg", 1.0, 1.0), ("flmi", 0.6, 1.0), ("flcg", 1.0, 0.4)],
+)
+def test_objective_matches_submodlib(objective, eta, nu):
     sub = pytest.importorskip("submodlib")
     k_ff, k_ft = _kernels(m=90, n=20, seed=2)
+    # an asymmetric K_FF (like DELIFT's): a transposed kernel would give other values and picks
+    k_ff = k_ff + np.random.default_rng(3).normal(scale=2.0, size=k_ff.shape).astype(np.float32)
     k_ff, k_ft = minmax_scale(k_ff), minmax_scale(k_ft)
+    assert np.abs(k_ff - k_ff.T).max() > 0.1
     m, n = k_ft.shape
     if objective == "fl":
         fn = sub.FacilityLocationFunction(n=m, mode="dense", sijs=k_ff, separate_rep=False)
     elif objective == "flmi":
         fn = sub.FacilityLocationMutualInformationFunction(
-            n=m, num_queries=n, data_sijs=k_ff, query_sijs=k_ft, magnificationEta=1.0
+            n=m, num_queries=n, data_sijs=k_ff, query_sijs=k_ft, magnificationEta=eta
         )
     else:
         fn = sub.FacilityLocationConditionalGainFunction(
-            n=m, num_privates=n, data_sijs=k_ff, private_sijs=k_ft, privacyHardness=1.0
+            n=m, num_privates=n, data_sijs=k_ff, private_sijs=k_ft, privacyHardness=nu
         )
-    ours = select_subset(k_ff, 25, objective=objective, k_ft=k_ft, scale=False)
+    ours = select_subset(k_ff, 25, objective=objective, k_ft=k_ft, scale=False, eta=eta, nu=nu)
     theirs = [
         i
         for i, _ in fn.maximize(
             budget=25, optimizer="LazyGreedy", stopIfZeroGain=False, stopIfNegativeGain=False, show_progress=False
         )
     ]
+
     # same objective definition, and a greedy at least as good as submodlib's
-    assert fn.evaluate(set(ours.tolist())) == pytest.approx(objective_value(k_ff, ours, objective, k_ft), rel=1e-5)
-    assert (
-        objective_value(k_ff, ours, objective, k_ft) >= objective_value(k_ff, np.array(theirs), objective, k_ft) - 1e-4
-    )
+    def f(idx, k=k_ff):
+        return objective_value(k, np.asarray(idx), objective, k_ft, eta, nu)
+
+    assert fn.evaluate(set(ours.tolist())) == pytest.approx(f(ours), rel=1e-5)
+    if objective != "flmi":  # (FLMI's cap can saturate every row, whatever the orientation)
+        assert fn.evaluate(set(ours.tolist())) != pytest.approx(f(ours, k_ff.T), rel=1e-3)  # orientation matters
+    assert f(ours) >= f(theirs) - 1e-4
 
 
 def test_topk_and_scale_guard():
