@@ -244,6 +244,9 @@ def sft_train(
     loss_val = float("nan")
     engine.train()
     for step in range(start, total):
+        # dropout masks (LoRA dropout, the model's own) from a seed of (seed, step, rank) alone: a resumed run
+        # draws exactly the masks the uninterrupted run drew, with no RNG state to save
+        torch.manual_seed((ft["seed"] * 1_000_003 + step * 1_009 + rank) % (2**63))
         idx = step_rows(n, ft["batch_size"], ft["seed"], step).reshape(world * ga, -1)
         lr = float(engine.optimizer.param_groups[0]["lr"])  # the rate this step's update uses
         losses, tokens = [], 0
