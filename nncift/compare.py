@@ -136,10 +136,9 @@ class SubsetRunner:
         key = self._upstream("exact")["exact"]
         if cached.is_file() and pq.read_metadata(cached).metadata.get(b"fingerprint", b"").decode() == key:
             return pq.read_table(cached).column("index").to_numpy()
-        c = self.cfg.label
         rows = np.arange(m, dtype=np.int64)
         sets = [LabelSet("ff", "all", rows, rows), LabelSet("ft", "all", rows, np.arange(n, dtype=np.int64))]
-        specs = plan_blocks(SimpleNamespace(sets=sets), c.block_size)
+        specs = plan_blocks(SimpleNamespace(sets=sets), self.pipe.label_block_side())
         block_dir = out / "exact_labels" / key
         todo = [s for s in specs if not (block_dir / f"{s['block_id']:06d}.parquet").is_file()]
         log.info("exact subset: labeling %d pairs in %d blocks (%d done)", pairs, len(specs), len(specs) - len(todo))

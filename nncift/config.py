@@ -80,7 +80,11 @@ class LabelConfig:
     partners: int = _f(20, "design=spread: each labeled example is paired with this many labeled targets")
     diagonal: bool = _f(True, "label the exact K_FF self-utilities U(i -> i) of every pool item (M teacher calls)")
     eval_pairs: int = _f(4000, "pairs sampled per quadrant Q2-Q4 and kernel for the fidelity report")
-    block_size: int = _f(128, "rows and columns per label block")
+    block_size: int = _f(128, "largest side of a label block (rows and columns)")
+    block_seconds: float = _f(120.0, "target teacher seconds per label block: blocks are sized by cost")
+    pairs_per_second: float | None = _f(
+        None, "teacher pairs/s used to size blocks; None = the function's default (delift_icl 5 on 2 CPU cores)"
+    )
     model: str | None = _f(None, "LM for model-based functions (local path); None = embedded SmolLM2")
     backend: str = _f("hf", "delift_icl backend: hf (transformers) | vllm (teacher-forced prompt_logprobs)")
     dtype: str = _f("float32", "LM dtype: float32 | bfloat16 | float16")
@@ -276,6 +280,8 @@ class RunConfig:
         need(0.0 < lb.fraction <= 1.0, "label.fraction", f"must be in (0, 1], got {lb.fraction}")
         need(lb.min_count >= 2, "label.min_count", "must be >= 2")
         need(lb.block_size > 0, "label.block_size", "must be positive")
+        need(lb.block_seconds > 0, "label.block_seconds", "must be positive")
+        need(lb.pairs_per_second is None or lb.pairs_per_second > 0, "label.pairs_per_second", "must be positive")
         need(lb.eval_pairs >= 0, "label.eval_pairs", "must be >= 0")
         need(lb.backend in {"hf", "vllm"}, "label.backend", f"got {lb.backend!r}")
         need(lb.dtype in {"float32", "bfloat16", "float16"}, "label.dtype", f"got {lb.dtype!r}")

@@ -40,9 +40,18 @@ def init_ray(cfg: RayConfig) -> None:
             configure_logging=True,
             logging_level=logging.WARNING,
         )
+    configure_data_context()
+
+
+def configure_data_context() -> None:
+    """Ray Data settings of every nncift fan-out: progress bars, and no "no progress" timeout (Ray's default
+    kills a map whose single block runs over 30 minutes: an expensive teacher's legitimate work)."""
+    import ray
+
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     ctx.verbose_progress = False
+    ctx.execution_no_progress_timeout_s = -1
 
 
 def map_local(worker_cls: type, ctor_kwargs: dict[str, Any], specs: list[dict], desc: str = "") -> list[dict]:
@@ -53,10 +62,16 @@ def map_local(worker_cls: type, ctor_kwargs: dict[str, Any], specs: list[dict], 
 
     worker = worker_cls(**ctor_kwargs)
     out = []
-    for spec in tqdm(specs, desc=desc or worker_cls.__name__, disable=not specs, leave=False):
-        res = worker({k: np.asarray([v]) for k, v in spec.items()})
-        out.append({k: v[0] for k, v in res.items()})
-        raise_worker_errors(out[-1:])  # stop at the first bad block (an expensive teacher would go on)
+    # blocks that declare their pairs: progress (rate, ETA) in pairs, not blocks
+    weighted = bool(specs) and all("pairs" in s for s in specs)
+    total = sum(int(s["pairs"]) for s in specs) if weighted else len(specs)
+    with tqdm(total=total, desc=desc or worker_cls.__name__, unit="pair" if weighted else "block",
+              disable=not specs, leave=False, unit_scale=weighted) as bar:  # fmt: skip
+        for spec in specs:
+            res = worker({k: np.asarray([v]) for k, v in spec.items()})
+            out.append({k: v[0] for k, v in res.items()})
+            raise_worker_errors(out[-1:])  # stop at the first bad block (an expensive teacher would go on)
+            bar.update(int(spec["pairs"]) if weighted else 1)
     return out
 
 
@@ -78,6 +93,7 @@ def map_ray(
 
     if not specs:
         return []
+    configure_data_context()
     ds = ray.data.from_items(specs, override_num_blocks=min(len(specs), 4 * concurrency * 8))
     out = ds.map_batches(
         worker_cls,

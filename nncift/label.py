@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,8 @@ from nncift.errors import NncifError, TeacherError, encode_worker_error
 from nncift.influence import Items, build_influence_function
 from nncift.pairs import LabelPlan, ranges
 from nncift.store import write_parquet
+
+log = logging.getLogger(__name__)
 
 LABEL_SCHEMA = pa.schema(
     [
@@ -24,6 +29,15 @@ LABEL_SCHEMA = pa.schema(
         ("value", pa.float32()),
     ]
 )
+
+
+def block_side(block_size: int, block_seconds: float, pairs_per_second: float) -> int:
+    """Side of a label block: ``block_seconds`` of teacher work at ``pairs_per_second``, at most ``block_size``.
+
+    An expensive teacher gets small blocks (each lands within minutes and shows progress); a cheap one keeps
+    ``block_size``.
+    """
+    return int(max(1, min(block_size, math.isqrt(max(1, int(block_seconds * pairs_per_second))))))
 
 
 def plan_blocks(plan: LabelPlan, block_size: int) -> list[dict]:
@@ -41,8 +55,12 @@ def plan_blocks(plan: LabelPlan, block_size: int) -> list[dict]:
     specs: list[dict] = []
 
     def add(set_id: int, set_end: int, r0: int = 0, r1: int = 0, c0: int = 0, c1: int = 0) -> None:
+        if set_end > set_id + 1:
+            pairs = sum(plan.sets[i].num_pairs for i in range(set_id, set_end))
+        else:
+            pairs = (r1 - r0) if plan.sets[set_id].paired else (r1 - r0) * (c1 - c0)
         specs.append({"block_id": len(specs), "set_id": set_id, "set_end": set_end, "r0": r0, "r1": r1, "c0": c0,
-                      "c1": c1})  # fmt: skip
+                      "c1": c1, "pairs": pairs})  # fmt: skip
 
     pack: list[int] = []
     pack_pairs = 0
@@ -123,10 +141,14 @@ class LabelWorker:
         )
 
     def run_block(self, spec: dict) -> int:
+        t0 = time.perf_counter()
         try:
-            return self._run_block(spec)
+            n = self._run_block(spec)
         except TeacherError as exc:
             raise TeacherError(f"label block {int(spec['block_id']):06d}: {exc}") from None
+        dt = time.perf_counter() - t0
+        log.info("label block %06d: %d pairs in %.1f s (%.1f pairs/s)", int(spec["block_id"]), n, dt, n / max(dt, 1e-9))
+        return n
 
     def _run_block(self, spec: dict) -> int:
         first, end = int(spec["set_id"]), int(spec.get("set_end", int(spec["set_id"]) + 1))

@@ -216,7 +216,8 @@ class Pipeline:
                 "sets": plan.summary(),
             },
         )
-        specs = plan_blocks(plan, c.block_size)
+        side = self.label_block_side()
+        specs = plan_blocks(plan, side)
         block_dir = self.store.path("label", "blocks")
         todo = [s for s in specs if not (block_dir / f"{s['block_id']:06d}.parquet").is_file()]
         log.info(
@@ -234,7 +235,7 @@ class Pipeline:
         if plan.design == "active":
             second = self._active_round(plan, labels)
             plan.sets += second
-            specs2 = plan_blocks(SimpleNamespace(sets=second), c.block_size)
+            specs2 = plan_blocks(SimpleNamespace(sets=second), side)
             block_dir2 = self.store.path("label", "blocks_active")
             todo2 = [s for s in specs2 if not (block_dir2 / f"{s['block_id']:06d}.parquet").is_file()]
             log.info("label (active round 2): %d pairs in %d blocks", sum(s.num_pairs for s in second), len(specs2))
@@ -252,6 +253,15 @@ class Pipeline:
             "labeled_pool": len(plan.pool_labeled),
             "labeled_target": len(plan.target_labeled),
         }
+
+    def label_block_side(self) -> int:
+        """Label blocks sized by cost: ``label.block_seconds`` at the teacher's pairs/s, capped by ``block_size``."""
+        from nncift.influence import function_traits
+        from nncift.label import block_side
+
+        c = self.cfg.label
+        pps = c.pairs_per_second or function_traits(c.function)["pairs_per_second"]
+        return block_side(c.block_size, c.block_seconds, pps)
 
     def _active_round(self, plan, labels: pa.Table) -> list:
         """Second round of ``label.design=active``: fit a surrogate on round 1 (the local fit loop, this stage's

@@ -81,3 +81,30 @@ def test_worker_error_reaches_the_driver_as_one_line_under_ray(ray_session, tmp_
         Pipeline(cfg, tmp_path / "run").run("label")
     msg = str(info.value)
     assert "has no value for" in msg and "Traceback" not in msg and "\n" not in msg
+
+
+def test_label_blocks_are_sized_by_teacher_cost():
+    from nncift.label import block_side
+
+    assert block_side(128, 120.0, 5.0) == 24  # DELIFT ICL on 2 cores: ~600 pairs, about 2 minutes a block
+    assert block_side(128, 120.0, 1e6) == 128  # a cheap teacher keeps the configured side
+    assert block_side(128, 1.0, 0.01) == 1
+
+
+def test_pipeline_uses_the_cost_sized_side(tmp_path, corpus, tiny_overrides):
+    from nncift.config import load_config
+    from nncift.pipeline import Pipeline
+
+    over = [f"data.input={corpus}", *tiny_overrides, "label.function=delift_icl", "label.block_size=128"]
+    assert Pipeline(load_config(None, over), tmp_path).label_block_side() == 24
+    assert Pipeline(load_config(None, [*over, "label.pairs_per_second=50"]), tmp_path).label_block_side() == 77
+
+
+@pytest.mark.ray
+def test_ray_data_never_times_out_long_blocks(ray_session):
+    import ray
+
+    from nncift.distributed import configure_data_context
+
+    configure_data_context()
+    assert ray.data.DataContext.get_current().execution_no_progress_timeout_s == -1

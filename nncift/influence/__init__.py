@@ -34,9 +34,9 @@ def build_influence_function(name: str, **kwargs: Any) -> InfluenceFunction:
     raise ValueError(f"unknown influence function {name!r} (known: {', '.join(FUNCTIONS)})")
 
 
-def function_traits(name: str) -> dict[str, bool]:
+def function_traits(name: str) -> dict[str, Any]:
     """Class-level traits of a function without building it (no model is loaded): ``symmetric``,
-    ``exact_is_cheap``."""
+    ``exact_is_cheap``, ``pairs_per_second``."""
     if name == "delift_se":
         cls: type[InfluenceFunction] = DeliftSE
     elif name == "table":
@@ -49,7 +49,7 @@ def function_traits(name: str) -> dict[str, bool]:
         cls = DeliftICL
     else:
         raise ValueError(f"unknown influence function {name!r} (known: {', '.join(FUNCTIONS)})")
-    return {"symmetric": cls.symmetric, "exact_is_cheap": cls.exact_is_cheap}
+    return {"symmetric": cls.symmetric, "exact_is_cheap": cls.exact_is_cheap, "pairs_per_second": cls.pairs_per_second}
 
 
 __all__ = ["FUNCTIONS", "DeliftSE", "InfluenceFunction", "Items", "build_influence_function", "function_traits"]

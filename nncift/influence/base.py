@@ -48,11 +48,13 @@ class InfluenceFunction(ABC):
         symmetric: ``U(a -> b) == U(b -> a)`` for every pair (surrogates may then share one tower).
         exact_is_cheap: every pair can be computed at negligible cost (embedding cosine, a lookup table), so
             a run can afford the full kernel as fidelity ground truth.
+        pairs_per_second: a rough labeling rate, used only to size label blocks.
     """
 
     name: str = "base"
     symmetric: bool = False
     exact_is_cheap: bool = False
+    pairs_per_second: float = 1e6  # a rough rate for sizing label blocks (label.pairs_per_second overrides)
 
     @abstractmethod
     def utility(self, examples: Items, targets: Items) -> np.ndarray:

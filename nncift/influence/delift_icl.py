@@ -69,6 +69,7 @@ class DeliftICL(InfluenceFunction):
     """
 
     name = "delift_icl"
+    pairs_per_second = 5.0  # measured: SmolLM2-135M, 48/48 tokens, prefix reuse, 2 CPU cores
 
     def __init__(
         self,
