@@ -94,12 +94,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _subset_command(args: argparse.Namespace, cfg, argv: list[str]) -> int:
+    from nncift.compare import SubsetRunner
+    from nncift.store import run_lock
+
+    with run_lock(args.run_dir):  # one process per run directory (also held by every pipeline run inside)
+        return _subset_locked(args, SubsetRunner(cfg, args.run_dir, overwrite=args.overwrite), argv)
+
+
+def _subset_locked(args: argparse.Namespace, runner, argv: list[str]) -> int:
     import json
     import shlex
 
-    from nncift.compare import SubsetRunner
-
-    runner = SubsetRunner(cfg, args.run_dir, overwrite=args.overwrite)
     if args.command == "finetune":
         out = runner.finetune(args.subset)
         print(json.dumps({k: out.get(k) for k in ("rows", "steps", "first_loss", "last_loss", "wall_seconds")}))

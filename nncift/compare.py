@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from nncift.config import RunConfig, _split
 from nncift.errors import ConfigError, DataError
 from nncift.pipeline import Pipeline, stage_sections
-from nncift.store import RunDir, atomic_path, write_json, write_parquet, write_text
+from nncift.store import RunDir, atomic_path, done_blocks, write_json, write_parquet, write_text
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,8 @@ class SubsetRunner:
         sets = [LabelSet("ff", "all", rows, rows), LabelSet("ft", "all", rows, np.arange(n, dtype=np.int64))]
         specs = plan_blocks(SimpleNamespace(sets=sets), self.pipe.label_block_side())
         block_dir = out / "exact_labels" / key
-        todo = [s for s in specs if not (block_dir / f"{s['block_id']:06d}.parquet").is_file()]
+        ok = done_blocks(block_dir, {f"{s['block_id']:06d}.parquet": s["pairs"] for s in specs})
+        todo = [s for s in specs if f"{s['block_id']:06d}.parquet" not in ok]
         log.info("exact subset: labeling %d pairs in %d blocks (%d done)", pairs, len(specs), len(specs) - len(todo))
 
         self.pipe.run_label_blocks(sets, specs, todo, block_dir, desc="exact labels")
@@ -244,7 +245,8 @@ class SubsetRunner:
             {"block_id": b, "r0": r0, "r1": min(test.num_rows, r0 + EVAL_BLOCK)}
             for b, r0 in enumerate(range(0, test.num_rows, EVAL_BLOCK))
         ]
-        todo = [s for s in specs if not (block_dir / f"{s['block_id']:06d}.parquet").is_file()]
+        ok = done_blocks(block_dir, {f"{s['block_id']:06d}.parquet": s["r1"] - s["r0"] for s in specs})
+        todo = [s for s in specs if f"{s['block_id']:06d}.parquet" not in ok]
         kwargs = {
             "base": self.base_model(),
             "adapter": adapter,

@@ -19,6 +19,10 @@ class ProvenanceError(NncifError):
     """A finished stage was produced with a different configuration (rerun with --overwrite)."""
 
 
+class RunDirBusyError(NncifError):
+    """Another process holds the run directory."""
+
+
 class MissingDependencyError(NncifError, ImportError):
     """An optional dependency is not installed; the message gives the install command."""
 

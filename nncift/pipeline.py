@@ -23,11 +23,13 @@ import pyarrow.parquet as pq
 
 from nncift import data as data_mod
 from nncift.config import RunConfig
-from nncift.errors import NncifError
+from nncift.errors import NncifError, RunDirBusyError
 from nncift.store import (
     STAGES,
     RunDir,
+    done_blocks,
     read_safetensors,
+    run_lock,
     write_json,
     write_parquet,
     write_safetensors,
@@ -78,10 +80,13 @@ class Pipeline:
         fresh = not self.store.root.exists()
         done: dict[str, object] = {}
         try:
-            for stage in STAGES[: STAGES.index(until) + 1]:
-                done[stage] = self._run_stage(stage)
-                if stage == "data":
-                    write_text(self.store.root / "config.yaml", self.cfg.to_yaml())
+            with run_lock(self.store.root):
+                for stage in STAGES[: STAGES.index(until) + 1]:
+                    done[stage] = self._run_stage(stage)
+                    if stage == "data":
+                        write_text(self.store.root / "config.yaml", self.cfg.to_yaml())
+        except RunDirBusyError:
+            raise
         except NncifError:
             if fresh and self.store.root.exists() and not self.store.has_finished_stage():
                 shutil.rmtree(self.store.root)  # bad input: leave nothing half-written behind
@@ -219,7 +224,8 @@ class Pipeline:
         side = self.label_block_side()
         specs = plan_blocks(plan, side)
         block_dir = self.store.path("label", "blocks")
-        todo = [s for s in specs if not (block_dir / f"{s['block_id']:06d}.parquet").is_file()]
+        ok = done_blocks(block_dir, {f"{s['block_id']:06d}.parquet": s["pairs"] for s in specs})
+        todo = [s for s in specs if f"{s['block_id']:06d}.parquet" not in ok]
         log.info(
             "label (%s design): %d blocks (%d already done), %d train + %d eval + %d diagonal pairs",
             plan.design,
@@ -237,7 +243,8 @@ class Pipeline:
             plan.sets += second
             specs2 = plan_blocks(SimpleNamespace(sets=second), side)
             block_dir2 = self.store.path("label", "blocks_active")
-            todo2 = [s for s in specs2 if not (block_dir2 / f"{s['block_id']:06d}.parquet").is_file()]
+            ok2 = done_blocks(block_dir2, {f"{s['block_id']:06d}.parquet": s["pairs"] for s in specs2})
+            todo2 = [s for s in specs2 if f"{s['block_id']:06d}.parquet" not in ok2]
             log.info("label (active round 2): %d pairs in %d blocks", sum(s.num_pairs for s in second), len(specs2))
             self.run_label_blocks(second, specs2, todo2, block_dir2, desc="label (active)")
             labels = pa.concat_tables([labels, gather_labels(block_dir2, len(specs2))])
@@ -515,7 +522,8 @@ class Pipeline:
         blocks = block_grid("ff", m, m, c.block_size, col_size=m if sparse else None)
         blocks += block_grid("ft", m, n, c.block_size, start_id=len(blocks), col_size=n if sparse else None)
         block_dir = self.store.path("estimate", "blocks")
-        todo = [b.to_dict() for b in blocks if not (block_dir / f"{b.name}.parquet").is_file()]
+        ok = done_blocks(block_dir, {f"{b.name}.parquet": b.r1 - b.r0 for b in blocks})
+        todo = [b.to_dict() for b in blocks if f"{b.name}.parquet" not in ok]
         log.info(
             "estimate: %d blocks (%d already done), %d pairs",
             len(blocks),

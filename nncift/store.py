@@ -52,6 +52,81 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+_HELD: dict[str, list] = {}  # run directory -> [lock file object, depth]: the lock is re-entrant per process
+
+
+@contextlib.contextmanager
+def run_lock(root: str | Path) -> Iterator[None]:
+    """Hold the run directory ``root`` exclusively (an advisory ``flock`` on ``<root>/.lock``).
+
+    A second process on the same run directory gets a :class:`~nncift.errors.RunDirBusyError` at once instead
+    of writing the same artifacts concurrently. The lock dies with its process (``kill -9`` included), so a
+    crashed run never leaves a stale lock. Re-entrant within one process. (``flock`` is local to a machine:
+    on shared storage, start one driver per run directory.)
+    """
+    import fcntl
+
+    from nncift.errors import RunDirBusyError
+
+    key = str(Path(root).resolve())
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    Path(root).mkdir(parents=True, exist_ok=True)
+    fh = open(Path(root) / ".lock", "a+")  # noqa: SIM115 - held open for the lock's lifetime
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise RunDirBusyError(
+            f"run directory {root} is in use by {holder}; wait for it to finish or use another --run-dir"
+        ) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"nncift pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    fh.flush()
+    _HELD[key] = [fh, 1]
+    try:
+        yield
+    finally:
+        _HELD.pop(key, None)
+        fh.close()  # releases the flock
+
+
+def valid_parquet(path: str | Path, rows: int | None = None) -> bool:
+    """Whether ``path`` is a complete Parquet file (footer readable) with ``rows`` rows when given."""
+    try:
+        meta = pq.read_metadata(path)
+    except Exception:  # truncated, empty or not Parquet: pyarrow raises several types
+        return False
+    return rows is None or meta.num_rows == rows
+
+
+def done_blocks(block_dir: Path, expected: dict[str, int | None]) -> set[str]:
+    """File names of ``expected`` (name -> rows or None) already complete in ``block_dir``.
+
+    A block file that exists but is not a complete Parquet file of the expected size (a truncated copy, a
+    disk-full write, a file from another layout) is removed and reported, so that it is recomputed, never read.
+    """
+    done = set()
+    for name, rows in expected.items():
+        path = block_dir / name
+        if not path.is_file():
+            continue
+        if valid_parquet(path, rows):
+            done.add(name)
+        else:
+            log.warning("%s is incomplete or corrupt: recomputing it", path)
+            path.unlink()
+    return done
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")

@@ -108,3 +108,66 @@ def test_ray_data_never_times_out_long_blocks(ray_session):
 
     configure_data_context()
     assert ray.data.DataContext.get_current().execution_no_progress_timeout_s == -1
+
+
+# ---------------------------------------------------------------------------------------------- faults
+def test_two_runs_on_one_run_directory_refuse_each_other(tmp_path, corpus, tiny_overrides):
+    import subprocess
+    import sys
+    import time
+
+    from nncift.errors import RunDirBusyError
+    from nncift.store import run_lock
+
+    run = tmp_path / "run"
+    # another process holds the run directory (what a second `nncift run` meets)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from nncift.store import run_lock\nimport time\nwith run_lock({str(run)!r}): time.sleep(60)",
+        ]
+    )
+    try:
+        deadline = time.time() + 30
+        while not (run / ".lock").exists() or not (run / ".lock").read_text():
+            assert time.time() < deadline
+            time.sleep(0.05)
+        from nncift.cli import main
+
+        sets = [x for o in [*tiny_overrides, "ray.executor=local"] for x in ("--set", o)]
+        assert main(["run", "-q", "--input", str(corpus), "--run-dir", str(run), *sets]) == 2
+        busy = rf"run directory {run} is in use by nncift pid {holder.pid}"
+        with pytest.raises(RunDirBusyError, match=busy), run_lock(run):
+            pass
+        assert not (run / "data").exists()  # the refused run wrote nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    # a dead holder's lock is gone (kill -9 leaves no stale lock), and the lock is re-entrant in one process
+    with run_lock(run), run_lock(run):
+        pass
+
+
+@pytest.mark.parametrize(
+    "stage,pattern", [("label", "blocks/000001.parquet"), ("estimate", "blocks/ff_000001.parquet")]
+)
+def test_truncated_block_file_is_recomputed_not_read(tmp_path, corpus, tiny_overrides, stage, pattern):
+    import pyarrow.parquet as pq
+
+    from nncift.config import load_config
+    from nncift.pipeline import Pipeline
+
+    cfg = load_config(None, [f"data.input={corpus}", *tiny_overrides, "ray.executor=local"])
+    ref = tmp_path / "ref"
+    Pipeline(cfg, ref).run()
+    run = tmp_path / "run"
+    Pipeline(cfg, run).run(stage)
+    block = run / stage / pattern
+    data = block.read_bytes()
+    block.write_bytes(data[: len(data) // 2])  # a truncated copy (disk full, an interrupted rsync)
+    (run / stage / "_DONE.json").unlink()
+    Pipeline(cfg, run).run()
+    assert pq.read_table(block).num_rows == pq.read_table(ref / stage / pattern).num_rows
+    a = pq.read_table(ref / "select" / "selection.parquet")
+    assert a.equals(pq.read_table(run / "select" / "selection.parquet"))
