@@ -171,3 +171,71 @@ def test_truncated_block_file_is_recomputed_not_read(tmp_path, corpus, tiny_over
     assert pq.read_table(block).num_rows == pq.read_table(ref / stage / pattern).num_rows
     a = pq.read_table(ref / "select" / "selection.parquet")
     assert a.equals(pq.read_table(run / "select" / "selection.parquet"))
+
+
+class _Dying:
+    """A worker whose actor process dies (os._exit) in the middle of block 2, once (a marker file)."""
+
+    def __init__(self, marker: str, worker: str, **kw):
+        from nncift.estimate import EstimateWorker
+        from nncift.label import LabelWorker
+
+        self.inner = {"label": LabelWorker, "estimate": EstimateWorker}[worker](**kw)
+        self.marker = marker
+
+    def __call__(self, batch):
+        import os
+        from pathlib import Path
+
+        if 2 in [int(b) for b in batch["block_id"]] and not Path(self.marker).exists():
+            Path(self.marker).write_text("died once")
+            os._exit(1)
+        return self.inner(batch)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_a_killed_actor_is_retried_and_the_labels_are_identical(ray_session, tmp_path):
+    from nncift.distributed import map_blocks
+    from nncift.label import LabelWorker, gather_labels, plan_blocks
+    from nncift.pairs import plan_labels
+
+    rng = np.random.default_rng(0)
+    e = rng.normal(size=(60, 8)).astype(np.float32)
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+
+    def side(lo, hi):
+        n = hi - lo
+        return {"ids": [f"i{i}" for i in range(lo, hi)], "prompts": ["p"] * n, "responses": ["r"] * n,
+                "embeddings": e[lo:hi]}  # fmt: skip
+
+    plan = plan_labels(40, 20, 0.5, 4, 36, seed=0, design="block")
+    specs = plan_blocks(plan, 6)
+    kw = {"function": "delift_se", "function_kwargs": {}, "pool": side(0, 40), "target": side(40, 60),
+          "sets": [s.to_dict() for s in plan.sets]}  # fmt: skip
+    map_blocks("local", LabelWorker, {**kw, "out_dir": str(tmp_path / "local")}, specs)
+    marker = tmp_path / "died"
+    map_blocks("ray", _Dying, {**kw, "out_dir": str(tmp_path / "ray"), "marker": str(marker), "worker": "label"},
+               specs, concurrency=1, num_cpus=0.5)  # fmt: skip
+    assert marker.read_text() == "died once"  # the actor really died mid-map
+    assert gather_labels(tmp_path / "ray", len(specs)).equals(gather_labels(tmp_path / "local", len(specs)))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_a_killed_estimate_actor_is_retried_and_the_tiles_are_identical(ray_session, tmp_path):
+    from nncift.distributed import map_blocks
+    from nncift.estimate import EstimateWorker, assemble_dense
+    from nncift.pairs import block_grid
+    from tests.test_estimate import _heads
+
+    heads, _ = _heads()
+    specs = [b.to_dict() for b in block_grid("ff", 37, 37, 10) + block_grid("ft", 37, 11, 10, start_id=50)]
+    map_blocks("local", EstimateWorker, {"heads": heads, "out_dir": str(tmp_path / "local")}, specs)
+    marker = tmp_path / "died"
+    kw = {"heads": heads, "out_dir": str(tmp_path / "ray"), "marker": str(marker), "worker": "estimate"}
+    map_blocks("ray", _Dying, kw, specs, concurrency=1, num_cpus=0.5)
+    assert marker.read_text() == "died once"
+    for kernel, shape in (("ff", (37, 37)), ("ft", (37, 11))):
+        a = assemble_dense(tmp_path / "local", kernel, shape)
+        np.testing.assert_array_equal(a, assemble_dense(tmp_path / "ray", kernel, shape))
