@@ -375,6 +375,7 @@ def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
             return None
         raise ConfigError(f"{source}: config field '{key}' may not be null")
     base = text.replace(" | None", "").replace("None | ", "")
+    shown = base.replace("<class '", "").replace("'>", "")
     try:
         if base in ("int", "<class 'int'>"):
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
@@ -399,7 +400,7 @@ def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
                 raise ValueError
             return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{source}: config field '{key}' expects {base}, got {value!r}") from None
+        raise ConfigError(f"{source}: config field '{key}' expects {shown}, got {value!r}") from None
     return value
 
 

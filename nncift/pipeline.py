@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from nncift import data as data_mod
 from nncift.config import RunConfig
-from nncift.errors import NncifError, RunDirBusyError
+from nncift.errors import DataError, NncifError, RunDirBusyError
 from nncift.store import (
     STAGES,
     RunDir,
@@ -77,6 +77,8 @@ class Pipeline:
         """Run every stage up to ``until`` (inclusive); returns {stage: seconds or 'skipped'}."""
         if until not in STAGES:
             raise ValueError(f"unknown stage {until!r} (stages: {', '.join(STAGES)})")
+        if self.store.root.exists() and not self.store.root.is_dir():
+            raise DataError(f"--run-dir {self.store.root}: exists and is not a directory")
         fresh = not self.store.root.exists()
         done: dict[str, object] = {}
         try:
@@ -142,8 +144,23 @@ class Pipeline:
         )
 
     def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
-        t = read_safetensors(self.store.path("embed", "embeddings.safetensors"))
-        return t["pool"], t["target"]
+        """(pool (M, d), target (N, d)) float32, checked: readable, finite, one dimension."""
+        path = self.store.path("embed", "embeddings.safetensors")
+        try:
+            t = read_safetensors(path)
+            pool, target = t["pool"], t["target"]
+        except Exception as exc:  # safetensors raises several types for a damaged file
+            raise DataError(f"{path}: unreadable ({type(exc).__name__}); delete {path.parent} to re-embed") from None
+        for name, e in (("pool", pool), ("target", target)):
+            bad = ~np.isfinite(e)
+            if bad.any():
+                raise DataError(
+                    f"{path}: '{name}' has {int(bad.sum())} non-finite values (row {int(np.argwhere(bad)[0][0])}); "
+                    f"delete {path.parent} to re-embed"
+                )
+        if pool.ndim != 2 or target.ndim != 2 or pool.shape[1] != target.shape[1]:
+            raise DataError(f"{path}: pool {pool.shape} and target {target.shape} embeddings differ in dimension")
+        return pool, target
 
     # ------------------------------------------------------------------ stages
     def stage_data(self, pool: pa.Table, target: pa.Table, test: pa.Table) -> dict:
@@ -338,7 +355,10 @@ class Pipeline:
             return {"table": str(Path(c.table).resolve())}
         if c.function != "delift_icl":
             return {}
-        from nncift.models import embedded_lm_dir
+        from nncift.models import check_model_dir, embedded_lm_dir
+
+        if c.model is not None:
+            check_model_dir(c.model, "label.model")
 
         return {
             "model": str(embedded_lm_dir()) if c.model is None else c.model,
@@ -728,7 +748,8 @@ class Pipeline:
 
         fd, lb = self.cfg.fidelity, self.cfg.label
         if fd.truth_table:
-            return build_influence_function("table", table=str(Path(fd.truth_table).resolve())), None
+            path = str(Path(fd.truth_table).resolve())
+            return build_influence_function("table", table=path, field="fidelity.truth_table"), None
         if function_traits(lb.function)["exact_is_cheap"]:
             return build_influence_function(lb.function, **self._function_kwargs()), None
         return None, f"the full kernel of `{lb.function}` is unknown: set fidelity.truth_table to a full-label table"

@@ -220,7 +220,15 @@ class RunDir:
         p = self.stage_dir(stage) / "_DONE.json"
         if not p.is_file():
             return None
-        return json.loads(p.read_text())
+        try:
+            return json.loads(p.read_text())
+        except (ValueError, UnicodeDecodeError):
+            from nncift.errors import DataError
+
+            raise DataError(
+                f"{p}: corrupt completion marker (markers are written atomically, so the file was damaged "
+                f"outside nncift); delete the folder {p.parent} to recompute that stage"
+            ) from None
 
     def is_done(self, stage: str) -> bool:
         return self.done_info(stage) is not None

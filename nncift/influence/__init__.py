@@ -21,7 +21,7 @@ def build_influence_function(name: str, **kwargs: Any) -> InfluenceFunction:
     if name == "table":
         from nncift.influence.table import TableFunction
 
-        return TableFunction(kwargs["table"], symmetric=kwargs.get("symmetric", False))
+        return TableFunction(kwargs["table"], symmetric=kwargs.get("symmetric", False), field=kwargs.get("field"))
     if name == "delift_icl":
         backend = kwargs.pop("backend", "hf")
         if backend == "vllm":

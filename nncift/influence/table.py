@@ -36,31 +36,32 @@ class TableFunction(InfluenceFunction):
     name = "table"
     exact_is_cheap = True
 
-    def __init__(self, path: str | Path, symmetric: bool = False):
+    def __init__(self, path: str | Path, symmetric: bool = False, field: str | None = None):
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         self.path = Path(path)
         self.symmetric = bool(symmetric)
+        self.field = field = field or "label.table"
         if not self.path.is_file():
-            raise DataError(f"label.table: file not found: {self.path}")
+            raise DataError(f"{field}: file not found: {self.path}")
         try:
             schema = pq.read_schema(self.path)
         except Exception as exc:  # pyarrow raises several types for a non-Parquet file
-            raise DataError(f"label.table: {self.path} is not a Parquet file ({exc})") from None
+            raise DataError(f"{field}: {self.path} is not a Parquet file ({exc})") from None
         missing = [c for c in TABLE_COLUMNS if c not in schema.names]
         if missing:
-            raise DataError(f"label.table: {self.path} has no column '{missing[0]}' (needs {', '.join(TABLE_COLUMNS)})")
+            raise DataError(f"{field}: {self.path} has no column '{missing[0]}' (needs {', '.join(TABLE_COLUMNS)})")
         t = pq.read_table(self.path, columns=list(TABLE_COLUMNS))
         if t.num_rows == 0:
-            raise DataError(f"label.table: {self.path} is empty")
+            raise DataError(f"{field}: {self.path} is empty")
         for c in ("example_id", "target_id"):
             if t.column(c).null_count:
-                raise DataError(f"label.table: {self.path} column '{c}' has {t.column(c).null_count} null ids")
+                raise DataError(f"{field}: {self.path} column '{c}' has {t.column(c).null_count} null ids")
         values = t.column("value").cast("float64").to_numpy(zero_copy_only=False)
         bad = np.flatnonzero(~np.isfinite(values))
         if len(bad):
-            raise DataError(f"label.table: {self.path} row {int(bad[0])}: value is {values[bad[0]]} (not finite)")
+            raise DataError(f"{field}: {self.path} row {int(bad[0])}: value is {values[bad[0]]} (not finite)")
         ex = pc.cast(t.column("example_id"), "string").to_numpy(zero_copy_only=False).astype(object)
         tg = pc.cast(t.column("target_id"), "string").to_numpy(zero_copy_only=False).astype(object)
         vocab, codes = np.unique(np.concatenate([ex, tg]), return_inverse=True)
@@ -72,7 +73,7 @@ class TableFunction(InfluenceFunction):
         dup = np.flatnonzero(self.keys[1:] == self.keys[:-1])
         if len(dup):
             i = order[dup[0] + 1]
-            raise DataError(f"label.table: {self.path} row {int(i)}: duplicate pair ({ex[i]!r} -> {tg[i]!r})")
+            raise DataError(f"{field}: {self.path} row {int(i)}: duplicate pair ({ex[i]!r} -> {tg[i]!r})")
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -100,7 +101,7 @@ class TableFunction(InfluenceFunction):
             bad = np.flatnonzero(~ok)
             k = int(bad[0])
             raise DataError(
-                f"label.table: {self.path} has no value for {len(bad):,} of {len(keys):,} pairs needed, e.g. "
+                f"{self.field}: {self.path} has no value for {len(bad):,} of {len(keys):,} pairs needed, e.g. "
                 f"example_id={example_ids[k]!r} -> target_id={target_ids[k]!r} (ids must be the run's data ids)"
             )
         return self.values[pos]

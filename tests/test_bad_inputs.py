@@ -1,0 +1,198 @@
+"""The bad-input catalogue (docs/bad_inputs.md): every case gives one line naming the file / line / field or
+key, exit status 2, no traceback, and nothing half-written.
+
+Each case is (id, files to create, extra CLI arguments, stage to run, expected message regex, what must not be
+left behind). ``{d}`` in arguments and messages is the case's folder; ``{run}`` its run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+GOOD = [{"id": f"r{i}", "prompt": f"explain python sort {i}", "response": f"answer list {i}"} for i in range(60)]
+
+
+def jsonl(rows) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def parquet_bytes(rows) -> bytes:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    return buf.getvalue()
+
+
+def table_bytes(ex, tg, val) -> bytes:
+    return parquet_bytes([{"example_id": a, "target_id": b, "value": v} for a, b, v in zip(ex, tg, val, strict=True)])
+
+
+# (id, files, args, stage, regex); files: name -> bytes; args may use {d} (case folder)
+CATALOGUE = [
+    # ------------------------------------------------------------------ data files
+    ("missing-input", {}, ["--input", "{d}/nope.jsonl"], "data", r"{d}/nope.jsonl: no such file or directory"),
+    ("empty-file", {"c.jsonl": b""}, ["--input", "{d}/c.jsonl"], "data", r"c.jsonl: the file is empty"),
+    ("binary-file", {"c.jsonl": bytes(range(256)) * 4}, ["--input", "{d}/c.jsonl"], "data",
+     r"c.jsonl: a binary file"),
+    ("latin1-line", {"c.jsonl": jsonl(GOOD[:3]) + b'{"prompt": "caf\xe9", "response": "x"}\n'},
+     ["--input", "{d}/c.jsonl"], "data", r"c.jsonl:4: not UTF-8 text \(byte 0xe9"),
+    ("malformed-json-line", {"c.jsonl": jsonl(GOOD[:5]) + b'{"prompt": "a", "response": }\n'},
+     ["--input", "{d}/c.jsonl"], "data", r"c.jsonl:6: malformed JSON"),
+    ("huge-garbage-line", {"c.jsonl": b"{" + b"x" * 10_000_000 + b"\n"}, ["--input", "{d}/c.jsonl"], "data",
+     r"c.jsonl:1: malformed JSON"),
+    ("json-not-closed", {"c.json": b'[\n{"prompt": "a", "response": "b"},\n{"prompt": "c"'},
+     ["--input", "{d}/c.json"], "data", r"c.json:3: the JSON list is not closed"),
+    ("json-scalar", {"c.json": b"42"}, ["--input", "{d}/c.json"], "data", r"c.json:1: expected a JSON list"),
+    ("missing-response", {"c.jsonl": jsonl([*GOOD[:3], {"prompt": "only a prompt"}])}, ["--input", "{d}/c.jsonl"],
+     "data", r"c.jsonl:4: .*response"),
+    ("empty-prompt", {"c.jsonl": jsonl([*GOOD[:3], {"prompt": "  ", "response": "x"}])}, ["--input", "{d}/c.jsonl"],
+     "data", r"c.jsonl:4: .*prompt"),
+    ("number-as-text", {"c.jsonl": jsonl([*GOOD[:3], {"prompt": 7, "response": "x"}])}, ["--input", "{d}/c.jsonl"],
+     "data", r"c.jsonl:4: .*prompt"),
+    ("duplicate-id", {"c.jsonl": jsonl([*GOOD[:3], {**GOOD[5], "id": "r1"}])}, ["--input", "{d}/c.jsonl"], "data",
+     r"c.jsonl.*duplicate id 'r1'"),
+    ("corrupt-parquet", {"c.parquet": b"PAR1 not really"}, ["--input", "{d}/c.parquet"], "data",
+     r"c.parquet: not a readable Parquet file"),
+    ("parquet-missing-field", {"c.parquet": parquet_bytes([{"prompt": f"a{i}", "reply": "b"} for i in range(50)])},
+     ["--input", "{d}/c.parquet"], "data", r"c.parquet record 0: .*response"),
+    ("target-shares-pool-ids", {"c.jsonl": jsonl(GOOD), "t.jsonl": jsonl(GOOD[:5])},
+     ["--input", "{d}/c.jsonl", "--target", "{d}/t.jsonl"], "data", r"t.jsonl: 5 target rows share their id with the pool, e.g. id 'r0'"),
+    ("empty-target", {"c.jsonl": jsonl(GOOD), "t.jsonl": b"\n\n"}, ["--input", "{d}/c.jsonl", "--target",
+     "{d}/t.jsonl"], "data", r"t.jsonl: the file holds no records"),
+    ("not-a-dataset-dir", {"ds/readme.txt": b"hello"}, ["--input", "{d}/ds"], "data", r"ds: .*not .*dataset"),
+    ("format-mismatch", {"c.jsonl": jsonl(GOOD)}, ["--input", "{d}/c.jsonl", "--set", "data.format=parquet"],
+     "data", r"c.jsonl: not a readable Parquet file"),
+    # ------------------------------------------------------------------ configuration
+    ("unknown-key", {}, ["--set", "network.widht=3"], "data", r"unknown config field 'network.widht'"),
+    ("mistyped-value", {}, ["--set", "network.rank=big"], "data", r"config field 'network.rank' expects int"),
+    ("out-of-range", {}, ["--set", "label.fraction=2"], "data", r"config field 'label.fraction': must be in"),
+    ("budget-zero", {}, ["--set", "select.fraction=0"], "data", r"config field 'select.fraction'"),
+    ("unknown-kind", {}, ["--set", "network.kind=tree"], "data", r"config field 'network.kind': got 'tree'"),
+    ("table-without-path", {}, ["--set", "label.function=table"], "data", r"config field 'label.table'"),
+    ("bad-yaml", {"c.yaml": b"label:\n  fraction: [1,\n"}, ["--config", "{d}/c.yaml"], "data", r"c.yaml:\d+: invalid YAML"),
+    ("config-not-found", {}, ["--config", "{d}/none.yaml"], "data", r"config file not found: {d}/none.yaml"),
+    ("section-not-mapping", {"c.yaml": b"fidelity: 3\n"}, ["--config", "{d}/c.yaml"], "data",
+     r"config section 'fidelity' must be a mapping"),
+    ("set-without-equals", {}, ["--set", "label.fraction"], "data", r"--set expects key=value"),
+    # ------------------------------------------------------------------ models
+    ("embed-model-missing", {}, ["--set", "embed.model={d}/no_model"], "embed", r"config field 'embed.model'"),
+    ("embed-model-no-tokenizer", {"m/config.json": b"{}"}, ["--set", "embed.model={d}/m"], "embed",
+     r"embed.model.*{d}/m"),
+    ("icl-model-missing", {}, ["--set", "label.function=delift_icl", "--set", "label.model={d}/no_lm"], "label",
+     r"config field 'label.model'"),
+    ("icl-model-no-tokenizer", {"lm/config.json": b"{}"},
+     ["--set", "label.function=delift_icl", "--set", "label.model={d}/lm"], "label", r"label.model.*{d}/lm"),
+    # ------------------------------------------------------------------ teacher labels
+    ("table-missing-pair", {"t.parquet": table_bytes(["x"], ["y"], [0.5])},
+     ["--set", "label.function=table", "--set", "label.table={d}/t.parquet"], "label", r"t.parquet has no value for"),
+    ("table-nan", {"t.parquet": table_bytes(["x"], ["y"], [float("nan")])},
+     ["--set", "label.function=table", "--set", "label.table={d}/t.parquet"], "label", r"t.parquet row 0: value is nan"),
+    ("table-not-parquet", {"t.parquet": b"nope"},
+     ["--set", "label.function=table", "--set", "label.table={d}/t.parquet"], "label", r"t.parquet is not a Parquet"),
+    ("truth-table-missing", {}, ["--set", "fidelity.truth_table={d}/none.parquet"], "report",
+     r"fidelity.truth_table: file not found"),
+]  # fmt: skip
+
+
+def _materialise(case_dir, files):
+    for name, data in files.items():
+        p = case_dir / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+
+
+@pytest.mark.parametrize("case", CATALOGUE, ids=[c[0] for c in CATALOGUE])
+def test_bad_input(case, tmp_path, capsys, corpus, tiny_overrides):
+    from nncift.cli import main
+
+    _name, files, args, stage, pattern = case
+    _materialise(tmp_path, files)
+    d = str(tmp_path)
+    run = tmp_path / "run"
+    args = [a.replace("{d}", d) for a in args]
+    base = ["--input", str(corpus)] if "--input" not in args else []
+    sets = [x for o in [*tiny_overrides, "ray.executor=local"] for x in ("--set", o)]
+    rc = main([stage, "-q", "--run-dir", str(run), *base, *sets, *args])
+    out = capsys.readouterr().err
+    assert rc == 2, (rc, out[-2000:])
+    assert "Traceback" not in out, out[-3000:]
+    errors = [ln for ln in out.splitlines() if ln.startswith("nncift: error: ")]
+    assert len(errors) == 1, out[-2000:]  # one line (progress bars and warnings may precede it)
+    err = errors[0]
+    assert re.search(pattern.replace("{d}", re.escape(d)), err), err
+    assert len(err) < 1000  # never echoes a huge input line
+    # nothing half-written: a run that failed before finishing any stage leaves no run directory; a later stage
+    # that failed leaves no completion marker
+    if stage == "data" or not (run / "data" / "_DONE.json").exists():
+        assert not run.exists() or not any(run.iterdir()), sorted(p.name for p in run.iterdir())
+    assert not (run / stage / "_DONE.json").exists()
+
+
+def test_the_catalogue_has_at_least_30_cases():
+    assert len({c[0] for c in CATALOGUE}) >= 30
+
+
+def test_catalogue_is_documented():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md").read_text()
+    missing = [c[0] for c in CATALOGUE if f"`{c[0]}`" not in doc]
+    assert not missing, missing
+
+
+def test_corrupt_run_dir_artifacts(tmp_path, capsys, corpus, tiny_overrides):
+    """Run-directory damage: a corrupt completion marker, corrupt or non-finite embeddings, a run dir that is a
+    file, a run dir owned by another configuration."""
+    from nncift.cli import main
+
+    sets = [x for o in [*tiny_overrides, "ray.executor=local"] for x in ("--set", o)]
+    run = tmp_path / "run"
+
+    def call(*extra):
+        rc = main(["embed", "-q", "--input", str(corpus), "--run-dir", str(run), *sets, *extra])
+        return rc, capsys.readouterr().err.strip()
+
+    assert call()[0] == 0
+    (run / "embed" / "_DONE.json").write_text("{not json")
+    rc, err = call()
+    assert rc == 2 and re.search(r"embed/_DONE.json: corrupt completion marker", err) and "\n" not in err
+    (run / "embed" / "_DONE.json").unlink()
+    assert call()[0] == 0
+    emb = run / "embed" / "embeddings.safetensors"
+    from nncift.store import read_safetensors, write_safetensors
+
+    t = read_safetensors(emb)
+    t["pool"][3, 1] = np.nan
+    write_safetensors(emb, t)
+    rc, err = main(["label", "-q", "--input", str(corpus), "--run-dir", str(run), *sets]), capsys.readouterr().err
+    assert rc == 2 and re.search(r"embeddings.safetensors: 'pool' has 1 non-finite values \(row 3\)", err)
+    emb.write_bytes(emb.read_bytes()[:100])
+    rc, err = main(["label", "-q", "--input", str(corpus), "--run-dir", str(run), *sets]), capsys.readouterr().err
+    assert rc == 2 and re.search(r"embeddings.safetensors: unreadable", err)
+    file_run = tmp_path / "afile"
+    file_run.write_text("x")
+    rc = main(["data", "-q", "--input", str(corpus), "--run-dir", str(file_run), *sets])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and re.search(r"afile.* not a directory", err) and "\n" not in err
+
+
+def test_run_dir_owned_by_another_configuration(tmp_path, capsys, corpus, tiny_overrides):
+    from nncift.cli import main
+
+    sets = [x for o in [*tiny_overrides, "ray.executor=local"] for x in ("--set", o)]
+    args = ["-q", "--input", str(corpus), "--run-dir", str(tmp_path / "run"), *sets]
+    assert main(["fit", *args]) == 0
+    before = (tmp_path / "run" / "fit" / "_DONE.json").read_text()
+    capsys.readouterr()
+    assert main(["fit", *args, "--set", "network.rank=3"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("nncift: error:")]
+    assert len(err) == 1 and "stage 'fit'" in err[0] and "network.rank: 16 -> 3" in err[0] and "--overwrite" in err[0]
+    assert (tmp_path / "run" / "fit" / "_DONE.json").read_text() == before  # untouched
