@@ -88,7 +88,6 @@ def test_finetune_bad_subset_and_missing_test_split(tmp_path, ft_overrides, caps
 
 def test_exact_subset_is_the_selection_on_the_true_kernels(tmp_path, ft_overrides):
     """The exact-function subset runs the same greedy on DELIFT-SE cosines of every pair."""
-    import numpy as np
 
     from nncift.compare import SubsetRunner
     from nncift.config import load_config
@@ -98,7 +97,16 @@ def test_exact_subset_is_the_selection_on_the_true_kernels(tmp_path, ft_override
     runner = SubsetRunner(cfg, tmp_path / "run")
     runner.pipe.run("embed")
     e_pool, e_target = runner.pipe.embeddings()
-    want, _ = greedy_select(e_pool @ e_pool.T, runner.budget(), objective="fl", k_ft=e_pool @ e_target.T)
-    np.testing.assert_array_equal(runner.subset_indices("exact"), want)
+    k_ff = e_pool @ e_pool.T
+    want, _ = greedy_select(k_ff, runner.budget(), objective="fl", k_ft=e_pool @ e_target.T)
+    got = runner.subset_indices("exact")
+    # the labels are computed block-wise and the reference in one matmul: float rounding differs between
+    # them and between CPUs, so compare what the greedy achieves on the true kernel, not its tie order
+    from nncift.select import minmax_scale, objective_value
+
+    s = minmax_scale(k_ff)
+    assert len(set(got.tolist())) == len(got) == len(want)
+    assert objective_value(s, got) == pytest.approx(objective_value(s, want), rel=1e-5)
+    assert len(set(got.tolist()) & set(want.tolist())) >= len(want) - 2
     rnd = runner.subset_indices("random")
     assert len(set(rnd.tolist())) == len(rnd) == runner.budget() == 16
