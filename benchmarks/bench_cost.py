@@ -44,23 +44,23 @@ log = logging.getLogger("bench_cost")
 def run_nncift(work: Path, prov: dict, overrides: list[str], gpu: bool):
     """All NN-CIFT stages on the table's data with the live DELIFT ICL teacher; fidelity vs the table."""
     from nncift.config import load_config
-    from nncift.pipeline import Pipeline
+    from nncift.runner import Runner
 
-    lab = prov["label_config"]
+    lab = prov.get("teacher_config") or prov["label_config"]  # tables written before teacher sections
     sets = [f"{k}={v}" for k, v in prov["data_overrides"].items()]
     sets += [
         "label.function=delift_icl",
-        f"label.max_prompt_tokens={lab['max_prompt_tokens']}",
-        f"label.max_response_tokens={lab['max_response_tokens']}",
-        f"label.dtype={lab['dtype']}",
+        f"delift_icl.max_prompt_tokens={lab['max_prompt_tokens']}",
+        f"delift_icl.max_response_tokens={lab['max_response_tokens']}",
+        f"delift_icl.dtype={lab['dtype']}",
         f"fidelity.truth_table={TABLE}",
         "ray.executor=local",
         "label.block_size=30",
     ]
     if gpu:
-        sets += ["label.backend=vllm", "label.device=cuda", "estimate.device=cuda", "embed.device=cuda"]
+        sets += ["delift_icl.backend=vllm", "label.device=cuda", "estimate.device=cuda", "embed.device=cuda"]
     cfg = load_config(None, [*sets, *overrides])
-    pipe = Pipeline(cfg, work)
+    pipe = Runner(cfg, work)
     pipe.run("report")
     return pipe, cfg
 
@@ -69,8 +69,8 @@ def teacher_rate(pipe, n_examples: int = 3, n_targets: int = 30) -> float:
     """Teacher pairs/s of full-kernel labeling (prefix reuse: one example x many targets) on the run's data."""
     from nncift.influence import build_influence_function
 
-    fn = build_influence_function("delift_icl", **pipe._function_kwargs())
-    pool, _ = pipe.items()
+    fn = build_influence_function("delift_icl", **pipe.ctx.teacher_kwargs())
+    pool, _ = pipe.ctx.items()
     ex, tg = pool.take(np.arange(n_examples)), pool.take(np.arange(n_examples, n_examples + n_targets))
     fn.utility(ex.take([0]), tg.take([0]))  # warm-up
     t0 = time.perf_counter()
@@ -81,8 +81,9 @@ def teacher_rate(pipe, n_examples: int = 3, n_targets: int = 30) -> float:
 def estimate_rate(pipe) -> float:
     """All-pairs rate (pairs/s) of the fitted K_FF surrogate's factors on a 4096 x 4096 block."""
     from nncift.estimate import EstimateWorker
+    from nncift.stages.estimate import estimator_heads
 
-    head = pipe.estimator_heads()["ff"]
+    head = estimator_heads(pipe.ctx)["ff"]
     reps = -(-4096 // len(head["p"]))
     big = dict(head)
     big["p"] = np.tile(head["p"], (reps, 1))[:4096]
@@ -131,10 +132,10 @@ def main() -> None:
     full_pairs = m * m + m * n
     if args.full:
         from nncift.config import load_config
-        from nncift.pipeline import Pipeline
+        from nncift.runner import Runner
 
         fcfg = load_config(str(ROOT / "benchmarks" / "configs" / "delift_table.yaml"), args.overrides)
-        fpipe = Pipeline(fcfg, work / "full")
+        fpipe = Runner(fcfg, work / "full")
         fpipe.run("label")
         full_seconds = fpipe.store.done_info("label")["seconds"]
         full_src = "re-labeled now"

@@ -39,10 +39,10 @@ log = logging.getLogger("bench_fidelity")
 # ---------------------------------------------------------------------------------------------- teachers
 def _pipeline(config: str | None, run_dir: Path, overrides: list[str]):
     from nncift.config import load_config
-    from nncift.pipeline import Pipeline
+    from nncift.runner import Runner
 
     cfg = load_config(config, ["ray.executor=local", *overrides])
-    pipe = Pipeline(cfg, run_dir)
+    pipe = Runner(cfg, run_dir)
     pipe.run("embed")
     return pipe
 
@@ -54,20 +54,20 @@ def teacher(name: str, work: Path) -> dict:
 
     if name == "se":
         pipe = _pipeline(str(ROOT / "jobs/configs/demo.yaml"), work / "se", [])
-        pool, target = pipe.items()
+        pool, target = pipe.ctx.items()
         ff, ft = fid.teacher_kernels(build_influence_function("delift_se"), pool, target)
     elif name == "icl":
         if not TABLE.is_file():
             sys.exit(f"{TABLE} is missing: build it with benchmarks/build_delift_table.py")
         meta = json.loads(TABLE.with_suffix(".json").read_text())
         pipe = _pipeline(None, work / "icl", [f"{k}={v}" for k, v in meta["data_overrides"].items()])
-        pool, target = pipe.items()
-        ff, ft = fid.teacher_kernels(build_influence_function("table", table=str(TABLE)), pool, target)
+        pool, target = pipe.ctx.items()
+        ff, ft = fid.teacher_kernels(build_influence_function("table", path=str(TABLE)), pool, target)
     elif name == "textsim":
         from sklearn.feature_extraction.text import TfidfVectorizer
 
         pipe = _pipeline(str(ROOT / "jobs/configs/demo.yaml"), work / "se", [])
-        pool, target = pipe.items()
+        pool, target = pipe.ctx.items()
         pool, target = pool.take(np.arange(800)), target.take(np.arange(200))
         texts = [
             p + "\n" + r for p, r in zip(pool.prompts + target.prompts, pool.responses + target.responses, strict=True)
@@ -83,7 +83,7 @@ def teacher(name: str, work: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- variants
-# name -> (network.kind, label.design, label.diagonal, network.cosine_prior)
+# name -> (fit.kind, label.design, label.diagonal, fit.cosine_prior)
 VARIANTS = {
     "paper": ("mlp", "block", False, False),
     "mlp-block-diag": ("mlp", "block", True, False),
@@ -104,7 +104,7 @@ def variant_config(cfg, name: str):
     kind, design, diagonal, prior = VARIANTS[name]
     return dataclasses.replace(
         cfg,
-        network=dataclasses.replace(cfg.network, kind=kind, cosine_prior=prior),
+        network=dataclasses.replace(cfg.fit, kind=kind, cosine_prior=prior),
         label=dataclasses.replace(cfg.label, design=design, diagonal=diagonal),
     )
 
@@ -122,7 +122,7 @@ def run_one(t: dict, cfg, variant: str, fraction: float, seed: int, kernels: tup
     from nncift.train import PairLabels, fit_loop, split_train_val
 
     cfg = variant_config(cfg, variant)
-    lb, nw, sc = cfg.label, cfg.network, cfg.select
+    lb, nw, sc = cfg.label, cfg.fit, cfg.select
     kind, design = nw.kind, lb.design
     m, n = t["ff"].shape[0], t["ft"].shape[1]
     plan = plan_labels(m, n, fraction, min(lb.min_count, m), lb.eval_pairs, seed, design=design,
@@ -235,7 +235,7 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def print_table(teacher_name: str, summary: list[dict], base: dict) -> None:
     print(f"\n## teacher: {teacher_name}  (selection budget {base['budget']}; mean ± sd over seeds)\n")
-    print("variants (network.kind, label.design, label.diagonal, network.cosine_prior):")
+    print("variants (fit.kind, label.design, label.diagonal, fit.cosine_prior):")
     for v in dict.fromkeys(r["variant"] for r in summary):
         print(f"  {v}: {VARIANTS[v]}")
     print()

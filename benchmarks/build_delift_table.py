@@ -33,12 +33,12 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from nncift.config import load_config
-    from nncift.pipeline import Pipeline
+    from nncift.runner import Runner
 
     cfg = load_config(args.config, args.overrides)
     if cfg.label.fraction < 1.0:
         raise SystemExit("build_delift_table: label.fraction must be 1.0 (every pair)")
-    pipe = Pipeline(cfg, args.run_dir)
+    pipe = Runner(cfg, args.run_dir)
     pipe.run("label")
     prov = pipe.export_table(args.out)
     secs = prov["label_seconds"] or 0.0

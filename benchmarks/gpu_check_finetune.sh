@@ -22,14 +22,15 @@ rm -rf "$RUN"
 # 1. LoRA: stopped after the checkpoint of step 3 (as if killed), then resumed to the end
 $PY - "$RUN" "${COMMON[@]}" <<'PY' 2>&1 | tail -n 40 | tee "$OUT/lora_resume.log"
 import json, sys
-from nncift.compare import SubsetRunner
+from nncift.runner import Runner
+from nncift.stages.finetune import finetune
 from nncift.config import load_config
 if __name__ == "__main__":
     run, args = sys.argv[1], sys.argv[2:]
     cfg = load_config(args[1], [a for a in args[2:] if a != "--set"])
-    r = SubsetRunner(cfg, run)
-    print("interrupted:", r.finetune("random", stop_after=3))
-    s = r.finetune("random")
+    r = Runner(cfg, run)
+    print("interrupted:", finetune(r.ctx, "random", stop_after=3))
+    s = finetune(r.ctx, "random")
     recs = [json.loads(x) for x in open(f"{run}/finetune/random/progress.jsonl")]
     print("resumed:", s)
     print("steps", len(recs), "first loss", recs[0]["loss"], "last loss", recs[-1]["loss"])

@@ -13,8 +13,6 @@ import logging
 import os
 import sys
 
-from nncift.store import STAGES
-
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nncift", description=__doc__.splitlines()[0])
@@ -26,7 +24,9 @@ def make_parser() -> argparse.ArgumentParser:
         "compare": "fine-tune + evaluate every subset of eval.subsets; table and plot",
     }
     helps["export-table"] = "write the run's teacher labels as a table file (label.function=table)"
-    for name in ("run", *STAGES[:-1], "report", "finetune", "evaluate", "compare", "export-table"):
+    from nncift.stages import PIPELINE
+
+    for name in ("run", *(s.name for s in PIPELINE), "finetune", "evaluate", "compare", "export-table"):
         p = sub.add_parser(name, help=helps.get(name, f"pipeline up to '{name}'"))
         if name == "export-table":
             p.add_argument("--out", required=True, help="Parquet file to write (example_id, target_id, value)")
@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from nncift.config import load_config
-    from nncift.errors import NncifError
-    from nncift.pipeline import Pipeline
+    from nncift.errors import NnciftError
+    from nncift.runner import Runner
 
     overrides = list(args.overrides)
     if args.input:
@@ -75,15 +75,15 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"eval.subsets={args.subsets}")
     try:
         cfg = load_config(args.config, overrides)
+        runner = Runner(cfg, args.run_dir, overwrite=args.overwrite)
         if args.command in ("finetune", "evaluate", "compare"):
-            return _subset_command(args, cfg, argv)
+            return _subset_command(args, runner, argv)
         if args.command == "export-table":
-            prov = Pipeline(cfg, args.run_dir).export_table(args.out)
+            prov = runner.export_table(args.out)
             print(f"table: {args.out} ({prov['pairs']:,} pairs)")
             return 0
-        until = "report" if args.command == "run" else args.command
-        Pipeline(cfg, args.run_dir, overwrite=args.overwrite).run(until)
-    except NncifError as exc:
+        runner.run("report" if args.command == "run" else args.command)
+    except NnciftError as exc:
         print(f"nncift: error: {exc}", file=sys.stderr)
         return 2
     except NotImplementedError as exc:
@@ -94,28 +94,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _subset_command(args: argparse.Namespace, cfg, argv: list[str]) -> int:
-    from nncift.compare import SubsetRunner
-    from nncift.store import run_lock
-
-    with run_lock(args.run_dir):  # one process per run directory (also held by every pipeline run inside)
-        return _subset_locked(args, SubsetRunner(cfg, args.run_dir, overwrite=args.overwrite), argv)
-
-
-def _subset_locked(args: argparse.Namespace, runner, argv: list[str]) -> int:
+def _subset_command(args: argparse.Namespace, runner, argv: list[str]) -> int:
     import json
     import shlex
 
+    from nncift.stages.finetune import check_subset, finetune
+
     if args.command == "finetune":
-        out = runner.finetune(args.subset)
+        check_subset(args.subset)
+        out = finetune(runner.ctx, args.subset)
         print(json.dumps({k: out.get(k) for k in ("rows", "steps", "first_loss", "last_loss", "wall_seconds")}))
         print(f"model: {os.path.join(args.run_dir, 'finetune', args.subset, 'model')}")
     elif args.command == "evaluate":
-        out = runner.evaluate(args.subset)
-        print(json.dumps({k: out[k] for k in ("rows", "rouge_l", "embedding_similarity", "heldout_loss")}))
+        out = runner.run_stage("evaluate", subset=args.subset)
+        print(json.dumps({k: out.get(k) for k in ("rows", "rouge_l", "embedding_similarity", "heldout_loss")}))
         print(f"eval: {os.path.join(args.run_dir, 'finetune', args.subset, 'eval', 'eval.json')}")
     else:
-        runner.compare(command="nncift " + shlex.join(argv))
+        runner.run_stage("compare", command="nncift " + shlex.join(argv))
         print(f"comparison: {os.path.join(args.run_dir, 'compare', 'compare.md')}")
     return 0
 

@@ -68,8 +68,9 @@ class EmbedConfig:
 class LabelConfig:
     """Seed labeling: the expensive influence function on a u-fraction of rows and columns."""
 
-    function: str = _f("delift_se", "influence function: delift_se | delift_icl | table")
-    table: str | None = _f(None, "label.function=table: Parquet of example_id, target_id, value")
+    function: str = _f(
+        "delift_se", "teacher: delift_se | delift_icl | table | less | selectit (its settings: section <function>.*)"
+    )
     design: str = _f(
         "spread",
         "training pairs: spread (see `partners`) | block (all pairs of the labeled items) | active (spread with "
@@ -85,23 +86,15 @@ class LabelConfig:
     pairs_per_second: float | None = _f(
         None, "teacher pairs/s used to size blocks; None = the function's default (delift_icl 5 on 2 CPU cores)"
     )
-    model: str | None = _f(None, "LM for model-based functions (local path); None = embedded SmolLM2")
-    backend: str = _f("hf", "delift_icl backend: hf (transformers) | vllm (teacher-forced prompt_logprobs)")
-    dtype: str = _f("float32", "LM dtype: float32 | bfloat16 | float16")
-    max_prompt_tokens: int = _f(256, "delift_icl: prompt tokens kept per item")
-    max_response_tokens: int = _f(256, "delift_icl: response tokens kept per item")
-    trust_remote_code: bool = _f(False, "allow custom model code from the model directory")
-    mode: str = _f("prefix", "delift_icl: prefix (KV reuse) | batched | single (same values)", runtime=True)
-    batch_size: int = _f(16, "delift_icl: sequences per forward", runtime=True)
     concurrency: int = _f(1, "Ray Data actors", runtime=True)
     num_cpus: float = _f(1.0, "CPUs per actor", runtime=True)
     num_gpus: float = _f(0.0, "GPUs per actor", runtime=True)
-    device: str = _f("cpu", "device of the influence function", runtime=True)
+    device: str = _f("cpu", "device of the teacher: cpu | cuda | cuda:N", runtime=True)
 
 
 @dataclass
-class NetworkConfig:
-    """The InfluenceNetwork and its fit."""
+class FitConfig:
+    """The surrogate (InfluenceNetwork) and its fit (stage ``fit``)."""
 
     kind: str = _f("bilinear", "surrogate: bilinear (two towers, low rank) | mlp (the paper's InfluenceNetwork)")
     hidden: int = _f(100, "kind=mlp: hidden units")
@@ -224,21 +217,46 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
-    network: NetworkConfig = field(default_factory=NetworkConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    teachers: dict[str, Any] = field(default_factory=dict, metadata={"provenance": False, "teachers": True})
+    """The registered teachers' own sections (``delift_icl.*``, ``less.*``, ...), by teacher name."""
+
+    def __post_init__(self) -> None:
+        if not self.teachers:  # every registered teacher's section, at its defaults
+            from nncift.influence import teachers
+
+            self.teachers = {n: t.config() for n, t in teachers().items() if t.config is not None}
+
+    def __getattr__(self, name: str) -> Any:  # cfg.less -> the ``less.*`` section
+        teachers = self.__dict__.get("teachers")
+        if teachers is not None and name in teachers:
+            return teachers[name]
+        raise AttributeError(f"{type(self).__name__} has no section {name!r}")
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = {f.name: dataclasses.asdict(getattr(self, f.name)) if dataclasses.is_dataclass(getattr(self, f.name))
+               else getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "teachers"}  # fmt: skip
+        out.update({name: dataclasses.asdict(sec) for name, sec in self.teachers.items()})
+        return out
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "<dict>") -> RunConfig:
-        cfg = _build(cls, raw or {}, prefix="", source=source)
+        from nncift.influence import teachers
+
+        raw = dict(raw or {})
+        sections = {n: t.config for n, t in teachers().items() if t.config is not None}
+        given = {n: raw.pop(n) for n in list(raw) if n in sections}
+        if "teachers" in raw:
+            raise ConfigError(f"{source}: unknown config field 'teachers'")
+        cfg = _build(cls, raw, prefix="", source=source, extra=tuple(sections))
+        cfg.teachers = {n: _build(c, given.get(n) or {}, f"{n}.", source) for n, c in sections.items()}
         cfg.validate()
         return cfg
 
@@ -253,7 +271,7 @@ class RunConfig:
             if not cond:
                 raise ConfigError(f"config field '{key}': {msg}")
 
-        d, lb, n, e, s = self.data, self.label, self.network, self.estimate, self.select
+        d, lb, n, e, s = self.data, self.label, self.fit, self.estimate, self.select
         need(
             d.format in {"auto", "jsonl", "json", "parquet", "hf", "sharegpt"},
             "data.format",
@@ -264,16 +282,23 @@ class RunConfig:
             need(v is None or v > 0, f"data.{k}", f"must be positive or null, got {v}")
         need(d.max_chars >= 0, "data.max_chars", "must be >= 0")
         need(self.embed.batch_size > 0, "embed.batch_size", "must be positive")
-        need(lb.function in {"delift_se", "delift_icl", "table"}, "label.function", f"unknown function {lb.function!r}")
-        need(lb.function != "table" or bool(lb.table), "label.table", "label.function=table needs label.table=PATH")
+        need(
+            lb.function in self.teachers or lb.function in _plain_teachers(),
+            "label.function",
+            f"unknown function {lb.function!r} (known: {', '.join(sorted(_plain_teachers()))})",
+        )
+        for sec in self.teachers.values():
+            if hasattr(sec, "validate"):
+                sec.validate()
+        selected = self.teachers.get(lb.function)
+        if hasattr(selected, "validate_selected"):  # checks that apply only to the chosen teacher
+            selected.validate_selected()
         need(lb.design in {"block", "spread", "active"}, "label.design", f"got {lb.design!r} (block | spread | active)")
         need(lb.partners >= 1, "label.partners", "must be >= 1")
-        need(n.kind in {"mlp", "bilinear"}, "network.kind", f"got {n.kind!r} (mlp | bilinear)")
-        need(n.rank >= 1, "network.rank", "must be >= 1")
-        need(
-            n.symmetric in {"auto", "true", "false"}, "network.symmetric", f"got {n.symmetric!r} (auto | true | false)"
-        )
-        need(n.weight_decay >= 0, "network.weight_decay", "must be >= 0")
+        need(n.kind in {"mlp", "bilinear"}, "fit.kind", f"got {n.kind!r} (mlp | bilinear)")
+        need(n.rank >= 1, "fit.rank", "must be >= 1")
+        need(n.symmetric in {"auto", "true", "false"}, "fit.symmetric", f"got {n.symmetric!r} (auto | true | false)")
+        need(n.weight_decay >= 0, "fit.weight_decay", "must be >= 0")
         fd = self.fidelity
         need(fd.random_subsets >= 1, "fidelity.random_subsets", "must be >= 1")
         need(fd.topk >= 1, "fidelity.topk", "must be >= 1")
@@ -283,17 +308,12 @@ class RunConfig:
         need(lb.block_seconds > 0, "label.block_seconds", "must be positive")
         need(lb.pairs_per_second is None or lb.pairs_per_second > 0, "label.pairs_per_second", "must be positive")
         need(lb.eval_pairs >= 0, "label.eval_pairs", "must be >= 0")
-        need(lb.backend in {"hf", "vllm"}, "label.backend", f"got {lb.backend!r}")
-        need(lb.dtype in {"float32", "bfloat16", "float16"}, "label.dtype", f"got {lb.dtype!r}")
-        need(lb.mode in {"prefix", "batched", "single"}, "label.mode", f"got {lb.mode!r}")
-        need(lb.batch_size > 0, "label.batch_size", "must be positive")
-        need(lb.max_prompt_tokens > 0 and lb.max_response_tokens > 0, "label.max_response_tokens", "must be > 0")
-        need(n.hidden > 0, "network.hidden", "must be positive")
-        need(n.epochs > 0, "network.epochs", "must be positive")
-        need(n.lr > 0, "network.lr", "must be positive")
-        need(n.batch_size > 0, "network.batch_size", "must be positive")
-        need(0.0 < n.val_fraction < 0.5, "network.val_fraction", "must be in (0, 0.5)")
-        need(n.num_workers >= 1, "network.num_workers", "must be >= 1")
+        need(n.hidden > 0, "fit.hidden", "must be positive")
+        need(n.epochs > 0, "fit.epochs", "must be positive")
+        need(n.lr > 0, "fit.lr", "must be positive")
+        need(n.batch_size > 0, "fit.batch_size", "must be positive")
+        need(0.0 < n.val_fraction < 0.5, "fit.val_fraction", "must be in (0, 0.5)")
+        need(n.num_workers >= 1, "fit.num_workers", "must be >= 1")
         need(e.block_size > 0, "estimate.block_size", "must be positive")
         need(0.0 < s.fraction <= 1.0, "select.fraction", f"must be in (0, 1], got {s.fraction}")
         need(s.objective in {"fl", "flmi", "flcg", "topk"}, "select.objective", f"got {s.objective!r}")
@@ -404,14 +424,33 @@ def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
     return value
 
 
-def _build(cls: type, raw: dict[str, Any], prefix: str, source: str) -> Any:
+# fields that moved: the old key -> where it lives now (a clear error instead of "unknown field")
+MOVED = {
+    "network": "fit",
+    **{f"label.{k}": f"delift_icl.{k}" for k in ("model", "backend", "dtype", "max_prompt_tokens",
+                                                  "max_response_tokens", "trust_remote_code", "mode", "batch_size")},
+    "label.table": "table.path",
+}  # fmt: skip
+
+
+def _plain_teachers() -> set[str]:
+    from nncift.influence import teachers
+
+    return set(teachers())
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str, source: str, extra: tuple[str, ...] = ()) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: config section '{prefix.rstrip('.') or 'root'}' must be a mapping")
     hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("teachers")}
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise ConfigError(f"{source}: unknown config field '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})")
+        key = f"{prefix}{unknown[0]}"
+        if key in MOVED:
+            raise ConfigError(f"{source}: config field '{key}' is now '{MOVED[key]}'")
+        known = ", ".join(sorted(names | set(extra)))
+        raise ConfigError(f"{source}: unknown config field '{key}' (known: {known})")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in raw:

@@ -1,7 +1,8 @@
-"""The only module that imports Ray (lazily): block fan-out with Ray Data, fitting with Ray Train.
+"""The only module that imports Ray (lazily): :class:`RayExecutor`, with block fan-out on Ray Data, fitting
+and fine-tuning on Ray Train, and GreeDi rounds as Ray tasks.
 
-Every fan-out here has a local twin (:func:`map_local`) running the same callable class in a loop; the
-tests assert both give identical artifacts.
+Every fan-out here has a twin in :class:`nncift.executors.LocalExecutor` running the same callable class or
+kernel in a loop; the tests assert both give identical artifacts.
 """
 
 from __future__ import annotations
@@ -54,27 +55,6 @@ def configure_data_context() -> None:
     ctx.execution_no_progress_timeout_s = -1
 
 
-def map_local(worker_cls: type, ctor_kwargs: dict[str, Any], specs: list[dict], desc: str = "") -> list[dict]:
-    """Local twin of :func:`map_ray`: construct the worker once, call it on each spec in order."""
-    from tqdm.auto import tqdm
-
-    from nncift.errors import raise_worker_errors
-
-    worker = worker_cls(**ctor_kwargs)
-    out = []
-    # blocks that declare their pairs: progress (rate, ETA) in pairs, not blocks
-    weighted = bool(specs) and all("pairs" in s for s in specs)
-    total = sum(int(s["pairs"]) for s in specs) if weighted else len(specs)
-    with tqdm(total=total, desc=desc or worker_cls.__name__, unit="pair" if weighted else "block",
-              disable=not specs, leave=False, unit_scale=weighted) as bar:  # fmt: skip
-        for spec in specs:
-            res = worker({k: np.asarray([v]) for k, v in spec.items()})
-            out.append({k: v[0] for k, v in res.items()})
-            raise_worker_errors(out[-1:])  # stop at the first bad block (an expensive teacher would go on)
-            bar.update(int(spec["pairs"]) if weighted else 1)
-    return out
-
-
 def map_ray(
     worker_cls: type,
     ctor_kwargs: dict[str, Any],
@@ -104,25 +84,6 @@ def map_ray(
         num_gpus=num_gpus or None,
     )
     return out.take_all()
-
-
-def map_blocks(
-    executor: str,
-    worker_cls: type,
-    ctor_kwargs: dict[str, Any],
-    specs: list[dict],
-    desc: str = "",
-    **res: Any,
-) -> list[dict]:
-    """Dispatch to :func:`map_ray` or :func:`map_local`; a user-fixable error a worker returned is raised here."""
-    from nncift.errors import raise_worker_errors
-
-    if executor == "local":
-        out = map_local(worker_cls, ctor_kwargs, specs, desc)
-    else:
-        out = map_ray(worker_cls, ctor_kwargs, specs, **res)
-    raise_worker_errors(out)
-    return out
 
 
 def embed_ray(
@@ -278,20 +239,6 @@ def fit_ray(
     return out
 
 
-def run_fit(
-    executor: str, fit_cfg: dict, e_rows: np.ndarray, tasks: dict[str, FitTask], **kw: Any
-) -> dict[str, tuple[dict, list[dict]]]:
-    """Dispatch to :func:`fit_ray` or the local :func:`~nncift.train.fit_loop` (same loop, one process)."""
-    if executor != "local":
-        return fit_ray(fit_cfg, e_rows, tasks, **kw)
-    from nncift.train import fit_loop
-
-    def on_epoch(r: dict) -> None:
-        log.info("epoch %d train MSE %.5f val MSE %.5f", r["epoch"], r["train_mse"], r["val_mse"])
-
-    return {n: fit_loop(fit_cfg, e_rows, ec, tr, va, on_epoch=on_epoch) for n, (ec, tr, va) in tasks.items()}
-
-
 def greedi_ray(kern: Any, parts: list[np.ndarray], budget: int) -> tuple[np.ndarray, np.ndarray]:
     """Partitioned two-round greedy (GreeDi) with round 1 fanned out as Ray tasks.
 
@@ -384,3 +331,45 @@ def finetune_ray(
     import json
 
     return json.loads((out_dir / "train_summary.json").read_text())
+
+
+class RayExecutor:
+    """The Ray twin of :class:`~nncift.executors.LocalExecutor` (same interface, same artifacts). Ray starts
+    (or connects to ``ray.address``) on the first fan-out."""
+
+    name = "ray"
+
+    def __init__(self, cfg: RayConfig):
+        self.cfg = cfg
+
+    def start(self) -> None:
+        init_ray(self.cfg)
+
+    def map_blocks(
+        self, worker_cls: type, ctor_kwargs: dict[str, Any], specs: list[dict], desc: str = "", **res: Any
+    ) -> list[dict]:
+        """:func:`map_ray`; a user-fixable error a worker returned is raised here as one line."""
+        from nncift.errors import raise_worker_errors
+
+        self.start()
+        out = map_ray(worker_cls, ctor_kwargs, specs, **res)
+        raise_worker_errors(out)
+        return out
+
+    def embed(
+        self, sources: dict[str, str], out_dir: Path, ctor_kwargs: dict[str, Any], batch_size: int, **res: Any
+    ) -> dict[str, np.ndarray]:
+        self.start()
+        return embed_ray(sources, out_dir, ctor_kwargs, batch_size, **res)
+
+    def fit(self, fit_cfg: dict, e_rows: np.ndarray, tasks: dict[str, Any], **kw: Any) -> dict:
+        self.start()
+        return fit_ray(fit_cfg, e_rows, tasks, **kw)
+
+    def greedi(self, kern: Any, parts: list[np.ndarray], budget: int) -> tuple[np.ndarray, np.ndarray]:
+        self.start()
+        return greedi_ray(kern, parts, budget)
+
+    def finetune(self, ft: dict, rows: dict[str, list[str]], out_dir: str | Path, **kw: Any) -> dict:
+        self.start()
+        return finetune_ray(ft, rows, out_dir, **kw)

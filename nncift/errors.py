@@ -3,35 +3,35 @@
 from __future__ import annotations
 
 
-class NncifError(Exception):
+class NnciftError(Exception):
     """Base class of the errors a user can fix (bad input, bad config, refused resume)."""
 
 
-class ConfigError(NncifError, ValueError):
+class ConfigError(NnciftError, ValueError):
     """A configuration field is unknown, mistyped or out of range."""
 
 
-class DataError(NncifError, ValueError):
+class DataError(NnciftError, ValueError):
     """An input file is missing, empty or malformed; the message names the file and line or field."""
 
 
-class ProvenanceError(NncifError):
+class ProvenanceError(NnciftError):
     """A finished stage was produced with a different configuration (rerun with --overwrite)."""
 
 
-class RunDirBusyError(NncifError):
+class RunDirBusyError(NnciftError):
     """Another process holds the run directory."""
 
 
-class MissingDependencyError(NncifError, ImportError):
+class MissingDependencyError(NnciftError, ImportError):
     """An optional dependency is not installed; the message gives the install command."""
 
 
-class TeacherError(NncifError):
+class TeacherError(NnciftError):
     """The influence function returned unusable values (NaN / inf); the message names the block and pair."""
 
 
-def encode_worker_error(exc: NncifError) -> str:
+def encode_worker_error(exc: NnciftError) -> str:
     """``"ClassName\tmessage"``: a user-fixable error a worker returns instead of raising, so that it reaches
     the driver as one clear line whatever executor ran the worker (Ray wraps raised exceptions)."""
     return f"{type(exc).__name__}\t{exc}"
@@ -43,5 +43,5 @@ def raise_worker_errors(results: list[dict]) -> None:
         err = str(r.get("error") or "")
         if err:
             name, _, msg = err.partition("\t")
-            cls = {c.__name__: c for c in (ConfigError, DataError, TeacherError, NncifError)}.get(name, NncifError)
+            cls = {c.__name__: c for c in (ConfigError, DataError, TeacherError, NnciftError)}.get(name, NnciftError)
             raise cls(msg)

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nncift.errors import NncifError, TeacherError, encode_worker_error
+from nncift.errors import NnciftError, TeacherError, encode_worker_error
 from nncift.influence import Items, build_influence_function
 from nncift.pairs import LabelPlan, ranges
 from nncift.store import write_parquet
@@ -110,7 +110,10 @@ class LabelWorker:
     def _label_set(self, s: dict, r0: int, r1: int, c0: int, c1: int) -> pa.Table:
         col_side = "pool" if s["kernel"] == "ff" else "target"
         rows = np.asarray(s["rows"][r0:r1], dtype=np.int64)
-        if s.get("paired"):
+        if s["kernel"] == "item":  # a pointwise teacher: one score per pool item (col 0)
+            rr, cc = rows, np.zeros(len(rows), np.int64)
+            vals = self.fn.score(self.items["pool"].take(rr))
+        elif s.get("paired"):
             rr = rows
             cc = np.asarray(s["cols"][r0:r1], dtype=np.int64)
             vals = self.fn.kernel_pairs(s["kernel"], self.items["pool"].take(rr), self.items[col_side].take(cc))
@@ -132,7 +135,9 @@ class LabelWorker:
                 "kernel": pa.array([s["kernel"]] * len(rr), pa.string()),
                 "quadrant": pa.array([s["quadrant"]] * len(rr), pa.string()),
                 "row_id": pa.array(self.ids["pool"][rr].tolist(), pa.string()),
-                "col_id": pa.array(self.ids[col_side][cc].tolist(), pa.string()),
+                "col_id": pa.array(
+                    [""] * len(cc) if s["kernel"] == "item" else self.ids[col_side][cc].tolist(), pa.string()
+                ),
                 "row": pa.array(rr),
                 "col": pa.array(cc),
                 "value": pa.array(vals),
@@ -170,7 +175,7 @@ class LabelWorker:
             try:
                 n.append(self.run_block({k: int(v[i]) for k, v in batch.items()}))
                 errors.append("")
-            except NncifError as exc:
+            except NnciftError as exc:
                 n.append(0)
                 errors.append(encode_worker_error(exc))
         return {"block_id": np.asarray(batch["block_id"]), "pairs": np.asarray(n, dtype=np.int64),

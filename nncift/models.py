@@ -112,9 +112,9 @@ def load_causal_lm(path: str | None, device: str = "cpu", dtype: str = "float32"
     else:
         p = Path(path).expanduser()
         if not p.is_dir():
-            raise ConfigError(f"config field 'label.model': {path!r} is not a local model directory")
+            raise ConfigError(f"config field 'delift_icl.model': {path!r} is not a local model directory")
     if not hasattr(torch, dtype):
-        raise ConfigError(f"config field 'label.dtype': unknown torch dtype {dtype!r}")
+        raise ConfigError(f"config field 'delift_icl.dtype': unknown torch dtype {dtype!r}")
     tok = AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(p, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     model.to(device).eval()

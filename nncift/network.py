@@ -4,12 +4,12 @@ two-tower bilinear network, both cheap for all-pairs estimation.
 Every surrogate maps a pair of embeddings ``(e_i, e_j)`` to a score in the scaled label space and exposes
 :meth:`Surrogate.estimator`, the per-item factors the blockwise estimation kernels consume:
 
-- ``mlp`` (``network.kind=mlp``, the paper's network, kept for parity): ``[e_i; 0; e_j]`` -> Linear(2d+1 -> h)
+- ``mlp`` (``fit.kind=mlp``, the paper's network, kept for parity): ``[e_i; 0; e_j]`` -> Linear(2d+1 -> h)
   -> ReLU -> Linear(h -> 1). Writing ``W1 = [A | c | B]`` gives ``W1 [e_i; 0; e_j] + b1 = A e_i + B e_j + b1``:
   each item is projected once (O(d h)) and every pair then costs O(h) (factors ``p``, ``q``, ``w2``, ``b2``).
-- ``bilinear`` (``network.kind=bilinear``): two towers with a low-rank bilinear term and per-item biases,
+- ``bilinear`` (``fit.kind=bilinear``): two towers with a low-rank bilinear term and per-item biases,
 
-      s(i, j) = <U e_i, V e_j> + u . e_i + v . e_j + b  [+ alpha <e_i, e_j>  with network.cosine_prior],
+      s(i, j) = <U e_i, V e_j> + u . e_i + v . e_j + b  [+ alpha <e_i, e_j>  with fit.cosine_prior],
 
   with ``U = V`` and ``u = v`` when the teacher is symmetric. All pairs of a block are one GEMM of the
   augmented factors ``P = [U e_i | u.e_i + b | 1 (| alpha e_i)]`` and ``Q = [V e_j | 1 | v.e_j (| e_j)]``.
@@ -30,7 +30,7 @@ from torch import nn
 
 from nncift.store import read_safetensors, write_json, write_safetensors
 
-KINDS = ("mlp", "bilinear")
+KINDS = ("mlp", "bilinear", "pointwise")
 
 
 @dataclass
@@ -232,7 +232,51 @@ class BilinearNetwork(Surrogate):
         return {"type": "dot", "p": torch.cat(p, 1).cpu().numpy(), "q": torch.cat(q, 1).cpu().numpy()}
 
 
-NETWORKS: dict[str, type[Surrogate]] = {"mlp": InfluenceNetwork, "bilinear": BilinearNetwork}
+class PointwiseNetwork(Surrogate):
+    """The pointwise InfluenceNetwork (``kind=pointwise``, used for pointwise teachers such as SelectIT):
+    Linear(d -> hidden) -> ReLU -> Linear(hidden -> 1) on one item's embedding, plus a learned multiple of a
+    constant (the bias). ``forward`` ignores its second argument so the pair fit loop trains it unchanged
+    (labels are (item, 0) pairs).
+
+    Args:
+        dim: embedding dimension d.
+        hidden: hidden width h.
+    """
+
+    kind = "pointwise"
+    PARAMS = ("hidden",)
+
+    def __init__(self, dim: int, hidden: int = 100):
+        super().__init__()
+        self.dim, self.hidden = dim, hidden
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, 1)
+
+    def params(self) -> dict[str, Any]:
+        return {"hidden": self.hidden}
+
+    def forward(self, e_i: torch.Tensor, e_j: torch.Tensor | None = None) -> torch.Tensor:
+        """(P, d) -> (P,) scores (``e_j`` ignored)."""
+        return self.fc2(torch.relu(self.fc1(e_i))).squeeze(-1)
+
+    @torch.no_grad()
+    def score_items(self, e: np.ndarray, chunk: int = 65536) -> np.ndarray:
+        """Scores of every item, in row chunks: (M, d) -> (M,) float32 (in the scaled label space)."""
+        out = np.empty(len(e), np.float32)
+        for r0 in range(0, len(e), chunk):
+            out[r0 : r0 + chunk] = self(torch.as_tensor(e[r0 : r0 + chunk])).numpy()
+        return out
+
+    @torch.no_grad()
+    def estimator(self, e_rows: torch.Tensor, e_cols: torch.Tensor) -> dict[str, Any]:
+        raise TypeError("a pointwise surrogate scores items (score_items), it has no pair kernel")
+
+
+NETWORKS: dict[str, type[Surrogate]] = {
+    "mlp": InfluenceNetwork,
+    "bilinear": BilinearNetwork,
+    "pointwise": PointwiseNetwork,
+}
 
 
 def build_network(kind: str, dim: int, **params: Any) -> Surrogate:

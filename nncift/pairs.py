@@ -41,7 +41,7 @@ class LabelSet:
     ``(rows[k], cols[k])`` (e.g. the diagonal of K_FF).
     """
 
-    kernel: str  # "ff" | "ft"
+    kernel: str  # "ff" | "ft" | "item" (a pointwise teacher's scores)
     quadrant: str  # "q1".."q4" | "diag"
     rows: np.ndarray
     cols: np.ndarray
@@ -158,6 +158,22 @@ def plan_labels(
     if diagonal:
         idx = np.arange(m, dtype=np.int64)
         plan.sets.append(LabelSet("ff", "diag", idx, idx, paired=True))
+    return plan
+
+
+def plan_items(m: int, fraction: float, min_count: int, eval_items: int, seed: int) -> LabelPlan:
+    """The label plan of a pointwise teacher: a seeded ``fraction`` of D_F (at least ``min(min_count, m)``
+    items) labeled for training (kernel ``item``, quadrant q1), and up to ``eval_items`` of the held-out
+    items labeled for the report (q2). Sets are ``paired`` with column 0 (one score per item).
+    """
+    rng = np.random.default_rng([seed, 1])
+    pool_l = sample_fraction(m, fraction, min(min_count, m), rng)
+    pool_u = np.setdiff1d(np.arange(m), pool_l)
+    plan = LabelPlan(pool_l, np.zeros(0, np.int64), design="items")
+    plan.sets.append(LabelSet("item", "q1", pool_l, np.zeros(len(pool_l), np.int64), paired=True))
+    if eval_items > 0 and len(pool_u):
+        held = np.sort(rng.choice(pool_u, size=min(eval_items, len(pool_u)), replace=False)).astype(np.int64)
+        plan.sets.append(LabelSet("item", "q2", held, np.zeros(len(held), np.int64), paired=True))
     return plan
 
 

@@ -9,13 +9,16 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from nncift.config import RunConfig
-from nncift.store import STAGES, RunDir, atomic_path, write_json, write_text
+from nncift.store import RunDir, atomic_path, write_json, write_text
 
 log = logging.getLogger(__name__)
 
 
 def build_report(store: RunDir) -> dict:
     """Collect the stage markers and metrics of a finished run into one dict (see README for keys)."""
+    from nncift.stages import PIPELINE
+
+    STAGES = [s.name for s in PIPELINE]
     done = {s: store.done_info(s) or {} for s in STAGES}
     metrics = json.loads(store.path("fit", "metrics.json").read_text())
     lab = done["label"]
@@ -25,6 +28,7 @@ def build_report(store: RunDir) -> dict:
         "data": {"M": done["data"].get("M"), "N": done["data"].get("N")},
         "label": {
             "function": lab.get("function"),
+            "kind": lab.get("kind", "pairwise"),
             "design": lab.get("design", "block"),
             "diag_pairs": lab.get("diag_pairs", 0),
             "pairs_labeled": lab.get("pairs_labeled"),
@@ -63,9 +67,11 @@ def _plots(store: RunDir, rep: dict) -> list[str]:
     preds = pq.read_table(store.path("fit", "eval_predictions.parquet")).to_pydict()
     kern, quad = np.asarray(preds["kernel"]), np.asarray(preds["quadrant"])
     true, pred = np.asarray(preds["true"]), np.asarray(preds["pred"])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
-    for ax, k in zip(axes, ("ff", "ft"), strict=True):
-        sel = (kern == k) & (quad == "q4")
+    ks = _kernels(rep)
+    fig, axes = plt.subplots(1, len(ks), figsize=(5 * len(ks), 4.5), squeeze=False)
+    for ax, k in zip(axes[0], ks, strict=True):
+        q = "q4" if k != "item" else "q2"
+        sel = (kern == k) & (quad == q)
         ax.scatter(true[sel], pred[sel], s=4, alpha=0.4)
         lo, hi = (
             (float(min(true[sel].min(), pred[sel].min())), float(max(true[sel].max(), pred[sel].max())))
@@ -74,15 +80,15 @@ def _plots(store: RunDir, rep: dict) -> list[str]:
         )
         ax.plot([lo, hi], [lo, hi], "k--", lw=1)
         ax.set(
-            title=f"K_{k.upper()} Q4 (unseen rows x unseen cols)",
+            title=f"K_{k.upper()} Q4 (unseen rows x unseen cols)" if k != "item" else "item scores Q2 (unseen items)",
             xlabel="teacher (scaled)",
             ylabel="InfluenceNetwork (scaled)",
         )
     fig.tight_layout()
     files.append(_save(fig, store, "pred_vs_true_q4.png"))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, len(ks), figsize=(5 * len(ks), 4), squeeze=False)
     names = ("network", "baseline_mean", "baseline_zero", "baseline_uniform")
-    for ax, k in zip(axes, ("ff", "ft"), strict=True):
+    for ax, k in zip(axes[0], ks, strict=True):
         qs = list(rep["network"][k]["quadrants"])
         x = np.arange(len(qs))
         for i, nme in enumerate(names):
@@ -99,7 +105,7 @@ def _plots(store: RunDir, rep: dict) -> list[str]:
             yscale="log",
             ylabel="MSE (scaled labels)",
         )
-    axes[0].legend(fontsize=8)
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     files.append(_save(fig, store, "mse_per_quadrant.png"))
     fid = rep.get("fidelity") or {}
@@ -143,7 +149,7 @@ def _markdown(rep: dict, plots: list[str]) -> str:
         *[f"| {s} | {v:.1f} |" for s, v in rep["seconds"].items()],
         "",
         f"Influence function `{rep['label']['function']}` labeled {rep['label']['pairs_labeled']:,} of "
-        f"{rep['label']['total_pairs']:,} pairs ({100 * rep['label']['fraction_of_pairs_labeled']:.3f}%) "
+        f"{rep['label']['total_pairs']:,} {'items' if rep['label'].get('kind') == 'pointwise' else 'pairs'} ({100 * rep['label']['fraction_of_pairs_labeled']:.3f}%) "
         f"with the `{rep['label']['design']}` design: {rep['label']['train_pairs']:,} for training, "
         f"{rep['label']['eval_pairs']:,} for the fidelity report"
         + (f", {rep['label']['diag_pairs']:,} exact self-utilities." if rep["label"]["diag_pairs"] else "."),
@@ -151,12 +157,12 @@ def _markdown(rep: dict, plots: list[str]) -> str:
         *_fidelity_markdown(rep.get("fidelity")),
         "## Surrogate fit (labels min-max scaled with the training scaler)",
         "",
-        f"`network.kind={rep['network']['kind']}`"
+        f"`fit.kind={rep['network']['kind']}`"
         + (" (symmetric towers)" if rep["network"]["symmetric"] else "")
         + f", {rep['network']['parameters']:,} parameters per network.",
         "",
     ]
-    for k in ("ff", "ft"):
+    for k in _kernels(rep):
         lines += [
             f"### K_{k.upper()} ({rep['network'][k]['epochs']} epochs)",
             "",
@@ -213,11 +219,25 @@ def _fidelity_markdown(fid: dict | None) -> list[str]:
     ]
 
 
+def clean_json(obj):
+    """Replace NaN/inf with None so the JSON is standard."""
+    if isinstance(obj, dict):
+        return {k: clean_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [clean_json(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def _kernels(rep: dict) -> list[str]:
+    """The surrogates of the run: ff and ft, or the pointwise ``item``."""
+    return [k for k in ("ff", "ft", "item") if isinstance(rep["network"].get(k), dict)]
+
+
 def write_report(store: RunDir, cfg: RunConfig) -> dict:
     """Write report/report.json, report/report.md and the PNG plots."""
-    from nncift.pipeline import _clean
-
-    rep = _clean(build_report(store))
+    rep = clean_json(build_report(store))
     plots = _plots(store, rep)
     write_json(store.path("report", "report.json"), rep)
     write_text(store.path("report", "report.md"), _markdown(rep, plots))

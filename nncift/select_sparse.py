@@ -209,3 +209,46 @@ def greedi_merge(kern: SparseKernel, local: list[np.ndarray], budget: int) -> tu
     """Round 2: greedy over the union of the local solutions on the full objective."""
     union = np.unique(np.concatenate(local))
     return sparse_lazy_greedy(kern, min(budget, len(union)), candidates=union)
+
+
+def topk_scores(row_means: np.ndarray, lo: float, hi: float, budget: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Top-k selection on K_FT row means scaled by the whole kernel's extent [lo, hi] (the dense layout's
+    min-max scaling): (budget,) int64 indices (ties by index), their scores, and the objective (their sum)."""
+    m = len(row_means)
+    score = (row_means - lo) / (hi - lo) if hi > lo else np.zeros(m)
+    order = np.lexsort((np.arange(m), -score))[:budget]
+    return order.astype(np.int64), score[order], float(score[order].sum())
+
+
+def fl_kernel_from_topk(
+    ff_cols: np.ndarray,
+    ff_vals: np.ndarray,
+    ff_extent: tuple[float, float],
+    ft_vals: np.ndarray | None,
+    ft_extent: tuple[float, float] | None,
+    objective: str,
+    eta: float = 1.0,
+    nu: float = 1.0,
+) -> tuple[SparseKernel, np.ndarray | None]:
+    """The sparse facility-location kernel of FL / FLMI / FLCG from per-row top-k estimates.
+
+    K_FF's kept values are min-max scaled by the whole kernel's extent (as the dense layout scales). FLMI
+    caps each row's coverage at ``eta`` x the row's best scaled K_FT value; FLCG instead gives each row a
+    floor of ``nu`` x that value (coverage below it counts as zero gain).
+
+    Args:
+        ff_cols, ff_vals: (M, k) int64 / float32 top-k of K_FF rows. ft_vals: (M, k') top-k of K_FT rows.
+        ff_extent / ft_extent: (min, max) of the whole kernels, recorded by the estimate stage.
+
+    Returns:
+        (kernel, floor): floor is (M,) float32 for FLCG, else None.
+    """
+    m = len(ff_cols)
+    kern = SparseKernel.from_topk(ff_cols, ff_vals, m).scaled(*ff_extent)
+    if objective not in ("flmi", "flcg"):
+        return kern, None
+    lo, hi = ft_extent
+    row_max = (ft_vals.max(axis=1) - lo) / (hi - lo) if hi > lo else np.zeros(m, np.float32)
+    if objective == "flmi":
+        return kern.capped((eta * row_max).astype(np.float32)), None
+    return kern, (nu * row_max).astype(np.float32)

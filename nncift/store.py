@@ -33,8 +33,6 @@ from nncift.errors import ProvenanceError
 
 log = logging.getLogger(__name__)
 
-STAGES = ("data", "embed", "label", "fit", "estimate", "select", "report")
-
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -205,10 +203,12 @@ class RunDir:
 
     Args:
         root: the directory (created on first write).
+        order: the pipeline's stage names in order: overwriting one stage clears it and every later one.
     """
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, order: tuple[str, ...] = ()):
         self.root = Path(root)
+        self.order = tuple(order)
 
     def stage_dir(self, stage: str) -> Path:
         return self.root / stage
@@ -272,10 +272,10 @@ class RunDir:
 
     def clear_from(self, stage: str) -> None:
         """Remove ``stage`` and every later pipeline stage (only ``stage`` itself if it is not a pipeline stage)."""
-        for s in STAGES[STAGES.index(stage) :] if stage in STAGES else [stage]:
+        for s in self.order[self.order.index(stage) :] if stage in self.order else [stage]:
             d = self.stage_dir(s)
             if d.exists():
                 shutil.rmtree(d)
 
     def has_finished_stage(self) -> bool:
-        return any(self.is_done(s) for s in STAGES)
+        return self.root.is_dir() and any(self.root.glob("*/_DONE.json"))

@@ -71,12 +71,14 @@ CATALOGUE = [
     ("format-mismatch", {"c.jsonl": jsonl(GOOD)}, ["--input", "{d}/c.jsonl", "--set", "data.format=parquet"],
      "data", r"c.jsonl: not a readable Parquet file"),
     # ------------------------------------------------------------------ configuration
-    ("unknown-key", {}, ["--set", "network.widht=3"], "data", r"unknown config field 'network.widht'"),
-    ("mistyped-value", {}, ["--set", "network.rank=big"], "data", r"config field 'network.rank' expects int"),
+    ("unknown-key", {}, ["--set", "fit.widht=3"], "data", r"unknown config field 'fit.widht'"),
+    ("moved-key", {}, ["--set", "label.model=x"], "data", r"config field 'label.model' is now 'delift_icl.model'"),
+    ("teacher-section-value", {}, ["--set", "delift_icl.mode=fast"], "data", r"config field 'delift_icl.mode': got 'fast'"),
+    ("mistyped-value", {}, ["--set", "fit.rank=big"], "data", r"config field 'fit.rank' expects int"),
     ("out-of-range", {}, ["--set", "label.fraction=2"], "data", r"config field 'label.fraction': must be in"),
     ("budget-zero", {}, ["--set", "select.fraction=0"], "data", r"config field 'select.fraction'"),
-    ("unknown-kind", {}, ["--set", "network.kind=tree"], "data", r"config field 'network.kind': got 'tree'"),
-    ("table-without-path", {}, ["--set", "label.function=table"], "data", r"config field 'label.table'"),
+    ("unknown-kind", {}, ["--set", "fit.kind=tree"], "data", r"config field 'fit.kind': got 'tree'"),
+    ("table-without-path", {}, ["--set", "label.function=table"], "data", r"config field 'table.path'"),
     ("bad-yaml", {"c.yaml": b"label:\n  fraction: [1,\n"}, ["--config", "{d}/c.yaml"], "data", r"c.yaml:\d+: invalid YAML"),
     ("config-not-found", {}, ["--config", "{d}/none.yaml"], "data", r"config file not found: {d}/none.yaml"),
     ("section-not-mapping", {"c.yaml": b"fidelity: 3\n"}, ["--config", "{d}/c.yaml"], "data",
@@ -86,17 +88,17 @@ CATALOGUE = [
     ("embed-model-missing", {}, ["--set", "embed.model={d}/no_model"], "embed", r"config field 'embed.model'"),
     ("embed-model-no-tokenizer", {"m/config.json": b"{}"}, ["--set", "embed.model={d}/m"], "embed",
      r"embed.model.*{d}/m"),
-    ("icl-model-missing", {}, ["--set", "label.function=delift_icl", "--set", "label.model={d}/no_lm"], "label",
-     r"config field 'label.model'"),
+    ("icl-model-missing", {}, ["--set", "label.function=delift_icl", "--set", "delift_icl.model={d}/no_lm"], "label",
+     r"config field 'delift_icl.model'"),
     ("icl-model-no-tokenizer", {"lm/config.json": b"{}"},
-     ["--set", "label.function=delift_icl", "--set", "label.model={d}/lm"], "label", r"label.model.*{d}/lm"),
+     ["--set", "label.function=delift_icl", "--set", "delift_icl.model={d}/lm"], "label", r"delift_icl.model.*{d}/lm"),
     # ------------------------------------------------------------------ teacher labels
     ("table-missing-pair", {"t.parquet": table_bytes(["x"], ["y"], [0.5])},
-     ["--set", "label.function=table", "--set", "label.table={d}/t.parquet"], "label", r"t.parquet has no value for"),
+     ["--set", "label.function=table", "--set", "table.path={d}/t.parquet"], "label", r"t.parquet has no value for"),
     ("table-nan", {"t.parquet": table_bytes(["x"], ["y"], [float("nan")])},
-     ["--set", "label.function=table", "--set", "label.table={d}/t.parquet"], "label", r"t.parquet row 0: value is nan"),
+     ["--set", "label.function=table", "--set", "table.path={d}/t.parquet"], "label", r"t.parquet row 0: value is nan"),
     ("table-not-parquet", {"t.parquet": b"nope"},
-     ["--set", "label.function=table", "--set", "label.table={d}/t.parquet"], "label", r"t.parquet is not a Parquet"),
+     ["--set", "label.function=table", "--set", "table.path={d}/t.parquet"], "label", r"t.parquet is not a Parquet"),
     ("truth-table-missing", {}, ["--set", "fidelity.truth_table={d}/none.parquet"], "report",
      r"fidelity.truth_table: file not found"),
 ]  # fmt: skip
@@ -192,7 +194,7 @@ def test_run_dir_owned_by_another_configuration(tmp_path, capsys, corpus, tiny_o
     assert main(["fit", *args]) == 0
     before = (tmp_path / "run" / "fit" / "_DONE.json").read_text()
     capsys.readouterr()
-    assert main(["fit", *args, "--set", "network.rank=3"]) == 2
+    assert main(["fit", *args, "--set", "fit.rank=3"]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("nncift: error:")]
-    assert len(err) == 1 and "stage 'fit'" in err[0] and "network.rank: 16 -> 3" in err[0] and "--overwrite" in err[0]
+    assert len(err) == 1 and "stage 'fit'" in err[0] and "fit.rank: 16 -> 3" in err[0] and "--overwrite" in err[0]
     assert (tmp_path / "run" / "fit" / "_DONE.json").read_text() == before  # untouched

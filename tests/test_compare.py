@@ -24,8 +24,8 @@ def ft_overrides(tiny_st_model, tiny_lm, tmp_path) -> list[str]:
         "label.min_count=8",
         "label.eval_pairs=200",
         "label.block_size=32",
-        "network.hidden=16",
-        "network.epochs=3",
+        "fit.hidden=16",
+        "fit.epochs=3",
         "estimate.block_size=40",
         "select.fraction=0.2",
         f"finetune.model={tiny_lm}",
@@ -89,17 +89,20 @@ def test_finetune_bad_subset_and_missing_test_split(tmp_path, ft_overrides, caps
 def test_exact_subset_is_the_selection_on_the_true_kernels(tmp_path, ft_overrides):
     """The exact-function subset runs the same greedy on DELIFT-SE cosines of every pair."""
 
-    from nncift.compare import SubsetRunner
     from nncift.config import load_config
+    from nncift.runner import Runner
     from nncift.select import greedy_select
+    from nncift.stages.exact import budget
+    from nncift.stages.finetune import subset_indices
 
     cfg = load_config(None, ft_overrides)
-    runner = SubsetRunner(cfg, tmp_path / "run")
-    runner.pipe.run("embed")
-    e_pool, e_target = runner.pipe.embeddings()
+    runner = Runner(cfg, tmp_path / "run")
+    runner.run("embed")
+    ctx = runner.ctx
+    e_pool, e_target = ctx.embeddings()
     k_ff = e_pool @ e_pool.T
-    want, _ = greedy_select(k_ff, runner.budget(), objective="fl", k_ft=e_pool @ e_target.T)
-    got = runner.subset_indices("exact")
+    want, _ = greedy_select(k_ff, budget(ctx), objective="fl", k_ft=e_pool @ e_target.T)
+    got = subset_indices(ctx, "exact")
     # the labels are computed block-wise and the reference in one matmul: float rounding differs between
     # them and between CPUs, so compare what the greedy achieves on the true kernel, not its tie order
     from nncift.select import minmax_scale, objective_value
@@ -108,5 +111,5 @@ def test_exact_subset_is_the_selection_on_the_true_kernels(tmp_path, ft_override
     assert len(set(got.tolist())) == len(got) == len(want)
     assert objective_value(s, got) == pytest.approx(objective_value(s, want), rel=1e-5)
     assert len(set(got.tolist()) & set(want.tolist())) >= len(want) - 2
-    rnd = runner.subset_indices("random")
-    assert len(set(rnd.tolist())) == len(rnd) == runner.budget() == 16
+    rnd = subset_indices(ctx, "random")
+    assert len(set(rnd.tolist())) == len(rnd) == budget(ctx) == 16

@@ -15,9 +15,9 @@ def test_defaults_validate_and_roundtrip(tmp_path):
 def test_yaml_plus_overrides(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("label:\n  fraction: 0.1\nselect:\n  objective: flmi\n")
-    cfg = load_config(p, ["label.fraction=0.2", "network.hidden=50", "data.pool_size=null"])
+    cfg = load_config(p, ["label.fraction=0.2", "fit.hidden=50", "data.pool_size=null"])
     assert cfg.label.fraction == 0.2
-    assert cfg.network.hidden == 50
+    assert cfg.fit.hidden == 50
     assert cfg.select.objective == "flmi"
     assert cfg.data.pool_size is None
 
@@ -27,7 +27,7 @@ def test_yaml_plus_overrides(tmp_path):
     [
         ("label.fractoin=0.1", "label.fractoin"),
         ("label.fraction=2", "label.fraction"),
-        ("network.hidden=abc", "network.hidden"),
+        ("fit.hidden=abc", "fit.hidden"),
         ("select.objective=xx", "select.objective"),
         ("nosection.x=1", "nosection"),
         ("badly-formed", "key=value"),

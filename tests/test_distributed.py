@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from nncift.distributed import embed_ray, fit_ray, map_local, map_ray
+from nncift.distributed import embed_ray, fit_ray, map_ray
 from nncift.estimate import EstimateWorker, assemble_dense
+from nncift.executors import LocalExecutor
 from nncift.label import LabelWorker, gather_labels, plan_blocks
 from nncift.pairs import block_grid, plan_labels
 from nncift.train import PairLabels, split_train_val
@@ -16,7 +17,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 def test_estimate_ray_equals_local(ray_session, tmp_path):
     heads, _ = _heads()
     specs = [b.to_dict() for b in block_grid("ff", 37, 37, 10) + block_grid("ft", 37, 11, 10, start_id=50)]
-    for name, fn in (("local", map_local), ("ray", map_ray)):
+    for name, fn in (("local", LocalExecutor().map_blocks), ("ray", map_ray)):
         res = fn(EstimateWorker, {"heads": heads, "out_dir": str(tmp_path / name)}, specs)
         assert sorted(int(r["block_id"]) for r in res) == [s["block_id"] for s in specs]
     for kernel, shape in (("ff", (37, 37)), ("ft", (37, 11))):
@@ -41,7 +42,7 @@ def test_label_ray_equals_local(ray_session, tmp_path):
     plan = plan_labels(40, 20, 0.25, 4, 36, seed=0)
     specs = plan_blocks(plan, 4)
     sets = [{"kernel": s.kernel, "quadrant": s.quadrant, "rows": s.rows, "cols": s.cols} for s in plan.sets]
-    for name, fn in (("local", map_local), ("ray", map_ray)):
+    for name, fn in (("local", LocalExecutor().map_blocks), ("ray", map_ray)):
         kw = {
             "function": "delift_se",
             "function_kwargs": {},
@@ -141,7 +142,7 @@ def test_estimate_ray_equals_local_for_the_bilinear_kind(ray_session, tmp_path, 
         + block_grid("ft", 37, 11, 10, start_id=50, col_size=11 if sparse else None)
     ]
     kw = {"heads": heads, "layout": layout, "topk": 5, "col_chunk": 8}
-    for name, fn in (("local", map_local), ("ray", map_ray)):
+    for name, fn in (("local", LocalExecutor().map_blocks), ("ray", map_ray)):
         fn(EstimateWorker, {**kw, "out_dir": str(tmp_path / name)}, specs)
     for kernel, shape in (("ff", (37, 37)), ("ft", (37, 11))):
         if sparse:
@@ -191,7 +192,7 @@ def test_ray_fit_equals_the_local_fit_on_any_worker_count(ray_session, tmp_path,
     remote = fit_ray(cfg, e, {"a": task}, num_workers=workers, use_gpu=False, storage=tmp_path, name="t1")
     state, hist = remote["a"]
     assert set(state) == set(local_state)
-    # network.batch_size is the global batch: 2 DDP workers take the same optimizer steps as one process
+    # fit.batch_size is the global batch: 2 DDP workers take the same optimizer steps as one process
     # (equal up to float summation order)
     for k in state:
         torch.testing.assert_close(state[k], local_state[k], rtol=1e-4, atol=1e-5)
@@ -202,7 +203,7 @@ def test_ray_fit_equals_the_local_fit_on_any_worker_count(ray_session, tmp_path,
 @pytest.mark.gpu
 @pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a CUDA GPU")
 def test_ray_fit_on_a_gpu_matches_the_cpu_fit(ray_session, tmp_path):
-    # network.use_gpu=true: labels and embeddings follow the DDP model to CUDA (they stayed on the CPU before)
+    # fit.use_gpu=true: labels and embeddings follow the DDP model to CUDA (they stayed on the CPU before)
     rng = np.random.default_rng(0)
     e = rng.normal(size=(30, 6)).astype(np.float32)
     rows, cols = np.meshgrid(np.arange(30), np.arange(30), indexing="ij")

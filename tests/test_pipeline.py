@@ -15,14 +15,14 @@ import pytest
 
 from nncift.config import load_config
 from nncift.errors import ProvenanceError
-from nncift.pipeline import Pipeline
+from nncift.runner import Runner
 
 LOCAL = ["ray.executor=local"]
 
 
 def _run(run_dir, corpus, overrides, **kw):
     cfg = load_config(None, [f"data.input={corpus}", *overrides])
-    return Pipeline(cfg, run_dir, **kw).run()
+    return Runner(cfg, run_dir, **kw).run()
 
 
 def test_end_to_end_local(tmp_path, corpus, tiny_overrides):
@@ -69,19 +69,19 @@ def test_resume_skips_and_changed_config_is_refused(tmp_path, corpus, tiny_overr
     stages = _run(run, corpus, tiny_overrides + LOCAL + ["label.concurrency=3"])  # runtime knob: still same run
     assert set(stages.values()) == {"skipped"}
     assert (run / "select" / "selection.parquet").stat().st_mtime_ns == before
-    with pytest.raises(ProvenanceError, match=r"stage 'fit' .*\(network\.rank: 16 -> 8\)"):
-        _run(run, corpus, tiny_overrides + LOCAL + ["network.rank=8"])
-    stages = _run(run, corpus, tiny_overrides + LOCAL + ["network.rank=8"], overwrite=True)
+    with pytest.raises(ProvenanceError, match=r"stage 'fit' .*\(fit\.rank: 16 -> 8\)"):
+        _run(run, corpus, tiny_overrides + LOCAL + ["fit.rank=8"])
+    stages = _run(run, corpus, tiny_overrides + LOCAL + ["fit.rank=8"], overwrite=True)
     assert stages["label"] == "skipped" and isinstance(stages["fit"], float)
     assert json.loads((run / "fit" / "network_ff.json").read_text())["rank"] == 8
-    stages = _run(run, corpus, tiny_overrides + LOCAL + ["network.rank=8", "select.objective=flmi"], overwrite=True)
+    stages = _run(run, corpus, tiny_overrides + LOCAL + ["fit.rank=8", "select.objective=flmi"], overwrite=True)
     assert stages["estimate"] == "skipped" and isinstance(stages["select"], float)
 
 
 @pytest.mark.parametrize("layout", ["dense", "sparse"])
 def test_paper_network_and_block_design_through_every_stage(tmp_path, corpus, tiny_overrides, layout):
     run = tmp_path / "run"
-    paper = ["network.kind=mlp", "label.design=block", "label.diagonal=false", "network.cosine_prior=false"]
+    paper = ["fit.kind=mlp", "label.design=block", "label.diagonal=false", "fit.cosine_prior=false"]
     sparse = ["estimate.layout=sparse", "estimate.topk=120"] if layout == "sparse" else []
     _run(run, corpus, [*tiny_overrides, *LOCAL, *paper, *sparse])
     rep = json.loads((run / "report" / "report.json").read_text())
@@ -138,7 +138,7 @@ def test_kill_9_and_resume_gives_the_same_selection(tmp_path, corpus, tiny_overr
 @pytest.mark.timeout(600)
 def test_end_to_end_ray(ray_session, tmp_path, corpus, tiny_overrides):
     run = tmp_path / "run"
-    _run(run, corpus, [*tiny_overrides, "network.num_workers=2", "embed.concurrency=1"])
+    _run(run, corpus, [*tiny_overrides, "fit.num_workers=2", "embed.concurrency=1"])
     rep = json.loads((run / "report" / "report.json").read_text())
     assert rep["selection"]["budget"] == 24
     assert rep["network"]["ff"]["epochs"] >= 1
@@ -148,9 +148,9 @@ def test_end_to_end_delift_icl_tiny_lm(tmp_path, corpus, tiny_overrides, tiny_lm
     run = tmp_path / "run"
     icl = [
         "label.function=delift_icl",
-        f"label.model={tiny_lm}",
-        "label.max_prompt_tokens=24",
-        "label.max_response_tokens=16",
+        f"delift_icl.model={tiny_lm}",
+        "delift_icl.max_prompt_tokens=24",
+        "delift_icl.max_response_tokens=16",
         "label.eval_pairs=36",
         "label.min_count=6",
         "label.fraction=0.05",
@@ -173,9 +173,9 @@ def test_end_to_end_delift_icl_tiny_lm(tmp_path, corpus, tiny_overrides, tiny_lm
 def _icl(tiny_lm):
     return [
         "label.function=delift_icl",
-        f"label.model={tiny_lm}",
-        "label.max_prompt_tokens=24",
-        "label.max_response_tokens=16",
+        f"delift_icl.model={tiny_lm}",
+        "delift_icl.max_prompt_tokens=24",
+        "delift_icl.max_response_tokens=16",
         "label.eval_pairs=36",
         "label.min_count=6",
         "label.fraction=0.05",
@@ -188,7 +188,7 @@ def test_icl_label_resume_recomputes_only_missing_blocks(tmp_path, corpus, tiny_
 
     run = tmp_path / "run"
     cfg = load_config(None, [f"data.input={corpus}", *tiny_overrides, *LOCAL, *_icl(tiny_lm)])
-    Pipeline(cfg, run).run("label")
+    Runner(cfg, run).run("label")
     full = pq.read_table(run / "label" / "labels.parquet")
     blocks = sorted((run / "label" / "blocks").glob("*.parquet"))
     dropped = blocks[::3]
@@ -198,7 +198,7 @@ def test_icl_label_resume_recomputes_only_missing_blocks(tmp_path, corpus, tiny_
     calls = []
     orig = LabelWorker.run_block
     monkeypatch.setattr(LabelWorker, "run_block", lambda self, spec: calls.append(spec["block_id"]) or orig(self, spec))
-    Pipeline(cfg, run).run("label")
+    Runner(cfg, run).run("label")
     assert sorted(calls) == sorted(int(b.stem) for b in dropped)
     assert pq.read_table(run / "label" / "labels.parquet").equals(full)
 
@@ -258,12 +258,12 @@ def test_table_teacher_round_trip_through_export(tmp_path, corpus, tiny_override
     # a full-label SE run exported as a table, then used as the teacher (and as fidelity ground truth)
     full = tmp_path / "full"
     cfg = load_config(None, [f"data.input={corpus}", *tiny_overrides, *LOCAL, "label.fraction=1.0"])
-    Pipeline(cfg, full).run("label")
+    Runner(cfg, full).run("label")
     table = tmp_path / "table.parquet"
-    prov = Pipeline(cfg, full).export_table(table)
+    prov = Runner(cfg, full).export_table(table)
     assert prov["pairs"] == 120 * 120 + 120 * 40 and (tmp_path / "table.json").is_file()
     run = tmp_path / "run"
-    _run(run, corpus, [*tiny_overrides, *LOCAL, "label.function=table", f"label.table={table}"])
+    _run(run, corpus, [*tiny_overrides, *LOCAL, "label.function=table", f"table.path={table}"])
     se = tmp_path / "se"
     _run(se, corpus, [*tiny_overrides, *LOCAL])
     a, b = pq.read_table(run / "label" / "labels.parquet"), pq.read_table(se / "label" / "labels.parquet")
@@ -281,7 +281,7 @@ def test_table_missing_pair_stops_the_label_stage(tmp_path, corpus, tiny_overrid
     table = tmp_path / "t.parquet"
     pa.parquet.write_table(pa.table({"example_id": ["x"], "target_id": ["y"], "value": [0.5]}), table)
     with pytest.raises(DataError, match=r"no value for .* pairs needed"):
-        _run(tmp_path / "run", corpus, [*tiny_overrides, *LOCAL, "label.function=table", f"label.table={table}"])
+        _run(tmp_path / "run", corpus, [*tiny_overrides, *LOCAL, "label.function=table", f"table.path={table}"])
 
 
 def test_export_table_cli(tmp_path, corpus, tiny_overrides, capsys):
@@ -323,7 +323,7 @@ def test_active_design_labels_a_second_round_and_resumes_it(tmp_path, corpus, ti
     (run / "label" / "_DONE.json").unlink()
     monkeypatch.setattr(nncift.active, "second_round", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
     cfg = load_config(None, [f"data.input={corpus}", *over])
-    Pipeline(cfg, run).run("label")
+    Runner(cfg, run).run("label")
     assert pq.read_table(run / "label" / "labels.parquet").equals(labels)
 
 

@@ -25,7 +25,7 @@ def test_atomic_replace_and_parquet_metadata(tmp_path):
 
 
 def test_begin_finish_skip_refuse_overwrite(tmp_path):
-    rd = RunDir(tmp_path / "run")
+    rd = RunDir(tmp_path / "run", order=("data", "embed", "label"))
     assert rd.begin("data", "fp1", {"x": 1})
     rd.finish("data", "fp1", {"x": 1}, seconds=1.0)
     assert rd.begin("label", "fpL", {})

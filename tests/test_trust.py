@@ -31,7 +31,7 @@ def test_scaler_refuses_non_finite_labels():
 def test_non_finite_teacher_value_stops_the_label_stage(tmp_path, corpus, tiny_overrides, monkeypatch):
     from nncift.config import load_config
     from nncift.influence.delift_se import DeliftSE
-    from nncift.pipeline import Pipeline
+    from nncift.runner import Runner
 
     orig = DeliftSE.utility
 
@@ -43,7 +43,7 @@ def test_non_finite_teacher_value_stops_the_label_stage(tmp_path, corpus, tiny_o
     monkeypatch.setattr(DeliftSE, "utility", fp16_overflow)
     cfg = load_config(None, [f"data.input={corpus}", *tiny_overrides, "ray.executor=local"])
     with pytest.raises(TeacherError, match=r"label block 000000: teacher delift_se returned .* inf for the pair"):
-        Pipeline(cfg, tmp_path / "run").run()
+        Runner(cfg, tmp_path / "run").run()
     assert not (tmp_path / "run" / "label" / "blocks" / "000000.parquet").exists()
     assert not (tmp_path / "run" / "label" / "_DONE.json").exists()
 
@@ -72,13 +72,13 @@ def test_worker_error_reaches_the_driver_as_one_line_under_ray(ray_session, tmp_
     import pyarrow.parquet as pq
 
     from nncift.config import load_config
-    from nncift.pipeline import Pipeline
+    from nncift.runner import Runner
 
     table = tmp_path / "t.parquet"
     pq.write_table(pa.table({"example_id": ["x"], "target_id": ["y"], "value": [0.5]}), table)
-    cfg = load_config(None, [f"data.input={corpus}", *tiny_overrides, "label.function=table", f"label.table={table}"])
+    cfg = load_config(None, [f"data.input={corpus}", *tiny_overrides, "label.function=table", f"table.path={table}"])
     with pytest.raises(DataError) as info:
-        Pipeline(cfg, tmp_path / "run").run("label")
+        Runner(cfg, tmp_path / "run").run("label")
     msg = str(info.value)
     assert "has no value for" in msg and "Traceback" not in msg and "\n" not in msg
 
@@ -93,11 +93,13 @@ def test_label_blocks_are_sized_by_teacher_cost():
 
 def test_pipeline_uses_the_cost_sized_side(tmp_path, corpus, tiny_overrides):
     from nncift.config import load_config
-    from nncift.pipeline import Pipeline
+    from nncift.runner import Runner
 
     over = [f"data.input={corpus}", *tiny_overrides, "label.function=delift_icl", "label.block_size=128"]
-    assert Pipeline(load_config(None, over), tmp_path).label_block_side() == 24
-    assert Pipeline(load_config(None, [*over, "label.pairs_per_second=50"]), tmp_path).label_block_side() == 77
+    from nncift.stages.label import label_block_side
+
+    assert label_block_side(Runner(load_config(None, over), tmp_path).ctx) == 24
+    assert label_block_side(Runner(load_config(None, [*over, "label.pairs_per_second=50"]), tmp_path).ctx) == 77
 
 
 @pytest.mark.ray
@@ -156,18 +158,18 @@ def test_truncated_block_file_is_recomputed_not_read(tmp_path, corpus, tiny_over
     import pyarrow.parquet as pq
 
     from nncift.config import load_config
-    from nncift.pipeline import Pipeline
+    from nncift.runner import Runner
 
     cfg = load_config(None, [f"data.input={corpus}", *tiny_overrides, "ray.executor=local"])
     ref = tmp_path / "ref"
-    Pipeline(cfg, ref).run()
+    Runner(cfg, ref).run()
     run = tmp_path / "run"
-    Pipeline(cfg, run).run(stage)
+    Runner(cfg, run).run(stage)
     block = run / stage / pattern
     data = block.read_bytes()
     block.write_bytes(data[: len(data) // 2])  # a truncated copy (disk full, an interrupted rsync)
     (run / stage / "_DONE.json").unlink()
-    Pipeline(cfg, run).run()
+    Runner(cfg, run).run()
     assert pq.read_table(block).num_rows == pq.read_table(ref / stage / pattern).num_rows
     a = pq.read_table(ref / "select" / "selection.parquet")
     assert a.equals(pq.read_table(run / "select" / "selection.parquet"))
@@ -196,7 +198,9 @@ class _Dying:
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_a_killed_actor_is_retried_and_the_labels_are_identical(ray_session, tmp_path):
-    from nncift.distributed import map_blocks
+    from nncift.config import RayConfig
+    from nncift.distributed import RayExecutor
+    from nncift.executors import LocalExecutor
     from nncift.label import LabelWorker, gather_labels, plan_blocks
     from nncift.pairs import plan_labels
 
@@ -213,9 +217,9 @@ def test_a_killed_actor_is_retried_and_the_labels_are_identical(ray_session, tmp
     specs = plan_blocks(plan, 6)
     kw = {"function": "delift_se", "function_kwargs": {}, "pool": side(0, 40), "target": side(40, 60),
           "sets": [s.to_dict() for s in plan.sets]}  # fmt: skip
-    map_blocks("local", LabelWorker, {**kw, "out_dir": str(tmp_path / "local")}, specs)
+    LocalExecutor().map_blocks(LabelWorker, {**kw, "out_dir": str(tmp_path / "local")}, specs)
     marker = tmp_path / "died"
-    map_blocks("ray", _Dying, {**kw, "out_dir": str(tmp_path / "ray"), "marker": str(marker), "worker": "label"},
+    RayExecutor(RayConfig()).map_blocks(_Dying, {**kw, "out_dir": str(tmp_path / "ray"), "marker": str(marker), "worker": "label"},
                specs, concurrency=1, num_cpus=0.5)  # fmt: skip
     assert marker.read_text() == "died once"  # the actor really died mid-map
     assert gather_labels(tmp_path / "ray", len(specs)).equals(gather_labels(tmp_path / "local", len(specs)))
@@ -224,17 +228,19 @@ def test_a_killed_actor_is_retried_and_the_labels_are_identical(ray_session, tmp
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_a_killed_estimate_actor_is_retried_and_the_tiles_are_identical(ray_session, tmp_path):
-    from nncift.distributed import map_blocks
+    from nncift.config import RayConfig
+    from nncift.distributed import RayExecutor
     from nncift.estimate import EstimateWorker, assemble_dense
+    from nncift.executors import LocalExecutor
     from nncift.pairs import block_grid
     from tests.test_estimate import _heads
 
     heads, _ = _heads()
     specs = [b.to_dict() for b in block_grid("ff", 37, 37, 10) + block_grid("ft", 37, 11, 10, start_id=50)]
-    map_blocks("local", EstimateWorker, {"heads": heads, "out_dir": str(tmp_path / "local")}, specs)
+    LocalExecutor().map_blocks(EstimateWorker, {"heads": heads, "out_dir": str(tmp_path / "local")}, specs)
     marker = tmp_path / "died"
     kw = {"heads": heads, "out_dir": str(tmp_path / "ray"), "marker": str(marker), "worker": "estimate"}
-    map_blocks("ray", _Dying, kw, specs, concurrency=1, num_cpus=0.5)
+    RayExecutor(RayConfig()).map_blocks(_Dying, kw, specs, concurrency=1, num_cpus=0.5)
     assert marker.read_text() == "died once"
     for kernel, shape in (("ff", (37, 37)), ("ft", (37, 11))):
         a = assemble_dense(tmp_path / "local", kernel, shape)

@@ -1,55 +1,110 @@
-"""The expensive influence functions ("teachers") that NN-CIFT learns to imitate.
+"""The expensive influence functions ("teachers") that NN-CIFT learns to imitate, as registered plugins.
 
-Each function implements :meth:`InfluenceFunction.utility` (U(example -> target)); orientation of the
-kernels built from it is fixed by :meth:`InfluenceFunction.kernel_block`.
+A teacher is one module: a subclass of :class:`InfluenceFunction` (pairwise, U(example -> target)) or of
+:class:`PointwiseInfluenceFunction` (one score per item), decorated with :func:`register`, optionally with a
+config dataclass of its own (``config = MyConfig``) that the run configuration exposes as the section named
+like the teacher (``label.function=less`` reads ``less.*``). Built-in teachers are imported below; third-party
+ones are found through the ``nncift.teachers`` entry-point group. See ``docs/teachers.md``.
+
+Orientation of the kernels built from a pairwise teacher is fixed by :meth:`InfluenceFunction.kernel_block`.
 """
 
 from __future__ import annotations
 
+import importlib
+import logging
 from typing import Any
 
-from nncift.influence.base import InfluenceFunction, Items
-from nncift.influence.delift_se import DeliftSE
+from nncift.influence.base import InfluenceFunction, Items, PointwiseInfluenceFunction
 
-FUNCTIONS = ("delift_se", "delift_icl", "table")
+log = logging.getLogger(__name__)
+
+_REGISTRY: dict[str, type[InfluenceFunction]] = {}
+BUILTIN = (
+    "nncift.influence.delift_se",
+    "nncift.influence.delift_icl",
+    "nncift.influence.table",
+)
+_loaded = False
+
+
+def register(cls: type[InfluenceFunction]) -> type[InfluenceFunction]:
+    """Class decorator: make ``cls`` available as ``label.function=<cls.name>``."""
+    if not (isinstance(cls, type) and issubclass(cls, InfluenceFunction)):
+        raise TypeError(f"register: {cls!r} is not an InfluenceFunction subclass")
+    if cls.kind not in ("pairwise", "pointwise"):
+        raise TypeError(f"register: {cls.__name__}.kind must be 'pairwise' or 'pointwise', got {cls.kind!r}")
+    old = _REGISTRY.get(cls.name)
+    if old is not None and old is not cls and old.__qualname__ != cls.__qualname__:
+        raise ValueError(f"register: teacher name {cls.name!r} is taken by {old.__module__}.{old.__qualname__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for mod in BUILTIN:
+        importlib.import_module(mod)
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="nncift.teachers"):
+        try:
+            ep.load()
+        except Exception as exc:  # a broken third-party plugin must not break the built-in teachers
+            log.warning("teacher plugin %s (%s) failed to load: %s", ep.name, ep.value, exc)
+
+
+def teachers() -> dict[str, type[InfluenceFunction]]:
+    """Every registered teacher class by name."""
+    _load()
+    return dict(_REGISTRY)
+
+
+def teacher_class(name: str) -> type[InfluenceFunction]:
+    """The registered class of ``name``; ValueError listing the known names otherwise."""
+    _load()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown influence function {name!r} (known: {', '.join(sorted(_REGISTRY))})")
+    return _REGISTRY[name]
 
 
 def build_influence_function(name: str, **kwargs: Any) -> InfluenceFunction:
-    """Instantiate the influence function ``name`` (one of :data:`FUNCTIONS`)."""
-    if name == "delift_se":
-        return DeliftSE()
-    if name == "table":
-        from nncift.influence.table import TableFunction
-
-        return TableFunction(kwargs["table"], symmetric=kwargs.get("symmetric", False), field=kwargs.get("field"))
-    if name == "delift_icl":
-        backend = kwargs.pop("backend", "hf")
-        if backend == "vllm":
-            from nncift.influence.delift_icl_vllm import build_delift_icl_vllm
-
-            return build_delift_icl_vllm(**kwargs)
-        from nncift.influence.delift_icl import build_delift_icl
-
-        return build_delift_icl(**kwargs)
-    raise ValueError(f"unknown influence function {name!r} (known: {', '.join(FUNCTIONS)})")
+    """Instantiate teacher ``name`` from constructor keyword arguments (see :meth:`InfluenceFunction.resolve`)."""
+    return teacher_class(name).build(**kwargs)
 
 
 def function_traits(name: str) -> dict[str, Any]:
-    """Class-level traits of a function without building it (no model is loaded): ``symmetric``,
+    """Class-level traits of a teacher without building it (no model is loaded): ``kind``, ``symmetric``,
     ``exact_is_cheap``, ``pairs_per_second``."""
-    if name == "delift_se":
-        cls: type[InfluenceFunction] = DeliftSE
-    elif name == "table":
-        from nncift.influence.table import TableFunction
-
-        cls = TableFunction
-    elif name == "delift_icl":
-        from nncift.influence.delift_icl import DeliftICL
-
-        cls = DeliftICL
-    else:
-        raise ValueError(f"unknown influence function {name!r} (known: {', '.join(FUNCTIONS)})")
-    return {"symmetric": cls.symmetric, "exact_is_cheap": cls.exact_is_cheap, "pairs_per_second": cls.pairs_per_second}
+    cls = teacher_class(name)
+    return {
+        "kind": cls.kind,
+        "symmetric": cls.symmetric,
+        "exact_is_cheap": cls.exact_is_cheap,
+        "pairs_per_second": cls.pairs_per_second,
+    }
 
 
-__all__ = ["FUNCTIONS", "DeliftSE", "InfluenceFunction", "Items", "build_influence_function", "function_traits"]
+def __getattr__(name: str) -> Any:  # FUNCTIONS stays a live view of the registry
+    if name == "FUNCTIONS":
+        return tuple(sorted(teachers()))
+    if name == "DeliftSE":
+        from nncift.influence.delift_se import DeliftSE
+
+        return DeliftSE
+    raise AttributeError(name)
+
+
+__all__ = [
+    "InfluenceFunction",
+    "Items",
+    "PointwiseInfluenceFunction",
+    "build_influence_function",
+    "function_traits",
+    "register",
+    "teacher_class",
+    "teachers",
+]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -38,23 +39,74 @@ class Items:
 
 
 class InfluenceFunction(ABC):
-    """An expensive pairwise influence function.
+    """An expensive influence function (a "teacher"), registered by name with :func:`nncift.influence.register`.
 
-    Subclasses implement :meth:`utility` (and, for speed, :meth:`utility_pairs`). Positive values mean the
-    example helps the target.
+    Pairwise teachers (this class) implement :meth:`utility` (and, for speed, :meth:`utility_pairs`); pointwise
+    ones derive from :class:`PointwiseInfluenceFunction`. Positive values mean the example helps the target.
 
     Attributes:
-        name: registry name.
+        name: registry name (``label.function``), and the name of the teacher's own config section.
+        kind: ``"pairwise"`` (U(example -> target)) or ``"pointwise"`` (one score per item).
+        config: the dataclass of the teacher's config section (``<name>.*``), or None when it has none.
         symmetric: ``U(a -> b) == U(b -> a)`` for every pair (surrogates may then share one tower).
         exact_is_cheap: every pair can be computed at negligible cost (embedding cosine, a lookup table), so
             a run can afford the full kernel as fidelity ground truth.
-        pairs_per_second: a rough labeling rate, used only to size label blocks.
+        pairs_per_second: a rough labeling rate (pairs, or items for pointwise teachers) on 2 CPU cores, used
+            only to size label blocks (``label.pairs_per_second`` overrides it).
     """
 
-    name: str = "base"
+    name: ClassVar[str] = "base"
+    kind: ClassVar[str] = "pairwise"
+    config: ClassVar[type | None] = None
     symmetric: bool = False
     exact_is_cheap: bool = False
-    pairs_per_second: float = 1e6  # a rough rate for sizing label blocks (label.pairs_per_second overrides)
+    pairs_per_second: float = 1e6
+
+    @classmethod
+    def resolve(cls, section: Any, device: str) -> dict[str, Any]:
+        """Constructor keyword arguments from the teacher's config section, resolved once in the driver
+        (model folders checked, paths made absolute); they travel to every label worker, so plain values only.
+
+        Args:
+            section: the ``<name>.*`` config dataclass (None when :attr:`config` is None).
+            device: ``label.device`` (``cpu``, ``cuda``, ``cuda:N``).
+        """
+        return {}
+
+    @classmethod
+    def build(cls, **kwargs: Any) -> InfluenceFunction:
+        """Instantiate from :meth:`resolve`'s keyword arguments (in a label worker)."""
+        return cls(**kwargs)
+
+    @classmethod
+    def prepare(
+        cls,
+        kwargs: dict[str, Any],
+        *,
+        pool: Items,
+        target: Items,
+        pool_labeled: np.ndarray,
+        target_labeled: np.ndarray,
+        work_dir: Any,
+        executor: Any,
+        seed: int,
+    ) -> dict[str, Any]:
+        """Driver-side work the label stage runs once before any block (default: none), e.g. LESS's LoRA
+        warm-up and the gradient features of the labeled items. It must be resumable (finished parts in
+        ``work_dir`` are reused) and fan its heavy work out with ``executor.map_blocks``.
+
+        Args:
+            kwargs: :meth:`resolve`'s output.
+            pool, target: every item of D_F (M) and D_T (N).
+            pool_labeled, target_labeled: (L_F,), (L_T,) int64 indices of the items any label touches.
+            work_dir: a folder of the label stage owned by this teacher (``<run>/label/teacher``).
+            executor: the run's :class:`~nncift.executors.LocalExecutor` or ``RayExecutor``.
+            seed: the run's seed.
+
+        Returns:
+            the keyword arguments the label workers build the teacher with (plain values only).
+        """
+        return kwargs
 
     @abstractmethod
     def utility(self, examples: Items, targets: Items) -> np.ndarray:
@@ -105,3 +157,24 @@ class InfluenceFunction(ABC):
         if kernel == "ft":
             return np.asarray(self.utility_pairs(rows, cols), dtype=np.float32)
         raise ValueError(f"kernel must be 'ff' or 'ft', got {kernel!r}")
+
+
+class PointwiseInfluenceFunction(InfluenceFunction):
+    """A teacher that scores items one by one (e.g. SelectIT): s(item), higher = more useful.
+
+    Subclasses implement :meth:`score`. The pipeline labels a seeded fraction of D_F, fits the pointwise
+    surrogate, estimates a score for every item and selects the top-k.
+    """
+
+    kind: ClassVar[str] = "pointwise"
+
+    @abstractmethod
+    def score(self, items: Items) -> np.ndarray:
+        """The teacher's score of each item.
+
+        Returns:
+            (len(items),) float32.
+        """
+
+    def utility(self, examples: Items, targets: Items) -> np.ndarray:
+        raise TypeError(f"{self.name} is a pointwise teacher: it scores items (score), not pairs (utility)")

@@ -28,10 +28,13 @@ import copy
 import inspect
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
+from nncift.config import ConfigError, _f
+from nncift.influence import register
 from nncift.influence.base import InfluenceFunction, Items
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,34 @@ TAIL = "\n"
 
 
 @dataclass
+class DeliftICLConfig:
+    """``delift_icl.*``: the DELIFT in-context-learning utility with a causal LM."""
+
+    model: str | None = _f(None, "LM (local folder with config, weights and tokenizer); None = embedded SmolLM2")
+    backend: str = _f("hf", "hf (transformers) | vllm (teacher-forced prompt_logprobs)")
+    dtype: str = _f("float32", "LM dtype: float32 | bfloat16 | float16")
+    max_prompt_tokens: int = _f(256, "prompt tokens kept per item")
+    max_response_tokens: int = _f(256, "response tokens kept per item")
+    trust_remote_code: bool = _f(False, "allow custom model code from the model directory")
+    mode: str = _f("prefix", "prefix (KV reuse) | batched | single (same values)", runtime=True)
+    batch_size: int = _f(16, "sequences per forward", runtime=True)
+
+    def validate(self) -> None:
+        """Raise :class:`~nncift.errors.ConfigError` naming the first bad field."""
+        checks = (
+            (self.backend in {"hf", "vllm"}, "backend", f"got {self.backend!r} (hf | vllm)"),
+            (self.dtype in {"float32", "bfloat16", "float16"}, "dtype", f"got {self.dtype!r}"),
+            (self.mode in {"prefix", "batched", "single"}, "mode", f"got {self.mode!r}"),
+            (self.batch_size > 0, "batch_size", "must be positive"),
+            (self.max_prompt_tokens > 0, "max_prompt_tokens", "must be > 0"),
+            (self.max_response_tokens > 0, "max_response_tokens", "must be > 0"),
+        )
+        for ok, key, msg in checks:
+            if not ok:
+                raise ConfigError(f"config field 'delift_icl.{key}': {msg}")
+
+
+@dataclass
 class Encoded:
     """One row, truncated: prompt and response text (what joint tokenisation sees) and token ids."""
 
@@ -56,6 +87,7 @@ class Encoded:
     response: list[int]
 
 
+@register
 class DeliftICL(InfluenceFunction):
     """The DELIFT ICL utility with a causal LM (HF transformers backend).
 
@@ -69,7 +101,35 @@ class DeliftICL(InfluenceFunction):
     """
 
     name = "delift_icl"
+    config = DeliftICLConfig
     pairs_per_second = 5.0  # measured: SmolLM2-135M, 48/48 tokens, prefix reuse, 2 CPU cores
+
+    @classmethod
+    def resolve(cls, section: DeliftICLConfig, device: str) -> dict[str, Any]:
+        from nncift.models import check_model_dir, embedded_lm_dir
+
+        if section.model is not None:
+            check_model_dir(section.model, "delift_icl.model")
+        return {
+            "model": str(embedded_lm_dir()) if section.model is None else section.model,
+            "backend": section.backend,
+            "device": device,
+            "dtype": section.dtype,
+            "batch_size": section.batch_size,
+            "max_prompt_tokens": section.max_prompt_tokens,
+            "max_response_tokens": section.max_response_tokens,
+            "mode": section.mode,
+            "trust_remote_code": section.trust_remote_code,
+        }
+
+    @classmethod
+    def build(cls, **kwargs: Any) -> InfluenceFunction:
+        """The model-loading constructor: :func:`build_delift_icl`, or the vLLM backend's."""
+        if kwargs.pop("backend", "hf") == "vllm":
+            from nncift.influence.delift_icl_vllm import build_delift_icl_vllm
+
+            return build_delift_icl_vllm(**kwargs)
+        return build_delift_icl(**kwargs)
 
     def __init__(
         self,

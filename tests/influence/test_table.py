@@ -33,7 +33,7 @@ def _full_table(path, pool, target):
 def test_table_reproduces_the_teacher_in_both_kernels(tmp_path):
     pool, target = _items(7, "a"), _items(4, "b", seed=1)
     path = _full_table(tmp_path / "t.parquet", pool, target)
-    fn = build_influence_function("table", table=str(path))
+    fn = build_influence_function("table", path=str(path))
     se = DeliftSE()
     for kernel, cols in (("ff", pool), ("ft", target)):
         np.testing.assert_allclose(fn.kernel_block(kernel, pool, cols), se.kernel_block(kernel, pool, cols), rtol=1e-6)

@@ -1,0 +1,164 @@
+"""The one runner of every stage: fingerprints, skip/resume, completion markers, timing, the run-dir lock.
+
+For each stage (:data:`nncift.stages.STAGES`) the runner computes the fingerprint of the config sections the
+stage depends on (its own plus those of every stage it comes after, recursively), skips it when a
+completion marker with that fingerprint exists, refuses a changed configuration of a finished stage unless
+``overwrite`` (naming the changed fields), times it, and writes its marker as the stage's last write.
+
+    runner = Runner(cfg, "runs/demo")
+    runner.run("report")                       # data -> embed -> label -> fit -> estimate -> select -> report
+    runner.run_stage("finetune", subset="nncift")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from nncift.config import RunConfig
+from nncift.errors import DataError, NnciftError, RunDirBusyError
+from nncift.executors import make_executor
+from nncift.stages import PIPELINE, STAGES
+from nncift.stages.base import Context, Stage
+from nncift.store import RunDir, run_lock, write_text
+
+log = logging.getLogger(__name__)
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Runner:
+    """Runs the stages of one run directory.
+
+    Args:
+        cfg: validated configuration.
+        run_dir: the run directory.
+        overwrite: recompute finished stages whose configuration changed (and every later pipeline stage).
+        executor: the executor (default: from ``ray.executor``, chosen once here).
+    """
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, overwrite: bool = False, executor: Any = None):
+        self.cfg = cfg
+        self.store = RunDir(run_dir, order=tuple(s.name for s in PIPELINE))
+        self.overwrite = overwrite
+        self.executor = executor or make_executor(cfg.ray)
+        self.ctx = Context(cfg, self.store, self.executor, self)
+        self._depth = 0
+        self.skipped: set[str] = set()  # stage folders found finished in this runner's life
+
+    # ------------------------------------------------------------------ provenance
+    def sections(self, stage: str) -> tuple[str, ...]:
+        """The config sections ``stage``'s results depend on: its own and every upstream stage's, in order."""
+        out: list[str] = []
+
+        def visit(name: str) -> None:
+            st = STAGES[name]
+            for up in st.after:
+                visit(up)
+            for s in st.config_sections(self.cfg):
+                if s not in out:
+                    out.append(s)
+
+        visit(stage)
+        return tuple(out)
+
+    def identity(self, stage: str, **params: Any) -> tuple[str, dict]:
+        """(fingerprint, provenance) of ``stage`` for ``params``."""
+        st = STAGES[stage]
+        prov = self.cfg.provenance(*self.sections(stage))
+        extra = st.identity(self.ctx, **params)
+        if extra:
+            prov["stage"] = extra
+            return _hash(prov), prov
+        return self.cfg.fingerprint(*self.sections(stage)), prov
+
+    # ------------------------------------------------------------------ running
+    def run(self, until: str = "report") -> dict[str, Any]:
+        """Run every pipeline stage up to ``until`` (inclusive); returns {stage: seconds or 'skipped'}."""
+        names = [s.name for s in PIPELINE]
+        if until not in names:
+            raise ValueError(f"unknown stage {until!r} (stages: {', '.join(names)})")
+        done: dict[str, Any] = {}
+        with self.session():
+            for name in names[: names.index(until) + 1]:
+                res = self.run_stage(name)
+                done[name] = "skipped" if name in self.skipped else res["seconds"]
+        return done
+
+    def session(self):
+        """The run-directory lock, and cleanup of a new run directory when a user error stops the run."""
+        runner = self
+
+        class _Session:
+            def __enter__(self):
+                if runner.store.root.exists() and not runner.store.root.is_dir():
+                    raise DataError(f"--run-dir {runner.store.root}: exists and is not a directory")
+                self.fresh = not runner.store.root.exists()
+                self.lock = run_lock(runner.store.root)
+                self.lock.__enter__()
+                runner._depth += 1
+                return runner
+
+            def __exit__(self, typ, exc, tb):
+                runner._depth -= 1
+                self.lock.__exit__(typ, exc, tb)
+                if (
+                    isinstance(exc, NnciftError)
+                    and not isinstance(exc, RunDirBusyError)
+                    and self.fresh
+                    and runner.store.root.exists()
+                    and not runner.store.has_finished_stage()
+                ):
+                    shutil.rmtree(runner.store.root)  # bad input: leave nothing half-written behind
+                return False
+
+        return _Session()
+
+    def run_stage(self, stage: str, **params: Any) -> Any:
+        """Run ``stage`` for ``params`` (its upstream stages first), or skip it when finished.
+
+        Returns:
+            the stage's result (its completion facts, with ``seconds``), or what a finished stage returns.
+        """
+        if self._depth == 0:
+            with self.session():
+                return self.run_stage(stage, **params)
+        st: Stage = STAGES[stage]
+        for up in st.after:
+            self.run_stage(up)
+        folder = st.folder(**params)
+        label = folder.replace("/", " ")
+        fp, prov = self.identity(stage, **params)
+        done = None if st.always_run else self.store.done_info(folder)
+        if done is not None and done.get("fingerprint") == fp:
+            log.info("stage %-8s already done, skipping", label)
+            self.skipped.add(folder)
+            return st.skipped_result(self.ctx, **params)
+        if done is not None and not self.overwrite:
+            self.store.begin(folder, fp, prov)  # raises ProvenanceError naming the changed fields
+        st.validate(self.ctx, **params)  # inputs checked before anything of the stage is written
+        self.store.begin(folder, fp, prov, overwrite=self.overwrite or st.always_run)
+        self.skipped.discard(folder)
+        log.info("stage %-8s running", label)
+        t0 = time.perf_counter()
+        info = st.run(self.ctx, **params) or {}
+        seconds = time.perf_counter() - t0
+        self.store.finish(folder, fp, prov, seconds=seconds, **info)
+        if stage == "data":
+            write_text(self.store.root / "config.yaml", self.cfg.to_yaml())
+        log.info("stage %-8s done in %.1f s", label, seconds)
+        return {**info, "seconds": seconds}
+
+    # ------------------------------------------------------------------ conveniences
+    def export_table(self, out: str | Path) -> dict:
+        """Write the finished label stage as a table-teacher file (see :func:`nncift.stages.label.export_table`)."""
+        from nncift.stages.label import export_table
+
+        return export_table(self.ctx, out)

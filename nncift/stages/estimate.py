@@ -1,0 +1,150 @@
+"""Stage ``estimate``: the surrogate's estimate of the full K_FF (M x M) and K_FT (M x N), in blocks over the
+executor's workers; or, for a pointwise teacher, one score per pool item.
+
+Reads: ``embed/embeddings.safetensors``, ``fit/network_*``, ``label/labels.parquet`` (the exact diagonal).
+Writes: ``estimate/blocks/<ff|ft>_<id>.parquet`` (dense tiles, or per-row top-k stripes on the sparse
+layout, each with the stripe's extent and row means), ``estimate/kernels.json`` (shapes, layout);
+pointwise: ``estimate/scores.parquet`` (``idx``, ``score``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from nncift.stages.base import Context, Stage
+from nncift.store import done_blocks, write_json, write_parquet
+
+log = logging.getLogger(__name__)
+
+
+def layout(ctx: Context) -> str:
+    """dense or sparse, from ``estimate.layout`` (auto: dense while M*M <= ``estimate.dense_max_pairs``)."""
+    c = ctx.cfg.estimate
+    if c.layout != "auto":
+        return c.layout
+    m, _ = ctx.size()
+    return "dense" if m * m <= c.dense_max_pairs else "sparse"
+
+
+def estimator_heads(ctx: Context) -> dict[str, dict]:
+    """Per kernel, the fitted surrogate's factors + label scaler (+ the exact diagonal of K_FF)."""
+    import torch
+
+    from nncift.network import load_network
+
+    e_pool, e_target = ctx.embeddings()
+    diag = ctx.diagonal()
+    heads = {}
+    for kernel, e_cols in (("ff", e_pool), ("ft", e_target)):
+        net, scaler, _ = load_network(ctx.path("fit", f"network_{kernel}"))
+        head = net.estimator(torch.as_tensor(e_pool), torch.as_tensor(e_cols))
+        head.update(lo=scaler.lo, hi=scaler.hi, diag=diag if kernel == "ff" else None)
+        heads[kernel] = head
+    return heads
+
+
+def dense_kernels(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
+    """The dense estimated kernels (K_FF (M, M), K_FT (M, N)) float32 of a dense-layout run."""
+    from nncift.estimate import assemble_dense
+
+    meta = json.loads(ctx.path("estimate", "kernels.json").read_text())
+    block_dir = ctx.path("estimate", "blocks")
+    return (
+        assemble_dense(block_dir, "ff", tuple(meta["ff"]["shape"])),
+        assemble_dense(block_dir, "ft", tuple(meta["ft"]["shape"])),
+    )
+
+
+def item_scores(ctx: Context) -> np.ndarray:
+    """(M,) float32 estimated scores of a pointwise run (teacher scale)."""
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(ctx.path("estimate", "scores.parquet"))
+    out = np.empty(t.num_rows, np.float32)
+    out[t.column("idx").to_numpy()] = t.column("score").to_numpy()
+    return out
+
+
+class EstimateStage(Stage):
+    name = "estimate"
+    sections = ("estimate",)
+    after = ("fit",)
+    reads = ("embed/embeddings.safetensors", "fit/network_ff.safetensors", "fit/network_ft.safetensors")
+    writes = ("estimate/blocks/", "estimate/kernels.json", "estimate/scores.parquet")
+
+    def run(self, ctx: Context, **params: Any) -> dict[str, Any]:
+        if ctx.pointwise():
+            return self._pointwise(ctx)
+        from nncift.estimate import EstimateWorker
+        from nncift.pairs import block_grid
+
+        c = ctx.cfg.estimate
+        m, n = ctx.size()
+        lay = layout(ctx)
+        heads = estimator_heads(ctx)
+        # dense: tiles; sparse: row stripes spanning every column, each reduced to its own top-k
+        sparse = lay == "sparse"
+        blocks = block_grid("ff", m, m, c.block_size, col_size=m if sparse else None)
+        blocks += block_grid("ft", m, n, c.block_size, start_id=len(blocks), col_size=n if sparse else None)
+        block_dir = ctx.path("estimate", "blocks")
+        ok = done_blocks(block_dir, {f"{b.name}.parquet": b.r1 - b.r0 for b in blocks})
+        todo = [b.to_dict() for b in blocks if f"{b.name}.parquet" not in ok]
+        log.info("estimate: %d blocks (%d already done), %d pairs", len(blocks), len(blocks) - len(todo), m * m + m * n)
+        t0 = time.perf_counter()
+        worker_kwargs = {
+            "heads": heads,
+            "out_dir": str(block_dir),
+            "device": c.device,
+            "layout": lay,
+            "topk": c.topk,
+            "col_chunk": c.col_chunk,
+        }
+        ctx.executor.map_blocks(
+            EstimateWorker,
+            worker_kwargs,
+            todo,
+            desc="estimate",
+            concurrency=c.concurrency,
+            num_cpus=c.num_cpus,
+            num_gpus=c.num_gpus,
+        )
+        dt = time.perf_counter() - t0
+        write_json(
+            ctx.path("estimate", "kernels.json"),
+            {"ff": {"shape": [m, m]}, "ft": {"shape": [m, n]}, "layout": lay, "topk": c.topk, "blocks": len(blocks)},
+        )
+        return {
+            "pairs": m * m + m * n,
+            "blocks": len(blocks),
+            "map_seconds": dt,
+            "layout": lay,
+            "pairs_per_second": (m * m + m * n) / max(dt, 1e-9),
+        }
+
+    def _pointwise(self, ctx: Context) -> dict[str, Any]:
+        """Every pool item's score from the pointwise network (one chunked matmul chain; M floats out)."""
+        from nncift.network import load_network
+
+        e_pool, _ = ctx.embeddings()
+        t0 = time.perf_counter()
+        net, scaler, _ = load_network(ctx.path("fit", "network_item"))
+        scores = scaler.inverse(net.score_items(e_pool)).astype(np.float32)
+        dt = time.perf_counter() - t0
+        write_parquet(
+            ctx.path("estimate", "scores.parquet"),
+            pa.table({"idx": np.arange(len(scores), dtype=np.int64), "score": scores}),
+        )
+        write_json(ctx.path("estimate", "kernels.json"), {"item": {"shape": [len(scores)]}, "layout": "items"})
+        return {
+            "pairs": len(scores),
+            "blocks": 1,
+            "map_seconds": dt,
+            "layout": "items",
+            "pairs_per_second": len(scores) / max(dt, 1e-9),
+        }

@@ -1,0 +1,101 @@
+"""Stage ``report``: selection fidelity under the teacher's full kernel (when it is known), and the run report.
+
+Reads: every earlier stage's markers and metrics, ``select/selection.parquet``.
+Writes: ``report/fidelity.json``, ``report/report.json``, ``report/report.md`` and the PNG plots.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from nncift.stages.base import Context, Stage
+from nncift.store import write_json
+
+log = logging.getLogger(__name__)
+
+
+def truth_function(ctx: Context):
+    """(teacher whose full kernel is the fidelity ground truth, None) or (None, why not)."""
+    from nncift.influence import build_influence_function
+
+    fd, lb = ctx.cfg.fidelity, ctx.cfg.label
+    if ctx.pointwise():
+        return None, f"`{lb.function}` is pointwise: item-score fidelity needs every item's teacher score"
+    if fd.truth_table:
+        path = str(Path(fd.truth_table).resolve())
+        return build_influence_function("table", path=path, field="fidelity.truth_table"), None
+    if ctx.teacher().exact_is_cheap:
+        return build_influence_function(lb.function, **ctx.teacher_kwargs()), None
+    return None, f"the full kernel of `{lb.function}` is unknown: set fidelity.truth_table to a full-label table"
+
+
+def fidelity(ctx: Context) -> dict[str, Any]:
+    """Selection fidelity of this run under the teacher's full kernel (see :mod:`nncift.fidelity`).
+
+    Returns ``{"measured": False, "reason": ...}`` when the full kernel is unknown or too large.
+    """
+    from nncift import fidelity as fid
+    from nncift.errors import DataError
+
+    fd, sc = ctx.cfg.fidelity, ctx.cfg.select
+    m, n = ctx.size()
+    if m * m + m * n > fd.max_pairs:
+        return {"measured": False, "reason": f"M*M + M*N = {m * m + m * n:,} > fidelity.max_pairs = {fd.max_pairs:,}"}
+    fn, reason = truth_function(ctx)
+    if fn is None:
+        return {"measured": False, "reason": reason}
+    pool, target = ctx.items()
+    try:
+        true_ff, true_ft = fid.teacher_kernels(fn, pool, target)
+    except DataError as exc:
+        return {"measured": False, "reason": f"the truth table does not cover this run: {exc}"}
+    est = pq.read_table(ctx.path("select", "selection.parquet")).column("index").to_numpy()
+    budget = len(est)
+    cos_ff, cos_ft = fid.cosine_kernels(pool.embeddings, target.embeddings)
+    zero = fid.select(cos_ff, cos_ft, budget, sc.objective, sc.eta, sc.nu)
+    out = fid.selection_fidelity(
+        true_ff,
+        true_ft,
+        {"nncift": est, "zero_label": zero},
+        budget,
+        sc.objective,
+        sc.eta,
+        sc.nu,
+        fd.random_subsets,
+        ctx.cfg.seed,
+    )
+    out["measured"] = True
+    out["truth"] = fd.truth_table or ctx.cfg.label.function
+    out["zero_label"] = out["subsets"].pop("zero_label")
+    out.update(out["subsets"].pop("nncift"))
+    del out["subsets"]
+    return out
+
+
+class ReportStage(Stage):
+    name = "report"
+    sections = ("fidelity",)
+    after = ("select",)
+    reads = ("*/_DONE.json", "fit/metrics.json", "fit/eval_predictions.parquet", "select/selection.parquet")
+    writes = ("report/fidelity.json", "report/report.json", "report/report.md", "report/*.png")
+
+    def run(self, ctx: Context, **params: Any) -> dict[str, Any]:
+        from nncift.report import clean_json, write_report
+
+        fid = fidelity(ctx)
+        write_json(ctx.path("report", "fidelity.json"), clean_json(fid))
+        if fid.get("measured"):
+            z = fid["zero_label"]["gap_closed"]
+            log.info(
+                "fidelity: gap closed %.3f (zero-label baseline %.3f), Jaccard with the teacher's subset %.3f",
+                fid["gap_closed"] if fid["gap_closed"] is not None else float("nan"),
+                z if z is not None else float("nan"),
+                fid["jaccard"],
+            )
+        else:
+            log.info("fidelity: not measured (%s)", fid["reason"])
+        return write_report(ctx.store, ctx.cfg)

@@ -1,0 +1,132 @@
+"""Stages as objects, one runner, teachers as plugins (with their own config section), and the pointwise path."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from nncift.config import _f, load_config
+from nncift.errors import ConfigError
+from nncift.influence import Items, PointwiseInfluenceFunction, register, teachers
+from nncift.runner import Runner
+from nncift.stages import PIPELINE, STAGES
+
+LOCAL = ["ray.executor=local"]
+
+
+@dataclass
+class ProbeConfig:
+    """``probe.*``: a test teacher's own section."""
+
+    axis: int = _f(0, "embedding coordinate the score reads")
+    scale: float = _f(2.0, "multiplier")
+
+    def validate(self) -> None:
+        if self.scale <= 0:
+            raise ConfigError("config field 'probe.scale': must be positive")
+
+
+@register
+class ProbeScore(PointwiseInfluenceFunction):
+    """A pointwise teacher defined entirely in this module: s(item) = scale * e[axis] + 0.5 * e[axis + 1]."""
+
+    name = "probe"
+    config = ProbeConfig
+    calls = 0
+
+    def __init__(self, axis: int = 0, scale: float = 2.0):
+        self.axis, self.scale = axis, scale
+
+    @classmethod
+    def resolve(cls, section: ProbeConfig, device: str) -> dict:
+        return {"axis": section.axis, "scale": section.scale}
+
+    def score(self, items: Items) -> np.ndarray:
+        e = items.embeddings
+        return (self.scale * e[:, self.axis] + 0.5 * e[:, self.axis + 1]).astype(np.float32)
+
+
+def test_a_plugin_teacher_brings_its_own_config_section(tmp_path):
+    assert "probe" in teachers()
+    cfg = load_config(None, ["label.function=probe", "probe.scale=3"])
+    assert cfg.probe.scale == 3.0 and cfg.to_dict()["probe"] == {"axis": 0, "scale": 3.0}
+    with pytest.raises(ConfigError, match=r"'probe\.scale': must be positive"):
+        load_config(None, ["probe.scale=-1"])
+    with pytest.raises(ConfigError, match=r"unknown config field 'probe\.scael'"):
+        load_config(None, ["probe.scael=1"])
+    # the label stage (and everything after it) depends on the teacher's section, not on other teachers'
+    runner = Runner(cfg, tmp_path / "r")
+    assert runner.sections("label")[-2:] == ("label", "probe")
+    assert "probe" in runner.sections("select") and "delift_icl" not in runner.sections("select")
+    other = Runner(load_config(None, ["label.function=probe", "probe.scale=4"]), tmp_path / "r")
+    assert runner.identity("label")[0] != other.identity("label")[0]
+    assert runner.identity("embed")[0] == other.identity("embed")[0]
+    same = Runner(load_config(None, ["label.function=probe", "probe.scale=3", "delift_icl.mode=batched"]), tmp_path)
+    assert runner.identity("label")[0] == same.identity("label")[0]
+
+
+def test_stages_declare_themselves_and_the_pipeline_order_is_one_list():
+    assert [s.name for s in PIPELINE] == ["data", "embed", "label", "fit", "estimate", "select", "report"]
+    for st in STAGES.values():
+        assert st.name and st.writes
+        assert "Writes" in __import__(type(st).__module__, fromlist=["_"]).__doc__  # the module documents its I/O
+        assert all(up in STAGES for up in st.after)
+        assert type(st).run is not type(st).__mro__[-2].run  # every stage implements run
+    # each pipeline stage comes after the previous one
+    for prev, st in itertools.pairwise(PIPELINE):
+        assert prev.name in st.after
+
+
+def test_pointwise_teacher_end_to_end(tmp_path, corpus, tiny_overrides):
+    """Labels items, fits the pointwise network, estimates a score per item, selects the top-k."""
+    over = [f"data.input={corpus}", *tiny_overrides, *LOCAL, "label.function=probe", "label.fraction=0.5",
+            "label.eval_pairs=30", "fit.epochs=80", "fit.patience=10", "fit.lr=3e-3", "select.fraction=0.2"]  # fmt: skip
+    runner = Runner(load_config(None, over), tmp_path / "run")
+    runner.run("report")
+    run = tmp_path / "run"
+    labels = pq.read_table(run / "label" / "labels.parquet")
+    assert set(labels.column("kernel").to_pylist()) == {"item"}
+    assert set(labels.column("quadrant").to_pylist()) == {"q1", "q2"}
+    pool, _ = runner.ctx.items()
+    truth = ProbeScore(0, 2.0).score(pool)
+    q = labels.column("quadrant").to_numpy(zero_copy_only=False)
+    rows, vals = labels.column("row").to_numpy(), labels.column("value").to_numpy()
+    np.testing.assert_allclose(vals, truth[rows], rtol=1e-5, atol=1e-6)  # the teacher's own values
+    assert len(set(rows[q == "q1"]) & set(rows[q == "q2"])) == 0  # held-out items never train
+    scores = pq.read_table(run / "estimate" / "scores.parquet").column("score").to_numpy()
+    assert scores.shape == (len(pool),)
+    from scipy.stats import spearmanr
+
+    held = np.setdiff1d(np.arange(len(pool)), rows[q == "q1"])
+    assert spearmanr(scores[held], truth[held]).statistic > 0.6  # it generalises to unlabeled items
+    sel = pq.read_table(run / "select" / "selection.parquet")
+    idx = sel.column("index").to_numpy()
+    assert len(idx) == int(0.2 * len(pool)) and json.loads(sel.schema.metadata[b"objective"]) == "topk"
+    np.testing.assert_array_equal(np.sort(idx), np.sort(np.argsort(-scores, kind="stable")[: len(idx)]))
+    true_top = set(np.argsort(-truth)[: len(idx)].tolist())
+    assert len(true_top & set(idx.tolist())) >= 0.5 * len(idx)  # picks what the teacher would
+    rep = json.loads((run / "report" / "report.json").read_text())
+    assert rep["label"]["kind"] == "pointwise" and "item" in rep["network"]
+    assert rep["fidelity"]["measured"] is False and "pointwise" in rep["fidelity"]["reason"]
+    assert (
+        "item scores" in (run / "report" / "report.md").read_text()
+        or "K_ITEM" in (run / "report" / "report.md").read_text()
+    )
+    assert runner.run("report") == dict.fromkeys((s.name for s in PIPELINE), "skipped")  # resumes: all skipped
+
+
+def test_runner_runs_upstream_stages_and_refuses_changed_ones(tmp_path, corpus, tiny_overrides):
+    from nncift.errors import ProvenanceError
+
+    over = [f"data.input={corpus}", *tiny_overrides, *LOCAL]
+    r = Runner(load_config(None, over), tmp_path / "run")
+    r.run_stage("embed")  # runs data first
+    assert r.store.is_done("data") and r.store.is_done("embed") and not r.store.is_done("label")
+    r2 = Runner(load_config(None, [*over, "embed.max_seq_length=64"]), tmp_path / "run")
+    with pytest.raises(ProvenanceError, match=r"embed\.max_seq_length: 128 -> 64"):
+        r2.run_stage("embed")
