@@ -125,10 +125,14 @@ class LabelWorker:
         bad = np.flatnonzero(~np.isfinite(vals))
         if len(bad):
             i = int(bad[0])
+            what = (
+                f"the item {self.ids['pool'][rr[i]]!r}"
+                if s["kernel"] == "item"
+                else f"the pair (row {self.ids['pool'][rr[i]]!r}, col {self.ids[col_side][cc[i]]!r})"
+            )
             raise TeacherError(
                 f"teacher {self.fn.name} returned {len(bad)} non-finite values in a {s['kernel']} block, first "
-                f"{vals[i]} for the pair (row {self.ids['pool'][rr[i]]!r}, col {self.ids[col_side][cc[i]]!r}); "
-                "nothing of this block was written"
+                f"{vals[i]} for {what}; nothing of this block was written"
             )
         return pa.table(
             {

@@ -52,6 +52,7 @@ class Runner:
         self.ctx = Context(cfg, self.store, self.executor, self)
         self._depth = 0
         self.skipped: set[str] = set()  # stage folders found finished in this runner's life
+        self._visited: set[str] = set()  # stage folders run or found finished in the current session
 
     # ------------------------------------------------------------------ provenance
     def sections(self, stage: str) -> tuple[str, ...]:
@@ -108,6 +109,8 @@ class Runner:
 
             def __exit__(self, typ, exc, tb):
                 runner._depth -= 1
+                if runner._depth == 0:
+                    runner._visited.clear()  # another process may change the run directory between sessions
                 self.lock.__exit__(typ, exc, tb)
                 if (
                     isinstance(exc, NnciftError)
@@ -132,7 +135,8 @@ class Runner:
                 return self.run_stage(stage, **params)
         st: Stage = STAGES[stage]
         for up in st.after:
-            self.run_stage(up)
+            if up not in self._visited:  # once per session: upstream stages are not re-checked per stage
+                self.run_stage(up)
         folder = st.folder(**params)
         label = folder.replace("/", " ")
         fp, prov = self.identity(stage, **params)
@@ -140,6 +144,9 @@ class Runner:
         if done is not None and done.get("fingerprint") == fp:
             log.info("stage %-8s already done, skipping", label)
             self.skipped.add(folder)
+            self._visited.add(folder)
+            if stage == "data":
+                write_text(self.store.root / "config.yaml", self.cfg.to_yaml())
             return st.skipped_result(self.ctx, **params)
         if done is not None and not self.overwrite:
             self.store.begin(folder, fp, prov)  # raises ProvenanceError naming the changed fields
@@ -153,6 +160,7 @@ class Runner:
         self.store.finish(folder, fp, prov, seconds=seconds, **info)
         if stage == "data":
             write_text(self.store.root / "config.yaml", self.cfg.to_yaml())
+        self._visited.add(folder)
         log.info("stage %-8s done in %.1f s", label, seconds)
         return {**info, "seconds": seconds}
 

@@ -24,6 +24,7 @@ BUILTIN = (
     "nncift.influence.delift_se",
     "nncift.influence.delift_icl",
     "nncift.influence.table",
+    "nncift.influence.selectit",
 )
 _loaded = False
 

@@ -50,4 +50,4 @@ def test_registry(tiny_lm):
         with pytest.raises(MissingDependencyError, match=r"\[vllm\]"):
             build_influence_function("delift_icl", model=tiny_lm, backend="vllm")
     with pytest.raises(ValueError, match="unknown influence function"):
-        build_influence_function("less")
+        build_influence_function("not_a_teacher")
