@@ -20,6 +20,11 @@ partitioned ZeRO optimizer state of every stage; with LoRA only the trainable we
 completed by a ``trainer_state.json`` written after every rank has saved. A restarted run resumes from the
 newest completed checkpoint. The final model is exported as safetensors (a peft adapter for LoRA, the full
 model otherwise), and the loss of every step is appended to ``progress.jsonl``.
+
+Optimizer-state export (opt-in, for gradient-based teachers such as LESS): with ``ft["export_states_at"]`` a
+list of global steps, the state after each of those steps is written to ``<out>/states/step_NNNNNNN.safetensors``
+(:func:`state_path`, read back with :func:`read_state`): the trainable weights and their AdamW moments
+``exp_avg`` / ``exp_avg_sq`` in fp32, plus the rate that step used and the optimizer's betas, eps and step count.
 """
 
 from __future__ import annotations
@@ -185,7 +190,9 @@ def sft_train(
     """Fine-tune on ``rows`` as rank ``rank`` of ``world`` (torch.distributed must be initialised).
 
     Args:
-        ft: the ``finetune`` config as a dict, with ``model`` resolved to a local directory.
+        ft: the ``finetune`` config as a dict, with ``model`` resolved to a local directory; optional
+            ``export_states_at``: global steps after which the trainable weights and AdamW moments are
+            written (:func:`export_state`, :func:`state_path`).
         rows: ``prompt`` and ``response`` lists (the training subset).
         out_dir: run folder of this fine-tune (shared by all ranks).
         stop_after: stop right after the checkpoint of this global step (simulates an interruption).
@@ -210,6 +217,7 @@ def sft_train(
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in trainable)  # before ZeRO-3 partitions them
     factor = lr_schedule(total, ft["warmup_ratio"])
+    export_at = _export_steps(ft.get("export_states_at"), total)
 
     def scheduler(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -270,6 +278,8 @@ def sft_train(
                 fh.write(json.dumps(rec) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{loss_val:.4f}")
+        if step + 1 in export_at:  # before the checkpoint: a resumed run never lacks an export it skipped
+            export_state(engine, state_path(out, step + 1), rank, step=step + 1, epoch=step // per_epoch, lr=lr)
         last = step + 1 == total
         if last or (step + 1) % ft["save_every"] == 0 or step + 1 == stop_after:
             tag = f"step_{step + 1:07d}"
@@ -303,6 +313,101 @@ def sft_train(
     if rank == 0:
         write_json(out / "train_summary.json", summary)
     return summary
+
+
+STATE_FORMAT = "nncift-adamw-state-v1"
+
+
+def state_path(out_dir: str | Path, step: int) -> Path:
+    """Where :func:`sft_train` writes the optimizer state exported after global step ``step``."""
+    return Path(out_dir) / "states" / f"step_{int(step):07d}.safetensors"
+
+
+def _export_steps(steps: Any, total: int) -> set[int]:
+    """``ft["export_states_at"]`` as a set of global steps in ``[1, total]`` (None: no export)."""
+    if steps is None:
+        return set()
+    out = set()
+    for s in steps:
+        if isinstance(s, bool) or int(s) != s or not 1 <= int(s) <= total:
+            raise ValueError(f"export_states_at: {s!r} is not a global step in [1, {total}]")
+        out.add(int(s))
+    return out
+
+
+def export_state(engine, dest: Path, rank: int, *, step: int, epoch: int, lr: float) -> None:
+    """Write the trainable weights and their AdamW moments, in fp32, from rank 0 (atomically).
+
+    Tensors (one of each per trainable parameter ``name`` of ``engine.module.named_parameters()``):
+    ``param/<name>``, ``exp_avg/<name>``, ``exp_avg_sq/<name>``. Metadata (strings): ``format``, ``step``
+    (global step), ``epoch`` (0-based epoch of that step), ``lr`` (the rate that step used), ``betas``,
+    ``eps``, ``weight_decay`` (JSON), ``adam_step`` (the optimizer's own step count).
+
+    Works with a plain torch optimizer (ZeRO stage 0 in fp32) and with the ZeRO 1-3 / bf16 optimizers whose
+    parameters are linked to their fp32 partitions (``deepspeed.utils.safe_get_full_*``, a collective: every
+    rank calls this function). Anything else (the stage-0 fp16/bf16 wrapper) raises ``ValueError``.
+    """
+    import torch
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    opt = engine.optimizer
+    inner = getattr(opt, "optimizer", opt)
+    tensors: dict[str, np.ndarray] = {}
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):  # ZeRO partitions / bf16 master weights
+            value = safe_get_full_fp32_param(p)
+            m, v = safe_get_full_optimizer_state(p, "exp_avg"), safe_get_full_optimizer_state(p, "exp_avg_sq")
+        elif p in getattr(inner, "state", {}):
+            st = inner.state[p]
+            value, m, v = p.detach(), st["exp_avg"], st["exp_avg_sq"]
+        else:
+            raise ValueError(
+                f"export_states_at: no AdamW state found for {name} under {type(opt).__name__} (use fp32 with "
+                "ZeRO stage 0, or ZeRO stages 1-3)"
+            )
+        if rank == 0:
+            for key, t in (("param", value), ("exp_avg", m), ("exp_avg_sq", v)):
+                tensors[f"{key}/{name}"] = t.detach().to("cpu", torch.float32).numpy()
+    if rank != 0:
+        return
+    group = opt.param_groups[0]
+    steps = [st["step"] for st in getattr(inner, "state", {}).values() if isinstance(st, dict) and "step" in st]
+    adam_step = int(steps[0]) if steps else int(step)
+    meta = {
+        "format": STATE_FORMAT,
+        "step": str(int(step)),
+        "epoch": str(int(epoch)),
+        "lr": repr(float(lr)),
+        "betas": json.dumps([float(b) for b in group["betas"]]),
+        "eps": repr(float(group["eps"])),
+        "weight_decay": repr(float(group.get("weight_decay", 0.0))),
+        "adam_step": str(adam_step),
+    }
+    from nncift.store import write_safetensors
+
+    write_safetensors(dest, tensors, metadata=meta)
+
+
+def read_state(path: str | Path) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
+    """An exported optimizer state: ``({"param"|"exp_avg"|"exp_avg_sq": {name: fp32 array}}, meta)`` with
+    ``meta`` parsed (``step``, ``epoch``, ``adam_step`` ints; ``lr``, ``eps``, ``weight_decay`` floats;
+    ``betas`` a pair of floats)."""
+    from safetensors import safe_open
+
+    groups: dict[str, dict[str, np.ndarray]] = {"param": {}, "exp_avg": {}, "exp_avg_sq": {}}
+    with safe_open(str(path), framework="numpy") as fh:
+        raw = fh.metadata() or {}
+        if raw.get("format") != STATE_FORMAT:
+            raise ValueError(f"{path}: not an exported optimizer state (format {raw.get('format')!r})")
+        for key in fh.keys():  # noqa: SIM118 - safe_open handles have keys(), not __iter__
+            kind, _, name = key.partition("/")
+            groups[kind][name] = fh.get_tensor(key)
+    meta: dict[str, Any] = {k: int(raw[k]) for k in ("step", "epoch", "adam_step")}
+    meta.update({k: float(raw[k]) for k in ("lr", "eps", "weight_decay")})
+    meta["betas"] = tuple(json.loads(raw["betas"]))
+    return groups, meta
 
 
 def _export(engine, tok, dest: Path, lora: bool, rank: int, ft: dict) -> None:

@@ -25,6 +25,7 @@ BUILTIN = (
     "nncift.influence.delift_icl",
     "nncift.influence.table",
     "nncift.influence.selectit",
+    "nncift.influence.less",
 )
 _loaded = False
 

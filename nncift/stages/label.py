@@ -253,7 +253,7 @@ def export_table(ctx: Context, out: str | Path) -> dict:
         "pairs": table.num_rows,
         "function": lab["function"],
         "label_config": lab,
-        "teacher_config": recorded.get(lab["function"], {}),
+        "teacher_config": _teacher_provenance(recorded, lab),
         "data_config": data,
         "data_overrides": {
             "seed": recorded["root"]["seed"],
@@ -276,3 +276,17 @@ def export_table(ctx: Context, out: str | Path) -> dict:
     write_parquet(out, table, metadata={"nncift_table": prov})
     write_json(out.with_suffix(".json"), prov)
     return prov
+
+
+def _teacher_provenance(recorded: dict, lab: dict) -> dict:
+    """The teacher's settings a finished label stage recorded: its own section, or (runs from before teacher
+    sections) the fields of that section that the label section then held."""
+    import dataclasses
+
+    from nncift.influence import teacher_class
+
+    if lab["function"] in recorded:
+        return recorded[lab["function"]]
+    cls = teacher_class(lab["function"])
+    names = {f.name for f in dataclasses.fields(cls.config)} if cls.config is not None else set()
+    return {k: v for k, v in lab.items() if k in names}
