@@ -104,7 +104,7 @@ def variant_config(cfg, name: str):
     kind, design, diagonal, prior = VARIANTS[name]
     return dataclasses.replace(
         cfg,
-        network=dataclasses.replace(cfg.fit, kind=kind, cosine_prior=prior),
+        fit=dataclasses.replace(cfg.fit, kind=kind, cosine_prior=prior),
         label=dataclasses.replace(cfg.label, design=design, diagonal=diagonal),
     )
 
