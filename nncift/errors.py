@@ -45,3 +45,22 @@ def raise_worker_errors(results: list[dict]) -> None:
             name, _, msg = err.partition("\t")
             cls = {c.__name__: c for c in (ConfigError, DataError, TeacherError, NnciftError)}.get(name, NnciftError)
             raise cls(msg)
+
+
+def run_worker_batch(batch: dict, run_block, count: str) -> dict:
+    """The body of a block worker's ``__call__``: ``run_block(spec)`` on each block of a Ray-Data-style batch
+    (a dict of equal-length arrays, one row per block spec), collecting its returned count under ``count``.
+    A user-fixable error (:class:`NnciftError`) is returned in ``error`` instead of raised, so the driver
+    reports it as one line whatever executor ran the worker (:func:`raise_worker_errors`)."""
+    import numpy as np
+
+    n, errors = [], []
+    for i in range(len(batch["block_id"])):
+        try:
+            n.append(run_block({k: int(v[i]) for k, v in batch.items()}))
+            errors.append("")
+        except NnciftError as exc:
+            n.append(0)
+            errors.append(encode_worker_error(exc))
+    return {"block_id": np.asarray(batch["block_id"]), count: np.asarray(n, dtype=np.int64),
+            "error": np.asarray(errors, dtype=object)}  # fmt: skip

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nncift.errors import NnciftError, TeacherError, encode_worker_error
+from nncift.errors import TeacherError, run_worker_batch
 from nncift.influence import Items, build_influence_function
 from nncift.pairs import LabelPlan, ranges
 from nncift.store import write_parquet
@@ -174,16 +174,7 @@ class LabelWorker:
         """Label each block of the batch; a user-fixable error (a bad table, a non-finite teacher value) is
         returned in ``error`` rather than raised, so the driver reports it as one line
         (:func:`nncift.errors.raise_worker_errors`)."""
-        n, errors = [], []
-        for i in range(len(batch["block_id"])):
-            try:
-                n.append(self.run_block({k: int(v[i]) for k, v in batch.items()}))
-                errors.append("")
-            except NnciftError as exc:
-                n.append(0)
-                errors.append(encode_worker_error(exc))
-        return {"block_id": np.asarray(batch["block_id"]), "pairs": np.asarray(n, dtype=np.int64),
-                "error": np.asarray(errors, dtype=object)}  # fmt: skip
+        return run_worker_batch(batch, self.run_block, "pairs")
 
 
 def gather_labels(block_dir: Path, n_blocks: int) -> pa.Table:

@@ -85,14 +85,9 @@ from typing import Any
 import numpy as np
 
 from nncift.config import _f
-from nncift.errors import ConfigError, DataError, encode_worker_error
+from nncift.errors import ConfigError, DataError, run_worker_batch
 from nncift.influence import register
 from nncift.influence.base import InfluenceFunction, Items
-
-try:  # the base class of user-fixable errors (renamed from NncifError)
-    from nncift.errors import NnciftError as _UserError
-except ImportError:  # pragma: no cover - older name
-    from nncift.errors import NncifError as _UserError  # type: ignore[attr-defined,no-redef]
 
 log = logging.getLogger(__name__)
 
@@ -449,16 +444,7 @@ class LessFeatureWorker:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Compute each block of the batch; a user-fixable error is returned in ``error`` (see
         :func:`nncift.errors.raise_worker_errors`)."""
-        n, errors = [], []
-        for i in range(len(batch["block_id"])):
-            try:
-                n.append(self.run_block({k: int(v[i]) for k, v in batch.items()}))
-                errors.append("")
-            except _UserError as exc:
-                n.append(0)
-                errors.append(encode_worker_error(exc))
-        return {"block_id": np.asarray(batch["block_id"]), "items": np.asarray(n, dtype=np.int64),
-                "error": np.asarray(errors, dtype=object)}  # fmt: skip
+        return run_worker_batch(batch, self.run_block, "items")
 
 
 def feature_path(out_dir: str | Path, side: str, block: int) -> Path:
