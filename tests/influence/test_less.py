@@ -301,3 +301,31 @@ def test_smollm2_end_to_end_on_8_items(tmp_path):
     assert np.abs(u).max() <= 1 + 1e-5 and np.ptp(u) > 1e-3
     want = _by_hand(kw["model"], {**kw, "seed": 0}, tmp_path / "teacher", pool.take([0, 5]), target.take([1]))
     np.testing.assert_allclose(fn.utility(pool.take([0, 5]), target.take([1])), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_feature_fan_out_on_ray_equals_local(prepared, ray_session, tmp_path):
+    """The gradient-feature blocks computed by Ray Data actors equal the local executor's (same warm-up)."""
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    from nncift.config import RayConfig
+    from nncift.distributed import RayExecutor
+
+    work = tmp_path / "teacher"
+    shutil.copytree(prepared["work"], work)
+    shutil.rmtree(work / "features")  # the warm-up is reused; every feature block is recomputed on Ray
+    out = Less.prepare(prepared["kw"], executor=RayExecutor(RayConfig()), **{**prepared["args"], "work_dir": work})
+    local = sorted((prepared["work"] / "features").glob("*.safetensors"))
+    assert len(local) == 4
+    for path in local:
+        a, b = load_file(path), load_file(work / "features" / path.name)
+        assert a.keys() == b.keys()
+        for k in a:  # other thread counts may round differently: values, not bits
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-4, atol=1e-6)
+    fn = Less.build(**out)
+    pool, target = prepared["pool"], prepared["target"]
+    ex, tg = pool.take(np.arange(0, 6, 2)), target.take(np.arange(3))
+    np.testing.assert_allclose(fn.utility(ex, tg), prepared["fn"].utility(ex, tg), rtol=1e-4, atol=1e-6)
