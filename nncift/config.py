@@ -81,6 +81,11 @@ class LabelConfig:
     partners: int = _f(20, "design=spread: each labeled example is paired with this many labeled targets")
     diagonal: bool = _f(True, "label the exact K_FF self-utilities U(i -> i) of every pool item (M teacher calls)")
     eval_pairs: int = _f(4000, "pairs sampled per quadrant Q2-Q4 and kernel for the fidelity report")
+    max_pairs: int | None = _f(
+        None,
+        "cap on all teacher pairs (items, pointwise) of the plan; training labels share what Q2-Q4 and "
+        "the diagonal leave; None = no cap",
+    )
     block_size: int = _f(128, "largest side of a label block (rows and columns)")
     block_seconds: float = _f(120.0, "target teacher seconds per label block: blocks are sized by cost")
     pairs_per_second: float | None = _f(
@@ -308,6 +313,12 @@ class RunConfig:
         need(lb.block_seconds > 0, "label.block_seconds", "must be positive")
         need(lb.pairs_per_second is None or lb.pairs_per_second > 0, "label.pairs_per_second", "must be positive")
         need(lb.eval_pairs >= 0, "label.eval_pairs", "must be >= 0")
+        need(lb.max_pairs is None or lb.max_pairs > 0, "label.max_pairs", "must be positive or null")
+        need(
+            lb.max_pairs is None or lb.design != "active",
+            "label.max_pairs",
+            "is not supported with label.design=active yet (its second round is planned after the first fit)",
+        )
         need(n.hidden > 0, "fit.hidden", "must be positive")
         need(n.epochs > 0, "fit.epochs", "must be positive")
         need(n.lr > 0, "fit.lr", "must be positive")

@@ -177,6 +177,49 @@ def plan_items(m: int, fraction: float, min_count: int, eval_items: int, seed: i
     return plan
 
 
+def cap_plan(plan: LabelPlan, max_pairs: int | None, seed: int) -> LabelPlan:
+    """Cap the teacher work of ``plan`` at ``max_pairs`` pairs (items, for a pointwise plan) in all.
+
+    The evaluation sets (Q2-Q4) and the K_FF diagonal are kept whole; the training (Q1) labels share what is
+    left: a pointwise or dense Q1 set keeps a seeded subset of its rows, and the rectangles of the spread /
+    active designs are kept whole, in a seeded order, while they fit (both kernels alternately, so neither
+    is starved). Items whose training labels are dropped stay out of the held-out quadrants (they were
+    drawn as labeled), so Q2-Q4 stay honest.
+
+    Raises:
+        ValueError: the evaluation sets and the diagonal alone exceed ``max_pairs`` (the message gives the
+            minimum).
+    """
+    if max_pairs is None or sum(s.num_pairs for s in plan.sets) <= max_pairs:
+        return plan
+    fixed = [s for s in plan.sets if s.quadrant != "q1"]
+    q1 = [s for s in plan.sets if s.quadrant == "q1"]
+    left = max_pairs - sum(s.num_pairs for s in fixed)
+    if left <= 0:
+        raise ValueError(
+            f"label.max_pairs={max_pairs:,} leaves no training pairs: the evaluation sets and the diagonal "
+            f"alone need {max_pairs - left:,} (lower label.eval_pairs, or set label.diagonal=false)"
+        )
+    rng = np.random.default_rng([seed, 9])
+    kept: list[LabelSet] = []
+    if len({s.kernel for s in q1}) == len(q1):
+        # one set per kernel (block design, pointwise): each keeps a seeded subset of its rows
+        share = left // len(q1)
+        for s in q1:
+            per_row = 1 if s.paired else max(1, len(s.cols))
+            keep = np.sort(rng.permutation(len(s.rows))[: max(0, share // per_row)])
+            kept.append(LabelSet(s.kernel, s.quadrant, s.rows[keep], s.cols[keep] if s.paired else s.cols, s.paired))
+    else:  # many rectangles: whole ones in a seeded order, the kernels interleaved
+        by_kernel = {k: [q1[i] for i in rng.permutation(len(q1)) if q1[i].kernel == k] for k in ("ff", "ft", "item")}
+        order = [s for group in zip(*[v for v in by_kernel.values() if v], strict=False) for s in group]
+        order += [s for v in by_kernel.values() for s in v[min(len(x) for x in by_kernel.values() if x) :]]
+        for s in order:
+            if s.num_pairs <= left:
+                kept.append(s)
+                left -= s.num_pairs
+    return LabelPlan(plan.pool_labeled, plan.target_labeled, kept + fixed, plan.design)
+
+
 def spread_sets(
     kernel: str, pool_l: np.ndarray, col_l: np.ndarray, partners: int, rng: np.random.Generator
 ) -> list[LabelSet]:

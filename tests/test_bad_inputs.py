@@ -72,6 +72,10 @@ CATALOGUE = [
      "data", r"c.jsonl: not a readable Parquet file"),
     # ------------------------------------------------------------------ configuration
     ("unknown-key", {}, ["--set", "fit.widht=3"], "data", r"unknown config field 'fit.widht'"),
+    ("max-pairs-too-small", {}, ["--set", "label.max_pairs=10"], "label",
+     r"config field 'label\.max_pairs': label\.max_pairs=10 leaves no training pairs"),
+    ("max-pairs-active", {}, ["--set", "label.max_pairs=1000", "--set", "label.design=active"], "data",
+     r"'label\.max_pairs': is not supported with label\.design=active"),
     ("moved-key", {}, ["--set", "label.model=x"], "data", r"config field 'label.model' is now 'delift_icl.model'"),
     ("teacher-section-value", {}, ["--set", "delift_icl.mode=fast"], "data", r"config field 'delift_icl.mode': got 'fast'"),
     ("mistyped-value", {}, ["--set", "fit.rank=big"], "data", r"config field 'fit.rank' expects int"),

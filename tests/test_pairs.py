@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from nncift.pairs import block_grid, plan_labels, sample_fraction
 
@@ -118,3 +119,31 @@ def test_label_blocks_cover_every_planned_pair_exactly_once():
     packed = [s for s in specs if s["set_end"] > s["set_id"] + 1]
     assert packed and all(sum(plan.sets[i].num_pairs for i in range(s["set_id"], s["set_end"])) <= 144 for s in packed)
     assert len({plan.sets[i].kernel for s in packed for i in range(s["set_id"], s["set_end"])}) == 2
+
+
+@pytest.mark.parametrize("design", ["spread", "block"])
+def test_label_budget_caps_every_teacher_pair_and_keeps_the_evaluation_sets(design):
+    from nncift.pairs import cap_plan
+
+    plan = plan_labels(300, 80, 0.5, 20, 400, seed=3, design=design, partners=10, diagonal=True)
+    fixed = sum(s.num_pairs for s in plan.sets if s.quadrant != "q1")
+    budget = fixed + plan.train_pairs // 3
+    capped = cap_plan(plan, budget, seed=3)
+    total = sum(s.num_pairs for s in capped.sets)
+    assert total <= budget and capped.train_pairs >= 0.8 * plan.train_pairs // 3  # the budget is used
+    assert {s.kernel for s in capped.sets if s.quadrant == "q1"} == {"ff", "ft"}  # neither kernel starved
+    kept = [(s.kernel, s.quadrant, tuple(s.rows), tuple(s.cols)) for s in capped.sets if s.quadrant != "q1"]
+    assert kept == [(s.kernel, s.quadrant, tuple(s.rows), tuple(s.cols)) for s in plan.sets if s.quadrant != "q1"]
+    labeled = set(plan.pool_labeled.tolist())  # training rows stay among the labeled items (Q2-Q4 honest)
+    assert all(set(s.rows.tolist()) <= labeled for s in capped.sets if s.quadrant == "q1")
+    assert cap_plan(plan, None, 3) is plan and cap_plan(plan, 10**9, 3) is plan
+    with pytest.raises(ValueError, match="leaves no training pairs"):
+        cap_plan(plan, fixed, seed=3)
+
+
+def test_label_budget_of_a_pointwise_plan():
+    from nncift.pairs import cap_plan, plan_items
+
+    plan = plan_items(500, 0.5, 10, 40, seed=0)
+    capped = cap_plan(plan, 100, seed=0)
+    assert sum(s.num_pairs for s in capped.sets) == 100 and capped.train_pairs == 60

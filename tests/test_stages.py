@@ -130,3 +130,15 @@ def test_runner_runs_upstream_stages_and_refuses_changed_ones(tmp_path, corpus, 
     r2 = Runner(load_config(None, [*over, "embed.max_seq_length=64"]), tmp_path / "run")
     with pytest.raises(ProvenanceError, match=r"embed\.max_seq_length: 128 -> 64"):
         r2.run_stage("embed")
+
+
+def test_label_budget_is_respected_by_the_label_stage(tmp_path, corpus, tiny_overrides):
+    over = [f"data.input={corpus}", *tiny_overrides, *LOCAL, "label.max_pairs=2450"]
+    runner = Runner(load_config(None, over), tmp_path / "run")
+    runner.run_stage("label")
+    labels = pq.read_table(tmp_path / "run" / "label" / "labels.parquet")
+    done = runner.store.done_info("label")
+    assert labels.num_rows <= 2450 and done["max_pairs"] == 2450 and done["train_pairs"] > 0
+    unbudgeted = Runner(load_config(None, over[:-1]), tmp_path / "free")
+    unbudgeted.run_stage("label")
+    assert unbudgeted.store.done_info("label")["pairs_labeled"] > 2450  # the cap did bind

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute
 import pyarrow.parquet as pq
 
-from nncift.errors import NnciftError
+from nncift.errors import ConfigError, NnciftError
 from nncift.stages.base import Context, Stage
 from nncift.store import done_blocks, write_json, write_parquet
 
@@ -46,7 +46,7 @@ class LabelStage(Stage):
 
     def run(self, ctx: Context, **params: Any) -> dict[str, Any]:
         from nncift.label import gather_labels, plan_blocks
-        from nncift.pairs import plan_items, plan_labels
+        from nncift.pairs import cap_plan, plan_items, plan_labels
 
         c = ctx.cfg.label
         m, n = ctx.size()
@@ -65,6 +65,10 @@ class LabelStage(Stage):
                 partners=c.partners,
                 diagonal=c.diagonal,
             )
+        try:
+            plan = cap_plan(plan, c.max_pairs, ctx.cfg.seed)
+        except ValueError as exc:
+            raise ConfigError(f"config field 'label.max_pairs': {exc}") from None
         write_json(
             ctx.path("label", "plan.json"),
             {
@@ -112,6 +116,7 @@ class LabelStage(Stage):
             "eval_pairs": plan.eval_pairs,
             "diag_pairs": plan.diag_pairs,
             "total_pairs": m if pointwise else m * m + m * n,
+            "max_pairs": c.max_pairs,
             "labeled_pool": len(plan.pool_labeled),
             "labeled_target": len(plan.target_labeled),
         }
