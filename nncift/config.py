@@ -40,6 +40,10 @@ class DataConfig:
     format: str = _f("auto", "auto | jsonl | json | parquet | hf | sharegpt")
     split: str = _f("train", "split to read from a saved HF DatasetDict")
     id_field: str | None = _f(None, "field holding a unique id; None = 'id' if present, else a content hash")
+    embedding_field: str | None = _f(
+        None,
+        "field holding a precomputed embedding (a list of floats), kept as column `embedding` (embed.source=column)",
+    )
     prompt_field: str | None = _f(None, "prompt field; None = auto (instruction+input | prompt | conversations)")
     input_field: str | None = _f(None, "optional field appended to the prompt (Alpaca 'input')")
     response_field: str | None = _f(None, "response field; None = auto (output | response | conversations)")
@@ -54,6 +58,7 @@ class DataConfig:
 class EmbedConfig:
     """Sentence embeddings shared by every influence function and the network."""
 
+    source: str = _f("model", "model (encode the texts) | column (the inputs' data.embedding_field, L2-normalised)")
     model: str = _f("all-MiniLM-L6-v2", "embedded model name or a local sentence-transformers directory")
     template: str = _f("{prompt}\n{response}", "text embedded for each row")
     batch_size: int = _f(64, "rows per encoder batch")
@@ -287,6 +292,12 @@ class RunConfig:
             need(v is None or v > 0, f"data.{k}", f"must be positive or null, got {v}")
         need(d.max_chars >= 0, "data.max_chars", "must be >= 0")
         need(self.embed.batch_size > 0, "embed.batch_size", "must be positive")
+        need(self.embed.source in {"model", "column"}, "embed.source", f"got {self.embed.source!r} (model | column)")
+        need(
+            self.embed.source != "column" or bool(d.embedding_field),
+            "embed.source",
+            "column needs data.embedding_field (the input field holding each row's embedding)",
+        )
         need(
             lb.function in self.teachers or lb.function in _plain_teachers(),
             "label.function",

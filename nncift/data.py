@@ -238,7 +238,8 @@ def canonicalize(records: list[Record], cfg: DataConfig, fmt: str, source: str) 
     """
     if not records:
         raise DataError(f"{source}: the file holds no records")
-    ids, prompts, responses, where = [], [], [], []
+    ids, prompts, responses, where, vectors = [], [], [], [], []
+    emb_field = cfg.embedding_field
     skipped = 0
     first = records[0].obj
     if not isinstance(first, dict):
@@ -283,6 +284,11 @@ def canonicalize(records: list[Record], cfg: DataConfig, fmt: str, source: str) 
             rid = str(obj[id_field])
         else:
             rid = _content_id(prompt, response)
+        if emb_field is not None:
+            vec = obj.get(emb_field)
+            if not isinstance(vec, list | tuple | np.ndarray) or len(vec) == 0:
+                raise DataError(f"{rec.where}: field '{emb_field}' (embedding) is missing or not a list of numbers")
+            vectors.append(vec)
         ids.append(rid)
         prompts.append(prompt)
         responses.append(response)
@@ -292,7 +298,33 @@ def canonicalize(records: list[Record], cfg: DataConfig, fmt: str, source: str) 
     if not ids:
         raise DataError(f"{source}: no usable records (all {len(records)} lacked a prompt/response)")
     table = pa.table({"id": ids, "prompt": prompts, "response": responses}, schema=SCHEMA)
+    if emb_field is not None:
+        table = table.append_column("embedding", embedding_column(vectors, where, emb_field))
     return _dedupe(table, where, given_ids=id_field is not None, source=source)
+
+
+def embedding_column(vectors: list, where: list[str], field: str) -> pa.Array:
+    """Precomputed embeddings as a fixed-size list<float32> column, checked: one dimension, numbers, finite.
+
+    Raises:
+        DataError: naming the record (file and line or record number) and the field.
+    """
+    dims = np.fromiter((len(v) for v in vectors), np.int64, len(vectors))
+    bad = np.flatnonzero(dims != dims[0])
+    if len(bad):
+        raise DataError(f"{where[bad[0]]}: field '{field}' has {dims[bad[0]]} dimensions, the first record {dims[0]}")
+    try:
+        arr = np.asarray(vectors, dtype=np.float32)
+    except (TypeError, ValueError):
+        row = next(i for i, v in enumerate(vectors) if not all(isinstance(x, int | float) for x in v))
+        raise DataError(f"{where[row]}: field '{field}' holds a value that is not a number") from None
+    nonfinite = np.flatnonzero(~np.isfinite(arr).all(axis=1))
+    if len(nonfinite):
+        raise DataError(f"{where[nonfinite[0]]}: field '{field}' holds a non-finite value (NaN, inf or null)")
+    if not (np.linalg.norm(arr, axis=1) > 0).all():
+        row = int(np.flatnonzero(np.linalg.norm(arr, axis=1) == 0)[0])
+        raise DataError(f"{where[row]}: field '{field}' is the zero vector (it has no direction)")
+    return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), int(dims[0]))
 
 
 def _dedupe(table: pa.Table, where: list[str], given_ids: bool, source: str) -> pa.Table:

@@ -189,3 +189,60 @@ def test_test_split_is_held_out_and_pool_size_comes_first(tmp_path):
     a = read_corpus(write_jsonl(tmp_path / "b.jsonl", make_rows(20, seed=1)), DataConfig())
     _, g4, x4 = split_data(t, a, None, DataConfig(pool_size=30, target_size=12, test_size=5), seed=0)
     assert x4.num_rows == 5 and not set(x4.column("id").to_pylist()) & set(g4.column("id").to_pylist())
+
+
+def _with_vectors(n: int, dim: int = 6, seed: int = 0) -> list[dict]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows = make_rows(n, seed=seed)
+    for r in rows:
+        r["vec"] = rng.normal(size=dim).round(4).tolist()
+    return rows
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_precomputed_embedding_column_is_kept(tmp_path, fmt):
+    import numpy as np
+
+    rows = _with_vectors(12)
+    if fmt == "jsonl":
+        path = write_jsonl(tmp_path / "c.jsonl", rows)
+    else:
+        path = tmp_path / "c.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    t = read_corpus(path, DataConfig(embedding_field="vec"))
+    assert t.column_names == ["id", "prompt", "response", "embedding"]
+    got = np.asarray(t.column("embedding").to_pylist(), np.float32)
+    want = np.asarray([r["vec"] for r in rows], np.float32)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda r: r.pop("vec"), r"c\.jsonl:4: field 'vec' \(embedding\) is missing"),
+        (lambda r: r.update(vec=[1.0, 2.0]), r"c\.jsonl:4: field 'vec' has 2 dimensions, the first record 6"),
+        (lambda r: r.update(vec=[1.0, "x", 0, 0, 0, 0]), r"c\.jsonl:4: field 'vec' holds a value that is not a number"),
+        (
+            lambda r: r.update(vec=[1.0, None, 0, 0, 0, 0]),
+            r"c\.jsonl:4: field 'vec' holds a non-finite value",
+        ),
+        (lambda r: r.update(vec=[0.0] * 6), r"c\.jsonl:4: field 'vec' is the zero vector"),
+    ],
+)
+def test_bad_embedding_fields_name_the_line(tmp_path, edit, message):
+    rows = _with_vectors(6)
+    edit(rows[3])
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    with pytest.raises(DataError, match=message):
+        read_corpus(path, DataConfig(embedding_field="vec"))
+
+
+def test_non_finite_embedding_is_refused(tmp_path):
+    rows = _with_vectors(6)
+    path = tmp_path / "c.jsonl"
+    text = "".join(json.dumps(r) + "\n" for r in rows).replace(str(rows[2]["vec"][1]), "NaN", 1)
+    path.write_text(text)
+    with pytest.raises(DataError, match=r"c\.jsonl:3: field 'vec' holds a non-finite value"):
+        read_corpus(path, DataConfig(embedding_field="vec"))

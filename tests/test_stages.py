@@ -142,3 +142,31 @@ def test_label_budget_is_respected_by_the_label_stage(tmp_path, corpus, tiny_ove
     unbudgeted = Runner(load_config(None, over[:-1]), tmp_path / "free")
     unbudgeted.run_stage("label")
     assert unbudgeted.store.done_info("label")["pairs_labeled"] > 2450  # the cap did bind
+
+
+def test_precomputed_embeddings_skip_the_encoder(tmp_path, tiny_overrides):
+    """embed.source=column: the inputs' vectors, normalised, go through every stage; no encoder is loaded."""
+    from tests.conftest import make_rows, write_jsonl
+
+    rng = np.random.default_rng(0)
+    rows = make_rows(150, seed=1)
+    centers = rng.normal(size=(4, 16))
+    for i, r in enumerate(rows):
+        r["emb"] = (centers[i % 4] + 0.3 * rng.normal(size=16)).tolist()
+    corpus = write_jsonl(tmp_path / "c.jsonl", rows)
+    over = [f"data.input={corpus}", *tiny_overrides, *LOCAL, "data.embedding_field=emb", "embed.source=column",
+            f"embed.model={tmp_path / 'no-such-encoder'}"]  # fmt: skip
+    runner = Runner(load_config(None, over), tmp_path / "run")
+    runner.run("report")
+    e_pool, e_target = runner.ctx.embeddings()
+    assert e_pool.shape[1] == 16 and e_target.shape[1] == 16
+    np.testing.assert_allclose(np.linalg.norm(e_pool, axis=1), 1.0, rtol=1e-5)
+    pool, _ = runner.ctx.tables()
+    by_id = {r["id"]: np.asarray(r["emb"], np.float32) for r in rows}
+    first = by_id[pool.column("id")[0].as_py()]
+    np.testing.assert_allclose(e_pool[0], first / np.linalg.norm(first), rtol=1e-5)
+    assert runner.store.done_info("embed")["source"] == "column"
+    rep = json.loads((tmp_path / "run" / "report" / "report.json").read_text())
+    assert rep["fidelity"]["measured"]  # DELIFT-SE: the teacher reads the same vectors
+    with pytest.raises(ConfigError, match=r"embed\.source.*needs data\.embedding_field"):
+        load_config(None, ["embed.source=column"])
