@@ -25,6 +25,7 @@ def build_report(store: RunDir) -> dict:
     rep = {
         "run_dir": str(store.root),
         "seconds": {s: round(done[s].get("seconds", 0.0), 3) for s in STAGES if s != "report" and done[s]},
+        "peak_rss_mib": {s: done[s]["peak_rss_mib"] for s in STAGES if done[s].get("peak_rss_mib") is not None},
         "data": {"M": done["data"].get("M"), "N": done["data"].get("N")},
         "label": {
             "function": lab.get("function"),
@@ -144,9 +145,9 @@ def _markdown(rep: dict, plots: list[str]) -> str:
         "",
         "## Cost",
         "",
-        "| stage | seconds |",
-        "|---|---|",
-        *[f"| {s} | {v:.1f} |" for s, v in rep["seconds"].items()],
+        "| stage | seconds | driver peak RSS (MiB, cumulative) |",
+        "|---|---|---|",
+        *[f"| {s} | {v:.1f} | {rep.get('peak_rss_mib', {}).get(s, '–')} |" for s, v in rep["seconds"].items()],
         "",
         f"Influence function `{rep['label']['function']}` labeled {rep['label']['pairs_labeled']:,} of "
         f"{rep['label']['total_pairs']:,} {'items' if rep['label'].get('kind') == 'pointwise' else 'pairs'} ({100 * rep['label']['fraction_of_pairs_labeled']:.3f}%) "

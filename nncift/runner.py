@@ -30,6 +30,15 @@ from nncift.store import RunDir, run_lock, write_text
 log = logging.getLogger(__name__)
 
 
+def peak_rss_mib() -> float:
+    """Peak resident memory of this (driver) process so far, in MiB (Ray workers are separate processes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -157,6 +166,7 @@ class Runner:
         t0 = time.perf_counter()
         info = st.run(self.ctx, **params) or {}
         seconds = time.perf_counter() - t0
+        info.setdefault("peak_rss_mib", peak_rss_mib())
         self.store.finish(folder, fp, prov, seconds=seconds, **info)
         if stage == "data":
             write_text(self.store.root / "config.yaml", self.cfg.to_yaml())

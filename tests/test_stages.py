@@ -112,6 +112,8 @@ def test_pointwise_teacher_end_to_end(tmp_path, corpus, tiny_overrides):
     assert len(true_top & set(idx.tolist())) >= 0.5 * len(idx)  # picks what the teacher would
     rep = json.loads((run / "report" / "report.json").read_text())
     assert rep["label"]["kind"] == "pointwise" and "item" in rep["network"]
+    rss = [rep["peak_rss_mib"][s] for s in ("data", "embed", "label", "fit", "estimate", "select")]
+    assert rss[0] > 10 and rss == sorted(rss)  # the driver's peak so far, per stage (MiB)
     assert rep["fidelity"]["measured"] is False and "pointwise" in rep["fidelity"]["reason"]
     assert (
         "item scores" in (run / "report" / "report.md").read_text()
