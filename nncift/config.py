@@ -299,7 +299,7 @@ class RunConfig:
             "column needs data.embedding_field (the input field holding each row's embedding)",
         )
         need(
-            lb.function in self.teachers or lb.function in _plain_teachers(),
+            lb.function in _plain_teachers(),
             "label.function",
             f"unknown function {lb.function!r} (known: {', '.join(sorted(_plain_teachers()))})",
         )

@@ -12,11 +12,13 @@ completion marker with that fingerprint exists, refuses a changed configuration 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,13 +83,11 @@ class Runner:
 
     def identity(self, stage: str, **params: Any) -> tuple[str, dict]:
         """(fingerprint, provenance) of ``stage`` for ``params``."""
-        st = STAGES[stage]
         prov = self.cfg.provenance(*self.sections(stage))
-        extra = st.identity(self.ctx, **params)
+        extra = STAGES[stage].identity(self.ctx, **params)
         if extra:
             prov["stage"] = extra
-            return _hash(prov), prov
-        return self.cfg.fingerprint(*self.sections(stage)), prov
+        return _hash(prov), prov  # equals cfg.fingerprint(*sections) when there is no extra identity
 
     # ------------------------------------------------------------------ running
     def run(self, until: str = "report") -> dict[str, Any]:
@@ -102,36 +102,27 @@ class Runner:
                 done[name] = "skipped" if name in self.skipped else res["seconds"]
         return done
 
-    def session(self):
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Runner]:
         """The run-directory lock, and cleanup of a new run directory when a user error stops the run."""
-        runner = self
-
-        class _Session:
-            def __enter__(self):
-                if runner.store.root.exists() and not runner.store.root.is_dir():
-                    raise DataError(f"--run-dir {runner.store.root}: exists and is not a directory")
-                self.fresh = not runner.store.root.exists()
-                self.lock = run_lock(runner.store.root)
-                self.lock.__enter__()
-                runner._depth += 1
-                return runner
-
-            def __exit__(self, typ, exc, tb):
-                runner._depth -= 1
-                if runner._depth == 0:
-                    runner._visited.clear()  # another process may change the run directory between sessions
-                self.lock.__exit__(typ, exc, tb)
-                if (
-                    isinstance(exc, NnciftError)
-                    and not isinstance(exc, RunDirBusyError)
-                    and self.fresh
-                    and runner.store.root.exists()
-                    and not runner.store.has_finished_stage()
-                ):
-                    shutil.rmtree(runner.store.root)  # bad input: leave nothing half-written behind
-                return False
-
-        return _Session()
+        root = self.store.root
+        if root.exists() and not root.is_dir():
+            raise DataError(f"--run-dir {root}: exists and is not a directory")
+        fresh = not root.exists()
+        with run_lock(root):
+            self._depth += 1
+            try:
+                yield self
+            except RunDirBusyError:
+                raise
+            except NnciftError:
+                if fresh and root.exists() and not self.store.has_finished_stage():
+                    shutil.rmtree(root)  # bad input: leave nothing half-written behind
+                raise
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._visited.clear()  # another process may change the run directory between sessions
 
     def run_stage(self, stage: str, **params: Any) -> Any:
         """Run ``stage`` for ``params`` (its upstream stages first), or skip it when finished.

@@ -166,14 +166,11 @@ def _byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
-@pytest.fixture(scope="session")
-def tiny_lm(tmp_path_factory) -> str:
-    """A 2-layer, 32-wide random Llama with a byte tokenizer, saved as a local model directory."""
+def _tiny_llama(tok):
+    """A 2-layer, 32-wide random Llama (seed 0) for the vocabulary and EOS of ``tok``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    out = tmp_path_factory.mktemp("tiny_lm")
-    tok = _byte_tokenizer()
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=len(tok),
@@ -186,7 +183,16 @@ def tiny_lm(tmp_path_factory) -> str:
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.eos_token_id,
     )
-    LlamaForCausalLM(cfg).save_pretrained(out)
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> str:
+    """A 2-layer, 32-wide random Llama with a byte tokenizer, saved as a local model directory."""
+
+    out = tmp_path_factory.mktemp("tiny_lm")
+    tok = _byte_tokenizer()
+    _tiny_llama(tok).save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
 
@@ -213,7 +219,6 @@ def peaked_lm(tmp_path_factory) -> str:
     short word sentences in the DELIFT templates, so that its next-token probabilities are peaked: a random
     LM gives near-uniform probabilities and utilities of ~1e-5, inside any tolerance."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from nncift.influence.delift_icl import HEAD_ICL, HEAD_NOICL, MID_ICL
 
@@ -227,19 +232,7 @@ def peaked_lm(tmp_path_factory) -> str:
     corpus += [f"{HEAD_ICL}{sentence(4)}\n{sentence(3)}{MID_ICL}{sentence(4)}\n" for _ in range(50)]
     tok = _bpe_tokenizer(corpus)
     assert tok.tokenize(" I")[0] == "ĠI"  # a space merges with the next word
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.eos_token_id,
-    )
-    model = LlamaForCausalLM(cfg)
+    model = _tiny_llama(tok)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(300):

@@ -90,17 +90,10 @@ def function_traits(name: str) -> dict[str, Any]:
     }
 
 
-def __getattr__(name: str) -> Any:  # FUNCTIONS stays a live view of the registry
-    if name == "FUNCTIONS":
-        return tuple(sorted(teachers()))
-    if name == "DeliftSE":
-        from nncift.influence.delift_se import DeliftSE
-
-        return DeliftSE
-    raise AttributeError(name)
-
+from nncift.influence.delift_se import DeliftSE  # noqa: E402  (light; registers itself via `register` above)
 
 __all__ = [
+    "DeliftSE",
     "InfluenceFunction",
     "Items",
     "PointwiseInfluenceFunction",

@@ -134,6 +134,9 @@ class FinetuneStage(Stage):
         return {k: v for k, v in summary.items() if k != "seconds"}
 
 
+STAGE = FinetuneStage()
+
+
 class _Stopped(Exception):
     """A fine-tune stopped on purpose (``stop_after``, to test resumption): no completion marker."""
 
@@ -147,9 +150,7 @@ def finetune(ctx: Context, subset: str, stop_after: int | None = None) -> dict:
     (``{"stopped_at": step}`` when ``stop_after`` stopped it)."""
     check_subset(subset)
     try:
-        res = ctx.require("finetune", subset=subset, stop_after=stop_after)
+        ctx.require("finetune", subset=subset, stop_after=stop_after)
     except _Stopped as stop:
         return stop.summary
-    if isinstance(res, dict) and "seconds" in res and "steps" in res:
-        return json.loads((ctx.store.root / f"finetune/{subset}" / "train_summary.json").read_text())
-    return res
+    return STAGE.skipped_result(ctx, subset)  # train_summary.json, whether just computed or found finished
