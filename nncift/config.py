@@ -136,6 +136,14 @@ class EstimateConfig:
     concurrency: int = _f(1, "Ray Data actors", runtime=True)
     num_cpus: float = _f(1.0, "CPUs per actor", runtime=True)
     num_gpus: float = _f(0.0, "GPUs per actor", runtime=True)
+    candidates: str = _f("exhaustive", "sparse layout: exhaustive (score every column) | ivf (each row's top-k by "
+                         "an inverted-file maximum-inner-product search, faiss; fit.kind=bilinear)")  # fmt: skip
+    nlist: int = _f(0, "candidates=ivf: index cells (0 = about 4 sqrt(columns))")
+    nprobe: int = _f(32, "candidates=ivf: cells scanned per row (nlist = exhaustive, exact)")
+    candidates_min_cols: int = _f(50_000, "candidates=ivf: kernels with fewer columns are scored exhaustively")
+    extent_sample: int = _f(4096, "candidates=ivf: columns scored exhaustively per stripe for the value extent")
+    recall_sample: int = _f(256, "candidates=ivf: rows whose top-k is checked against exhaustive estimation",
+                            runtime=True)  # fmt: skip
 
 
 @dataclass
@@ -346,6 +354,17 @@ class RunConfig:
         need(e.layout in {"auto", "dense", "sparse"}, "estimate.layout", f"got {e.layout!r}")
         need(e.topk >= 1, "estimate.topk", "must be >= 1")
         need(e.col_chunk >= 1, "estimate.col_chunk", "must be >= 1")
+        need(e.candidates in {"exhaustive", "ivf"}, "estimate.candidates", f"got {e.candidates!r} (exhaustive | ivf)")
+        need(e.nlist >= 0, "estimate.nlist", "must be >= 0 (0 = auto)")
+        need(e.nprobe >= 1, "estimate.nprobe", "must be >= 1")
+        need(e.candidates_min_cols >= 1, "estimate.candidates_min_cols", "must be >= 1")
+        need(e.extent_sample >= 1, "estimate.extent_sample", "must be >= 1")
+        need(e.recall_sample >= 0, "estimate.recall_sample", "must be >= 0")
+        if e.candidates == "ivf":
+            need(e.layout != "dense", "estimate.candidates", "ivf keeps each row's top-k: needs estimate.layout=sparse")
+            need(e.device == "cpu", "estimate.candidates", "ivf runs on the CPU (faiss-cpu): set estimate.device=cpu")
+            need(n.kind == "bilinear", "estimate.candidates",
+                 "ivf needs a factorised surrogate (fit.kind=bilinear); the MLP's top-k is not an inner-product search")  # fmt: skip
         need(s.nu >= 0, "select.nu", "must be >= 0")
         need(d.test_size >= 0, "data.test_size", "must be >= 0")
         ft, ev = self.finetune, self.eval

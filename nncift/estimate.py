@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -76,6 +77,11 @@ class EstimateWorker:
         device: torch device.
         layout: "dense" (a block is a tile) or "sparse" (a block is a row stripe reduced to its per-row top-k).
         topk: entries kept per row (sparse). col_chunk: columns predicted at once before each top-k merge.
+        candidates: per kernel, the path of a MIPS index over its column factors (:mod:`nncift.mips`); a
+            sparse stripe of such a kernel scores only each row's candidates (and, for K_FF, the row's own
+            column), exactly, instead of every column. Needs ``dot`` heads on the CPU.
+        nprobe: IVF cells scanned per row. extent_sample: columns (a seeded sample, the same for every
+            stripe) scored exhaustively for the kernel's value extent when candidates are used.
     """
 
     def __init__(
@@ -86,10 +92,24 @@ class EstimateWorker:
         layout: str = "dense",
         topk: int = 32,
         col_chunk: int = 8192,
+        candidates: dict[str, str] | None = None,
+        nprobe: int = 32,
+        extent_sample: int = 4096,
+        seed: int = 0,
     ):
         self.device = torch.device(device)
         self.out_dir = Path(out_dir)
         self.layout, self.topk, self.col_chunk = layout, topk, col_chunk
+        self.candidates, self.nprobe, self.extent_sample, self.seed = (
+            dict(candidates or {}),
+            nprobe,
+            extent_sample,
+            seed,
+        )
+        self._index: dict[str, Any] = {}
+        for k in self.candidates:
+            if heads[k].get("type") != "dot" or self.device.type != "cpu":
+                raise ValueError(f"candidate search needs a factorised ('dot') surrogate on the CPU (kernel {k})")
         self.heads = {}
         for k, v in heads.items():
             kind = v.get("type", "mlp")
@@ -125,6 +145,8 @@ class EstimateWorker:
 
     def run_block(self, block: Block) -> int:
         path = self.out_dir / f"{block.name}.parquet"
+        if self.layout == "sparse" and block.kernel in self.candidates:
+            return self._run_candidates(block, path)
         if self.layout == "dense":
             vals = self.predict_raw(block.kernel, block.r0, block.r1, block.c0, block.c1)
             write_block(path, block, vals)
@@ -141,6 +163,74 @@ class EstimateWorker:
         cols, vals = tk.result()
         write_sparse_block(path, block, cols, vals, self.topk, (lo, hi), sums / (block.c1 - block.c0))
         return (block.r1 - block.r0) * (block.c1 - block.c0)
+
+    def _run_candidates(self, block: Block, path: Path) -> int:
+        """A sparse stripe from candidate search: each row's MIPS candidates (plus its own column for K_FF, which
+        holds the exact diagonal) scored exactly, the top-k kept; row means exact from the column factors' mean;
+        the extent from the kept values and a fixed column sample. Returns the columns scored per row x rows."""
+        from nncift import mips
+
+        h, kernel = self.heads[block.kernel], block.kernel
+        if kernel not in self._index:
+            self._index[kernel] = mips.load_index(self.candidates[kernel])
+        n_cols = len(h["q"])
+        if (block.c0, block.c1) != (0, n_cols):
+            raise ValueError(f"candidate search needs whole row stripes, got columns [{block.c0}, {block.c1})")
+        rows = np.arange(block.r0, block.r1)
+        p = h["p"][block.r0 : block.r1]
+        k = min(self.topk, n_cols)
+        has_diag = h["diag"] is not None
+        cand = mips.search(self._index[kernel], p, min(k + has_diag, n_cols), self.nprobe)
+        if has_diag:  # the row's own column, with its exact value, always competes
+            cand = np.where(cand == rows[:, None], -1, cand)
+            cand = np.concatenate([cand, rows[:, None]], axis=1)
+        scale, lo0 = np.float32(h["hi"] - h["lo"]), np.float32(h["lo"])
+        valid = cand >= 0
+        q_c = h["q"][np.where(valid, cand, 0)]  # (R, k', kf)
+        vals = np.einsum("rf,rcf->rc", p, q_c, dtype=np.float32) * scale + lo0
+        if h["diag"] is not None:
+            vals[:, -1] = h["diag"][rows]
+        vals[~valid] = -np.inf
+        order = np.lexsort((np.where(valid, cand, np.iinfo(np.int64).max), -vals), axis=1)[:, :k]
+        cols, vals = np.take_along_axis(cand, order, 1), np.take_along_axis(vals, order, 1)
+        cols[~np.isfinite(vals)] = -1
+        # extent: every kept value and a fixed seeded column sample scored exhaustively
+        sample = self._sample_cols(kernel, n_cols)
+        vs = (p @ h["q"][sample].T) * scale + lo0
+        if h["diag"] is not None:
+            hit = sample[None, :] == rows[:, None]
+            vs = np.where(hit, h["diag"][rows][:, None], vs)
+        kept = vals[np.isfinite(vals)]
+        lo = float(min(vs.min(), kept.min() if kept.size else np.inf))
+        hi = float(max(vs.max(), kept.max() if kept.size else -np.inf))
+        means = (p.astype(np.float64) @ h["q"].mean(axis=0, dtype=np.float64)) * float(scale) + float(lo0)
+        if h["diag"] is not None:  # the diagonal holds the teacher's value, not the estimate
+            est = np.einsum("rf,rf->r", p, h["q"][rows], dtype=np.float64) * float(scale) + float(lo0)
+            means += (h["diag"][rows].astype(np.float64) - est) / n_cols
+        write_sparse_block(path, block, cols, vals.astype(np.float32), self.topk, (lo, hi), means)
+        return (block.r1 - block.r0) * cand.shape[1]
+
+    def exact_topk(self, kernel: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exhaustive top-k of any rows (raw units, exact diagonal): (cols (R, k) int64, vals (R, k) float32)."""
+        h = self.heads[kernel]
+        rows = np.asarray(rows, np.int64)
+        n_cols = len(h["q"] if "q" in h else h["q_t"].T)
+        tk = TopK(len(rows), min(self.topk, n_cols))
+        sub = {**h, "p": h["p"][rows]}
+        scale, lo0 = np.float32(h["hi"] - h["lo"]), np.float32(h["lo"])
+        for c0 in range(0, n_cols, self.col_chunk):
+            c1 = min(n_cols, c0 + self.col_chunk)
+            chunk = predict_factors(sub, 0, None, c0, c1) * scale + lo0
+            if h["diag"] is not None:
+                hit = np.flatnonzero((rows >= c0) & (rows < c1))
+                chunk[hit, rows[hit] - c0] = h["diag"][rows[hit]]
+            tk.update(chunk, c0)
+        return tk.result()
+
+    def _sample_cols(self, kernel: str, n_cols: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, 1 if kernel == "ff" else 2])
+        n = min(n_cols, self.extent_sample)
+        return np.arange(n_cols) if n == n_cols else np.sort(rng.choice(n_cols, n, replace=False))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pairs = []
@@ -206,6 +296,28 @@ def read_sparse(block_dir: Path, kernel: str, n_rows: int) -> tuple[np.ndarray, 
     if cols is None or not seen.all():
         raise RuntimeError(f"{block_dir}: kernel '{kernel}' has {int((~seen).sum())} rows without a finished stripe")
     return cols, vals
+
+
+def read_sparse_rows(block_dir: Path, kernel: str, rows: np.ndarray) -> np.ndarray:
+    """(len(rows), k) int64 top-k columns of the given rows, reading only the stripes that hold them."""
+    rows = np.asarray(rows, np.int64)
+    out: np.ndarray | None = None
+    seen = np.zeros(len(rows), bool)
+    for path in sorted(block_dir.glob(f"{kernel}_*.parquet")):
+        b = read_parquet_metadata(path)["block"]
+        want = np.flatnonzero((rows >= b["r0"]) & (rows < b["r1"]))
+        if not len(want):
+            continue
+        t = pq.read_table(path, columns=["cols"]).column("cols").combine_chunks()
+        kk = len(t.flatten()) // len(t)
+        cols = t.flatten().to_numpy().reshape(len(t), kk)
+        if out is None:
+            out = np.full((len(rows), kk), -1, np.int64)
+        out[want] = cols[rows[want] - b["r0"]]
+        seen[want] = True
+    if out is None or not seen.all():
+        raise RuntimeError(f"{block_dir}: kernel '{kernel}' lacks stripes for {int((~seen).sum())} sampled rows")
+    return out
 
 
 def read_row_means(block_dir: Path, kernel: str, n_rows: int) -> np.ndarray:

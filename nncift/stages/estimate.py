@@ -49,6 +49,48 @@ def estimator_heads(ctx: Context) -> dict[str, dict]:
     return heads
 
 
+def candidate_indexes(ctx: Context, heads: dict[str, dict], lay: str) -> dict[str, Any]:
+    """``estimate.candidates=ivf``: per kernel with at least ``candidates_min_cols`` columns, the path of a MIPS
+    index over its column factors (built once, in ``estimate/index_<kernel>.faiss``; reused on resume)."""
+    from nncift import mips
+    from nncift.errors import ConfigError
+
+    c = ctx.cfg.estimate
+    if c.candidates != "ivf":
+        return {}
+    if lay != "sparse":
+        raise ConfigError(f"config field 'estimate.candidates': ivf needs the sparse layout (this run is {lay})")
+    out = {}
+    for kernel, head in heads.items():
+        n_cols = len(head["q"])
+        if n_cols < c.candidates_min_cols:
+            log.info("estimate: kernel %s has %d columns (< estimate.candidates_min_cols): exhaustive", kernel, n_cols)
+            continue
+        path = ctx.path("estimate", f"index_{kernel}.faiss")
+        if not path.is_file():
+            nlist = c.nlist or mips.auto_nlist(n_cols)
+            t0 = time.perf_counter()
+            mips.save_index(mips.build_index(head["q"], nlist, seed=ctx.cfg.seed), path)
+            log.info("estimate: kernel %s IVF index, %d cells over %d columns, in %.1f s",
+                     kernel, nlist, n_cols, time.perf_counter() - t0)  # fmt: skip
+        out[kernel] = path
+    return out
+
+
+def candidate_recall(ctx: Context, head: dict, block_dir, kernel: str, sample: int) -> float:
+    """Top-k recall of the written candidate stripes against exhaustive estimation on a seeded row sample."""
+    from nncift.estimate import EstimateWorker, read_sparse_rows
+    from nncift.mips import topk_recall
+
+    n_rows = len(head["p"])
+    if sample == 0:
+        return float("nan")
+    rng = np.random.default_rng([ctx.cfg.seed, 7])
+    rows = np.sort(rng.choice(n_rows, min(sample, n_rows), replace=False))
+    exact = EstimateWorker({kernel: head}, str(block_dir), layout="sparse", topk=ctx.cfg.estimate.topk)
+    return topk_recall(read_sparse_rows(block_dir, kernel, rows), exact.exact_topk(kernel, rows)[0])
+
+
 def dense_kernels(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
     """The dense estimated kernels (K_FF (M, M), K_FT (M, N)) float32 of a dense-layout run."""
     from nncift.estimate import assemble_dense
@@ -97,6 +139,7 @@ class EstimateStage(Stage):
         todo = [b.to_dict() for b in blocks if f"{b.name}.parquet" not in ok]
         log.info("estimate: %d blocks (%d already done), %d pairs", len(blocks), len(blocks) - len(todo), m * m + m * n)
         t0 = time.perf_counter()
+        indexes = candidate_indexes(ctx, heads, lay)
         worker_kwargs = {
             "heads": heads,
             "out_dir": str(block_dir),
@@ -104,6 +147,10 @@ class EstimateStage(Stage):
             "layout": lay,
             "topk": c.topk,
             "col_chunk": c.col_chunk,
+            "candidates": {k: str(v) for k, v in indexes.items()},
+            "nprobe": c.nprobe,
+            "extent_sample": c.extent_sample,
+            "seed": ctx.cfg.seed,
         }
         ctx.executor.map_blocks(
             EstimateWorker,
@@ -115,17 +162,32 @@ class EstimateStage(Stage):
             num_gpus=c.num_gpus,
         )
         dt = time.perf_counter() - t0
+        recall = {k: candidate_recall(ctx, heads[k], block_dir, k, c.recall_sample) for k in indexes}
+        for k, r in recall.items():
+            log.info("estimate: kernel %s candidate top-%d recall %.4f vs exhaustive (%d sampled rows)",
+                     k, c.topk, r, min(c.recall_sample, m))  # fmt: skip
         write_json(
             ctx.path("estimate", "kernels.json"),
-            {"ff": {"shape": [m, m]}, "ft": {"shape": [m, n]}, "layout": lay, "topk": c.topk, "blocks": len(blocks)},
+            {
+                "ff": {"shape": [m, m]},
+                "ft": {"shape": [m, n]},
+                "layout": lay,
+                "topk": c.topk,
+                "blocks": len(blocks),
+                "candidates": {k: {"recall": recall[k], "nprobe": c.nprobe} for k in indexes},
+            },
         )
-        return {
+        out = {
             "pairs": m * m + m * n,
             "blocks": len(blocks),
             "map_seconds": dt,
             "layout": lay,
             "pairs_per_second": (m * m + m * n) / max(dt, 1e-9),
         }
+        if indexes:
+            out["candidates"] = "ivf"
+            out["candidate_recall"] = recall
+        return out
 
     def _pointwise(self, ctx: Context) -> dict[str, Any]:
         """Every pool item's score from the pointwise network (one chunked matmul chain; M floats out)."""
