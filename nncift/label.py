@@ -89,59 +89,71 @@ class LabelWorker:
 
     Args:
         function: influence function name. function_kwargs: its constructor arguments.
-        pool, target: dicts with ``ids``, ``prompts``, ``responses`` (lists) and ``embeddings`` (M|N, d).
+        pool, target: dicts with ``ids``, ``prompts``, ``responses`` (Arrow string arrays, or lists) and
+            ``embeddings`` (M|N, d); each block takes only its own rows (no per-item Python objects are kept).
         sets: the plan's sets as dicts (kernel, quadrant, rows, cols, paired).
         out_dir: block folder.
     """
 
     def __init__(self, function: str, function_kwargs: dict, pool: dict, target: dict, sets: list[dict], out_dir: str):
         self.fn = build_influence_function(function, **function_kwargs)
-        self.ids = {
-            "pool": np.asarray(pool["ids"], dtype=object),
-            "target": np.asarray(target["ids"], dtype=object),
-        }
-        self.items = {
-            side: Items(d["prompts"], d["responses"], np.asarray(d["embeddings"], np.float32), list(d["ids"]))
+        self.cols = {
+            side: {k: _arrow(d[k]) for k in ("ids", "prompts", "responses")}
             for side, d in (("pool", pool), ("target", target))
         }
+        self.emb = {side: np.asarray(d["embeddings"], np.float32) for side, d in (("pool", pool), ("target", target))}
         self.sets = sets
         self.out_dir = Path(out_dir)
+
+    def _take(self, side: str, idx: np.ndarray) -> Items:
+        """The rows ``idx`` of one side as :class:`Items` (strings materialised for these rows only)."""
+        c, idx = self.cols[side], pa.array(np.asarray(idx, np.int64))
+        return Items(
+            c["prompts"].take(idx).to_pylist(),
+            c["responses"].take(idx).to_pylist(),
+            self.emb[side][idx.to_numpy()],
+            c["ids"].take(idx).to_pylist(),
+        )
+
+    def _id(self, side: str, i: int) -> str:
+        return self.cols[side]["ids"][int(i)].as_py()
 
     def _label_set(self, s: dict, r0: int, r1: int, c0: int, c1: int) -> pa.Table:
         col_side = "pool" if s["kernel"] == "ff" else "target"
         rows = np.asarray(s["rows"][r0:r1], dtype=np.int64)
         if s["kernel"] == "item":  # a pointwise teacher: one score per pool item (col 0)
             rr, cc = rows, np.zeros(len(rows), np.int64)
-            vals = self.fn.score(self.items["pool"].take(rr))
+            vals = self.fn.score(self._take("pool", rr))
         elif s.get("paired"):
             rr = rows
             cc = np.asarray(s["cols"][r0:r1], dtype=np.int64)
-            vals = self.fn.kernel_pairs(s["kernel"], self.items["pool"].take(rr), self.items[col_side].take(cc))
+            vals = self.fn.kernel_pairs(s["kernel"], self._take("pool", rr), self._take(col_side, cc))
         else:
             cols = np.asarray(s["cols"][c0:c1], dtype=np.int64)
-            vals = self.fn.kernel_block(s["kernel"], self.items["pool"].take(rows), self.items[col_side].take(cols))
+            vals = self.fn.kernel_block(s["kernel"], self._take("pool", rows), self._take(col_side, cols))
             rr, cc = np.repeat(rows, len(cols)), np.tile(cols, len(rows))
         vals = np.asarray(vals, np.float32).reshape(-1)
         bad = np.flatnonzero(~np.isfinite(vals))
         if len(bad):
             i = int(bad[0])
             what = (
-                f"the item {self.ids['pool'][rr[i]]!r}"
+                f"the item {self._id('pool', rr[i])!r}"
                 if s["kernel"] == "item"
-                else f"the pair (row {self.ids['pool'][rr[i]]!r}, col {self.ids[col_side][cc[i]]!r})"
+                else f"the pair (row {self._id('pool', rr[i])!r}, col {self._id(col_side, cc[i])!r})"
             )
             raise TeacherError(
                 f"teacher {self.fn.name} returned {len(bad)} non-finite values in a {s['kernel']} block, first "
                 f"{vals[i]} for {what}; nothing of this block was written"
             )
+        n = len(rr)
         return pa.table(
             {
-                "kernel": pa.array([s["kernel"]] * len(rr), pa.string()),
-                "quadrant": pa.array([s["quadrant"]] * len(rr), pa.string()),
-                "row_id": pa.array(self.ids["pool"][rr].tolist(), pa.string()),
-                "col_id": pa.array(
-                    [""] * len(cc) if s["kernel"] == "item" else self.ids[col_side][cc].tolist(), pa.string()
-                ),
+                "kernel": pa.array(np.full(n, s["kernel"]), pa.string()),
+                "quadrant": pa.array(np.full(n, s["quadrant"]), pa.string()),
+                "row_id": self.cols["pool"]["ids"].take(pa.array(rr)),
+                "col_id": pa.array(np.full(n, ""), pa.string())
+                if s["kernel"] == "item"
+                else self.cols[col_side]["ids"].take(pa.array(cc)),
                 "row": pa.array(rr),
                 "col": pa.array(cc),
                 "value": pa.array(vals),
@@ -175,6 +187,13 @@ class LabelWorker:
         returned in ``error`` rather than raised, so the driver reports it as one line
         (:func:`nncift.errors.raise_worker_errors`)."""
         return run_worker_batch(batch, self.run_block, "pairs")
+
+
+def _arrow(x) -> pa.Array:
+    """A string column as one Arrow array (a list, a chunked array or an array)."""
+    if isinstance(x, pa.ChunkedArray):
+        x = x.combine_chunks()
+    return (x if isinstance(x, pa.Array) else pa.array(list(x), pa.string())).cast(pa.string())
 
 
 def gather_labels(block_dir: Path, n_blocks: int) -> pa.Table:

@@ -16,7 +16,11 @@ def _dot_heads(m=300, n=40, k=9, seed=0, diag=True, diag_at=1e3):
         "ft": {"type": "dot", "p": e, "q": rng.normal(size=(n, k)).astype(np.float32)},
     }
     for kern, h in heads.items():
-        h.update(lo=-2.0, hi=3.0, diag=rng.uniform(diag_at, 2 * diag_at, m).astype(np.float32) if diag and kern == "ff" else None)
+        h.update(
+            lo=-2.0,
+            hi=3.0,
+            diag=rng.uniform(diag_at, 2 * diag_at, m).astype(np.float32) if diag and kern == "ff" else None,
+        )
     return heads
 
 

@@ -172,3 +172,24 @@ def test_precomputed_embeddings_skip_the_encoder(tmp_path, tiny_overrides):
     assert rep["fidelity"]["measured"]  # DELIFT-SE: the teacher reads the same vectors
     with pytest.raises(ConfigError, match=r"embed\.source.*needs data\.embedding_field"):
         load_config(None, ["embed.source=column"])
+
+
+def test_scale_path_at_small_m(tmp_path):
+    """The 1M benchmark's configuration (embedding column, label budget, candidate search, GreeDi) at M=1500:
+    candidate stripes probing every cell give the exhaustive run's selection value; the recall is reported."""
+    from nncift.synthetic import scale_overrides, write_corpus
+
+    corpus = write_corpus(tmp_path / "c.parquet", 1600, dim=16, clusters=8)
+    base = [*scale_overrides(corpus, 100, 20_000), *LOCAL, "estimate.block_size=256", "estimate.topk=16",
+            "estimate.candidates_min_cols=10", "estimate.extent_sample=100000"]  # fmt: skip
+    ivf = Runner(load_config(None, [*base, "estimate.nlist=8", "estimate.nprobe=8"]), tmp_path / "ivf")
+    ivf.run("select")
+    exh = Runner(load_config(None, [*base, "estimate.candidates=exhaustive"]), tmp_path / "exh")
+    exh.run("select")
+    done = ivf.store.done_info("estimate")
+    assert set(done["candidate_recall"]) == {"ff", "ft"} and min(done["candidate_recall"].values()) > 0.95
+    assert ivf.store.done_info("label")["pairs_labeled"] <= 20_000
+    from nncift.store import read_parquet_metadata
+
+    values = {r: read_parquet_metadata(tmp_path / r / "select" / "selection.parquet")["value"] for r in ("ivf", "exh")}
+    assert values["ivf"] == pytest.approx(values["exh"], rel=1e-4)

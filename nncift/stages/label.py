@@ -124,8 +124,12 @@ class LabelStage(Stage):
     def _prepare(self, ctx: Context, plan) -> dict[str, Any]:
         """The teacher's driver-side preparation (:meth:`InfluenceFunction.prepare`) over the items any label
         touches; resumable in ``label/teacher/``."""
+        from nncift.influence.base import InfluenceFunction
+
         kwargs = self._kwargs
         cls = ctx.teacher()
+        if cls.prepare.__func__ is InfluenceFunction.prepare.__func__:  # nothing to prepare: no item lists built
+            return kwargs
         pool, target = ctx.items()
         used_pool = np.unique(
             np.concatenate(
@@ -173,7 +177,7 @@ def run_label_blocks(
     e_pool, e_target = ctx.embeddings()
 
     def side(t: pa.Table, e: np.ndarray) -> dict:
-        cols = {k: t.column(k).to_pylist() for k in ("id", "prompt", "response")}
+        cols = {k: t.column(k).combine_chunks() for k in ("id", "prompt", "response")}  # Arrow, not Python str
         return {"ids": cols["id"], "prompts": cols["prompt"], "responses": cols["response"], "embeddings": e}
 
     worker_kwargs = {
