@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -63,10 +64,15 @@ def dense_kernels(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
 
 def item_scores(ctx: Context) -> np.ndarray:
     """(M,) float32 estimated scores of a pointwise run (teacher scale)."""
+    return read_item_scores(ctx.path("estimate", "scores.parquet"))
+
+
+def read_item_scores(path: Path, m: int | None = None) -> np.ndarray:
+    """(m,) float32 scores from a ``scores.parquet`` (``idx``, ``score``), placed by ``idx`` (m: its rows)."""
     import pyarrow.parquet as pq
 
-    t = pq.read_table(ctx.path("estimate", "scores.parquet"))
-    out = np.empty(t.num_rows, np.float32)
+    t = pq.read_table(path)
+    out = np.empty(t.num_rows if m is None else m, np.float32)
     out[t.column("idx").to_numpy()] = t.column("score").to_numpy()
     return out
 
