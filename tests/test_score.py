@@ -372,3 +372,28 @@ def test_new_rows_are_embedded_as_the_pool_was(tmp_path, tiny_st_model):
     pool_ids = pq.read_table(run / "data" / "pool.parquet").column("id").to_pylist()
     np.testing.assert_allclose(e_new[5], e_pool[pool_ids.index("r7")], rtol=1e-4, atol=1e-5)
     assert e_new.shape == (6, e_pool.shape[1]) and not (run / "score" / "enc" / "embed_parts").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_score_on_ray_equals_local(ray_session, tmp_path, tiny_st_model):
+    """The embedding and the block fan-out run on the run's executor: Ray gives the local artifacts."""
+    from nncift.stages.score import score
+    from nncift.store import read_safetensors
+
+    runner, files = _run(tmp_path, [f"embed.model={tiny_st_model}", *SPARSE])
+    run = runner.store.root
+    cfg_yaml = run / "config.yaml"
+    outs = {}
+    for executor in ("local", "ray"):
+        r = Runner(load_config(cfg_yaml, [f"ray.executor={executor}", "embed.concurrency=1"]), run)
+        outs[executor] = Path(score(r, files["new"], executor)["folder"])
+    a, b = outs["local"], outs["ray"]
+    e_a, e_b = (read_safetensors(p / "embeddings.safetensors")["new"] for p in (a, b))
+    np.testing.assert_allclose(e_a, e_b, rtol=1e-5, atol=1e-6)
+    for kernel in ("ff", "ft"):
+        va, vb = (read_sparse(p / "blocks", kernel, M + NEW)[1] for p in (a, b))
+        np.testing.assert_allclose(np.sort(va, axis=1), np.sort(vb, axis=1), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            read_row_means(a / "blocks", kernel, M + NEW), read_row_means(b / "blocks", kernel, M + NEW), rtol=1e-5
+        )
