@@ -3,7 +3,7 @@
     ray job submit --working-dir . -- python -m jobs run --config jobs/configs/demo.yaml --run-dir /shared/run
 
 ``<command>`` is any ``nncift`` command (``run`` = the whole pipeline, a stage name, ``finetune``, ``evaluate``,
-``compare``, ``export-table``). Inside a Ray job the driver connects to the cluster that runs the job
+``compare``, ``export-table``, ``score``). Inside a Ray job the driver connects to the cluster that runs the job
 (``ray.address=auto`` unless given), so every Ray Data / Ray Train fan-out uses the whole cluster.
 """
 

@@ -1,6 +1,8 @@
-"""Command line: ``nncift run|data|embed|label|fit|estimate|select|report|finetune|evaluate|compare``.
+"""Command line: ``nncift run|data|embed|label|fit|estimate|select|report|finetune|evaluate|compare|score``.
 
 Each pipeline subcommand runs the pipeline up to and including its stage, skipping finished stages.
+``score`` scores new rows (``--input``) against a finished run without relabeling; ``select --scored NAME``
+selects from the pool plus those rows (both default to the run's own ``config.yaml``).
 ``finetune`` / ``evaluate`` train and score a model on one subset (``--subset``); ``compare`` does both for
 every subset of ``eval.subsets`` and writes the comparison table and plot.
 User errors (bad input, bad config, refused resume) print one line and exit with status 2.
@@ -24,18 +26,30 @@ def make_parser() -> argparse.ArgumentParser:
         "compare": "fine-tune + evaluate every subset of eval.subsets; table and plot",
     }
     helps["export-table"] = "write the run's teacher labels as a table file (label.function=table)"
+    helps["score"] = "score new rows against a finished run (no relabeling): score/<name>/"
     from nncift.stages import PIPELINE
 
-    for name in ("run", *(s.name for s in PIPELINE), "finetune", "evaluate", "compare", "export-table"):
+    names = ("run", *(s.name for s in PIPELINE), "finetune", "evaluate", "compare", "export-table", "score")
+    for name in names:
         p = sub.add_parser(name, help=helps.get(name, f"pipeline up to '{name}'"))
+        if name == "score":
+            p.add_argument("--name", help="folder under <run>/score/ (default: the input file's stem)")
+        if name == "select":
+            p.add_argument("--scored", metavar="NAME", help="select from the pool plus the rows scored as NAME")
         if name == "export-table":
             p.add_argument("--out", required=True, help="Parquet file to write (example_id, target_id, value)")
         if name in ("finetune", "evaluate"):
             p.add_argument("--subset", default="nncift", help="base | random | nncift | exact | full (default nncift)")
         if name == "compare":
             p.add_argument("--subsets", help="comma-separated subsets (sets eval.subsets)")
-        p.add_argument("--config", help="YAML config file")
-        p.add_argument("--input", help="pool corpus (sets data.input)")
+        p.add_argument(
+            "--config",
+            help="YAML config file" + (" (default: <run-dir>/config.yaml)" if name in ("score", "select") else ""),
+        )
+        if name == "score":
+            p.add_argument("--input", required=True, help="new rows to score (read with the run's data config)")
+        else:
+            p.add_argument("--input", help="pool corpus (sets data.input)")
         p.add_argument("--target", help="target corpus (sets data.target)")
         p.add_argument("--run-dir", default="runs/default", help="run directory (default: runs/default)")
         p.add_argument(
@@ -67,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     from nncift.runner import Runner
 
     overrides = list(args.overrides)
-    if args.input:
+    scoring = args.command == "score" or bool(getattr(args, "scored", None))
+    if scoring and args.config is None and os.path.isfile(os.path.join(args.run_dir, "config.yaml")):
+        args.config = os.path.join(args.run_dir, "config.yaml")  # the run's own configuration
+    if args.input and args.command != "score":
         overrides.append(f"data.input={args.input}")
     if args.target:
         overrides.append(f"data.target={args.target}")
@@ -82,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             prov = runner.export_table(args.out)
             print(f"table: {args.out} ({prov['pairs']:,} pairs)")
             return 0
+        if scoring:
+            return _score_command(args, runner)
         runner.run("report" if args.command == "run" else args.command)
     except NnciftError as exc:
         print(f"nncift: error: {exc}", file=sys.stderr)
@@ -91,6 +110,19 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     if args.command in ("run", "report"):
         print(f"report: {os.path.join(args.run_dir, 'report', 'report.md')}")
+    return 0
+
+
+def _score_command(args: argparse.Namespace, runner) -> int:
+    from nncift.stages.score import score, select_scored
+
+    if args.command == "score":
+        out = score(runner, args.input, args.name)
+        how = "already scored, skipped" if out["skipped"] else f"{out['new']} new rows, layout {out['layout']}"
+        print(f"scored: {out['folder']} ({how})")
+    else:
+        out = select_scored(runner, args.scored)
+        print(f"selection: {os.path.join(out['folder'], 'selection.parquet')}")
     return 0
 
 

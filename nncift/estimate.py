@@ -152,17 +152,31 @@ class EstimateWorker:
             write_block(path, block, vals)
             return vals.size
         tk = TopK(block.r1 - block.r0, min(self.topk, block.c1 - block.c0))
-        lo, hi = np.inf, -np.inf  # of every estimated value, not only the kept ones: the kernel's scaling
-        sums = np.zeros(block.r1 - block.r0)  # each row's sum over every column: exact top-k-objective means
+        lo, hi, sums = self.stripe(block, tk)
+        cols, vals = tk.result()
+        write_sparse_block(path, block, cols, vals, self.topk, (lo, hi), sums / (block.c1 - block.c0))
+        return (block.r1 - block.r0) * (block.c1 - block.c0)
+
+    def stripe(
+        self, block: Block, tk: TopK, lo: float = np.inf, hi: float = -np.inf, sums: np.ndarray | None = None
+    ) -> tuple[float, float, np.ndarray]:
+        """Stream columns [c0, c1) of rows [r0, r1) into ``tk`` (per-row top-k) in ``col_chunk`` chunks.
+
+        Args:
+            lo, hi, sums: running extent and (r1-r0,) float64 row sums to continue (default: none yet).
+
+        Returns:
+            (lo, hi, sums): the extent of every estimated value, kept ones or not (the kernel's scaling), and
+            each row's sum over every column (exact top-k-objective means).
+        """
+        sums = np.zeros(block.r1 - block.r0) if sums is None else sums
         for c0 in range(block.c0, block.c1, self.col_chunk):
             c1 = min(block.c1, c0 + self.col_chunk)
             chunk = self.predict_raw(block.kernel, block.r0, block.r1, c0, c1)
             lo, hi = min(lo, float(chunk.min())), max(hi, float(chunk.max()))
             sums += chunk.sum(axis=1, dtype=np.float64)
             tk.update(chunk, c0)
-        cols, vals = tk.result()
-        write_sparse_block(path, block, cols, vals, self.topk, (lo, hi), sums / (block.c1 - block.c0))
-        return (block.r1 - block.r0) * (block.c1 - block.c0)
+        return lo, hi, sums
 
     def _run_candidates(self, block: Block, path: Path) -> int:
         """A sparse stripe from candidate search: each row's MIPS candidates (plus its own column for K_FF, which
@@ -242,9 +256,49 @@ class EstimateWorker:
         return {"block_id": np.asarray(batch["block_id"]), "pairs": np.asarray(pairs, dtype=np.int64)}
 
 
+class ExtendWorker(EstimateWorker):
+    """:class:`EstimateWorker` for kernels grown by new items (``nncift score``).
+
+    A sparse K_FF block of existing rows whose columns start at ``c0 > 0`` covers only the new columns
+    [c0, c1): it is merged with the row stripe of the same name in ``base_dir`` (those rows' top-k, row means
+    and extent over the old columns [0, c0)) into one stripe over [0, c1), keeping k per row. Every other block
+    is estimated as :class:`EstimateWorker` does.
+
+    Args:
+        base_dir: the estimate stage's block folder. Others: as :class:`EstimateWorker`.
+    """
+
+    def __init__(self, heads: dict[str, dict], out_dir: str, base_dir: str, **kwargs):
+        super().__init__(heads, out_dir, **kwargs)
+        self.base_dir = Path(base_dir)
+
+    def run_block(self, block: Block) -> int:
+        if self.layout != "sparse" or block.c0 == 0:
+            return super().run_block(block)
+        base = self.base_dir / f"{block.name}.parquet"
+        old = Block(**read_parquet_metadata(base)["block"])
+        if (old.kernel, old.r0, old.r1, old.c0, old.c1) != (block.kernel, block.r0, block.r1, 0, block.c0):
+            raise RuntimeError(f"{base}: stripe {old} does not cover rows [{block.r0}, {block.r1}) x [0, {block.c0})")
+        t = pq.read_table(base)
+        lo, hi = read_parquet_metadata(base)["extent"]
+        n, k_old = block.r1 - block.r0, len(t.column("cols").combine_chunks().flatten()) // (block.r1 - block.r0)
+        tk = TopK(n, min(self.topk, block.c1))
+        tk.cols[:, :k_old] = t.column("cols").combine_chunks().flatten().to_numpy().reshape(n, k_old)
+        tk.vals[:, :k_old] = t.column("values").combine_chunks().flatten().to_numpy().reshape(n, k_old)
+        sums = t.column("row_mean").to_numpy() * float(block.c0)
+        lo, hi, sums = self.stripe(block, tk, float(lo), float(hi), sums)
+        cols, vals = tk.result()
+        whole = Block(block.kernel, block.block_id, block.r0, block.r1, 0, block.c1)
+        write_sparse_block(
+            self.out_dir / f"{block.name}.parquet", whole, cols, vals, self.topk, (lo, hi), sums / block.c1
+        )
+        return n * (block.c1 - block.c0)
+
+
 def overwrite_diagonal(vals: np.ndarray, diag: np.ndarray, r0: int, r1: int, c0: int, c1: int) -> None:
-    """Write ``diag[i]`` into ``vals`` (the tile rows [r0, r1) x columns [c0, c1)) wherever row i == column i."""
-    lo, hi = max(r0, c0), min(r1, c1)
+    """Write ``diag[i]`` into ``vals`` (the tile rows [r0, r1) x columns [c0, c1)) wherever row i == column i
+    and i < len(diag) (items beyond ``diag``, e.g. scored new items, keep the estimate)."""
+    lo, hi = max(r0, c0), min(r1, c1, len(diag))
     if hi > lo:
         i = np.arange(lo, hi)
         vals[i - r0, i - c0] = diag[lo:hi]

@@ -105,6 +105,9 @@ CATALOGUE = [
      ["--set", "label.function=table", "--set", "table.path={d}/t.parquet"], "label", r"t.parquet is not a Parquet"),
     ("truth-table-missing", {}, ["--set", "fidelity.truth_table={d}/none.parquet"], "report",
      r"fidelity.truth_table: file not found"),
+    # ------------------------------------------------------------------ scoring new data (more in test_score.py)
+    ("score-not-estimated", {"n.jsonl": jsonl(GOOD[:3])}, ["--input", "{d}/n.jsonl"], "score",
+     r"run has no finished estimate stage; run `nncift estimate"),
 ]  # fmt: skip
 
 

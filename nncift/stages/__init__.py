@@ -5,6 +5,7 @@ declaring its name, config sections, upstream stages, and the artifacts it reads
 Pipeline (``nncift run``): data -> embed -> label -> fit -> estimate -> select -> report.
 Per subset (``nncift finetune|evaluate|compare``): exact (the teacher's own selection) -> finetune -> evaluate
 -> compare.
+New data scored against a finished run (``nncift score``, ``nncift select --scored``): score -> score_select.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from nncift.stages.finetune import FinetuneStage
 from nncift.stages.fit import FitStage
 from nncift.stages.label import LabelStage
 from nncift.stages.report import ReportStage
+from nncift.stages.score import ScoredSelectStage, ScoreStage
 from nncift.stages.select import SelectStage
 
 PIPELINE: tuple[Stage, ...] = (
@@ -32,6 +34,7 @@ PIPELINE: tuple[Stage, ...] = (
     ReportStage(),
 )
 SUBSET_STAGES: tuple[Stage, ...] = (ExactSelectStage(), FinetuneStage(), EvaluateStage(), CompareStage())
-STAGES: dict[str, Stage] = {s.name: s for s in (*PIPELINE, *SUBSET_STAGES)}
+SCORE_STAGES: tuple[Stage, ...] = (ScoreStage(), ScoredSelectStage())
+STAGES: dict[str, Stage] = {s.name: s for s in (*PIPELINE, *SUBSET_STAGES, *SCORE_STAGES)}
 
-__all__ = ["PIPELINE", "STAGES", "SUBSET_STAGES", "Context", "Stage"]
+__all__ = ["PIPELINE", "SCORE_STAGES", "STAGES", "SUBSET_STAGES", "Context", "Stage"]

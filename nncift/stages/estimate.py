@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,8 +33,19 @@ def layout(ctx: Context) -> str:
     return "dense" if m * m <= c.dense_max_pairs else "sparse"
 
 
-def estimator_heads(ctx: Context) -> dict[str, dict]:
-    """Per kernel, the fitted surrogate's factors + label scaler (+ the exact diagonal of K_FF)."""
+def estimator_heads(ctx: Context, e_new: np.ndarray | None = None) -> dict[str, dict]:
+    """Per kernel, the fitted surrogate's factors + label scaler (+ the exact diagonal of K_FF).
+
+    Args:
+        e_new: (M', d) float32 embeddings of scored new items (``nncift score``), or None. When given, the rows
+            of both kernels and the columns of K_FF are the M pool items followed by the M' new ones: the
+            new items' factors are computed on their own and appended, so the pool's factors are exactly the
+            estimate stage's. The exact diagonal stays (M,): the new items' diagonal is the surrogate's own.
+
+    Returns:
+        ``{"ff": head, "ft": head}`` as :class:`nncift.estimate.EstimateWorker` takes them: ``p`` (M[+M'], h),
+        ``q`` (M[+M'] or N, h), the scaler's ``lo`` / ``hi`` and ``diag`` ((M,) float32 or None).
+    """
     import torch
 
     from nncift.network import load_network
@@ -44,6 +56,11 @@ def estimator_heads(ctx: Context) -> dict[str, dict]:
     for kernel, e_cols in (("ff", e_pool), ("ft", e_target)):
         net, scaler, _ = load_network(ctx.path("fit", f"network_{kernel}"))
         head = net.estimator(torch.as_tensor(e_pool), torch.as_tensor(e_cols))
+        if e_new is not None:
+            extra = net.estimator(torch.as_tensor(e_new), torch.as_tensor(e_new))
+            head["p"] = np.concatenate([head["p"], extra["p"]])
+            if kernel == "ff":
+                head["q"] = np.concatenate([head["q"], extra["q"]])
         head.update(lo=scaler.lo, hi=scaler.hi, diag=diag if kernel == "ff" else None)
         heads[kernel] = head
     return heads
@@ -105,10 +122,15 @@ def dense_kernels(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
 
 def item_scores(ctx: Context) -> np.ndarray:
     """(M,) float32 estimated scores of a pointwise run (teacher scale)."""
+    return read_item_scores(ctx.path("estimate", "scores.parquet"))
+
+
+def read_item_scores(path: Path, m: int | None = None) -> np.ndarray:
+    """(m,) float32 scores from a ``scores.parquet`` (``idx``, ``score``), placed by ``idx`` (m: its rows)."""
     import pyarrow.parquet as pq
 
-    t = pq.read_table(ctx.path("estimate", "scores.parquet"))
-    out = np.empty(t.num_rows, np.float32)
+    t = pq.read_table(path)
+    out = np.empty(t.num_rows if m is None else m, np.float32)
     out[t.column("idx").to_numpy()] = t.column("score").to_numpy()
     return out
 

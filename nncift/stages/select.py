@@ -9,6 +9,7 @@ value, layout) and ``select/selected.jsonl`` (the chosen rows).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,30 +19,35 @@ from nncift.stages.base import Context, Stage
 from nncift.store import write_parquet, write_text
 
 
-def select_dense(ctx: Context, budget: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Greedy on the dense estimated kernels: (indices, gains, objective value)."""
+def select_dense(ctx: Context, block_dir: Path, m: int, budget: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Greedy on dense kernel tiles: (indices (budget,) int64, gains (budget,) float64, objective value).
+
+    Args:
+        block_dir: folder of the dense tiles (``estimate/blocks`` or a score's ``blocks``): K_FF (m, m) and
+            K_FT (m, N) float32 are assembled from it.
+        m: items (rows and candidates). budget: picks.
+    """
+    from nncift.estimate import assemble_dense
     from nncift.select import greedy_select, minmax_scale, objective_value
-    from nncift.stages.estimate import dense_kernels
 
     c = ctx.cfg.select
     if c.algorithm != "lazy":
         raise NotImplementedError(
             f"select.algorithm={c.algorithm} runs on the sparse layout: set estimate.layout=sparse"
         )
-    k_ff, k_ft = dense_kernels(ctx)
+    _, n = ctx.size()
+    k_ff, k_ft = assemble_dense(block_dir, "ff", (m, m)), assemble_dense(block_dir, "ft", (m, n))
     idx, gains = greedy_select(k_ff, budget, objective=c.objective, k_ft=k_ft, eta=c.eta, nu=c.nu)
     value = objective_value(minmax_scale(k_ff), idx, c.objective, minmax_scale(k_ft), c.eta, c.nu)
     return idx, gains, value
 
 
-def select_sparse(ctx: Context, budget: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Selection on the per-row top-k kernels; nothing of size M x M or M x N is allocated."""
+def select_sparse(ctx: Context, block_dir: Path, m: int, budget: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Selection on per-row top-k stripes (``block_dir``, m rows); nothing of size m x m or m x N is allocated."""
     from nncift import select_sparse as ss
     from nncift.estimate import read_row_means, read_sparse, sparse_extent
 
     c = ctx.cfg.select
-    block_dir = ctx.path("estimate", "blocks")
-    m, _ = ctx.size()
     if c.objective == "topk":  # each K_FT row's mean over every target (recorded by the estimate stage)
         return ss.topk_scores(read_row_means(block_dir, "ft", m), *sparse_extent(block_dir, "ft"), budget)
     ff_cols, ff_vals = read_sparse(block_dir, "ff", m)
@@ -67,13 +73,57 @@ def select_sparse(ctx: Context, budget: int) -> tuple[np.ndarray, np.ndarray, fl
     return idx, gains, ss.sparse_objective(kern, idx, floor)
 
 
-def select_items(ctx: Context, budget: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Top-k of a pointwise run's estimated scores (ties by index)."""
-    from nncift.stages.estimate import item_scores
+def select_items(ctx: Context, scores_path: Path, m: int, budget: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Top-k of a pointwise run's estimated scores (``scores_path``: ``idx``, ``score`` for m items; ties by
+    index)."""
+    from nncift.stages.estimate import read_item_scores
 
-    s = item_scores(ctx)
+    s = read_item_scores(scores_path, m)
     order = np.lexsort((np.arange(len(s)), -s))[:budget].astype(np.int64)
     return order, s[order].astype(np.float64), float(s[order].sum())
+
+
+def select_on(ctx: Context, kernel_dir: Path, rows: pa.Table, out_dir: Path) -> dict[str, Any]:
+    """The configured selection over the items of ``rows`` (their ``idx`` = 0..len-1 in the kernels) on the
+    estimated kernels in ``kernel_dir`` (``kernels.json`` + ``blocks/`` or ``scores.parquet``, as the estimate
+    stage writes them); writes ``out_dir/selection.parquet`` and ``out_dir/selected.jsonl``.
+
+    Returns:
+        the facts of the selection (objective, budget, value, layout, algorithm).
+    """
+    c = ctx.cfg.select
+    m = rows.num_rows
+    budget = max(1, int(c.fraction * m))
+    layout = json.loads((kernel_dir / "kernels.json").read_text())["layout"]
+    if layout == "items":
+        idx, gains, value = select_items(ctx, kernel_dir / "scores.parquet", m, budget)
+    else:
+        pick = select_dense if layout == "dense" else select_sparse
+        idx, gains, value = pick(ctx, kernel_dir / "blocks", m, budget)
+    objective = "topk" if layout == "items" else c.objective
+    take = pa.array(np.asarray(idx, np.int64))
+    write_parquet(
+        out_dir / "selection.parquet",
+        pa.table(
+            {
+                "id": rows.column("id").take(take).combine_chunks(),
+                "rank": np.arange(len(idx), dtype=np.int64),
+                "gain": np.asarray(gains, np.float64),
+                "index": idx,
+            }
+        ),
+        metadata={"objective": objective, "budget": budget, "value": value, "layout": layout},
+    )
+    chosen = rows.take(take)
+    lines = [json.dumps(r, ensure_ascii=False) for r in chosen.to_pylist()]
+    write_text(out_dir / "selected.jsonl", "\n".join(lines) + "\n")
+    return {
+        "objective": objective,
+        "budget": budget,
+        "value": value,
+        "layout": layout,
+        "algorithm": "topk" if layout == "items" else c.algorithm,
+    }
 
 
 class SelectStage(Stage):
@@ -84,34 +134,5 @@ class SelectStage(Stage):
     writes = ("select/selection.parquet", "select/selected.jsonl")
 
     def run(self, ctx: Context, **params: Any) -> dict[str, Any]:
-        c = ctx.cfg.select
         pool, _ = ctx.tables()
-        m = pool.num_rows
-        budget = max(1, int(c.fraction * m))
-        layout = json.loads(ctx.path("estimate", "kernels.json").read_text())["layout"]
-        pick = {"dense": select_dense, "sparse": select_sparse, "items": select_items}[layout]
-        idx, gains, value = pick(ctx, budget)
-        objective = "topk" if layout == "items" else c.objective
-        ids = pool.column("id").to_pylist()
-        write_parquet(
-            ctx.path("select", "selection.parquet"),
-            pa.table(
-                {
-                    "id": [ids[i] for i in idx],
-                    "rank": np.arange(len(idx), dtype=np.int64),
-                    "gain": np.asarray(gains, np.float64),
-                    "index": idx,
-                }
-            ),
-            metadata={"objective": objective, "budget": budget, "value": value, "layout": layout},
-        )
-        chosen = pool.take(pa.array(idx))
-        lines = [json.dumps(r, ensure_ascii=False) for r in chosen.to_pylist()]
-        write_text(ctx.path("select", "selected.jsonl"), "\n".join(lines) + "\n")
-        return {
-            "objective": objective,
-            "budget": budget,
-            "value": value,
-            "layout": layout,
-            "algorithm": "topk" if layout == "items" else c.algorithm,
-        }
+        return select_on(ctx, ctx.store.stage_dir("estimate"), pool, ctx.store.stage_dir("select"))
