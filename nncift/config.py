@@ -52,6 +52,19 @@ class DataConfig:
     max_chars: int = _f(4000, "truncate prompt and response to this many characters (0 = no limit)")
     test: str | None = _f(None, "held-out test corpus for `nncift evaluate`; None = carved from the inputs")
     test_size: int = _f(200, "rows of the held-out test split (disjoint from D_F and D_T; 0 = none)")
+    read_block_bytes: int = _f(
+        64 * 2**20,
+        "bytes of one read task: a JSONL file is cut into line-aligned ranges, a Parquet file into runs of row "
+        "groups, of about this size (JSON/ShareGPT/HF inputs are one task per file); results do not depend on it",
+        runtime=True,
+    )
+    partitions: int | None = _f(
+        None,
+        "hash buckets of the exact deduplication (one worker task each); None = one per 4 Mi rows; results do "
+        "not depend on it",
+        runtime=True,
+    )
+    concurrency: int = _f(2, "Ray Data actors reading and deduplicating the inputs", runtime=True)
 
 
 @dataclass
@@ -348,6 +361,8 @@ class RunConfig:
         need(e.col_chunk >= 1, "estimate.col_chunk", "must be >= 1")
         need(s.nu >= 0, "select.nu", "must be >= 0")
         need(d.test_size >= 0, "data.test_size", "must be >= 0")
+        need(d.read_block_bytes >= 1, "data.read_block_bytes", f"must be >= 1, got {d.read_block_bytes}")
+        need(d.partitions is None or d.partitions >= 1, "data.partitions", f"must be >= 1 or null, got {d.partitions}")
         ft, ev = self.finetune, self.eval
         need(ft.method in {"lora", "full"}, "finetune.method", f"got {ft.method!r}")
         need(ft.precision in {"auto", "fp32", "bf16"}, "finetune.precision", f"got {ft.precision!r}")
@@ -375,7 +390,7 @@ class RunConfig:
         bad = sorted(set(_split(ev.subsets)) - {"base", "random", "nncift", "exact", "full"})
         need(not bad and bool(_split(ev.subsets)), "eval.subsets", f"unknown subset {bad[0] if bad else '(none)'}")
         need(self.ray.executor in {"ray", "local"}, "ray.executor", f"got {self.ray.executor!r}")
-        for sec in (self.embed, lb, e, ev):
+        for sec in (d, self.embed, lb, e, ev):
             need(sec.concurrency >= 1, "concurrency", "must be >= 1")
 
     # ------------------------------------------------------------------ provenance
