@@ -106,7 +106,10 @@ def test_parquet_row_groups_equal_reference(tmp_path, vec):
 
 
 def _sharegpt(i: int) -> dict:
-    return {"id": f"s{i}", "conversations": [{"from": "human", "value": f"hi {i}"}, {"from": "gpt", "value": f"yo {i}"}]}
+    return {
+        "id": f"s{i}",
+        "conversations": [{"from": "human", "value": f"hi {i}"}, {"from": "gpt", "value": f"yo {i}"}],
+    }
 
 
 @pytest.mark.parametrize("fmt", ["json", "sharegpt", "hf"])

@@ -75,7 +75,7 @@ class DataStage(Stage):
         if todo:
             shutil.rmtree(dedup_dir, ignore_errors=True)
         kw = {"files": ingest.file_dicts(files), "data_cfg": dataclasses.asdict(c), "out_dir": str(parts_dir)}
-        ctx.executor.map_blocks(ingest.ReadWorker, kw, todo, desc="data read", **res)
+        ctx.executor.map_blocks(ingest.ReadWorker, kw, todo, desc="data read", **_res(res, todo))
         facts = [read_parquet_metadata(parts_dir / n) for n in names]
         _check_files(files, specs, facts, c.embedding_field)
         corpus = [files[s["file"]].corpus for s in specs]
@@ -88,7 +88,7 @@ class DataStage(Stage):
         kw = {"parts": [str(parts_dir / n) for n in names], "corpus": corpus, "given": [f["given"] for f in facts],
               "rows": rows.tolist(), "buckets": buckets, "out_dir": str(dedup_dir)}  # fmt: skip
         todo = [{"block_id": b} for b, n in enumerate(bnames) if n not in ok]
-        ctx.executor.map_blocks(ingest.DedupWorker, kw, todo, desc="data dedup", **res)
+        ctx.executor.map_blocks(ingest.DedupWorker, kw, todo, desc="data dedup", **_res(res, todo))
         drop_part, drop_row = _gather_dedup(ctx, [dedup_dir / n for n in bnames])
         # ---- split from the kept counts; stream the chosen rows out
         keep_mask = _kept_rows(rows, drop_part, drop_row)
@@ -115,6 +115,11 @@ class DataStage(Stage):
             "partitions": buckets,
             "duplicates": len(drop_part),
         }
+
+
+def _res(res: dict[str, Any], todo: list) -> dict[str, Any]:
+    """Actor resources for a fan-out of ``todo`` tasks: never more actors than tasks."""
+    return {**res, "concurrency": max(1, min(res["concurrency"], len(todo)))}
 
 
 def _source(c: Any, corpus: str) -> str:
@@ -147,7 +152,7 @@ def _resume_plan(ctx: Context, files: list, specs: list[dict], parts_dir: Path, 
     counts = {}
     if todo:
         kw = {"files": [f.path for f in files]}
-        out = ctx.executor.map_blocks(ingest.LineCountWorker, kw, todo, desc="data lines", **res)
+        out = ctx.executor.map_blocks(ingest.LineCountWorker, kw, todo, desc="data lines", **_res(res, todo))
         counts = {int(r["block_id"]): int(r["lines"]) for r in out}
     numbered = ingest.number_lines(specs, counts)
     write_json(plan_path, {"key": key, "specs": numbered})
