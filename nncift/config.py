@@ -35,7 +35,10 @@ def _f(default: Any, help: str, runtime: bool = False) -> Any:
 class DataConfig:
     """Where the pool D_F and the target D_T come from."""
 
-    input: str | None = _f(None, "pool corpus path (JSONL/JSON/Parquet/HF dir/ShareGPT); None = embedded ShareGPT")
+    input: str | None = _f(
+        None,
+        "pool corpus: a file (JSONL/JSON/Parquet/ShareGPT), a directory of shards, a glob or an HF dataset dir; None = embedded ShareGPT",
+    )
     target: str | None = _f(None, "target corpus path; None = a seeded split of `input`")
     format: str = _f("auto", "auto | jsonl | json | parquet | hf | sharegpt")
     split: str = _f("train", "split to read from a saved HF DatasetDict")
