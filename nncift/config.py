@@ -35,7 +35,10 @@ def _f(default: Any, help: str, runtime: bool = False) -> Any:
 class DataConfig:
     """Where the pool D_F and the target D_T come from."""
 
-    input: str | None = _f(None, "pool corpus path (JSONL/JSON/Parquet/HF dir/ShareGPT); None = embedded ShareGPT")
+    input: str | None = _f(
+        None,
+        "pool corpus: a file (JSONL/JSON/Parquet/ShareGPT), a directory of shards, a glob or an HF dataset dir; None = embedded ShareGPT",
+    )
     target: str | None = _f(None, "target corpus path; None = a seeded split of `input`")
     format: str = _f("auto", "auto | jsonl | json | parquet | hf | sharegpt")
     split: str = _f("train", "split to read from a saved HF DatasetDict")
@@ -52,6 +55,19 @@ class DataConfig:
     max_chars: int = _f(4000, "truncate prompt and response to this many characters (0 = no limit)")
     test: str | None = _f(None, "held-out test corpus for `nncift evaluate`; None = carved from the inputs")
     test_size: int = _f(200, "rows of the held-out test split (disjoint from D_F and D_T; 0 = none)")
+    read_block_bytes: int = _f(
+        64 * 2**20,
+        "bytes of one read task: a JSONL file is cut into line-aligned ranges, a Parquet file into runs of row "
+        "groups, of about this size (JSON/ShareGPT/HF inputs are one task per file); results do not depend on it",
+        runtime=True,
+    )
+    partitions: int | None = _f(
+        None,
+        "hash buckets of the exact deduplication (one worker task each); None = one per 4 Mi rows; results do "
+        "not depend on it",
+        runtime=True,
+    )
+    concurrency: int = _f(2, "Ray Data actors reading and deduplicating the inputs", runtime=True)
 
 
 @dataclass
@@ -367,6 +383,8 @@ class RunConfig:
                  "ivf needs a factorised surrogate (fit.kind=bilinear); the MLP's top-k is not an inner-product search")  # fmt: skip
         need(s.nu >= 0, "select.nu", "must be >= 0")
         need(d.test_size >= 0, "data.test_size", "must be >= 0")
+        need(d.read_block_bytes >= 1, "data.read_block_bytes", f"must be >= 1, got {d.read_block_bytes}")
+        need(d.partitions is None or d.partitions >= 1, "data.partitions", f"must be >= 1 or null, got {d.partitions}")
         ft, ev = self.finetune, self.eval
         need(ft.method in {"lora", "full"}, "finetune.method", f"got {ft.method!r}")
         need(ft.precision in {"auto", "fp32", "bf16"}, "finetune.precision", f"got {ft.precision!r}")
@@ -394,7 +412,7 @@ class RunConfig:
         bad = sorted(set(_split(ev.subsets)) - {"base", "random", "nncift", "exact", "full"})
         need(not bad and bool(_split(ev.subsets)), "eval.subsets", f"unknown subset {bad[0] if bad else '(none)'}")
         need(self.ray.executor in {"ray", "local"}, "ray.executor", f"got {self.ray.executor!r}")
-        for sec in (self.embed, lb, e, ev):
+        for sec in (d, self.embed, lb, e, ev):
             need(sec.concurrency >= 1, "concurrency", "must be >= 1")
 
     # ------------------------------------------------------------------ provenance

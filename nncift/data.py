@@ -29,10 +29,11 @@ SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("response", p
 
 @dataclass
 class Record:
-    """One raw record and where it came from (for error messages)."""
+    """One raw record and where it came from (for error messages and input order)."""
 
     obj: Any
     where: str  # "file:line N" or "file record N"
+    pos: int = -1  # its line (JSONL, JSON list) or record number (Parquet, HF, a JSON dict's list) in the file
 
 
 # ----------------------------------------------------------------------------------------- raw readers
@@ -58,17 +59,35 @@ def _refuse_binary(path: Path) -> None:
 
 def _read_jsonl(path: Path) -> list[Record]:
     _refuse_binary(path)
+    return parse_jsonl(path, path.read_bytes())
+
+
+def parse_jsonl(path: Path, data: bytes, first_line: int = 1) -> list[Record]:
+    """The records of ``data``: whole JSONL lines of ``path``, the first being line ``first_line``.
+
+    Blank lines are skipped; a BOM at the start of a line is dropped. Errors come in line order: a malformed
+    line before the first non-UTF-8 byte is reported first, as a line-by-line reader would.
+
+    Raises:
+        DataError: ``path:line: malformed JSON (...)`` or ``path:line: not UTF-8 text (...)``.
+    """
+    try:
+        text, bad = data.decode("utf-8"), False
+    except UnicodeDecodeError as exc:  # parse the lines before the bad one, then report it
+        text, bad = data[: data.rfind(b"\n", 0, exc.start) + 1].decode("utf-8"), True
     out = []
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            line = _decode_utf8(path, raw, lineno)
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-            out.append(Record(obj, f"{path}:{lineno}"))
+    for i, line in enumerate(text.split("\n")):
+        line = line.removeprefix("\ufeff")
+        if not line.strip():
+            continue
+        lineno = first_line + i
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+        out.append(Record(obj, f"{path}:{lineno}", lineno))
+    if bad:
+        _decode_utf8(path, data, first_line)  # raises, naming the line and column
     return out
 
 
@@ -98,7 +117,7 @@ def _read_json(path: Path) -> list[Record]:
     if isinstance(data, dict):
         for key in ("data", "rows", "examples", "train"):
             if isinstance(data.get(key), list):
-                return [Record(obj, f"{path} [{key}] record {i}") for i, obj in enumerate(data[key])]
+                return [Record(obj, f"{path} [{key}] record {i}", i) for i, obj in enumerate(data[key])]
     raise DataError(f"{path}:1: expected a JSON list of records, got {type(data).__name__}")
 
 
@@ -135,7 +154,7 @@ def _decode_list(path: Path, text: str) -> tuple[list[Record], bool]:
                 truncated = True
                 break
             raise DataError(f"{path}:{line}: malformed JSON record ({exc.msg})") from None
-        out.append(Record(obj, f"{path}:{line} (record {len(out)})"))
+        out.append(Record(obj, f"{path}:{line} (record {len(out)})", line))
         pos = end
     return out, truncated
 
@@ -147,7 +166,12 @@ def _read_parquet(path: Path) -> list[Record]:
         rows = pq.read_table(path).to_pylist()
     except Exception as exc:
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
-    return [Record(r, f"{path} record {i}") for i, r in enumerate(rows)]
+    return parquet_records(path, rows)
+
+
+def parquet_records(path: Path, rows: list[dict], first: int = 0) -> list[Record]:
+    """Records of Parquet ``rows`` whose first is record ``first`` of ``path``."""
+    return [Record(r, f"{path} record {first + i}", first + i) for i, r in enumerate(rows)]
 
 
 def _read_hf(path: Path, split: str) -> list[Record]:
@@ -163,7 +187,7 @@ def _read_hf(path: Path, split: str) -> list[Record]:
         if split not in ds:
             raise DataError(f"{path}: split '{split}' not found (splits: {', '.join(ds)}); set data.split")
         ds = ds[split]
-    return [Record(r, f"{path} [{split}] record {i}") for i, r in enumerate(ds)]
+    return [Record(r, f"{path} [{split}] record {i}", i) for i, r in enumerate(ds)]
 
 
 def embedded_sharegpt_path() -> Path:
@@ -222,8 +246,117 @@ def _content_id(prompt: str, response: str) -> str:
     return hashlib.sha1(f"{prompt}\x00{response}".encode()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class Fields:
+    """How raw records map to canonical rows, resolved from the first record of a file (see :func:`resolve_fields`).
+
+    Attributes:
+        conv: ShareGPT mode (the first human -> assistant turn of ``conversations``).
+        prompt / response / input: the fields (None in ShareGPT mode; ``input`` None when not used).
+        id: the id field, or None for content-hash ids.
+    """
+
+    conv: bool
+    prompt: str | None
+    response: str | None
+    input: str | None
+    id: str | None
+
+
+def resolve_fields(first: Record, cfg: DataConfig, fmt: str) -> Fields:
+    """The field mapping of a file whose first record is ``first`` (the configured fields, else auto-detected).
+
+    Raises:
+        DataError: the first record is not an object, or no prompt/response fields can be found.
+    """
+    obj = first.obj
+    if not isinstance(obj, dict):
+        raise DataError(f"{first.where}: expected a JSON object per record, got {type(obj).__name__}")
+    conv = fmt == "sharegpt" or (cfg.prompt_field is None and "conversations" in obj and "instruction" not in obj)
+    p_field = r_field = i_field = None
+    if not conv:
+        p_field = cfg.prompt_field or next((k for k in ("instruction", "prompt", "question") if k in obj), None)
+        r_field = cfg.response_field or next((k for k in ("output", "response", "answer") if k in obj), None)
+        i_field = cfg.input_field or ("input" if p_field == "instruction" and "input" in obj else None)
+        if p_field is None or r_field is None:
+            raise DataError(
+                f"{first.where}: cannot find prompt/response fields among {sorted(obj)}; "
+                "set data.prompt_field and data.response_field"
+            )
+    return Fields(conv, p_field, r_field, i_field, cfg.id_field or ("id" if "id" in obj else None))
+
+
+def embedding_dim(first: Record, cfg: DataConfig) -> int | None:
+    """Dimension of the ``data.embedding_field`` vector of ``first`` (the reference of its file), or None."""
+    vec = first.obj.get(cfg.embedding_field) if cfg.embedding_field and isinstance(first.obj, dict) else None
+    return len(vec) if isinstance(vec, list | tuple | np.ndarray) and len(vec) else None
+
+
+def canonical_rows(
+    records: list[Record], cfg: DataConfig, fields: Fields, dim: int | None = None
+) -> tuple[pa.Table, list[Record], int]:
+    """Map raw records to canonical rows with ``fields``, validating every field; no deduplication.
+
+    For ShareGPT mode records lacking a non-empty first human->assistant turn are skipped (that is a property of
+    chat logs); in every other mode a missing or empty field is an error.
+
+    Args:
+        records: raw records with their locations (any contiguous run of one file's records).
+        cfg: the data config (``max_chars``, ``embedding_field``).
+        fields: the file's mapping (:func:`resolve_fields` of its first record).
+        dim: the embedding dimension of the file's first record (None: the first of ``records``).
+
+    Returns:
+        (table with id, prompt, response (strings) [+ embedding (fixed-size list<float32>)], one row per kept
+        record; the kept records; how many conversations were skipped).
+    """
+    ids, prompts, responses, kept, vectors = [], [], [], [], []
+    emb_field = cfg.embedding_field
+    limit = cfg.max_chars or None
+    for rec in records:
+        obj = rec.obj
+        if not isinstance(obj, dict):
+            raise DataError(f"{rec.where}: expected a JSON object, got {type(obj).__name__}")
+        if fields.conv:
+            turn = _first_turn(obj.get("conversations"))
+            if turn is None or not turn[0].strip() or not turn[1].strip():
+                continue
+            prompt, response = turn
+        else:
+            for fname in (fields.prompt, fields.response):
+                if fname not in obj:
+                    raise DataError(f"{rec.where}: missing field '{fname}'")
+                if not isinstance(obj[fname], str) or not obj[fname].strip():
+                    raise DataError(f"{rec.where}: field '{fname}' is empty or not a string")
+            prompt, response = obj[fields.prompt], obj[fields.response]
+            i_field = fields.input
+            if i_field and isinstance(obj.get(i_field), str) and obj[i_field].strip():
+                prompt = f"{prompt} {obj[i_field]}"
+        prompt, response = prompt.strip()[:limit], response.strip()[:limit]
+        if fields.id is not None:
+            if fields.id not in obj or obj[fields.id] in (None, ""):
+                raise DataError(f"{rec.where}: missing field '{fields.id}' (id)")
+            rid = str(obj[fields.id])
+        else:
+            rid = _content_id(prompt, response)
+        if emb_field is not None:
+            vec = obj.get(emb_field)
+            if not isinstance(vec, list | tuple | np.ndarray) or len(vec) == 0:
+                raise DataError(f"{rec.where}: field '{emb_field}' (embedding) is missing or not a list of numbers")
+            vectors.append(vec)
+        ids.append(rid)
+        prompts.append(prompt)
+        responses.append(response)
+        kept.append(rec)
+    table = pa.table({"id": ids, "prompt": prompts, "response": responses}, schema=SCHEMA)
+    if emb_field is not None and kept:
+        where = [r.where for r in kept]
+        table = table.append_column("embedding", embedding_column(vectors, where, emb_field, dim))
+    return table, kept, len(records) - len(kept)
+
+
 def canonicalize(records: list[Record], cfg: DataConfig, fmt: str, source: str) -> pa.Table:
-    """Map raw records to canonical rows, validating every field.
+    """Map the raw records of one file to canonical rows, validating every field, and drop exact duplicates.
 
     Args:
         records: raw records with their locations.
@@ -238,81 +371,32 @@ def canonicalize(records: list[Record], cfg: DataConfig, fmt: str, source: str) 
     """
     if not records:
         raise DataError(f"{source}: the file holds no records")
-    ids, prompts, responses, where, vectors = [], [], [], [], []
-    emb_field = cfg.embedding_field
-    skipped = 0
-    first = records[0].obj
-    if not isinstance(first, dict):
-        raise DataError(f"{records[0].where}: expected a JSON object per record, got {type(first).__name__}")
-    conv_mode = fmt == "sharegpt" or (
-        cfg.prompt_field is None and "conversations" in first and "instruction" not in first
-    )
-    if not conv_mode:
-        p_field = cfg.prompt_field or next((k for k in ("instruction", "prompt", "question") if k in first), None)
-        r_field = cfg.response_field or next((k for k in ("output", "response", "answer") if k in first), None)
-        i_field = cfg.input_field or ("input" if p_field == "instruction" and "input" in first else None)
-        if p_field is None or r_field is None:
-            raise DataError(
-                f"{records[0].where}: cannot find prompt/response fields among {sorted(first)}; "
-                "set data.prompt_field and data.response_field"
-            )
-    id_field = cfg.id_field or ("id" if "id" in first else None)
-    limit = cfg.max_chars or None
-    for rec in records:
-        obj = rec.obj
-        if not isinstance(obj, dict):
-            raise DataError(f"{rec.where}: expected a JSON object, got {type(obj).__name__}")
-        if conv_mode:
-            turn = _first_turn(obj.get("conversations"))
-            if turn is None or not turn[0].strip() or not turn[1].strip():
-                skipped += 1
-                continue
-            prompt, response = turn
-        else:
-            for fname in (p_field, r_field):
-                if fname not in obj:
-                    raise DataError(f"{rec.where}: missing field '{fname}'")
-                if not isinstance(obj[fname], str) or not obj[fname].strip():
-                    raise DataError(f"{rec.where}: field '{fname}' is empty or not a string")
-            prompt, response = obj[p_field], obj[r_field]
-            if i_field and isinstance(obj.get(i_field), str) and obj[i_field].strip():
-                prompt = f"{prompt} {obj[i_field]}"
-        prompt, response = prompt.strip()[:limit], response.strip()[:limit]
-        if id_field is not None:
-            if id_field not in obj or obj[id_field] in (None, ""):
-                raise DataError(f"{rec.where}: missing field '{id_field}' (id)")
-            rid = str(obj[id_field])
-        else:
-            rid = _content_id(prompt, response)
-        if emb_field is not None:
-            vec = obj.get(emb_field)
-            if not isinstance(vec, list | tuple | np.ndarray) or len(vec) == 0:
-                raise DataError(f"{rec.where}: field '{emb_field}' (embedding) is missing or not a list of numbers")
-            vectors.append(vec)
-        ids.append(rid)
-        prompts.append(prompt)
-        responses.append(response)
-        where.append(rec.where)
+    fields = resolve_fields(records[0], cfg, fmt)
+    table, kept, skipped = canonical_rows(records, cfg, fields)
     if skipped:
         log.info("%s: skipped %d conversations without a non-empty first human->assistant turn", source, skipped)
-    if not ids:
+    if not kept:
         raise DataError(f"{source}: no usable records (all {len(records)} lacked a prompt/response)")
-    table = pa.table({"id": ids, "prompt": prompts, "response": responses}, schema=SCHEMA)
-    if emb_field is not None:
-        table = table.append_column("embedding", embedding_column(vectors, where, emb_field))
-    return _dedupe(table, where, given_ids=id_field is not None, source=source)
+    return _dedupe(table, [r.where for r in kept], given_ids=fields.id is not None, source=source)
 
 
-def embedding_column(vectors: list, where: list[str], field: str) -> pa.Array:
+def embedding_column(vectors: list, where: list[str], field: str, dim: int | None = None) -> pa.Array:
     """Precomputed embeddings as a fixed-size list<float32> column, checked: one dimension, numbers, finite.
+
+    Args:
+        vectors: one non-empty sequence per row.
+        where: each row's location (for messages).
+        field: the input field (for messages).
+        dim: the expected dimension (the file's first record); None = that of ``vectors[0]``.
 
     Raises:
         DataError: naming the record (file and line or record number) and the field.
     """
     dims = np.fromiter((len(v) for v in vectors), np.int64, len(vectors))
-    bad = np.flatnonzero(dims != dims[0])
+    ref = int(dims[0]) if dim is None else int(dim)
+    bad = np.flatnonzero(dims != ref)
     if len(bad):
-        raise DataError(f"{where[bad[0]]}: field '{field}' has {dims[bad[0]]} dimensions, the first record {dims[0]}")
+        raise DataError(f"{where[bad[0]]}: field '{field}' has {dims[bad[0]]} dimensions, the first record {ref}")
     try:
         arr = np.asarray(vectors, dtype=np.float32)
     except (TypeError, ValueError):
@@ -324,22 +408,48 @@ def embedding_column(vectors: list, where: list[str], field: str) -> pa.Array:
     if not (np.linalg.norm(arr, axis=1) > 0).all():
         row = int(np.flatnonzero(np.linalg.norm(arr, axis=1) == 0)[0])
         raise DataError(f"{where[row]}: field '{field}' is the zero vector (it has no direction)")
-    return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), int(dims[0]))
+    return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), ref)
+
+
+def resolve_duplicates(ids: np.ndarray, given: np.ndarray) -> tuple[np.ndarray, tuple[int, int] | None]:
+    """Exact duplicates among ``ids`` (rows in input order).
+
+    Args:
+        ids: (R,) object array of id strings, in input order.
+        given: (R,) bool, whether each row's id was given by the input (else it is a content hash).
+
+    Returns:
+        (drop, clash): ``drop`` (D,) int64 sorted rows repeating a content-hash id seen before (the first
+        occurrence is kept); ``clash`` (first, second) rows of the smallest duplicated id that any of its
+        rows was given (an error), or None.
+    """
+    if len(ids) == 0:
+        return np.zeros(0, np.int64), None
+    uniq, first_idx, inverse, counts = np.unique(ids, return_index=True, return_inverse=True, return_counts=True)
+    if (counts == 1).all():
+        return np.zeros(0, np.int64), None
+    dup_given = np.zeros(len(uniq), bool)
+    np.logical_or.at(dup_given, inverse, given)
+    bad = np.flatnonzero((counts > 1) & dup_given)
+    if len(bad):
+        first = int(first_idx[bad[0]])
+        second = int(np.flatnonzero(inverse == bad[0])[1])
+        return np.zeros(0, np.int64), (first, second)
+    keep = np.zeros(len(ids), bool)
+    keep[first_idx] = True
+    return np.flatnonzero(~keep).astype(np.int64), None
 
 
 def _dedupe(table: pa.Table, where: list[str], given_ids: bool, source: str) -> pa.Table:
     ids = np.asarray(table.column("id").to_numpy(zero_copy_only=False), dtype=object)
-    _, first_idx, counts = np.unique(ids, return_index=True, return_counts=True)
-    if (counts == 1).all():
-        return table
-    if given_ids:
-        dup = int(np.flatnonzero(counts > 1)[0])
-        first = int(first_idx[dup])
-        second = next(i for i in range(first + 1, len(ids)) if ids[i] == ids[first])
+    drop, clash = resolve_duplicates(ids, np.full(len(ids), given_ids))
+    if clash is not None:
+        first, second = clash
         raise DataError(f"{where[second]}: duplicate id '{ids[first]}' (first seen at {where[first]})")
-    keep = np.sort(first_idx)
-    log.info("%s: dropped %d exact duplicate rows", source, len(ids) - len(keep))
-    return table.take(pa.array(keep))
+    if not len(drop):
+        return table
+    log.info("%s: dropped %d exact duplicate rows", source, len(drop))
+    return table.filter(pa.array(~np.isin(np.arange(len(ids)), drop)))
 
 
 def read_corpus(path: str | Path | None, cfg: DataConfig) -> pa.Table:
@@ -386,25 +496,47 @@ def split_pool_target(pool: pa.Table, target: pa.Table | None, cfg: DataConfig, 
 def split_data(pool: pa.Table, target: pa.Table | None, test: pa.Table | None, cfg: DataConfig, seed: int):
     """Build D_F (M rows), D_T (N rows) and the held-out test split (disjoint from both).
 
-    With ``target`` None the rows of ``pool`` are permuted with ``seed``: the first ``target_size`` become
-    D_T, the last ``test_size`` the test split (only from rows beyond ``pool_size`` when that is set), and
-    the next ``pool_size`` after D_T become D_F. Otherwise
-    each table is sub-sampled (seeded) to its size and the test split is ``test`` (sub-sampled) or, when
-    None, carved from the target rows left out of D_T (then from the pool rows left out of D_F).
+    The rows are chosen by :func:`split_indices` (see there); each output keeps its rows in input order.
 
     Returns:
         (pool_table, target_table, test_table) - the test table may have 0 rows.
     """
+    tables = {"pool": pool, "target": target, "test": test}
+    n_of = {k: (None if t is None else t.num_rows) for k, t in tables.items()}
+    return tuple(tables[src].take(pa.array(idx)) for src, idx in split_indices(n_of, cfg, seed))
+
+
+Split = tuple[str, np.ndarray]  # (source corpus: "pool" | "target" | "test", sorted int64 row indices into it)
+
+
+def split_indices(n_rows: dict[str, int | None], cfg: DataConfig, seed: int) -> tuple[Split, Split, Split]:
+    """The rows of D_F, D_T and the test split, from the row counts of the inputs alone.
+
+    With no ``target`` the rows of ``pool`` are permuted with ``seed``: the first ``target_size`` become D_T,
+    the last ``test_size`` the test split (only from rows beyond ``pool_size`` when that is set), and the next
+    ``pool_size`` after D_T become D_F. Otherwise each input is sub-sampled (seeded) to its size and the test
+    split is ``test`` (sub-sampled) or, when None, carved from the target rows left out of D_T (then from the
+    pool rows left out of D_F).
+
+    Args:
+        n_rows: rows of "pool", "target" and "test" after deduplication (None: that input is not given).
+        cfg: sizes. seed: the run's seed (one ``np.random.default_rng(seed)`` drawn in a fixed order).
+
+    Returns:
+        ((source, idx) of D_F, of D_T, of the test split); every idx sorted ascending (input order).
+    """
     rng = np.random.default_rng(seed)
+    n_pool, n_target, n_given_test = n_rows["pool"], n_rows.get("target"), n_rows.get("test")
+    has_test = n_given_test is not None
     n_test = cfg.test_size
-    if target is None:
-        n_t = cfg.target_size if cfg.target_size is not None else max(1, pool.num_rows // 5)
-        if pool.num_rows < n_t + 2:
-            raise DataError(f"corpus has {pool.num_rows} rows; need more than data.target_size={n_t} + 1")
-        perm = rng.permutation(pool.num_rows)
+    if n_target is None:
+        n_t = cfg.target_size if cfg.target_size is not None else max(1, n_pool // 5)
+        if n_pool < n_t + 2:
+            raise DataError(f"corpus has {n_pool} rows; need more than data.target_size={n_t} + 1")
+        perm = rng.permutation(n_pool)
         need_pool = cfg.pool_size if cfg.pool_size is not None else 2  # an explicit pool size comes first
-        n_test = 0 if test is not None else min(n_test, max(0, pool.num_rows - n_t - need_pool))
-        if n_test < cfg.test_size and test is None:
+        n_test = 0 if has_test else min(n_test, max(0, n_pool - n_t - need_pool))
+        if n_test < cfg.test_size and not has_test:
             log.warning("data.test_size=%d but only %d rows can be held out", cfg.test_size, n_test)
         t_idx = perm[:n_t]
         x_idx = perm[len(perm) - n_test :] if n_test else perm[:0]
@@ -413,33 +545,32 @@ def split_data(pool: pa.Table, target: pa.Table | None, test: pa.Table | None, c
         if cfg.pool_size is not None and cfg.pool_size > len(rest):
             log.warning("data.pool_size=%d but only %d rows remain; using %d", cfg.pool_size, len(rest), m)
         f_idx = rest[:m]
-        f_t = pool.take(pa.array(np.sort(f_idx)))
-        t_t = pool.take(pa.array(np.sort(t_idx)))
-        x_t = pool.take(pa.array(np.sort(x_idx))) if test is None else _sample(test, cfg.test_size, rng)
-        return f_t, t_t, x_t
+        test_split = ("pool", np.sort(x_idx)) if not has_test else ("test", _sample(n_given_test, cfg.test_size, rng))
+        return ("pool", np.sort(f_idx)), ("pool", np.sort(t_idx)), test_split
     out, left = [], []
-    for table, size, name in ((pool, cfg.pool_size, "pool"), (target, cfg.target_size, "target")):
-        if size is None or size >= table.num_rows:
-            keep = np.arange(table.num_rows)
+    for n, size, name in ((n_pool, cfg.pool_size, "pool"), (n_target, cfg.target_size, "target")):
+        if size is None or size >= n:
+            keep = np.arange(n)
         else:
-            keep = np.sort(rng.choice(table.num_rows, size, replace=False))
-        out.append(table.take(pa.array(keep)))
-        left.append(table.filter(pa.array(~np.isin(np.arange(table.num_rows), keep))))
-        log.info("%s: %d rows", name, out[-1].num_rows)
-    if test is not None:
-        x_t = _sample(test, n_test, rng)
+            keep = np.sort(rng.choice(n, size, replace=False))
+        out.append((name, keep))
+        left.append((name, np.flatnonzero(~np.isin(np.arange(n), keep))))
+        log.info("%s: %d rows", name, len(keep))
+    if has_test:
+        test_split = ("test", _sample(n_given_test, n_test, rng))
     else:
-        spare = left[1] if left[1].num_rows else left[0]
-        x_t = _sample(spare, n_test, rng)
-        if x_t.num_rows < n_test:
-            log.warning("data.test_size=%d but only %d spare rows can be held out", n_test, x_t.num_rows)
-    return out[0], out[1], x_t
+        name, spare = left[1] if len(left[1][1]) else left[0]
+        test_split = (name, spare[_sample(len(spare), n_test, rng)])
+        if len(test_split[1]) < n_test:
+            log.warning("data.test_size=%d but only %d spare rows can be held out", n_test, len(test_split[1]))
+    return out[0], out[1], test_split
 
 
-def _sample(table: pa.Table, size: int, rng: np.random.Generator) -> pa.Table:
-    if size >= table.num_rows:
-        return table
-    return table.take(pa.array(np.sort(rng.choice(table.num_rows, size, replace=False))))
+def _sample(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted ``size`` of ``n`` rows drawn without replacement (all rows, and no draw, when ``size >= n``)."""
+    if size >= n:
+        return np.arange(n)
+    return np.sort(rng.choice(n, size, replace=False))
 
 
 def load_pool_target(cfg: DataConfig, seed: int) -> tuple[pa.Table, pa.Table, pa.Table]:

@@ -348,12 +348,13 @@ class RayExecutor:
     def map_blocks(
         self, worker_cls: type, ctor_kwargs: dict[str, Any], specs: list[dict], desc: str = "", **res: Any
     ) -> list[dict]:
-        """:func:`map_ray`; a user-fixable error a worker returned is raised here as one line."""
+        """:func:`map_ray`; a user-fixable error a worker returned is raised here as one line (that of the
+        first failing block in spec order, as the local executor does, whatever order the actors finished in)."""
         from nncift.errors import raise_worker_errors
 
         self.start()
         out = map_ray(worker_cls, ctor_kwargs, specs, **res)
-        raise_worker_errors(out)
+        raise_worker_errors(sorted(out, key=lambda r: int(r.get("block_id", 0))))
         return out
 
     def embed(

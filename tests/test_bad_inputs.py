@@ -70,6 +70,12 @@ CATALOGUE = [
     ("not-a-dataset-dir", {"ds/readme.txt": b"hello"}, ["--input", "{d}/ds"], "data", r"ds: .*not .*dataset"),
     ("format-mismatch", {"c.jsonl": jsonl(GOOD)}, ["--input", "{d}/c.jsonl", "--set", "data.format=parquet"],
      "data", r"c.jsonl: not a readable Parquet file"),
+    ("glob-no-match", {}, ["--input", "{d}/shards/*.jsonl"], "data", r"shards/\*.jsonl: no such file or directory"),
+    ("duplicate-id-across-shards", {"s/a.jsonl": jsonl(GOOD[:30]), "s/b.jsonl": jsonl([{**GOOD[40], "id": "r7"}])},
+     ["--input", "{d}/s"], "data", r"s/b.jsonl:1: duplicate id 'r7' \(first seen at .*s/a.jsonl:8\)"),
+    ("shard-embedding-dims", {"s/a.jsonl": jsonl([{**g, "v": [1, 2]} for g in GOOD[:30]]),
+     "s/b.jsonl": jsonl([{**g, "v": [1, 2, 3]} for g in GOOD[30:]])}, ["--input", "{d}/s", "--set",
+     "data.embedding_field=v"], "data", r"s/b.jsonl:1: field 'v' has 3 dimensions, the first record 2"),
     # ------------------------------------------------------------------ configuration
     ("unknown-key", {}, ["--set", "fit.widht=3"], "data", r"unknown config field 'fit.widht'"),
     ("max-pairs-too-small", {}, ["--set", "label.max_pairs=10"], "label",
