@@ -32,11 +32,29 @@ from nncift.store import RunDir, run_lock, write_text
 log = logging.getLogger(__name__)
 
 
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS window for this process (Linux: ``/proc/self/clear_refs``; elsewhere a no-op, and
+    :func:`peak_rss_mib` is then the process's peak so far)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
 def peak_rss_mib() -> float:
-    """Peak resident memory of this (driver) process so far, in MiB (Ray workers are separate processes)."""
+    """Peak resident memory of this (driver) process since :func:`reset_peak_rss`, in MiB (Linux ``VmHWM``;
+    elsewhere the lifetime peak). Ray workers are separate processes."""
     import resource
     import sys
 
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
@@ -150,11 +168,12 @@ class Runner:
             return st.skipped_result(self.ctx, **params)
         if done is not None and not self.overwrite:
             self.store.begin(folder, fp, prov)  # raises ProvenanceError naming the changed fields
+        reset_peak_rss()  # each stage's marker holds its own peak (validation included)
+        t0 = time.perf_counter()
         st.validate(self.ctx, **params)  # inputs checked before anything of the stage is written
         self.store.begin(folder, fp, prov, overwrite=self.overwrite or st.always_run)
         self.skipped.discard(folder)
         log.info("stage %-8s running", label)
-        t0 = time.perf_counter()
         info = st.run(self.ctx, **params) or {}
         seconds = time.perf_counter() - t0
         info.setdefault("peak_rss_mib", peak_rss_mib())

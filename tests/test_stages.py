@@ -113,7 +113,7 @@ def test_pointwise_teacher_end_to_end(tmp_path, corpus, tiny_overrides):
     rep = json.loads((run / "report" / "report.json").read_text())
     assert rep["label"]["kind"] == "pointwise" and "item" in rep["network"]
     rss = [rep["peak_rss_mib"][s] for s in ("data", "embed", "label", "fit", "estimate", "select")]
-    assert rss[0] > 10 and rss == sorted(rss)  # the driver's peak so far, per stage (MiB)
+    assert min(rss) > 10  # each stage's own driver peak (MiB)
     assert rep["fidelity"]["measured"] is False and "pointwise" in rep["fidelity"]["reason"]
     assert (
         "item scores" in (run / "report" / "report.md").read_text()
@@ -193,3 +193,20 @@ def test_scale_path_at_small_m(tmp_path):
 
     values = {r: read_parquet_metadata(tmp_path / r / "select" / "selection.parquet")["value"] for r in ("ivf", "exh")}
     assert values["ivf"] == pytest.approx(values["exh"], rel=1e-4)
+
+
+def test_each_stage_marker_holds_its_own_peak_rss():
+    """The peak-RSS window restarts per stage: a large allocation in one stage does not show in the next."""
+    import os
+
+    from nncift.runner import peak_rss_mib, reset_peak_rss
+
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("no /proc/self/clear_refs: peaks are lifetime peaks on this platform")
+    reset_peak_rss()
+    base = peak_rss_mib()
+    big = np.ones(400 * 2**20 // 8)  # 400 MiB touched
+    assert peak_rss_mib() > base + 300
+    del big
+    reset_peak_rss()
+    assert peak_rss_mib() < base + 200
