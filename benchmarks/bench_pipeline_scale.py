@@ -19,6 +19,8 @@ import argparse
 import contextlib
 import json
 import logging
+import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -85,6 +87,34 @@ def exhaustive_baseline(run_dir: Path, stripes: int = 2) -> float:
     return stripes * size * m / dt
 
 
+def project(stages: dict[str, float], m: int, est_ff: float, to_m: int, nodes: list[int], cores: int) -> str:
+    """A Markdown table: projected wall time of each stage for ``to_m`` items on N nodes of ``cores`` cores,
+    from the seconds measured here at ``m`` items on this machine's cores (see docs/scale.md for the model).
+
+    Models: data / embed / label-prep scale linearly in M and split over every core; the label budget and
+    the fit are constant in M (a pair budget, the same labels); candidate estimation of K_FF grows as M^1.5
+    (M rows, each scanning nprobe cells of M / nlist columns, nlist ~ 4 sqrt(M)) and K_FT linearly, both split
+    over every core; GreeDi's first round splits over the parts (one per core), its merge is linear in M on
+    one core.
+    """
+    here = os.cpu_count() or 1
+    r = to_m / m
+    other_est = max(stages["estimate"] - est_ff, 0.0)
+    rows = ["| nodes x cores | data | label | fit | estimate | select | total |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for n in nodes:
+        par = here / (n * cores)  # this machine's core-seconds spread over the cluster's cores
+        t = {
+            "data": (stages["data"] + stages["embed"]) * r * par,
+            "label": stages["label"],
+            "fit": stages["fit"],
+            "estimate": (est_ff * r**1.5 + other_est * r) * par,
+            "select": stages["select"] * r * max(par, 0.5),
+        }
+        cells = " | ".join(f"{t[k] / 60:.1f} min" for k in ("data", "label", "fit", "estimate", "select"))
+        rows.append(f"| {n} x {cores} | {cells} | {sum(t.values()) / 60:.0f} min |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1_000_000, help="pool rows M (the corpus has M + targets rows)")
@@ -95,6 +125,10 @@ def main() -> None:
     ap.add_argument("--executor", default="ray", choices=("ray", "local"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument("--resume", action="store_true", help="keep the finished stages of an earlier run")
+    ap.add_argument("--project", type=int, default=10_000_000, help="project the stage times to this many items")
+    ap.add_argument("--nodes", default="1,4,16,64", help="node counts of the projection")
+    ap.add_argument("--cores-per-node", type=int, default=16)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%X")
 
@@ -115,6 +149,8 @@ def main() -> None:
     ]
     cfg = load_config(None, overrides)
     run_dir = work / "run"
+    if run_dir.exists() and not args.resume:
+        shutil.rmtree(run_dir)  # a benchmark measures every stage: start from nothing
     t0 = time.perf_counter()
     with TreeRss() as rss:
         runner = Runner(cfg, run_dir, overwrite=True)
@@ -144,6 +180,12 @@ def main() -> None:
         f"baseline, exhaustive estimation measured in this run: {base_rate:.3g} pairs/s -> {exh / 60:.0f} min "
         f"for all {m * m + m * n:.3e} pairs (candidates: {est['map_seconds'] / 60:.1f} min)"
     )
+    secs = {stage: sec for stage, sec, _ in rows}
+    est_ft = m * n / base_rate if "ft" not in recall else 0.0  # K_FT scored exhaustively: its share
+    est_ff = max(secs["estimate"] - est_ft, 0.0)
+    nodes = [int(x) for x in args.nodes.split(",")]
+    print(f"\nprojection to {args.project:,} items (model: benchmarks/bench_pipeline_scale.py project()):\n")
+    print(project(secs, m, est_ff, args.project, nodes, args.cores_per_node))
     if args.json:
         Path(args.json).write_text(
             json.dumps(

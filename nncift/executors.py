@@ -91,7 +91,13 @@ class LocalExecutor:
         return {n: fit_loop(fit_cfg, e_rows, ec, tr, va, on_epoch=on_epoch) for n, (ec, tr, va) in tasks.items()}
 
     def greedi(self, kern: Any, parts: list[np.ndarray], budget: int) -> tuple[np.ndarray, np.ndarray]:
-        """GreeDi: a greedy per part, then a greedy over the union of the part solutions."""
+        """GreeDi: a greedy per part, then a greedy over the union of the part solutions.
+
+        Args:
+            kern: a :class:`~nncift.select_sparse.SparseKernel`, or a :class:`~nncift.select_sparse.StripeSource`
+                (each part then reads only its own sub-kernel from the estimate's stripes).
+            parts: the partition of the items. budget: picks.
+        """
         from nncift.select_sparse import greedi_local_round, greedi_merge
 
         return greedi_merge(kern, [greedi_local_round(kern, p, budget) for p in parts], budget)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -198,16 +199,115 @@ def partition_items(n: int, parts: int, seed: int) -> list[np.ndarray]:
     return [np.sort(p) for p in np.array_split(perm, parts)]
 
 
-def greedi_local_round(kern: SparseKernel, items: np.ndarray, budget: int) -> np.ndarray:
-    """Round 1 of GreeDi on one part: greedy on the part's own sub-kernel; returns global item ids."""
-    sub, ids = restrict(kern, items)
+@dataclass(frozen=True)
+class StripeSource:
+    """Where a sparse FL / FLMI kernel lives on disk: the estimate's per-row top-k Parquet stripes.
+
+    GreeDi's tasks build their own part of the kernel from it (:func:`stripe_kernel`), stripe by stripe, so
+    neither the driver nor a task ever holds the whole (M, k) top-k. On a cluster the run directory is shared
+    storage, so a task reads the stripes wherever it runs.
+
+    Attributes:
+        block_dir: folder of the stripes (``ff_*.parquet``, and ``ft_*.parquet`` for FLMI).
+        m: items (rows and candidates). objective: "fl" or "flmi". eta: FLMI magnification.
+    """
+
+    block_dir: str
+    m: int
+    objective: str = "fl"
+    eta: float = 1.0
+
+
+def _stripes(block_dir: str, kernel: str):
+    """Each stripe of ``kernel`` in file order: (rows (R,) int64, cols (R, k) int64, vals (R, k) float32)."""
+    import pyarrow.parquet as pq
+
+    for path in sorted(Path(block_dir).glob(f"{kernel}_*.parquet")):
+        t = pq.read_table(path, columns=["row", "cols", "values"])
+        rows = t.column("row").to_numpy()
+        c = t.column("cols").combine_chunks()
+        kk = len(c) and len(c.flatten()) // len(c)
+        cols = c.flatten().to_numpy().reshape(len(rows), kk)
+        vals = t.column("values").combine_chunks().flatten().to_numpy().reshape(len(rows), kk)
+        yield rows, cols, vals
+
+
+def stripe_kernel(
+    src: StripeSource, items: np.ndarray | None = None, cols: np.ndarray | None = None
+) -> tuple[SparseKernel, np.ndarray | None]:
+    """The scaled FL / FLMI sparse kernel read stripe by stripe, keeping only the entries needed.
+
+    Args:
+        src: the stripes. items: keep only these items as rows *and* candidates, renumbered 0..len-1 (the
+            kernel :func:`restrict` gives). cols: keep all rows but only these candidate columns (global ids).
+
+    Returns:
+        (kernel, ids): ``ids`` maps a renumbered index to its item (``items`` sorted), or None (global ids).
+        The kernel equals :func:`fl_kernel_from_topk` (restricted) on the gathered stripes, entry for entry.
+    """
+    from nncift.estimate import sparse_extent
+
+    m = src.m
+    row_keep = np.ones(m, bool)
+    col_keep = np.ones(m, bool)
+    ids = None
+    if items is not None:
+        ids = np.sort(np.asarray(items, np.int64))
+        row_keep[:] = False
+        row_keep[ids] = True
+        col_keep = row_keep
+    if cols is not None:
+        col_keep = np.zeros(m, bool)
+        col_keep[np.asarray(cols, np.int64)] = True
+    lo, hi = sparse_extent(Path(src.block_dir), "ff")
+    cap = None
+    if src.objective == "flmi":  # each row's coverage capped at eta x its best scaled K_FT value
+        flo, fhi = sparse_extent(Path(src.block_dir), "ft")
+        best = np.full(m, -np.inf, np.float32)
+        for rows, _, vals in _stripes(src.block_dir, "ft"):
+            best[rows] = vals.max(axis=1)
+        row_max = (best - flo) / (fhi - flo) if fhi > flo else np.zeros(m, np.float32)
+        cap = (src.eta * row_max).astype(np.float32)
+    rr, cc, vv = [], [], []
+    for rows, cs, vals in _stripes(src.block_dir, "ff"):
+        keep = (cs >= 0) & row_keep[rows][:, None]
+        keep &= col_keep[np.where(cs >= 0, cs, 0)]
+        r_idx, k_idx = np.nonzero(keep)
+        rr.append(rows[r_idx])
+        cc.append(cs[r_idx, k_idx])
+        vv.append(vals[r_idx, k_idx])
+    rows = np.concatenate(rr) if rr else np.zeros(0, np.int64)
+    c = np.concatenate(cc) if cc else np.zeros(0, np.int64)
+    v = np.concatenate(vv).astype(np.float32) if vv else np.zeros(0, np.float32)
+    v = np.zeros_like(v) if not hi > lo else ((v - lo) / (hi - lo)).astype(np.float32)
+    if cap is not None:
+        v = np.minimum(v, cap[rows])
+    n = m
+    if ids is not None:
+        local = np.full(m, -1, np.int64)
+        local[ids] = np.arange(len(ids))
+        rows, c, n = local[rows], local[c], len(ids)
+    order = np.lexsort((rows, c))
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(c, minlength=n))]).astype(np.int64)
+    return SparseKernel(indptr, rows[order].astype(np.int64), v[order], n), ids
+
+
+def greedi_local_round(kern: SparseKernel | StripeSource, items: np.ndarray, budget: int) -> np.ndarray:
+    """Round 1 of GreeDi on one part: greedy on the part's own sub-kernel (cut from ``kern``, or read from
+    the stripes of a :class:`StripeSource`); returns global item ids."""
+    sub, ids = stripe_kernel(kern, items=items) if isinstance(kern, StripeSource) else restrict(kern, items)
     k = min(budget, len(ids))
     return ids[sparse_lazy_greedy(sub, k)[0]]
 
 
-def greedi_merge(kern: SparseKernel, local: list[np.ndarray], budget: int) -> tuple[np.ndarray, np.ndarray]:
-    """Round 2: greedy over the union of the local solutions on the full objective."""
+def greedi_merge(
+    kern: SparseKernel | StripeSource, local: list[np.ndarray], budget: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Round 2: greedy over the union of the local solutions on the full objective (from a
+    :class:`StripeSource`, only the union's columns are read)."""
     union = np.unique(np.concatenate(local))
+    if isinstance(kern, StripeSource):
+        kern = stripe_kernel(kern, cols=union)[0]
     return sparse_lazy_greedy(kern, min(budget, len(union)), candidates=union)
 
 

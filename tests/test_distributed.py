@@ -115,6 +115,21 @@ def test_greedi_ray_equals_local(ray_session):
     np.testing.assert_allclose(local[1], remote[1])
 
 
+def test_greedi_ray_from_stripes_equals_local(ray_session, tmp_path):
+    """Ray tasks that read their parts from the Parquet stripes pick what the local twin picks."""
+    from nncift.distributed import greedi_ray
+    from nncift.executors import LocalExecutor
+    from nncift.select_sparse import StripeSource, partition_items
+    from tests.test_select_sparse import _dense, _write_stripes
+
+    _write_stripes(tmp_path, _dense(m=300, seed=8), 16)
+    src = StripeSource(str(tmp_path), 300)
+    parts = partition_items(300, 3, seed=1)
+    local, remote = LocalExecutor().greedi(src, parts, 25), greedi_ray(src, parts, 25)
+    np.testing.assert_array_equal(local[0], remote[0])
+    np.testing.assert_array_equal(local[1], remote[1])
+
+
 def _bilinear_heads(m=37, n=11, d=6):
     import torch
 

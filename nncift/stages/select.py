@@ -50,6 +50,12 @@ def select_sparse(ctx: Context, block_dir: Path, m: int, budget: int) -> tuple[n
     c = ctx.cfg.select
     if c.objective == "topk":  # each K_FT row's mean over every target (recorded by the estimate stage)
         return ss.topk_scores(read_row_means(block_dir, "ft", m), *sparse_extent(block_dir, "ft"), budget)
+    if c.algorithm == "greedi":  # each part's task reads its own sub-kernel from the stripes
+        if c.objective == "flcg":
+            raise NotImplementedError("select.algorithm=greedi supports fl and flmi (not flcg)")
+        src = ss.StripeSource(str(block_dir), m, c.objective, c.eta)
+        idx, gains = ctx.executor.greedi(src, ss.partition_items(m, c.parts, ctx.cfg.seed), budget)
+        return idx, gains, ss.sparse_objective(ss.stripe_kernel(src, cols=idx)[0], idx)
     ff_cols, ff_vals = read_sparse(block_dir, "ff", m)
     ft_vals = read_sparse(block_dir, "ft", m)[1] if c.objective in ("flmi", "flcg") else None
     kern, floor = ss.fl_kernel_from_topk(
@@ -64,12 +70,8 @@ def select_sparse(ctx: Context, block_dir: Path, m: int, budget: int) -> tuple[n
     )
     if c.algorithm == "lazy":
         idx, gains = ss.sparse_lazy_greedy(kern, budget, floor)
-    elif c.algorithm == "stochastic":
-        idx, gains = ss.stochastic_greedy(kern, budget, c.eps, ctx.cfg.seed, floor)
     else:
-        if floor is not None:
-            raise NotImplementedError("select.algorithm=greedi supports fl and flmi (not flcg)")
-        idx, gains = ctx.executor.greedi(kern, ss.partition_items(m, c.parts, ctx.cfg.seed), budget)
+        idx, gains = ss.stochastic_greedy(kern, budget, c.eps, ctx.cfg.seed, floor)
     return idx, gains, ss.sparse_objective(kern, idx, floor)
 
 
