@@ -31,6 +31,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import quote, unquote
 
 import pyarrow.fs as pafs
@@ -179,16 +180,28 @@ def stat(spec: Spec) -> tuple[int, int]:
     fi = info(spec)
     if fi.type != pafs.FileType.File:
         raise DataError(f"{spec}: no such file")
+    return _entry(spec, fi)[1:]
+
+
+class Entry(NamedTuple):
+    """A listed file: its spec (a plain path under a plain path, a URI under a URI) and :func:`stat`."""
+
+    spec: str
+    size: int
+    mtime_ns: int
+
+
+def _entry(spec: Spec, fi: pafs.FileInfo) -> Entry:
     size = fi.size
     if size is None:  # pragma: no cover - every pyarrow filesystem reports file sizes
         with open_input(spec) as fh:
             size = fh.size()
-    return int(size), int(fi.mtime_ns) if fi.mtime_ns is not None else -1
+    return Entry(os.fspath(spec), int(size), int(fi.mtime_ns) if fi.mtime_ns is not None else -1)
 
 
-def list_files(spec: Spec) -> list[str]:
-    """The files under the directory (object store: prefix) ``spec``, at any depth, as specs of their own
-    (plain paths under a plain path, URIs under a URI), sorted by path components.
+def list_files(spec: Spec) -> list[Entry]:
+    """The files under the directory (object store: prefix) ``spec``, at any depth, sorted by path components,
+    with their size and modification time from the listing (no request per file).
 
     Raises:
         DataError: the store refused the listing.
@@ -198,11 +211,11 @@ def list_files(spec: Spec) -> list[str]:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     except OSError as exc:
         raise DataError(f"{spec}: cannot list ({_reason(exc)})") from None
-    found = sorted((fi.path for fi in infos if fi.type == pafs.FileType.File), key=lambda p: p.split("/"))
-    return [_spec_of(spec, p) for p in found]
+    found = sorted((fi for fi in infos if fi.type == pafs.FileType.File), key=lambda fi: fi.path.split("/"))
+    return [_entry(_spec_of(spec, fi.path), fi) for fi in found]
 
 
-def relative(spec: Spec, child: str) -> list[str]:
+def relative(spec: Spec, child: Spec) -> list[str]:
     """The path components of the spec ``child`` (from :func:`list_files` of ``spec``) below ``spec``."""
     base = resolve(spec)[1].rstrip("/")
     path = resolve(child)[1]
@@ -225,8 +238,9 @@ def has_glob(spec: Spec) -> bool:
     return _GLOB.search(path) is not None
 
 
-def glob(spec: str) -> list[str]:
-    """The files matching the pattern ``spec``, sorted by path components.
+def glob(spec: str) -> list[Entry]:
+    """The files matching the pattern ``spec``, sorted by path components (with size and modification time
+    from the listing, as :func:`list_files`).
 
     The directory before the first component with a glob character is listed (recursively only when the
     pattern goes deeper, or has ``**``) and every listed file is matched component by component with
@@ -250,14 +264,14 @@ def glob(spec: str) -> list[str]:
         raise DataError(f"{spec}: cannot list ({_reason(exc)})") from None
     prefix = base.rstrip("/") + "/" if base else ""
     found = [
-        fi.path
+        fi
         for fi in infos
         if fi.type == pafs.FileType.File
         and fi.path.startswith(prefix)
         and _match([c for c in fi.path[len(prefix) :].split("/") if c], pattern)
     ]
-    found.sort(key=lambda p: p.split("/"))
-    return [_spec_of(spec, p) for p in found]
+    found.sort(key=lambda fi: fi.path.split("/"))
+    return [_entry(_spec_of(spec, fi.path), fi) for fi in found]
 
 
 def _match(names: list[str], pattern: list[str]) -> bool:

@@ -105,7 +105,7 @@ def expand_inputs(cfg: DataConfig) -> list[InputFile]:
         if spec is None and corpus != "pool":
             continue
         if spec is not None and fsio.is_uri(spec):
-            out += [InputFile(uri, fmt, corpus, *fsio.stat(uri)) for uri, fmt in _expand_uri(spec, cfg)]
+            out += [InputFile(e.spec, fmt, corpus, e.size, e.mtime_ns) for e, fmt in _expand_uri(spec, cfg)]
             continue
         for path, fmt in _expand(spec, cfg):
             st = path.stat()
@@ -145,8 +145,9 @@ def _expand(spec: str | None, cfg: DataConfig) -> list[tuple[Path, str]]:
     return out
 
 
-def _expand_uri(spec: str, cfg: DataConfig) -> list[tuple[str, str]]:
-    """The files of the URI input ``spec`` with their formats, as :func:`_expand` finds local ones.
+def _expand_uri(spec: str, cfg: DataConfig) -> list[tuple[fsio.Entry, str]]:
+    """The files of the URI input ``spec`` (with their sizes and modification times) and their formats, as
+    :func:`_expand` finds local ones.
 
     A pattern (``*``, ``?``, ``[``) is matched on the listing of its directory (:func:`nncift.fsio.glob`); a
     directory (object store: a prefix) holds the shards below it; a saved HF dataset directory is refused.
@@ -157,36 +158,38 @@ def _expand_uri(spec: str, cfg: DataConfig) -> list[tuple[str, str]]:
     """
     if cfg.format == "hf":
         raise hf_not_local(spec)
-    kind = fsio.info(spec).type
+    fi = fsio.info(spec)
+    kind = fi.type
     if kind == fsio.FileType.NotFound and fsio.has_glob(spec):
-        uris = fsio.glob(spec)
-        if not uris:
+        entries = fsio.glob(spec)
+        if not entries:
             raise DataError(f"{spec}: no such file or directory (the pattern matches no file)")
     elif kind == fsio.FileType.NotFound:
         raise DataError(f"{spec}: no such file or directory")
     elif kind == fsio.FileType.Directory:
         if any(fsio.info(fsio.join(spec, m)).type == fsio.FileType.File for m in _HF_MARKERS):
             raise hf_not_local(spec)
-        uris = [
-            u
-            for u in fsio.list_files(spec)
-            if fsio.suffix(u) in _SHARD_SUFFIXES and not any(c.startswith(".") for c in fsio.relative(spec, u))
+        entries = [
+            e
+            for e in fsio.list_files(spec)
+            if fsio.suffix(e.spec) in _SHARD_SUFFIXES
+            and not any(c.startswith(".") for c in fsio.relative(spec, e.spec))
         ]
-        if not uris:
+        if not entries:
             raise DataError(
                 f"{spec}: no .jsonl, .ndjson, .parquet or .json file under this prefix "
                 "(HF dataset directories must be local; convert to Parquet)"
             )
     else:
-        uris = [spec]
+        entries = [fsio.Entry(spec, *fsio.stat(spec))]
     out = []
-    for u in uris:
-        fmt = cfg.format if cfg.format != "auto" else _detect_format(u)
-        if fsio.stat(u)[0] == 0:
-            raise DataError(f"{u}: the file is empty")
+    for e in entries:
+        fmt = cfg.format if cfg.format != "auto" else _detect_format(e.spec)
+        if e.size == 0:
+            raise DataError(f"{e.spec}: the file is empty")
         if fmt == "jsonl":
-            _refuse_binary(u)
-        out.append((u, fmt))
+            _refuse_binary(e.spec)
+        out.append((e, fmt))
     return out
 
 

@@ -83,8 +83,10 @@ def test_file_uri_jsonl_byte_ranges_target_and_test_identical(tmp_path):
     uri = _cfg(f"data.input={_uri(pool)}", f"data.target={_uri(target)}", f"data.test={_uri(test)}", *common)
     files = ingest.expand_inputs(uri.data)
     assert [f.path for f in files] == [_uri(pool), _uri(target), _uri(test)]
+    plain_files = ingest.expand_inputs(plain.data)
+    assert [(f.fmt, f.size, f.mtime_ns) for f in files] == [(f.fmt, f.size, f.mtime_ns) for f in plain_files]
     specs = ingest.plan_reads(files, 700)
-    assert specs == ingest.plan_reads(ingest.expand_inputs(plain.data), 700)
+    assert specs == ingest.plan_reads(plain_files, 700)
     assert sum(s["file"] == 0 for s in specs) > 10  # the pool is cut into many byte ranges
     assert _outputs(uri, tmp_path / "uri") == _outputs(plain, tmp_path / "plain")
 
@@ -121,7 +123,7 @@ def test_file_uri_percent_decoded_and_named_back(tmp_path):
     d = tmp_path / "my data"
     d.mkdir()
     write_jsonl(d / "a b.jsonl", _rows(5))
-    files = fsio.list_files(_uri(tmp_path).replace(" ", "%20") + "/my%20data")
+    files = [e.spec for e in fsio.list_files(_uri(tmp_path).replace(" ", "%20") + "/my%20data")]
     assert files == [_uri(d / "a b.jsonl").replace(" ", "%20")]
     assert fsio.resolve(files[0])[1] == str(d / "a b.jsonl")
     assert fsio.read_bytes(files[0]) == (d / "a b.jsonl").read_bytes()
@@ -139,18 +141,20 @@ def test_mock_filesystem_goes_through_the_filesystem_api(mock_fs, monkeypatch):
 
     monkeypatch.setattr(builtins, "open", no_open)
     monkeypatch.setattr(io, "open", no_open)
-    assert fsio.list_files("mock:///bucket/c") == [
+    assert [e.spec for e in fsio.list_files("mock:///bucket/c")] == [
         "mock:///bucket/c/.tmp/x.jsonl",
         "mock:///bucket/c/a.jsonl",
         "mock:///bucket/c/deep/b.parquet",
     ]
-    assert fsio.glob("mock:///bucket/c/*.jsonl") == ["mock:///bucket/c/a.jsonl"]
-    assert fsio.glob("mock:///bucket/**/*.parquet") == ["mock:///bucket/c/deep/b.parquet"]
-    assert fsio.glob("mock:///bucket/c/*/*") == ["mock:///bucket/c/deep/b.parquet"]  # no hidden match
-    assert fsio.glob("mock:///bucket/c/x*") == []
+    assert [e.spec for e in fsio.glob("mock:///bucket/c/*.jsonl")] == ["mock:///bucket/c/a.jsonl"]
+    assert [e.spec for e in fsio.glob("mock:///bucket/**/*.parquet")] == ["mock:///bucket/c/deep/b.parquet"]
+    assert [e.spec for e in fsio.glob("mock:///bucket/c/*/*")] == ["mock:///bucket/c/deep/b.parquet"]  # no hidden match
+    assert [e.spec for e in fsio.glob("mock:///bucket/c/x*")] == []
     data = _jsonl_bytes(rows)
     assert fsio.stat("mock:///bucket/c/a.jsonl")[0] == len(data)
     assert fsio.read_bytes("mock:///bucket/c/a.jsonl", 100, 50) == data[100:150]
+    listed = fsio.list_files("mock:///bucket/c")[1]
+    assert (listed.size, listed.mtime_ns) == fsio.stat("mock:///bucket/c/a.jsonl") and listed.mtime_ns > 0
     cuts = ingest.line_cuts("mock:///bucket/c/a.jsonl", len(data), 300)
     assert len(cuts) > 5 and all(data[c - 1 : c] == b"\n" for c in cuts[1:-1])
     with fsio.parquet_file("mock:///bucket/c/deep/b.parquet") as pf:
