@@ -37,7 +37,7 @@ class DataConfig:
 
     input: str | None = _f(
         None,
-        "pool corpus: a file (JSONL/JSON/Parquet/ShareGPT), a directory of shards, a glob or an HF dataset dir; None = embedded ShareGPT",
+        "pool corpus: a file (JSONL/JSON/Parquet/ShareGPT), a directory of shards, a glob or an HF dataset dir; local or a pyarrow.fs URI (s3://, gs://, hdfs://, file://); None = embedded ShareGPT",
     )
     target: str | None = _f(None, "target corpus path; None = a seeded split of `input`")
     format: str = _f("auto", "auto | jsonl | json | parquet | hf | sharegpt")

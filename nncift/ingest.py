@@ -14,6 +14,11 @@ number), ``where`` (the location for messages) and ``hash`` (CRC-32 of the id). 
 that of :func:`nncift.data.canonicalize` (same code): errors name the file and the absolute line.
 :class:`DedupWorker` resolves exact duplicates of one hash bucket of ids, per input, in global input order
 (file ordinal, then position in the file), and checks ids shared by the pool and the target / test inputs.
+
+Inputs may be local paths or URIs of ``pyarrow.fs`` filesystems (``s3://bucket/prefix/*.parquet``,
+``file:///abs/path``): every read goes through :mod:`nncift.fsio`, and a worker re-resolves the filesystem
+from the file's spec string (specs and file lists stay plain strings and ints). Saved HF dataset directories
+must be local.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from nncift import fsio
 from nncift.config import DataConfig
 from nncift.data import (
     Record,
@@ -41,6 +47,7 @@ from nncift.data import (
     canonical_rows,
     embedded_sharegpt_path,
     embedding_dim,
+    hf_not_local,
     parquet_records,
     parse_jsonl,
     recover_json_list,
@@ -64,8 +71,10 @@ class InputFile:
     """One input file (or HF dataset directory), in global input order.
 
     Attributes:
-        path: the file. fmt: its resolved format. corpus: "pool", "target" or "test".
-        size / mtime_ns: its stat when planned (a resumed run reuses parts only of unchanged files).
+        path: the file: a local path or a URI (:mod:`nncift.fsio`). fmt: its resolved format. corpus: "pool",
+            "target" or "test".
+        size / mtime_ns: its stat when planned (a resumed run reuses parts only of unchanged files; -1: the
+            object store reports no modification time, so the size alone is compared).
     """
 
     path: str
@@ -84,12 +93,19 @@ def expand_inputs(cfg: DataConfig) -> list[InputFile]:
     dataset directory (one with ``dataset_info.json`` / ``state.json`` / ``dataset_dict.json``, or with no
     shard); None (``data.input``) is the embedded ShareGPT file.
 
+    An input may also be a URI of a ``pyarrow.fs`` filesystem (:func:`_expand_uri`): a file, a pattern
+    (matched on the listing of its directory), or a directory / prefix of shards; not an HF dataset directory.
+
     Raises:
-        DataError: a missing path, an empty file, an unknown suffix, a binary JSONL file.
+        DataError: a missing path, an empty file, an unknown suffix, a binary JSONL file; a URI whose
+            filesystem cannot be built, or an HF dataset directory given as a URI.
     """
     out = []
     for corpus, spec in zip(CORPORA, (cfg.input, cfg.target, cfg.test), strict=True):
         if spec is None and corpus != "pool":
+            continue
+        if spec is not None and fsio.is_uri(spec):
+            out += [InputFile(e.spec, fmt, corpus, e.size, e.mtime_ns) for e, fmt in _expand_uri(spec, cfg)]
             continue
         for path, fmt in _expand(spec, cfg):
             st = path.stat()
@@ -129,11 +145,60 @@ def _expand(spec: str | None, cfg: DataConfig) -> list[tuple[Path, str]]:
     return out
 
 
-def line_cuts(path: Path, size: int, block_bytes: int) -> list[int]:
-    """Byte offsets ``[0, c1, ..., size]`` cutting ``path`` into ranges of about ``block_bytes``, each starting
-    at a line start (a range may be longer than ``block_bytes`` when a line is)."""
+def _expand_uri(spec: str, cfg: DataConfig) -> list[tuple[fsio.Entry, str]]:
+    """The files of the URI input ``spec`` (with their sizes and modification times) and their formats, as
+    :func:`_expand` finds local ones.
+
+    A pattern (``*``, ``?``, ``[``) is matched on the listing of its directory (:func:`nncift.fsio.glob`); a
+    directory (object store: a prefix) holds the shards below it; a saved HF dataset directory is refused.
+
+    Raises:
+        DataError: nothing at ``spec``, no match, no shard under a prefix, an HF dataset directory, an empty
+            or binary file, an unknown suffix; the filesystem cannot be built or refuses the request.
+    """
+    if cfg.format == "hf":
+        raise hf_not_local(spec)
+    fi = fsio.info(spec)
+    kind = fi.type
+    if kind == fsio.FileType.NotFound and fsio.has_glob(spec):
+        entries = fsio.glob(spec)
+        if not entries:
+            raise DataError(f"{spec}: no such file or directory (the pattern matches no file)")
+    elif kind == fsio.FileType.NotFound:
+        raise DataError(f"{spec}: no such file or directory")
+    elif kind == fsio.FileType.Directory:
+        if any(fsio.info(fsio.join(spec, m)).type == fsio.FileType.File for m in _HF_MARKERS):
+            raise hf_not_local(spec)
+        entries = [
+            e
+            for e in fsio.list_files(spec)
+            if fsio.suffix(e.spec) in _SHARD_SUFFIXES
+            and not any(c.startswith(".") for c in fsio.relative(spec, e.spec))
+        ]
+        if not entries:
+            raise DataError(
+                f"{spec}: no .jsonl, .ndjson, .parquet or .json file under this prefix "
+                "(HF dataset directories must be local; convert to Parquet)"
+            )
+    else:
+        entries = [fsio.Entry(spec, *fsio.stat(spec))]
+    out = []
+    for e in entries:
+        fmt = cfg.format if cfg.format != "auto" else _detect_format(e.spec)
+        if e.size == 0:
+            raise DataError(f"{e.spec}: the file is empty")
+        if fmt == "jsonl":
+            _refuse_binary(e.spec)
+        out.append((e, fmt))
+    return out
+
+
+def line_cuts(path: fsio.Spec, size: int, block_bytes: int) -> list[int]:
+    """Byte offsets ``[0, c1, ..., size]`` cutting ``path`` (a local path or a URI) into ranges of about
+    ``block_bytes``, each starting at a line start (a range may be longer than ``block_bytes`` when a line
+    is)."""
     cuts = [0]
-    with path.open("rb") as fh:
+    with fsio.open_input(path) as fh:
         pos = block_bytes
         while pos < size:
             fh.seek(pos - 1)  # the byte before: a "\n" there makes ``pos`` itself a line start
@@ -171,15 +236,16 @@ def plan_reads(files: list[InputFile], block_bytes: int) -> list[dict[str, int]]
         specs.append({"block_id": len(specs), "file": i, "start": start, "stop": stop, "line": line})
 
     for i, f in enumerate(files):
-        path = Path(f.path)
+        path = f.path
         if f.fmt == "jsonl":
             for a, b in pairwise(line_cuts(path, f.size, block_bytes)):
                 add(i, a, b, 1 if a == 0 else -1)
         elif f.fmt == "parquet":
-            try:
-                meta = pq.read_metadata(path)
-            except Exception as exc:  # pyarrow raises several types for a damaged file
-                raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+            with fsio.open_input(path) as fh:
+                try:
+                    meta = pq.read_metadata(fh)
+                except Exception as exc:  # pyarrow raises several types for a damaged file
+                    raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
             g0, row0, row, acc = 0, 0, 0, 0
             for g in range(meta.num_row_groups):
                 acc += meta.row_group(g).total_byte_size
@@ -223,7 +289,7 @@ class LineCountWorker:
     """Callable class: JSONL byte ranges -> their number of lines (``"\\n"`` bytes).
 
     Args:
-        files: paths by file ordinal.
+        files: paths or URIs by file ordinal (each worker re-resolves their filesystems).
     """
 
     def __init__(self, files: list[str]):
@@ -231,7 +297,7 @@ class LineCountWorker:
 
     def count(self, spec: dict[str, int]) -> int:
         n, left = 0, spec["stop"] - spec["start"]
-        with open(self.files[spec["file"]], "rb") as fh:
+        with fsio.open_input(self.files[spec["file"]]) as fh:
             fh.seek(spec["start"])
             while left > 0:
                 buf = fh.read(min(left, 8 << 20))
@@ -245,14 +311,20 @@ class LineCountWorker:
         return run_worker_batch(batch, self.count, "lines")
 
 
-def _first_jsonl_record(path: Path) -> Record | None:
-    """The first record of a JSONL file (its first non-blank line), or None."""
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            recs = parse_jsonl(path, raw, lineno)
-            if recs:
-                return recs[0]
-    return None
+def _first_jsonl_record(path: str) -> Record | None:
+    """The first record of a JSONL file (its first non-blank line), or None; reads only up to that line."""
+    with fsio.open_input(path) as fh:
+        lineno, pending = 1, []
+        while chunk := fh.read(1 << 16):
+            start = 0
+            while (j := chunk.find(b"\n", start)) >= 0:
+                recs = parse_jsonl(path, b"".join([*pending, chunk[start : j + 1]]), lineno)
+                if recs:
+                    return recs[0]
+                pending, lineno, start = [], lineno + 1, j + 1
+            pending.append(chunk[start:])
+        recs = parse_jsonl(path, b"".join(pending), lineno)
+    return recs[0] if recs else None
 
 
 class ReadWorker:
@@ -268,7 +340,8 @@ class ReadWorker:
     every range of a file is read as a whole-file reader would read it.
 
     Args:
-        files: :class:`InputFile` fields by ordinal. data_cfg: the ``data`` config fields. out_dir: the parts.
+        files: :class:`InputFile` fields by ordinal (paths or URIs: each worker re-resolves their filesystems).
+        data_cfg: the ``data`` config fields. out_dir: the parts.
     """
 
     def __init__(self, files: list[dict[str, Any]], data_cfg: dict[str, Any], out_dir: str):
@@ -279,24 +352,23 @@ class ReadWorker:
     def records(self, spec: dict[str, int]) -> tuple[list[Record], Record | None]:
         """(the task's raw records, the first record of its file or None when the task has none)."""
         f = self.files[spec["file"]]
-        path = Path(f.path)
+        path = f.path
         if f.fmt == "jsonl":
-            with path.open("rb") as fh:
-                fh.seek(spec["start"])
-                data = fh.read(spec["stop"] - spec["start"])
+            data = fsio.read_bytes(path, spec["start"], spec["stop"] - spec["start"])
             records = parse_jsonl(path, data, spec["line"])
             if not records:
                 return records, None
             return records, records[0] if spec["start"] == 0 else _first_jsonl_record(path)
         if f.fmt == "parquet":
-            try:
-                pf = pq.ParquetFile(path)
-                rows = pf.read_row_groups(range(spec["start"], spec["stop"])).to_pylist() if spec["stop"] else []
-                head = None
-                if rows and spec["start"] > 0:
-                    head = parquet_records(path, next(pf.iter_batches(batch_size=1)).to_pylist())[0]
-            except Exception as exc:  # pyarrow raises several types for a damaged file
-                raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+            with fsio.open_input(path) as fh:
+                try:
+                    pf = pq.ParquetFile(fh)
+                    rows = pf.read_row_groups(range(spec["start"], spec["stop"])).to_pylist() if spec["stop"] else []
+                    head = None
+                    if rows and spec["start"] > 0:
+                        head = parquet_records(path, next(pf.iter_batches(batch_size=1)).to_pylist())[0]
+                except Exception as exc:  # pyarrow raises several types for a damaged file
+                    raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
             records = parquet_records(path, rows, spec["line"])
             return records, (head or records[0]) if records else None
         if f.fmt == "json":
