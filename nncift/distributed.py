@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +67,10 @@ def map_ray(
 ) -> list[dict]:
     """Fan ``specs`` (one dict per block) out over an actor pool of ``worker_cls`` with Ray Data.
 
-    Each actor builds the worker once (``ctor_kwargs`` are shipped through the object store) and handles
-    one block per call; the worker writes its own artifact, so finished blocks survive a crash.
+    Each actor builds the worker once and handles one block per call; the worker writes its own artifact, so
+    finished blocks survive a crash. Large arrays of ``ctor_kwargs`` (e.g. a million rows' estimator factors)
+    are put in the object store once (:func:`share_arrays`) and read zero-copy by every actor of a node, rather
+    than pickled into each actor's constructor.
     """
     import ray
 
@@ -76,14 +79,61 @@ def map_ray(
     configure_data_context()
     ds = ray.data.from_items(specs, override_num_blocks=min(len(specs), 4 * concurrency * 8))
     out = ds.map_batches(
-        worker_cls,
-        fn_constructor_kwargs=ctor_kwargs,
+        SharedArgsWorker,
+        fn_constructor_kwargs={"worker_cls": worker_cls, "kwargs": share_arrays(ctor_kwargs)},
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=num_cpus,
         num_gpus=num_gpus or None,
     )
     return out.take_all()
+
+
+SHARE_MIN_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class _Shared:
+    """An array in the Ray object store, standing in for it inside constructor arguments."""
+
+    ref: Any
+
+
+def share_arrays(obj: Any) -> Any:
+    """``obj`` with every ndarray of at least :data:`SHARE_MIN_BYTES` (inside dicts / lists / tuples) put in
+    the object store once; :func:`resolve_arrays` is the inverse (zero-copy, read-only arrays)."""
+    import ray
+
+    if isinstance(obj, np.ndarray) and obj.nbytes >= SHARE_MIN_BYTES:
+        return _Shared(ray.put(obj))
+    if isinstance(obj, dict):
+        return {k: share_arrays(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(share_arrays(v) for v in obj)
+    return obj
+
+
+def resolve_arrays(obj: Any) -> Any:
+    """Inverse of :func:`share_arrays` (run in the actor)."""
+    import ray
+
+    if isinstance(obj, _Shared):
+        return ray.get(obj.ref)
+    if isinstance(obj, dict):
+        return {k: resolve_arrays(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(resolve_arrays(v) for v in obj)
+    return obj
+
+
+class SharedArgsWorker:
+    """Ray Data actor: builds ``worker_cls(**kwargs)`` with its shared arrays resolved, then delegates."""
+
+    def __init__(self, worker_cls: type, kwargs: dict[str, Any]):
+        self.worker = worker_cls(**resolve_arrays(kwargs))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.worker(batch)
 
 
 def embed_ray(
