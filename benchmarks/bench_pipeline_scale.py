@@ -27,10 +27,12 @@ from pathlib import Path
 
 
 class TreeRss:
-    """Peak resident memory of this process and of this process plus all its descendants (Ray's workers),
-    sampled every ``every`` seconds in a thread."""
+    """Peak memory sampled every ``every`` seconds in a thread: this process's RSS, and the proportional set
+    size (PSS) of this process plus all its descendants (Ray's raylet, actors and workers). PSS splits each
+    shared page (the Ray object store, shared libraries) among the processes mapping it, so the tree's sum is
+    the machine memory the run uses, without counting a shared page once per process as an RSS sum would."""
 
-    def __init__(self, every: float = 0.5):
+    def __init__(self, every: float = 1.0):
         import psutil
 
         self.proc, self.every = psutil.Process(), every
@@ -41,12 +43,12 @@ class TreeRss:
     def _sample(self) -> None:
         import psutil
 
-        me = self.proc.memory_info().rss
-        tree = me
-        for child in self.proc.children(recursive=True):
+        self.peak_self = max(self.peak_self, self.proc.memory_info().rss)
+        tree = 0
+        for p in (self.proc, *self.proc.children(recursive=True)):
             with contextlib.suppress(psutil.Error):  # exited between the listing and the read
-                tree += child.memory_info().rss
-        self.peak_self, self.peak_tree = max(self.peak_self, me), max(self.peak_tree, tree)
+                tree += p.memory_full_info().pss
+        self.peak_tree = max(self.peak_tree, tree)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every):
@@ -170,7 +172,9 @@ def main() -> None:
     for stage, sec, mib in rows:
         print(f"| {stage} | {sec:.1f} | {mib:.0f} |")
     print(f"| **total wall** | **{wall:.1f}** | |")
-    print(f"\npeak RSS: driver {rss.peak_self / 2**20:.0f} MiB, driver + Ray workers {rss.peak_tree / 2**20:.0f} MiB")
+    print(
+        f"\npeak memory: driver RSS {rss.peak_self / 2**20:.0f} MiB; driver + Ray processes PSS {rss.peak_tree / 2**20:.0f} MiB"
+    )
     share = lab["pairs_labeled"] / (m * m + m * n)
     print(f"teacher pairs: {lab['pairs_labeled']:,} = {share:.2e} of M*M + M*N = {m * m + m * n:.3e}")
     recall = est.get("candidate_recall", {})
@@ -195,7 +199,7 @@ def main() -> None:
                     "stages": {s: {"seconds": sec, "peak_rss_mib": mib} for s, sec, mib in rows},
                     "wall_seconds": wall,
                     "peak_rss_driver_mib": rss.peak_self / 2**20,
-                    "peak_rss_tree_mib": rss.peak_tree / 2**20,
+                    "peak_pss_tree_mib": rss.peak_tree / 2**20,
                     "teacher_pairs": lab["pairs_labeled"],
                     "candidate_recall": recall,
                     "exhaustive_pairs_per_second": base_rate,

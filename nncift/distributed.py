@@ -205,6 +205,7 @@ def _train_worker(config: dict) -> None:
 
     from nncift.train import PairLabels, fit_loop
 
+    config = resolve_arrays(config)  # the embeddings and labels, zero-copy from the object store
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
@@ -273,7 +274,7 @@ def fit_ray(
     }
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config=config,
+        train_loop_config=share_arrays(config),  # the controller and workers hold references, not copies
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(storage_path=str(storage.resolve()), name=name),
     )
@@ -368,7 +369,7 @@ def finetune_ray(
     }
     trainer = TorchTrainer(
         _finetune_worker,
-        train_loop_config=config,
+        train_loop_config=share_arrays(config),  # the controller and workers hold references, not copies
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=ray.train.RunConfig(storage_path=str(out_dir / "ray"), name="train"),

@@ -34,12 +34,31 @@ log = logging.getLogger(__name__)
 
 def reset_peak_rss() -> None:
     """Start a new peak-RSS window for this process (Linux: ``/proc/self/clear_refs``; elsewhere a no-op, and
-    :func:`peak_rss_mib` is then the process's peak so far)."""
+    :func:`peak_rss_mib` is then the process's peak so far). Freed heap memory is first handed back to the
+    system (glibc ``malloc_trim``), so a stage does not inherit the last one's high-water mark."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
     except OSError:
         pass
+
+
+def rss_now_mib() -> float:
+    """Resident memory of this process now, in MiB (Linux ``VmRSS``; NaN elsewhere)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return float("nan")
 
 
 def peak_rss_mib() -> float:
@@ -181,7 +200,8 @@ class Runner:
         if stage == "data":
             write_text(self.store.root / "config.yaml", self.cfg.to_yaml())
         self._visited.add(folder)
-        log.info("stage %-8s done in %.1f s", label, seconds)
+        log.info("stage %-8s done in %.1f s (driver peak RSS %.0f MiB, now %.0f MiB)", label, seconds,
+                 info["peak_rss_mib"], rss_now_mib())  # fmt: skip
         return {**info, "seconds": seconds}
 
     # ------------------------------------------------------------------ conveniences
