@@ -7,6 +7,7 @@ kernel in a loop; the tests assert both give identical artifacts.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -79,7 +80,7 @@ def map_ray(
     configure_data_context()
     ds = ray.data.from_items(specs, override_num_blocks=min(len(specs), 4 * concurrency * 8))
     out = ds.map_batches(
-        SharedArgsWorker,
+        _shared_args_class(worker_cls),
         fn_constructor_kwargs={"worker_cls": worker_cls, "kwargs": share_arrays(ctor_kwargs)},
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=concurrency),
@@ -134,6 +135,12 @@ class SharedArgsWorker:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.worker(batch)
+
+
+@functools.cache
+def _shared_args_class(worker_cls: type) -> type:
+    """A :class:`SharedArgsWorker` subclass named like ``worker_cls`` (Ray Data names the operator after it)."""
+    return type(worker_cls.__name__, (SharedArgsWorker,), {"__doc__": SharedArgsWorker.__doc__})
 
 
 def embed_ray(

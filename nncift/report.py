@@ -47,7 +47,9 @@ def build_report(store: RunDir) -> dict:
                 for k, v in metrics.items()
             },
         },
-        "estimate": {"pairs": done["estimate"].get("pairs"), "blocks": done["estimate"].get("blocks")},
+        "estimate": {
+            k: done["estimate"].get(k) for k in ("pairs", "blocks", "layout", "candidates", "candidate_recall")
+        },
         "selection": {k: done["select"].get(k) for k in ("objective", "budget", "value")},
     }
     fid_path = store.path("report", "fidelity.json")
@@ -137,6 +139,17 @@ def _save(fig, store: RunDir, name: str) -> str:
     return name
 
 
+def _estimate_markdown(est: dict) -> list[str]:
+    """The candidate-search line of the report (nothing for exhaustive estimation)."""
+    if not est.get("candidates"):
+        return []
+    rec = ", ".join(f"K_{k.upper()} {v:.3f}" for k, v in (est.get("candidate_recall") or {}).items())
+    return [
+        f"Estimation by {est['candidates']} candidate search; top-k recall against exhaustive estimation: {rec}.",
+        "",
+    ]
+
+
 def _markdown(rep: dict, plots: list[str]) -> str:
     lines = [
         "# NN-CIFT run report",
@@ -145,16 +158,17 @@ def _markdown(rep: dict, plots: list[str]) -> str:
         "",
         "## Cost",
         "",
-        "| stage | seconds | driver peak RSS (MiB, cumulative) |",
+        "| stage | seconds | driver peak RSS of the stage (MiB) |",
         "|---|---|---|",
         *[f"| {s} | {v:.1f} | {rep.get('peak_rss_mib', {}).get(s, '–')} |" for s, v in rep["seconds"].items()],
         "",
         f"Influence function `{rep['label']['function']}` labeled {rep['label']['pairs_labeled']:,} of "
-        f"{rep['label']['total_pairs']:,} {'items' if rep['label'].get('kind') == 'pointwise' else 'pairs'} ({100 * rep['label']['fraction_of_pairs_labeled']:.3f}%) "
+        f"{rep['label']['total_pairs']:,} {'items' if rep['label'].get('kind') == 'pointwise' else 'pairs'} ({100 * rep['label']['fraction_of_pairs_labeled']:.3g}%) "
         f"with the `{rep['label']['design']}` design: {rep['label']['train_pairs']:,} for training, "
         f"{rep['label']['eval_pairs']:,} for the fidelity report"
         + (f", {rep['label']['diag_pairs']:,} exact self-utilities." if rep["label"]["diag_pairs"] else "."),
         "",
+        *_estimate_markdown(rep.get("estimate") or {}),
         *_fidelity_markdown(rep.get("fidelity")),
         "## Surrogate fit (labels min-max scaled with the training scaler)",
         "",

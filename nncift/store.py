@@ -160,6 +160,13 @@ def read_parquet_metadata(path: str | Path) -> dict[str, Any]:
     return out
 
 
+def write_jsonl(path: str | Path, table: pa.Table, chunk: int = 8192) -> None:
+    """Write a table's rows as JSON lines, atomically, ``chunk`` rows at a time (no whole-table Python list)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for batch in table.to_batches(max_chunksize=chunk):
+            fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in batch.to_pylist())
+
+
 def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None):
     from safetensors.numpy import save_file
 

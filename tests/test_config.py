@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from nncift.config import RunConfig, apply_overrides, load_config
@@ -63,3 +65,10 @@ def test_apply_overrides_does_not_mutate():
     raw = {"label": {"fraction": 0.1}}
     out = apply_overrides(raw, ["label.fraction=0.3"])
     assert raw["label"]["fraction"] == 0.1 and out["label"]["fraction"] == 0.3
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].joinpath("jobs", "configs").glob("*.yaml")), ids=str)
+def test_every_shipped_config_loads_and_validates(path):
+    """The configs under jobs/configs are documentation users copy: each must load and pass validation."""
+    cfg = load_config(path, ["data.input=/tmp/corpus.parquet"] if "scale" in path.name else [])
+    assert cfg.seed == 0

@@ -96,11 +96,13 @@ class Context:
         return int(d["M"]), int(d["N"])
 
     # ------------------------------------------------------------------ data and embeddings
-    def tables(self) -> tuple[pa.Table, pa.Table]:
-        """(pool, target) tables: ``id``, ``prompt``, ``response``, ``idx`` (+ any kept columns)."""
+    def tables(self, columns: list[str] | None = None) -> tuple[pa.Table, pa.Table]:
+        """(pool, target) tables: ``id``, ``prompt``, ``response``, ``idx`` (+ ``embedding`` when the input had
+        one); ``columns`` reads only those (a million-row embedding column is not read by stages that need
+        only the text)."""
         return (
-            pq.read_table(self.store.path("data", "pool.parquet")),
-            pq.read_table(self.store.path("data", "target.parquet")),
+            pq.read_table(self.store.path("data", "pool.parquet"), columns=columns),
+            pq.read_table(self.store.path("data", "target.parquet"), columns=columns),
         )
 
     @functools.cache  # noqa: B019 -- one context per run; the embeddings do not change within it

@@ -63,9 +63,19 @@ def column_embeddings(path: Path) -> np.ndarray:
 
     if "embedding" not in pq.read_schema(path).names:
         raise DataError(f"{path}: no 'embedding' column; rerun the data stage with data.embedding_field set")
-    col = pq.read_table(path, columns=["embedding"]).column("embedding").combine_chunks()
-    e = col.values.to_numpy().reshape(len(col), -1).astype(np.float32)
-    return e / np.linalg.norm(e, axis=1, keepdims=True)
+    f = pq.ParquetFile(path)
+    n = f.metadata.num_rows
+    out: np.ndarray | None = None
+    at = 0
+    for batch in f.iter_batches(batch_size=65536, columns=["embedding"]):  # one batch in memory, not the column
+        col = batch.column(0)
+        e = col.flatten().to_numpy().reshape(len(col), -1)  # flatten honours a slice offset
+        if out is None:
+            out = np.empty((n, e.shape[1]), np.float32)
+        out[at : at + len(e)] = e
+        out[at : at + len(e)] /= np.linalg.norm(out[at : at + len(e)], axis=1, keepdims=True)
+        at += len(e)
+    return out if out is not None else np.zeros((0, 0), np.float32)
 
 
 class EmbedStage(Stage):

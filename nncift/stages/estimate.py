@@ -25,10 +25,13 @@ log = logging.getLogger(__name__)
 
 
 def layout(ctx: Context) -> str:
-    """dense or sparse, from ``estimate.layout`` (auto: dense while M*M <= ``estimate.dense_max_pairs``)."""
+    """dense or sparse, from ``estimate.layout`` (auto: dense while M*M <= ``estimate.dense_max_pairs`` and
+    there is no candidate search)."""
     c = ctx.cfg.estimate
     if c.layout != "auto":
         return c.layout
+    if c.candidates != "exhaustive":  # candidate search keeps each row's top-k: the sparse layout
+        return "sparse"
     m, _ = ctx.size()
     return "dense" if m * m <= c.dense_max_pairs else "sparse"
 

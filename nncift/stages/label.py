@@ -173,7 +173,7 @@ def run_label_blocks(
     from nncift.label import LabelWorker
 
     c = ctx.cfg.label
-    pool, target = ctx.tables()
+    pool, target = ctx.tables(["id", "prompt", "response"])
     e_pool, e_target = ctx.embeddings()
 
     def side(t: pa.Table, e: np.ndarray) -> dict:

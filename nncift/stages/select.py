@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from nncift.stages.base import Context, Stage
-from nncift.store import write_parquet, write_text
+from nncift.store import write_jsonl, write_parquet
 
 
 def select_dense(ctx: Context, block_dir: Path, m: int, budget: int) -> tuple[np.ndarray, np.ndarray, float]:
@@ -116,9 +116,8 @@ def select_on(ctx: Context, kernel_dir: Path, rows: pa.Table, out_dir: Path) -> 
         ),
         metadata={"objective": objective, "budget": budget, "value": value, "layout": layout},
     )
-    chosen = rows.take(take)
-    lines = [json.dumps(r, ensure_ascii=False) for r in chosen.to_pylist()]
-    write_text(out_dir / "selected.jsonl", "\n".join(lines) + "\n")
+    text = [c for c in ("id", "prompt", "response", "idx") if c in rows.column_names]
+    write_jsonl(out_dir / "selected.jsonl", rows.select(text).take(take))
     return {
         "objective": objective,
         "budget": budget,
@@ -136,5 +135,5 @@ class SelectStage(Stage):
     writes = ("select/selection.parquet", "select/selected.jsonl")
 
     def run(self, ctx: Context, **params: Any) -> dict[str, Any]:
-        pool, _ = ctx.tables()
+        pool, _ = ctx.tables(["id", "prompt", "response", "idx"])
         return select_on(ctx, ctx.store.stage_dir("estimate"), pool, ctx.store.stage_dir("select"))
