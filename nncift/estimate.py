@@ -13,7 +13,7 @@ import torch
 
 from nncift.kernels import TopK, predict_block_np
 from nncift.pairs import Block
-from nncift.store import read_parquet_metadata, write_parquet
+from nncift.store import memmap_safetensors, read_parquet_metadata, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,8 @@ class EstimateWorker:
     BLAS GEMM per block; on other devices through torch.
 
     Args:
-        heads: per kernel ("ff" / "ft") the surrogate's factors (:meth:`~nncift.network.Surrogate.estimator`:
+        heads: per kernel ("ff" / "ft") the surrogate's factors (:meth:`~nncift.network.Surrogate.estimator`,
+            or ``factors``: the path of a safetensors file holding ``<kernel>.p`` / ``<kernel>.q``, memory-mapped:
             ``type`` "mlp" with ``p`` (M, h), ``q`` (M or N, h), ``w2`` (h,), ``b2``; or ``type`` "dot" with
             ``p`` (M, k), ``q`` (M or N, k)), plus ``lo`` / ``hi`` (the label scaler: outputs are written in
             raw label units) and optionally ``diag`` ((M,) float32 raw teacher values of K_FF[i, i], written
@@ -111,7 +112,11 @@ class EstimateWorker:
             if heads[k].get("type") != "dot" or self.device.type != "cpu":
                 raise ValueError(f"candidate search needs a factorised ('dot') surrogate on the CPU (kernel {k})")
         self.heads = {}
+        self._qbar: dict[str, np.ndarray] = {}
         for k, v in heads.items():
+            if "factors" in v:  # the factors file the estimate stage wrote: memory-mapped, shared between workers
+                mm = memmap_safetensors(v["factors"])
+                v = {**v, "p": mm[f"{k}.p"], "q": mm[f"{k}.q"]}
             kind = v.get("type", "mlp")
             head = {"type": kind, "lo": float(v["lo"]), "hi": float(v["hi"])}
             head["diag"] = None if v.get("diag") is None else np.asarray(v["diag"], np.float32)
@@ -217,7 +222,9 @@ class EstimateWorker:
         kept = vals[np.isfinite(vals)]
         lo = float(min(vs.min(), kept.min() if kept.size else np.inf))
         hi = float(max(vs.max(), kept.max() if kept.size else -np.inf))
-        means = (p.astype(np.float64) @ h["q"].mean(axis=0, dtype=np.float64)) * float(scale) + float(lo0)
+        if kernel not in self._qbar:
+            self._qbar[kernel] = h["q"].mean(axis=0, dtype=np.float64)
+        means = (p.astype(np.float64) @ self._qbar[kernel]) * float(scale) + float(lo0)
         if h["diag"] is not None:  # the diagonal holds the teacher's value, not the estimate
             est = np.einsum("rf,rf->r", p, h["q"][rows], dtype=np.float64) * float(scale) + float(lo0)
             means += (h["diag"][rows].astype(np.float64) - est) / n_cols

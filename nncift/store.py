@@ -167,17 +167,65 @@ def write_jsonl(path: str | Path, table: pa.Table, chunk: int = 8192) -> None:
             fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in batch.to_pylist())
 
 
-def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None):
-    from safetensors.numpy import save_file
+_ST_DTYPES = {
+    np.dtype(np.float32): "F32", np.dtype(np.float64): "F64", np.dtype(np.float16): "F16",
+    np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.int16): "I16", np.dtype(np.int8): "I8",
+    np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL",
+}  # fmt: skip
 
-    with atomic_path(path) as tmp:
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None):
+    """Write arrays as a safetensors file, atomically, streaming each array's bytes (no second in-memory copy
+    of a large array). Readable by ``safetensors`` and memory-mappable with :func:`memmap_safetensors`."""
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name in sorted(arrays):
+        a = arrays[name]
+        if a.dtype not in _ST_DTYPES:
+            raise TypeError(f"{name}: dtype {a.dtype} is not supported in safetensors files here")
+        header[name] = {
+            "dtype": _ST_DTYPES[a.dtype],
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + a.nbytes],
+        }
+        offset += a.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little"))
+        fh.write(raw)
+        for name in sorted(arrays):
+            fh.write(memoryview(arrays[name].reshape(-1)).cast("B"))
 
 
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     return load_file(str(path))
+
+
+def memmap_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    """The arrays of a safetensors file as read-only memory maps (pages are read on use and shared between
+    the processes that map the same file)."""
+    inverse = {v: k for k, v in _ST_DTYPES.items()}
+    path = Path(path)
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    out = {}
+    for name, h in header.items():
+        if name == "__metadata__":
+            continue
+        shape = tuple(h["shape"])
+        begin = h["data_offsets"][0]
+        if int(np.prod(shape)) == 0:
+            out[name] = np.zeros(shape, inverse[h["dtype"]])
+            continue
+        out[name] = np.memmap(path, dtype=inverse[h["dtype"]], mode="r", offset=8 + n + begin, shape=shape)
+    return out
 
 
 def _json_default(o: Any) -> Any:

@@ -69,6 +69,23 @@ def estimator_heads(ctx: Context, e_new: np.ndarray | None = None) -> dict[str, 
     return heads
 
 
+def factor_file(ctx: Context, heads: dict[str, dict]) -> dict[str, dict]:
+    """Write the heads' per-item factors to ``estimate/factors.safetensors`` once and return the heads with
+    the arrays replaced by that path (``factors``): workers, local or on Ray, memory-map the file instead of
+    receiving copies, and the driver keeps only the mapped pages it touches."""
+    from nncift.store import memmap_safetensors, write_safetensors
+
+    path = ctx.path("estimate", "factors.safetensors")
+    write_safetensors(path, {f"{k}.{n}": h[n] for k, h in heads.items() for n in ("p", "q")})
+    mm = memmap_safetensors(path)
+    out = {}
+    for k, h in heads.items():
+        out[k] = {n: v for n, v in h.items() if n not in ("p", "q")}
+        out[k]["factors"] = str(path)
+        out[k]["p"], out[k]["q"] = mm[f"{k}.p"], mm[f"{k}.q"]  # the driver's own (mapped) view
+    return out
+
+
 def candidate_indexes(ctx: Context, heads: dict[str, dict], lay: str) -> dict[str, Any]:
     """``estimate.candidates=ivf``: per kernel with at least ``candidates_min_cols`` columns, the path of a MIPS
     index over its column factors (built once, in ``estimate/index_<kernel>.faiss``; reused on resume)."""
@@ -143,7 +160,7 @@ class EstimateStage(Stage):
     sections = ("estimate",)
     after = ("fit",)
     reads = ("embed/embeddings.safetensors", "fit/network_ff.safetensors", "fit/network_ft.safetensors")
-    writes = ("estimate/blocks/", "estimate/kernels.json", "estimate/scores.parquet")
+    writes = ("estimate/blocks/", "estimate/kernels.json", "estimate/scores.parquet", "estimate/factors.safetensors")
 
     def run(self, ctx: Context, **params: Any) -> dict[str, Any]:
         if ctx.pointwise():
@@ -154,7 +171,7 @@ class EstimateStage(Stage):
         c = ctx.cfg.estimate
         m, n = ctx.size()
         lay = layout(ctx)
-        heads = estimator_heads(ctx)
+        heads = factor_file(ctx, estimator_heads(ctx))
         # dense: tiles; sparse: row stripes spanning every column, each reduced to its own top-k
         sparse = lay == "sparse"
         blocks = block_grid("ff", m, m, c.block_size, col_size=m if sparse else None)
@@ -166,7 +183,7 @@ class EstimateStage(Stage):
         t0 = time.perf_counter()
         indexes = candidate_indexes(ctx, heads, lay)
         worker_kwargs = {
-            "heads": heads,
+            "heads": {k: {n: v for n, v in h.items() if n not in ("p", "q")} for k, h in heads.items()},
             "out_dir": str(block_dir),
             "device": c.device,
             "layout": lay,
