@@ -93,13 +93,9 @@ def save_index(index, path: str | Path) -> None:
 
 
 def load_index(path: str | Path):
-    """Read an index written by :func:`save_index`, memory-mapped where faiss can (the workers of a node then
-    share one copy of the inverted lists in the page cache)."""
-    faiss = _faiss()
-    try:
-        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-    except RuntimeError:  # an index type faiss cannot map
-        return faiss.read_index(str(path))
+    """Read an index written by :func:`save_index` into memory (faiss's memory-mapped IVF lists scan about 30%
+    slower on our CPUs, measured at 1M columns)."""
+    return _faiss().read_index(str(path))
 
 
 def search(index, p: np.ndarray, k: int, nprobe: int) -> np.ndarray:

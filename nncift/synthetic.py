@@ -92,7 +92,7 @@ def scale_overrides(corpus: str | Path, targets: int, max_pairs: int) -> list[st
         "estimate.layout=sparse",
         "estimate.candidates=ivf",
         "estimate.block_size=4096",
-        "estimate.concurrency=2",  # Ray gives a 1-CPU actor one OpenMP thread: one actor per core
+        "estimate.num_cpus=2",  # Ray gives an actor as many OpenMP threads as CPUs: one actor, one index copy
         "select.fraction=0.1",
         "select.algorithm=greedi",
         "select.parts=4",
