@@ -49,16 +49,22 @@ def reset_peak_rss() -> None:
         pass
 
 
-def rss_now_mib() -> float:
-    """Resident memory of this process now, in MiB (Linux ``VmRSS``; NaN elsewhere)."""
+def _status_mib(key: str) -> float | None:
+    """A memory line of ``/proc/self/status`` (e.g. ``VmRSS``) in MiB, or None where there is none."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
+                if line.startswith(key + ":"):
                     return round(int(line.split()[1]) / 1024, 1)
     except OSError:
         pass
-    return float("nan")
+    return None
+
+
+def rss_now_mib() -> float:
+    """Resident memory of this process now, in MiB (Linux ``VmRSS``; NaN elsewhere)."""
+    now = _status_mib("VmRSS")
+    return float("nan") if now is None else now
 
 
 def peak_rss_mib() -> float:
@@ -67,13 +73,9 @@ def peak_rss_mib() -> float:
     import resource
     import sys
 
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
+    peak = _status_mib("VmHWM")
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 

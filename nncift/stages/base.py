@@ -90,6 +90,14 @@ class Context:
         """Run ``stage`` (and its upstream stages) unless finished; returns its result."""
         return self.runner.run_stage(stage, **params)
 
+    def fan_out(self, worker_cls: type, kwargs: dict[str, Any], todo: list[dict], desc: str, res: Any) -> Any:
+        """``executor.map_blocks`` of ``todo`` with the actor resources of a config section ``res``
+        (``concurrency``, ``num_cpus``, ``num_gpus``)."""
+        return self.executor.map_blocks(
+            worker_cls, kwargs, todo, desc=desc, concurrency=res.concurrency, num_cpus=res.num_cpus,
+            num_gpus=res.num_gpus,
+        )  # fmt: skip
+
     def size(self) -> tuple[int, int]:
         """(M, N): pool and target sizes from the data stage."""
         d = self.store.done_info("data")

@@ -194,15 +194,7 @@ class EstimateStage(Stage):
             "extent_sample": c.extent_sample,
             "seed": ctx.cfg.seed,
         }
-        ctx.executor.map_blocks(
-            EstimateWorker,
-            worker_kwargs,
-            todo,
-            desc="estimate",
-            concurrency=c.concurrency,
-            num_cpus=c.num_cpus,
-            num_gpus=c.num_gpus,
-        )
+        ctx.fan_out(EstimateWorker, worker_kwargs, todo, "estimate", c)
         dt = time.perf_counter() - t0
         recall = {k: candidate_recall(ctx, heads[k], block_dir, k, c.recall_sample) for k in indexes}
         for k, r in recall.items():

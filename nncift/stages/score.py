@@ -282,15 +282,7 @@ class ScoreStage(Stage):
             "topk": topk,
             "col_chunk": c.col_chunk,
         }
-        ctx.executor.map_blocks(
-            ExtendWorker,
-            worker_kwargs,
-            todo,
-            desc="score",
-            concurrency=c.concurrency,
-            num_cpus=c.num_cpus,
-            num_gpus=c.num_gpus,
-        )
+        ctx.fan_out(ExtendWorker, worker_kwargs, todo, "score", c)
         write_json(
             folder / "kernels.json",
             {
