@@ -204,6 +204,7 @@ def embed_ray(
 def _train_worker(config: dict) -> None:
     """Ray Train per-worker loop: the pure :func:`~nncift.train.fit_loop` under DDP, once per network."""
     import json
+    import warnings
 
     import ray.train
     import ray.train.torch
@@ -212,7 +213,9 @@ def _train_worker(config: dict) -> None:
 
     from nncift.train import PairLabels, fit_loop
 
-    config = resolve_arrays(config)  # the embeddings and labels, zero-copy from the object store
+    # the embeddings and labels, zero-copy (read-only) from the object store; the loop only reads them
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+    config = resolve_arrays(config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
