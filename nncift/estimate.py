@@ -340,19 +340,38 @@ def write_sparse_block(
     write_parquet(path, table, metadata=meta)
 
 
+def _as_matrix(col: pa.ChunkedArray, n: int, dtype) -> np.ndarray:
+    """A list<...> column of ``n`` equal-length lists as an (n, k) array."""
+    flat = col.combine_chunks().flatten()
+    return flat.to_numpy().astype(dtype, copy=False).reshape(n, len(flat) // n if n else 0)
+
+
+def iter_sparse(block_dir: Path, kernel: str, rows: np.ndarray | None = None, values: bool = True):
+    """The sparse stripes of ``kernel``, one at a time in file order: (rows (R,) int64, cols (R, k) int64,
+    vals (R, k) float32 or None). With ``rows``, only the stripes holding some of them are read (from each
+    stripe's recorded row range) and only those rows are yielded."""
+    for path in sorted(block_dir.glob(f"{kernel}_*.parquet")):
+        if rows is not None:
+            b = read_parquet_metadata(path)["block"]
+            if not ((rows >= b["r0"]) & (rows < b["r1"])).any():
+                continue
+        t = pq.read_table(path, columns=["row", "cols", "values"] if values else ["row", "cols"])
+        r = t.column("row").to_numpy()
+        cols = _as_matrix(t.column("cols"), len(r), np.int64)
+        vals = _as_matrix(t.column("values"), len(r), np.float32) if values else None
+        if rows is not None:
+            keep = np.isin(r, rows)
+            r, cols, vals = r[keep], cols[keep], None if vals is None else vals[keep]
+        yield r, cols, vals
+
+
 def read_sparse(block_dir: Path, kernel: str, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """Gather the sparse stripes of ``kernel``: (cols (n_rows, k) int64, vals (n_rows, k) float32), rows checked."""
     cols, vals, seen = None, None, np.zeros(n_rows, bool)
-    for path in sorted(block_dir.glob(f"{kernel}_*.parquet")):
-        t = pq.read_table(path)
-        rows = t.column("row").to_numpy()
-        c = t.column("cols").combine_chunks()
-        kk = len(c) and len(c.flatten()) // len(c)
-        cc = c.flatten().to_numpy().reshape(len(rows), kk)
-        vv = t.column("values").combine_chunks().flatten().to_numpy().reshape(len(rows), kk)
+    for rows, cc, vv in iter_sparse(block_dir, kernel):
         if cols is None:
-            cols = np.full((n_rows, kk), -1, np.int64)
-            vals = np.zeros((n_rows, kk), np.float32)
+            cols = np.full((n_rows, cc.shape[1]), -1, np.int64)
+            vals = np.zeros((n_rows, cc.shape[1]), np.float32)
         cols[rows], vals[rows], seen[rows] = cc, vv, True
     if cols is None or not seen.all():
         raise RuntimeError(f"{block_dir}: kernel '{kernel}' has {int((~seen).sum())} rows without a finished stripe")
@@ -360,22 +379,16 @@ def read_sparse(block_dir: Path, kernel: str, n_rows: int) -> tuple[np.ndarray, 
 
 
 def read_sparse_rows(block_dir: Path, kernel: str, rows: np.ndarray) -> np.ndarray:
-    """(len(rows), k) int64 top-k columns of the given rows, reading only the stripes that hold them."""
+    """(len(rows), k) int64 top-k columns of the given rows (sorted, unique), reading only the stripes that hold
+    them."""
     rows = np.asarray(rows, np.int64)
     out: np.ndarray | None = None
     seen = np.zeros(len(rows), bool)
-    for path in sorted(block_dir.glob(f"{kernel}_*.parquet")):
-        b = read_parquet_metadata(path)["block"]
-        want = np.flatnonzero((rows >= b["r0"]) & (rows < b["r1"]))
-        if not len(want):
-            continue
-        t = pq.read_table(path, columns=["cols"]).column("cols").combine_chunks()
-        kk = len(t.flatten()) // len(t)
-        cols = t.flatten().to_numpy().reshape(len(t), kk)
+    for r, cols, _ in iter_sparse(block_dir, kernel, rows=rows, values=False):
         if out is None:
-            out = np.full((len(rows), kk), -1, np.int64)
-        out[want] = cols[rows[want] - b["r0"]]
-        seen[want] = True
+            out = np.full((len(rows), cols.shape[1]), -1, np.int64)
+        at = np.searchsorted(rows, r)
+        out[at], seen[at] = cols, True
     if out is None or not seen.all():
         raise RuntimeError(f"{block_dir}: kernel '{kernel}' lacks stripes for {int((~seen).sum())} sampled rows")
     return out

@@ -111,10 +111,7 @@ def search(index, p: np.ndarray, k: int, nprobe: int) -> np.ndarray:
 
 
 def topk_recall(found: np.ndarray, exact: np.ndarray) -> float:
-    """Mean over rows of ``|found_i & exact_i| / |exact_i|`` for (R, k) column-id arrays (-1 = empty)."""
-    hits = total = 0
-    for f, e in zip(found, exact, strict=True):  # R is a small sample of rows
-        e = e[e >= 0]
-        hits += len(np.intersect1d(f[f >= 0], e))
-        total += len(e)
-    return hits / max(total, 1)
+    """Share of the (non-empty) entries of ``exact`` that ``found`` holds in the same row: (R, k) and (R, k')
+    column-id arrays, -1 = empty (ids are unique within a row)."""
+    hit = (exact[:, :, None] == found[:, None, :]).any(axis=2) & (exact >= 0)
+    return float(hit.sum() / max(int((exact >= 0).sum()), 1))

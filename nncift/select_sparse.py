@@ -218,20 +218,6 @@ class StripeSource:
     eta: float = 1.0
 
 
-def _stripes(block_dir: str, kernel: str):
-    """Each stripe of ``kernel`` in file order: (rows (R,) int64, cols (R, k) int64, vals (R, k) float32)."""
-    import pyarrow.parquet as pq
-
-    for path in sorted(Path(block_dir).glob(f"{kernel}_*.parquet")):
-        t = pq.read_table(path, columns=["row", "cols", "values"])
-        rows = t.column("row").to_numpy()
-        c = t.column("cols").combine_chunks()
-        kk = len(c) and len(c.flatten()) // len(c)
-        cols = c.flatten().to_numpy().reshape(len(rows), kk)
-        vals = t.column("values").combine_chunks().flatten().to_numpy().reshape(len(rows), kk)
-        yield rows, cols, vals
-
-
 def stripe_kernel(
     src: StripeSource, items: np.ndarray | None = None, cols: np.ndarray | None = None
 ) -> tuple[SparseKernel, np.ndarray | None]:
@@ -245,7 +231,7 @@ def stripe_kernel(
         (kernel, ids): ``ids`` maps a renumbered index to its item (``items`` sorted), or None (global ids).
         The kernel equals :func:`fl_kernel_from_topk` (restricted) on the gathered stripes, entry for entry.
     """
-    from nncift.estimate import sparse_extent
+    from nncift.estimate import iter_sparse, sparse_extent
 
     m = src.m
     row_keep = np.ones(m, bool)
@@ -259,17 +245,15 @@ def stripe_kernel(
     if cols is not None:
         col_keep = np.zeros(m, bool)
         col_keep[np.asarray(cols, np.int64)] = True
-    lo, hi = sparse_extent(Path(src.block_dir), "ff")
+    block_dir = Path(src.block_dir)
     cap = None
     if src.objective == "flmi":  # each row's coverage capped at eta x its best scaled K_FT value
-        flo, fhi = sparse_extent(Path(src.block_dir), "ft")
         best = np.full(m, -np.inf, np.float32)
-        for rows, _, vals in _stripes(src.block_dir, "ft"):
+        for rows, _, vals in iter_sparse(block_dir, "ft"):
             best[rows] = vals.max(axis=1)
-        row_max = (best - flo) / (fhi - flo) if fhi > flo else np.zeros(m, np.float32)
-        cap = (src.eta * row_max).astype(np.float32)
+        cap = (src.eta * scaled_row_max(best, sparse_extent(block_dir, "ft"))).astype(np.float32)
     rr, cc, vv = [], [], []
-    for rows, cs, vals in _stripes(src.block_dir, "ff"):
+    for rows, cs, vals in iter_sparse(block_dir, "ff"):
         keep = (cs >= 0) & row_keep[rows][:, None]
         keep &= col_keep[np.where(cs >= 0, cs, 0)]
         r_idx, k_idx = np.nonzero(keep)
@@ -279,17 +263,16 @@ def stripe_kernel(
     rows = np.concatenate(rr) if rr else np.zeros(0, np.int64)
     c = np.concatenate(cc) if cc else np.zeros(0, np.int64)
     v = np.concatenate(vv).astype(np.float32) if vv else np.zeros(0, np.float32)
-    v = np.zeros_like(v) if not hi > lo else ((v - lo) / (hi - lo)).astype(np.float32)
-    if cap is not None:
-        v = np.minimum(v, cap[rows])
     n = m
     if ids is not None:
         local = np.full(m, -1, np.int64)
         local[ids] = np.arange(len(ids))
         rows, c, n = local[rows], local[c], len(ids)
+        cap = None if cap is None else cap[ids]
     order = np.lexsort((rows, c))
     indptr = np.concatenate([[0], np.cumsum(np.bincount(c, minlength=n))]).astype(np.int64)
-    return SparseKernel(indptr, rows[order].astype(np.int64), v[order], n), ids
+    kern = SparseKernel(indptr, rows[order].astype(np.int64), v[order], n).scaled(*sparse_extent(block_dir, "ff"))
+    return (kern if cap is None else kern.capped(cap)), ids
 
 
 def greedi_local_round(kern: SparseKernel | StripeSource, items: np.ndarray, budget: int) -> np.ndarray:
@@ -320,6 +303,13 @@ def topk_scores(row_means: np.ndarray, lo: float, hi: float, budget: int) -> tup
     return order.astype(np.int64), score[order], float(score[order].sum())
 
 
+def scaled_row_max(best: np.ndarray, extent: tuple[float, float]) -> np.ndarray:
+    """(M,) each K_FT row's best value min-max scaled by the whole kernel's extent (0 for a constant kernel):
+    FLMI's coverage cap and FLCG's floor, before their eta / nu."""
+    lo, hi = extent
+    return (best - lo) / (hi - lo) if hi > lo else np.zeros(len(best), np.float32)
+
+
 def fl_kernel_from_topk(
     ff_cols: np.ndarray,
     ff_vals: np.ndarray,
@@ -347,8 +337,7 @@ def fl_kernel_from_topk(
     kern = SparseKernel.from_topk(ff_cols, ff_vals, m).scaled(*ff_extent)
     if objective not in ("flmi", "flcg"):
         return kern, None
-    lo, hi = ft_extent
-    row_max = (ft_vals.max(axis=1) - lo) / (hi - lo) if hi > lo else np.zeros(m, np.float32)
+    row_max = scaled_row_max(ft_vals.max(axis=1), ft_extent)
     if objective == "flmi":
         return kern.capped((eta * row_max).astype(np.float32)), None
     return kern, (nu * row_max).astype(np.float32)
