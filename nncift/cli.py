@@ -1,4 +1,4 @@
-"""Command line: ``nncift run|data|embed|label|fit|estimate|select|report|finetune|evaluate|compare|score``.
+"""Command line: ``nncift run|data|embed|label|fit|choose|estimate|select|report|finetune|evaluate|compare|score``.
 
 Each pipeline subcommand runs the pipeline up to and including its stage, skipping finished stages.
 ``score`` scores new rows (``--input``) against a finished run without relabeling; ``select --scored NAME``

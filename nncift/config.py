@@ -140,6 +140,28 @@ class FitConfig:
 
 
 @dataclass
+class ChooseConfig:
+    """Stage ``choose``: which estimate the run keeps, decided on its own held-out labels (nncift.choose)."""
+
+    mode: str = _f(
+        "held_out",
+        "held_out (candidates scored on held-out rows, the best kept within noise, free first) | surrogate (always "
+        "the fitted network, no extra labels: the paper's behaviour) | a candidate name (forced, e.g. diag_cosine)",
+    )
+    candidates: str = _f("auto", "auto (every applicable one) | comma-separated names of nncift.choose.CANDIDATES")
+    views: str = _f("lexical", "extra item views offered as free candidates: lexical | none")
+    rows: int = _f(64, "held-out rows R of the criterion (at most a third of the pool)")
+    top: int = _f(5, "per held-out row and candidate, its best-ranked picks the teacher labels")
+    z: float = _f(1.0, "candidates more than z paired std errors below the best held-out coverage are out")
+    z_near: float = _f(
+        2.0,
+        "among the rest, a later candidate of the preference order must beat an earlier one's "
+        "neighbour quality by z_near paired std errors",
+    )
+    targets: int = _f(16, "objective topk: targets labeled per held-out row to measure its mean")
+
+
+@dataclass
 class EstimateConfig:
     """Blockwise estimation of the full K_FF (M x M) and K_FT (M x N)."""
 
@@ -252,6 +274,7 @@ class RunConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
     fit: FitConfig = field(default_factory=FitConfig)
+    choose: ChooseConfig = field(default_factory=ChooseConfig)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)
@@ -361,6 +384,20 @@ class RunConfig:
         need(0.0 < n.val_fraction < 0.5, "fit.val_fraction", "must be in (0, 0.5)")
         need(n.num_workers >= 1, "fit.num_workers", "must be >= 1")
         need(e.block_size > 0, "estimate.block_size", "must be positive")
+        ch = self.choose
+        from nncift.choose import CANDIDATES
+
+        need(ch.mode in {"held_out", "surrogate", *CANDIDATES}, "choose.mode",
+             f"got {ch.mode!r} (held_out | surrogate | one of {', '.join(CANDIDATES)})")  # fmt: skip
+        bad = sorted(set(_split(ch.candidates)) - {"auto", *CANDIDATES})
+        need(not bad and bool(_split(ch.candidates)), "choose.candidates",
+             f"unknown candidate {bad[0] if bad else '(none)'} (known: {', '.join(CANDIDATES)})")  # fmt: skip
+        need(ch.views in {"lexical", "none"}, "choose.views", f"got {ch.views!r} (lexical | none)")
+        need(ch.rows >= 2, "choose.rows", "must be >= 2")
+        need(ch.top >= 1, "choose.top", "must be >= 1")
+        need(ch.z >= 0, "choose.z", "must be >= 0")
+        need(ch.z_near >= 0, "choose.z_near", "must be >= 0")
+        need(ch.targets >= 1, "choose.targets", "must be >= 1")
         need(0.0 < s.fraction <= 1.0, "select.fraction", f"must be in (0, 1], got {s.fraction}")
         need(s.objective in {"fl", "flmi", "flcg", "topk"}, "select.objective", f"got {s.objective!r}")
         need(s.eta > 0, "select.eta", "must be positive")

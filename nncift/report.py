@@ -52,6 +52,16 @@ def build_report(store: RunDir) -> dict:
         },
         "selection": {k: done["select"].get(k) for k in ("objective", "budget", "value")},
     }
+    choice_path = store.path("choose", "choice.json")
+    if choice_path.is_file():
+        ch = json.loads(choice_path.read_text())
+        rep["choice"] = {k: ch.get(k) for k in ("chosen", "mode", "candidates", "teacher_pairs", "rows", "budget",
+                                                 "objective", "scores", "z", "z_near", "factor_width", "criterion")}  # fmt: skip
+        if store.path("choose", "recipes.json").is_file():
+            free = json.loads(store.path("choose", "recipes.json").read_text())
+            rep["choice"]["free"] = {r["name"]: r["free"] for r in next(iter(free.values()))}
+        else:  # pointwise candidates
+            rep["choice"]["free"] = ch.get("free") or {}
     fid_path = store.path("report", "fidelity.json")
     if fid_path.is_file():
         fid = json.loads(fid_path.read_text())
@@ -170,6 +180,7 @@ def _markdown(rep: dict, plots: list[str]) -> str:
         "",
         *_estimate_markdown(rep.get("estimate") or {}),
         *_fidelity_markdown(rep.get("fidelity")),
+        *_choice_markdown(rep.get("choice"), rep.get("fidelity")),
         "## Surrogate fit (labels min-max scaled with the training scaler)",
         "",
         f"`fit.kind={rep['network']['kind']}`"
@@ -232,6 +243,52 @@ def _fidelity_markdown(fid: dict | None) -> list[str]:
         f"| random (mean ± sd) | {fid['f_random_mean']:.2f} ± {fid['f_random_sd']:.2f} | 0 | – |",
         "",
     ]
+
+
+def _choice_markdown(choice: dict | None, fid: dict | None) -> list[str]:
+    """The choice of the estimate: every candidate's held-out scores, the choice and (where the teacher's full
+    kernel is known) every candidate's gap closed."""
+    if not choice:
+        return []
+    chosen = choice["chosen"]
+    lines = ["## Choice of the estimate (the run's own held-out labels)", ""]
+    scores = choice.get("scores")
+    cands = (fid or {}).get("candidates") or {}
+    if not scores:
+        lines += [f"`choose.mode={choice.get('mode')}`: the estimate is **{chosen}** (no held-out choice).", ""]
+        if cands:
+            lines += ["| candidate | gap closed (teacher's full kernel) |", "|---|---|"]
+            lines += [
+                f"| {'**' + n + '**' if n == chosen else n} | {_fmt(v['gap_closed'])} |" for n, v in cands.items()
+            ]
+            lines.append("")
+        return lines
+    if choice.get("criterion") == "items":
+        head = "| candidate | free | held-out top-k value (Δ to best ± se) | eligible | gap closed |"
+    else:
+        head = ("| candidate | free | held-out coverage (Δ to best ± se) | neighbour quality (Δ to best ± se) | "
+                "within noise of the best coverage | gap closed (teacher's full kernel) |")  # fmt: skip
+    lines += [
+        f"{choice['rows']} held-out rows, {choice['teacher_pairs']:,} teacher {'items' if choice.get('criterion') == 'items' else 'pairs'} "
+        f"(criterion of `{choice.get('objective')}`, budget {choice.get('budget')} per held-out problem). "
+        f"Chosen: **{chosen}**" + (" (needs no network)." if choice.get("free", {}).get(chosen) else "."),
+        "",
+        head,
+        "|---|---|---|---|---|---|" if choice.get("criterion") != "items" else "|---|---|---|---|---|",
+    ]
+    for n, sc in sorted(scores.items(), key=lambda kv: -kv[1]["fl"]["mean"]):
+        fl, near = sc["fl"], sc["near"]
+        g = _fmt(cands[n]["gap_closed"]) if n in cands else "–"
+        name = f"**{n}** (chosen)" if n == chosen else n
+        free = "yes" if choice.get("free", {}).get(n) else "no"
+        cov = f"{fl['mean']:.4f} ({-fl['diff_to_best']:+.4f} ± {fl['se']:.4f})"
+        if choice.get("criterion") == "items":
+            lines.append(f"| {name} | {free} | {cov} | {'yes' if sc['eligible'] else 'no'} | {g} |")
+            continue
+        nq = f"{near['mean']:.4f}" + (f" ({-near['diff_to_best']:+.4f} ± {near['se']:.4f})" if "se" in near else "")
+        lines.append(f"| {name} | {free} | {cov} | {nq} | {'yes' if sc['eligible'] else 'no'} | {g} |")
+    lines += ["", 'How the choice is made: `nncift.choose` (docs/fidelity.md, "Choosing the estimate").', ""]
+    return lines
 
 
 def clean_json(obj):

@@ -28,7 +28,7 @@ from tests.conftest import make_rows, write_jsonl
 M, N, NEW = 90, 30, 24
 BASE = ["data.test_size=0", "label.fraction=0.2", "label.min_count=8", "label.eval_pairs=400", "label.block_size=16",
         "label.partners=6", "fit.hidden=16", "fit.rank=16", "fit.epochs=4", "estimate.block_size=40",
-        "select.fraction=0.2", "ray.executor=local"]  # fmt: skip
+        "select.fraction=0.2", "ray.executor=local", "choose.mode=surrogate"]  # fmt: skip
 COLUMN = ["data.embedding_field=emb", "embed.source=column"]
 SPARSE = ["estimate.layout=sparse", "estimate.topk=8", "estimate.col_chunk=30"]
 
@@ -134,7 +134,7 @@ def test_dense_score_keeps_the_estimate_and_adds_the_surrogates_rows(dense_run):
     nets = {Path(p).name: h for p, h in prov["networks"].items()}
     for k in ("ff", "ft"):
         assert nets[f"network_{k}.safetensors"] == _sha(run / "fit" / f"network_{k}.safetensors")
-    assert "surrogate" in prov["diagonal"]
+    assert "estimate's own" in prov["diagonal"] and prov["estimate"] == "surrogate"
     assert not (out / "embed_in").exists() and not (out / "embed_parts").exists()
 
 
@@ -213,6 +213,7 @@ def test_score_equals_a_fresh_estimate_over_pool_plus_new(dense_run, sparse_run,
     scored = run / "score" / "fresh" / "blocks"
     e_new = read_safetensors(run / "score" / "fresh" / "embeddings.safetensors")["new"]
     shutil.copytree(run / "fit", tmp_path / "fit")
+    shutil.copytree(run / "choose", tmp_path / "choose")
     ctx = _FreshContext(runner.ctx, tmp_path, e_new)
     EstimateStage().run(ctx)
     fresh, t = tmp_path / "estimate" / "blocks", M + NEW
@@ -227,6 +228,51 @@ def test_score_equals_a_fresh_estimate_over_pool_plus_new(dense_run, sparse_run,
         np.testing.assert_allclose(np.sort(a, axis=1), np.sort(b, axis=1), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(read_row_means(scored, kernel, t), read_row_means(fresh, kernel, t), rtol=1e-5)
         np.testing.assert_allclose(sparse_extent(scored, kernel), sparse_extent(fresh, kernel), rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["diag_lexical", "additive"])
+def test_score_with_a_free_or_additive_estimate_extends_it_to_new_rows(tmp_path, mode):
+    """A chosen estimate that is not the network: new rows get its bilinear form on their own view vectors (the
+    lexical view through the run's fitted transform) and, for per-item effects, their ridge predictions."""
+    from nncift.stages.choose import chosen_recipes
+    from nncift.store import read_safetensors
+    from nncift.views import LexicalView, item_texts
+
+    runner, files = _run(tmp_path, [*COLUMN, f"choose.mode={mode}"])
+    run = runner.store.root
+    assert json.loads((run / "choose" / "choice.json").read_text())["chosen"] == mode
+    assert main(["score", "-q", "--run-dir", str(run), "--input", str(files["new"])]) == 0
+    out = run / "score" / "new"
+    k_ff = assemble_dense(out / "blocks", "ff", (M + NEW, M + NEW))
+    k_ft = assemble_dense(out / "blocks", "ft", (M + NEW, N))
+    old_ff, old_ft = dense_kernels(runner.ctx)
+    np.testing.assert_allclose(k_ff[:M, :M], old_ff, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(k_ft[:M], old_ft, rtol=1e-5, atol=1e-6)
+    rec = chosen_recipes(runner.ctx)
+    new_rows = pq.read_table(out / "rows.parquet")
+    if rec["ff"].view == "lexical":
+        pool, target = runner.ctx.tables(["prompt", "response"])
+        lex = LexicalView.load(run / "choose" / "lexical.safetensors")
+        v_pool = lex.transform(item_texts(pool.column("prompt").to_pylist(), pool.column("response").to_pylist()))
+        v_t = lex.transform(item_texts(target.column("prompt").to_pylist(), target.column("response").to_pylist()))
+        v_new = lex.transform(
+            item_texts(new_rows.column("prompt").to_pylist(), new_rows.column("response").to_pylist())
+        )
+    else:
+        (v_pool, v_t), v_new = runner.ctx.embeddings(), read_safetensors(out / "embeddings.safetensors")["new"]
+
+    def aug(v):
+        return np.concatenate([v, np.ones((len(v), 1), np.float32)], 1)
+
+    for kernel, got, cols in (("ff", k_ff[M:], np.concatenate([v_pool, v_new])), ("ft", k_ft[M:], v_t)):
+        r = rec[kernel]
+        want = aug(v_new) @ r.W @ aug(cols).T
+        if r.r is not None:
+            want = want + (aug(v_new) @ r.r_w)[:, None]
+        if r.c is not None:
+            c_all = np.concatenate([r.c, aug(v_new) @ r.c_w]) if kernel == "ff" else r.c
+            want = want + c_all[None, :]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------- select --scored

@@ -71,7 +71,7 @@ def test_a_plugin_teacher_brings_its_own_config_section(tmp_path):
 
 
 def test_stages_declare_themselves_and_the_pipeline_order_is_one_list():
-    assert [s.name for s in PIPELINE] == ["data", "embed", "label", "fit", "estimate", "select", "report"]
+    assert [s.name for s in PIPELINE] == ["data", "embed", "label", "fit", "choose", "estimate", "select", "report"]
     for st in STAGES.values():
         assert st.name and st.writes
         assert "Writes" in __import__(type(st).__module__, fromlist=["_"]).__doc__  # the module documents its I/O

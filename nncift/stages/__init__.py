@@ -2,7 +2,7 @@
 declaring its name, config sections, upstream stages, and the artifacts it reads and writes; the one runner
 (:class:`nncift.runner.Runner`) owns fingerprints, skip/resume, markers and timing for all of them.
 
-Pipeline (``nncift run``): data -> embed -> label -> fit -> estimate -> select -> report.
+Pipeline (``nncift run``): data -> embed -> label -> fit -> choose -> estimate -> select -> report.
 Per subset (``nncift finetune|evaluate|compare``): exact (the teacher's own selection) -> finetune -> evaluate
 -> compare.
 New data scored against a finished run (``nncift score``, ``nncift select --scored``): score -> score_select.
@@ -11,6 +11,7 @@ New data scored against a finished run (``nncift score``, ``nncift select --scor
 from __future__ import annotations
 
 from nncift.stages.base import Context, Stage
+from nncift.stages.choose import ChooseStage
 from nncift.stages.compare import CompareStage
 from nncift.stages.data import DataStage
 from nncift.stages.embed import EmbedStage
@@ -29,6 +30,7 @@ PIPELINE: tuple[Stage, ...] = (
     EmbedStage(),
     LabelStage(),
     FitStage(),
+    ChooseStage(),
     EstimateStage(),
     SelectStage(),
     ReportStage(),

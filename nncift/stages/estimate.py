@@ -36,37 +36,29 @@ def layout(ctx: Context) -> str:
     return "dense" if m * m <= c.dense_max_pairs else "sparse"
 
 
-def estimator_heads(ctx: Context, e_new: np.ndarray | None = None) -> dict[str, dict]:
-    """Per kernel, the fitted surrogate's factors + label scaler (+ the exact diagonal of K_FF).
+def estimator_heads(ctx: Context, e_new: np.ndarray | None = None, new_texts: tuple[list, list] | None = None
+                    ) -> dict[str, dict]:  # fmt: skip
+    """Per kernel, the chosen estimate's factors (the choose stage's choice: the fitted network, or a free or
+    blended candidate of :mod:`nncift.choose`) with ``lo`` / ``hi`` and the exact K_FF diagonal where it uses it.
 
     Args:
         e_new: (M', d) float32 embeddings of scored new items (``nncift score``), or None. When given, the rows
             of both kernels and the columns of K_FF are the M pool items followed by the M' new ones: the
             new items' factors are computed on their own and appended, so the pool's factors are exactly the
-            estimate stage's. The exact diagonal stays (M,): the new items' diagonal is the surrogate's own.
+            estimate stage's. The exact diagonal stays (M,): the new items' diagonal is the estimate's own.
+        new_texts: (prompts, responses) of the new items (the lexical view reads them).
 
     Returns:
-        ``{"ff": head, "ft": head}`` as :class:`nncift.estimate.EstimateWorker` takes them: ``p`` (M[+M'], h),
-        ``q`` (M[+M'] or N, h), the scaler's ``lo`` / ``hi`` and ``diag`` ((M,) float32 or None).
+        ``{"ff": head, "ft": head}`` as :class:`nncift.estimate.EstimateWorker` takes them: ``type``, ``p``
+        (M[+M'], k), ``q`` (M[+M'] or N, k), the scaler's ``lo`` / ``hi`` and ``diag`` ((M,) float32 or None).
     """
-    import torch
+    from nncift.stages.choose import candidate_heads, chosen_recipes, new_item_views
 
-    from nncift.network import load_network
-
-    e_pool, e_target = ctx.embeddings()
-    diag = ctx.diagonal()
-    heads = {}
-    for kernel, e_cols in (("ff", e_pool), ("ft", e_target)):
-        net, scaler, _ = load_network(ctx.path("fit", f"network_{kernel}"))
-        head = net.estimator(torch.as_tensor(e_pool), torch.as_tensor(e_cols))
-        if e_new is not None:
-            extra = net.estimator(torch.as_tensor(e_new), torch.as_tensor(e_new))
-            head["p"] = np.concatenate([head["p"], extra["p"]])
-            if kernel == "ff":
-                head["q"] = np.concatenate([head["q"], extra["q"]])
-        head.update(lo=scaler.lo, hi=scaler.hi, diag=diag if kernel == "ff" else None)
-        heads[kernel] = head
-    return heads
+    new = None
+    if e_new is not None:
+        prompts, responses = new_texts if new_texts is not None else (None, None)
+        new = new_item_views(ctx, e_new, prompts, responses)
+    return {kernel: candidate_heads(ctx, recipe, kernel, new) for kernel, recipe in chosen_recipes(ctx).items()}
 
 
 def factor_file(ctx: Context, heads: dict[str, dict]) -> dict[str, dict]:
@@ -158,8 +150,15 @@ def read_item_scores(path: Path, m: int | None = None) -> np.ndarray:
 class EstimateStage(Stage):
     name = "estimate"
     sections = ("estimate",)
-    after = ("fit",)
-    reads = ("embed/embeddings.safetensors", "fit/network_ff.safetensors", "fit/network_ft.safetensors")
+    after = ("choose",)
+    reads = (
+        "embed/embeddings.safetensors",
+        "fit/network_ff.safetensors",
+        "fit/network_ft.safetensors",
+        "choose/choice.json",
+        "choose/recipes.safetensors",
+        "choose/views.safetensors",
+    )
     writes = ("estimate/blocks/", "estimate/kernels.json", "estimate/scores.parquet", "estimate/factors.safetensors")
 
     def run(self, ctx: Context, **params: Any) -> dict[str, Any]:
@@ -224,19 +223,20 @@ class EstimateStage(Stage):
         return out
 
     def _pointwise(self, ctx: Context) -> dict[str, Any]:
-        """Every pool item's score from the pointwise network (one chunked matmul chain; M floats out)."""
-        from nncift.network import load_network
+        """Every pool item's score from the chosen pointwise candidate (the choose stage computed them all)."""
+        import pyarrow.parquet as pq
 
-        e_pool, _ = ctx.embeddings()
         t0 = time.perf_counter()
-        net, scaler, _ = load_network(ctx.path("fit", "network_item"))
-        scores = scaler.inverse(net.score_items(e_pool)).astype(np.float32)
+        chosen = json.loads(ctx.path("choose", "choice.json").read_text())["chosen"]
+        scores = pq.read_table(ctx.path("choose", "item_scores.parquet"), columns=[chosen]).column(0).to_numpy()
+        scores = scores.astype(np.float32)
         dt = time.perf_counter() - t0
         write_parquet(
             ctx.path("estimate", "scores.parquet"),
             pa.table({"idx": np.arange(len(scores), dtype=np.int64), "score": scores}),
         )
-        write_json(ctx.path("estimate", "kernels.json"), {"item": {"shape": [len(scores)]}, "layout": "items"})
+        write_json(ctx.path("estimate", "kernels.json"), {"item": {"shape": [len(scores)]}, "layout": "items",
+                                                          "estimate": chosen})  # fmt: skip
         return {
             "pairs": len(scores),
             "blocks": 1,

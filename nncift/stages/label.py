@@ -46,29 +46,11 @@ class LabelStage(Stage):
 
     def run(self, ctx: Context, **params: Any) -> dict[str, Any]:
         from nncift.label import gather_labels, plan_blocks
-        from nncift.pairs import cap_plan, plan_items, plan_labels
 
         c = ctx.cfg.label
         m, n = ctx.size()
         pointwise = ctx.pointwise()
-        if pointwise:
-            plan = plan_items(m, c.fraction, c.min_count, c.eval_pairs, ctx.cfg.seed)
-        else:
-            plan = plan_labels(
-                m,
-                n,
-                c.fraction,
-                c.min_count,
-                c.eval_pairs,
-                ctx.cfg.seed,
-                design=c.design,
-                partners=c.partners,
-                diagonal=c.diagonal,
-            )
-        try:
-            plan = cap_plan(plan, c.max_pairs, ctx.cfg.seed)
-        except ValueError as exc:
-            raise ConfigError(f"config field 'label.max_pairs': {exc}") from None
+        plan = label_plan(ctx)
         write_json(
             ctx.path("label", "plan.json"),
             {
@@ -122,38 +104,78 @@ class LabelStage(Stage):
         }
 
     def _prepare(self, ctx: Context, plan) -> dict[str, Any]:
-        """The teacher's driver-side preparation (:meth:`InfluenceFunction.prepare`) over the items any label
-        touches; resumable in ``label/teacher/``."""
-        from nncift.influence.base import InfluenceFunction
+        """The teacher's driver-side preparation over the items any label of ``plan`` touches."""
+        return prepare_teacher(ctx, *used_items(plan), kwargs=self._kwargs)
 
-        kwargs = self._kwargs
-        cls = ctx.teacher()
-        if cls.prepare.__func__ is InfluenceFunction.prepare.__func__:  # nothing to prepare: no item lists built
-            return kwargs
-        pool, target = ctx.items()
-        used_pool = np.unique(
-            np.concatenate(
-                [np.asarray(s.rows) for s in plan.sets]
-                + [np.asarray(s.cols) for s in plan.sets if s.kernel == "ff"]
-                + [np.zeros(0, np.int64)]
-            )
+
+def label_plan(ctx: Context):
+    """The run's label plan (:func:`nncift.pairs.plan_labels` or ``plan_items``, capped by ``label.max_pairs``):
+    deterministic in the configuration, so later stages recompute it instead of reading it back."""
+    from nncift.pairs import cap_plan, plan_items, plan_labels
+
+    c = ctx.cfg.label
+    m, n = ctx.size()
+    if ctx.pointwise():
+        plan = plan_items(m, c.fraction, c.min_count, c.eval_pairs, ctx.cfg.seed)
+    else:
+        plan = plan_labels(m, n, c.fraction, c.min_count, c.eval_pairs, ctx.cfg.seed, design=c.design,
+                           partners=c.partners, diagonal=c.diagonal)  # fmt: skip
+    try:
+        return cap_plan(plan, c.max_pairs, ctx.cfg.seed)
+    except ValueError as exc:
+        raise ConfigError(f"config field 'label.max_pairs': {exc}") from None
+
+
+def used_items(plan) -> tuple[np.ndarray, np.ndarray]:
+    """(pool, target) int64 indices of the items any label of ``plan`` touches (for the active design, every
+    labeled item: its second round draws among them)."""
+    used_pool = np.unique(
+        np.concatenate(
+            [np.asarray(s.rows) for s in plan.sets]
+            + [np.asarray(s.cols) for s in plan.sets if s.kernel == "ff"]
+            + [np.zeros(0, np.int64)]
         )
-        used_target = np.unique(
-            np.concatenate([np.asarray(s.cols) for s in plan.sets if s.kernel == "ft"] + [np.zeros(0, np.int64)])
-        )
-        if plan.design == "active":  # round 2 draws among the labeled items
-            used_pool = np.union1d(used_pool, plan.pool_labeled)
-            used_target = np.union1d(used_target, plan.target_labeled)
-        return cls.prepare(
-            kwargs,
-            pool=pool,
-            target=target,
-            pool_labeled=used_pool.astype(np.int64),
-            target_labeled=used_target.astype(np.int64),
-            work_dir=ctx.path("label", "teacher"),
-            executor=ctx.executor,
-            seed=ctx.cfg.seed,
-        )
+    )
+    used_target = np.unique(
+        np.concatenate([np.asarray(s.cols) for s in plan.sets if s.kernel == "ft"] + [np.zeros(0, np.int64)])
+    )
+    if plan.design == "active":
+        used_pool = np.union1d(used_pool, plan.pool_labeled)
+        used_target = np.union1d(used_target, plan.target_labeled)
+    return used_pool.astype(np.int64), used_target.astype(np.int64)
+
+
+def prepare_teacher(ctx: Context, used_pool: np.ndarray, used_target: np.ndarray, kwargs: dict | None = None) -> dict:
+    """The teacher's driver-side preparation (:meth:`InfluenceFunction.prepare`) over the given items;
+    resumable in ``label/teacher/``. Returns the keyword arguments label workers build the teacher with."""
+    from nncift.influence.base import InfluenceFunction
+
+    kwargs = ctx.teacher_kwargs() if kwargs is None else kwargs
+    cls = ctx.teacher()
+    if cls.prepare.__func__ is InfluenceFunction.prepare.__func__:  # nothing to prepare: no item lists built
+        return kwargs
+    pool, target = ctx.items()
+    return cls.prepare(
+        kwargs,
+        pool=pool,
+        target=target,
+        pool_labeled=np.asarray(used_pool, np.int64),
+        target_labeled=np.asarray(used_target, np.int64),
+        work_dir=ctx.path("label", "teacher"),
+        executor=ctx.executor,
+        seed=ctx.cfg.seed,
+    )
+
+
+def teacher_kwargs_for(ctx: Context, extra_pool: np.ndarray | None = None, extra_target: np.ndarray | None = None):
+    """The prepared teacher for labels beyond the plan (the choose stage's): the plan's items plus the extra
+    ones (teachers without a prepare hook: their plain keyword arguments)."""
+    pool, target = used_items(label_plan(ctx))
+    if extra_pool is not None:
+        pool = np.union1d(pool, extra_pool)
+    if extra_target is not None:
+        target = np.union1d(target, extra_target)
+    return prepare_teacher(ctx, pool, target)
 
 
 def label_block_side(ctx: Context) -> int:

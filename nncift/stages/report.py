@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from nncift.stages.base import Context, Stage
@@ -73,7 +74,23 @@ def fidelity(ctx: Context) -> dict[str, Any]:
     out["zero_label"] = out["subsets"].pop("zero_label")
     out.update(out["subsets"].pop("nncift"))
     del out["subsets"]
+    out["candidates"] = candidate_fidelity(ctx, true_ff, true_ft, budget, out["exact"])
     return out
+
+
+def candidate_fidelity(ctx: Context, true_ff, true_ft, budget: int, exact: list[int]) -> dict[str, Any]:
+    """Gap closed of every candidate estimate of the choose stage (each selected on its own dense kernels)."""
+    from nncift import fidelity as fid
+    from nncift.stages.choose import candidate_kernels, load_recipes
+
+    sc, fd = ctx.cfg.select, ctx.cfg.fidelity
+    subsets = {}
+    for name in load_recipes(ctx)["ff"]:
+        k_ff, k_ft = candidate_kernels(ctx, name)
+        subsets[name] = fid.select(k_ff, k_ft, budget, sc.objective, sc.eta, sc.nu)
+    res = fid.selection_fidelity(true_ff, true_ft, subsets, budget, sc.objective, sc.eta, sc.nu, fd.random_subsets,
+                                 ctx.cfg.seed, exact=np.asarray(exact, np.int64))  # fmt: skip
+    return res["subsets"]
 
 
 class ReportStage(Stage):

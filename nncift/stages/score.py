@@ -195,9 +195,10 @@ class ScoreStage(Stage):
         meta = _estimate_meta(ctx)
         t0 = time.perf_counter()
         if meta["layout"] == "items":
-            info = self._items(ctx, folder, e_new)
+            info = self._items(ctx, folder, e_new, rows)
         else:
-            info = self._pairs(ctx, folder, meta, e_new)
+            texts = (rows.column("prompt").to_pylist(), rows.column("response").to_pylist())
+            info = self._pairs(ctx, folder, meta, e_new, texts)
         info.update(M=m, new=m_new, N=n, layout=meta["layout"], map_seconds=time.perf_counter() - t0)
         write_json(
             folder / "provenance.json",
@@ -210,19 +211,23 @@ class ScoreStage(Stage):
                 "config_fingerprint": ctx.store.done_info("estimate")["fingerprint"],
                 "pool": m,
                 "new": m_new,
-                "diagonal": "pool items: the teacher's exact K_FF[i, i]; new items: the surrogate's estimate",
+                "diagonal": "pool items: the teacher's exact K_FF[i, i] (where the chosen estimate uses it); new "
+                "items: the estimate's own",
+                "estimate": json.loads(ctx.path("choose", "choice.json").read_text())["chosen"],
             },
         )
         return info
 
-    def _items(self, ctx: Context, folder: Path, e_new: np.ndarray) -> dict[str, Any]:
-        """Pointwise run: the new items' scores from the pointwise network, after the pool's estimated ones."""
-        from nncift.network import load_network
+    def _items(self, ctx: Context, folder: Path, e_new: np.ndarray, rows: pa.Table) -> dict[str, Any]:
+        """Pointwise run: the new items' scores from the chosen candidate, after the pool's estimated ones."""
+        from nncift.stages.choose_items import new_item_scores
         from nncift.stages.estimate import item_scores
 
         old = item_scores(ctx)
-        net, scaler, _ = load_network(ctx.path("fit", "network_item"))
-        new = scaler.inverse(net.score_items(e_new)).astype(np.float32)
+        chosen = json.loads(ctx.path("choose", "choice.json").read_text())["chosen"]
+        new = new_item_scores(
+            ctx, chosen, e_new, rows.column("prompt").to_pylist(), rows.column("response").to_pylist()
+        )
         scores = np.concatenate([old, new])
         write_parquet(
             folder / "scores.parquet",
@@ -234,7 +239,9 @@ class ScoreStage(Stage):
         )
         return {"pairs": len(new), "blocks": 1}
 
-    def _pairs(self, ctx: Context, folder: Path, meta: dict[str, Any], e_new: np.ndarray) -> dict[str, Any]:
+    def _pairs(
+        self, ctx: Context, folder: Path, meta: dict[str, Any], e_new: np.ndarray, texts: tuple[list, list]
+    ) -> dict[str, Any]:
         """K_FF / K_FT of the combined items: the run's own blocks linked, the new blocks estimated through the
         run's executor (:class:`~nncift.estimate.ExtendWorker`)."""
         from nncift.estimate import ExtendWorker
@@ -274,7 +281,7 @@ class ScoreStage(Stage):
             pairs,
         )
         worker_kwargs = {
-            "heads": estimator_heads(ctx, e_new),
+            "heads": estimator_heads(ctx, e_new, texts),
             "out_dir": str(out),
             "base_dir": str(base),
             "device": c.device,

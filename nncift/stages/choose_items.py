@@ -1,0 +1,203 @@
+"""Held-out choice for item scores: the top-k objective of a pairwise teacher (each pool item's mean K_FT row)
+and pointwise teachers (one score per item). See :mod:`nncift.stages.choose` for the pairwise objectives.
+
+Top-k selection is separable: its value on a random sample of items is an unbiased estimate of its value on
+the pool. So the criterion is the selection itself on held-out items: ``choose.rows`` pool items get their
+teacher score (pointwise: the teacher's score; top-k: their mean over ``choose.targets`` seeded targets, one
+dense rectangle), each candidate picks the ``select.fraction`` of them it scores highest, and its value is
+the mean teacher score of its picks. :func:`nncift.choose.decide` keeps the best, or the first free candidate
+within ``choose.z`` paired standard errors.
+
+Pointwise candidates (:func:`item_candidates`): ``surrogate`` (the pointwise network), ``ridge`` (ridge on the
+embedding and the log lengths, penalty by generalised cross-validation), and the free ones ``response_length``,
+``prompt_length`` (each signed by its correlation with the training labels).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from nncift.stages.base import Context
+from nncift.store import write_json, write_parquet
+
+log = logging.getLogger(__name__)
+
+ITEM_PREFERENCE = ("response_length", "prompt_length", "ridge", "surrogate")
+
+
+def held_out_rows(ctx: Context, m: int, exclude: np.ndarray | None = None) -> np.ndarray:
+    """The criterion's held-out pool rows: ``min(choose.rows, M // 3)`` seeded items (outside ``exclude`` when
+    enough remain)."""
+    rng = np.random.default_rng([ctx.cfg.seed, 21])
+    pool = np.arange(m) if exclude is None else np.setdiff1d(np.arange(m), exclude)
+    if len(pool) < 2:
+        pool = np.arange(m)
+    n = int(min(ctx.cfg.choose.rows, max(2, m // 3), len(pool)))
+    return np.sort(rng.choice(pool, n, replace=False)).astype(np.int64)
+
+
+def topk_values(scores: dict[str, np.ndarray], truth: np.ndarray, fraction: float) -> dict[str, np.ndarray]:
+    """Per held-out item, its teacher value if the candidate picks it (its top ``fraction``, ties by index), else 0.
+
+    Args:
+        scores: name -> (R,) the candidate's scores of the held-out items. truth: (R,) teacher values.
+
+    Returns:
+        name -> (R,) float64, whose mean is the candidate's held-out top-k value.
+    """
+    k = max(1, round(fraction * len(truth)))
+    out = {}
+    for name, s in scores.items():
+        pick = np.lexsort((np.arange(len(s)), -np.asarray(s, np.float64)))[:k]
+        v = np.zeros(len(truth))
+        v[pick] = truth[pick]
+        out[name] = v
+    return out
+
+
+def _record(ctx: Context, dec: dict, names: list[str], cost: int, rows: np.ndarray, budget: int, unit: str,
+            free: dict[str, bool]) -> dict[str, Any]:  # fmt: skip
+    write_json(
+        ctx.path("choose", "choice.json"),
+        {**dec, "mode": ctx.cfg.choose.mode, "candidates": names, "teacher_pairs": cost, "budget": budget,
+         "held_out_rows": rows, "objective": "topk", "criterion": "items", "unit": unit, "free": free},
+    )  # fmt: skip
+    log.info("choose: %s (%d held-out items, %d teacher %s); held-out top-k values: %s", dec["chosen"], len(rows),
+             cost, unit, ", ".join(f"{k} {v['fl']['mean']:.4f}" for k, v in
+                                   sorted(dec["scores"].items(), key=lambda kv: -kv[1]["fl"]["mean"])))  # fmt: skip
+    return {"chosen": dec["chosen"], "teacher_pairs": cost, "rows": len(rows)}
+
+
+# ------------------------------------------------------------------------------------------ top-k (pairwise)
+def choose_topk(ctx: Context, recipes: dict, views: dict, nets: dict, diag) -> dict[str, Any]:
+    """The top-k objective of a pairwise teacher: candidates are the K_FT recipes; each held-out item's truth is
+    its mean teacher value over ``choose.targets`` seeded targets."""
+    from nncift import choose as ch
+    from nncift.label import gather_labels, plan_blocks
+    from nncift.pairs import LabelSet
+    from nncift.stages.label import label_block_side, run_label_blocks, teacher_kwargs_for
+    from nncift.store import done_blocks
+
+    c, sc = ctx.cfg.choose, ctx.cfg.select
+    m, n = ctx.size()
+    rows = held_out_rows(ctx, m)
+    rng = np.random.default_rng([ctx.cfg.seed, 22])
+    targets = np.sort(rng.choice(n, min(c.targets, n), replace=False)).astype(np.int64)
+    sets = [LabelSet("ft", "choose", rows, targets)]
+    specs = plan_blocks(type("P", (), {"sets": sets})(), label_block_side(ctx))
+    block_dir = ctx.path("choose", "blocks")
+    ok = done_blocks(block_dir, {f"{s['block_id']:06d}.parquet": s["pairs"] for s in specs})
+    todo = [s for s in specs if f"{s['block_id']:06d}.parquet" not in ok]
+    kwargs = teacher_kwargs_for(ctx, rows, targets)
+    run_label_blocks(ctx, sets, specs, todo, block_dir, desc="label (choose)", kwargs=kwargs)
+    table = gather_labels(block_dir, len(specs))
+    write_parquet(ctx.path("choose", "labels.parquet"), table)
+    r, v = table.column("row").to_numpy(), table.column("value").to_numpy().astype(np.float64)
+    truth = np.bincount(np.searchsorted(rows, r), v, len(rows)) / np.bincount(np.searchsorted(rows, r), None, len(rows))
+    kv = {name: (views[name][0], views[name][1]) for name in views}
+    est = ch.Estimates(recipes["ft"], kv, nets["ft"], None)
+    scores = {name: est.rows(name, rows).mean(axis=1) for name in est.recipes}
+    values = topk_values(scores, truth, sc.fraction)
+    dec = ch.decide(values, values, c.z, c.z)
+    free = {rec.name: rec.free for rec in recipes["ft"]}
+    budget = max(1, round(sc.fraction * len(rows)))
+    return _record(ctx, dec, list(scores), int(table.num_rows), rows, budget, "pairs", free)
+
+
+# ------------------------------------------------------------------------------------------ pointwise
+def item_candidates(ctx: Context) -> tuple[dict[str, np.ndarray], dict[str, bool], dict[str, Any]]:
+    """Every pointwise candidate's score of every pool item (teacher units where it has them).
+
+    Returns:
+        (name -> (M,) float64 scores, name -> free, name -> what new items need: the ridge weights, the signs)
+    """
+    from nncift import choose as ch
+    from nncift.network import load_network
+
+    e_pool, _ = ctx.embeddings()
+    pool, _ = ctx.tables(["prompt", "response"])
+    lens = item_lengths(pool.column("prompt").to_pylist(), pool.column("response").to_pylist())
+    (rc, y) = ctx.labels()["item"]["q1"]
+    lab = rc[0]
+    scores, free, params = {}, {}, {}
+    net, scaler, _ = load_network(ctx.path("fit", "network_item"))
+    scores["surrogate"], free["surrogate"] = scaler.inverse(net.score_items(e_pool)).astype(np.float64), False
+    feats = np.concatenate([e_pool, lens], axis=1)
+    w = ch.ridge_gcv(feats[lab], y)
+    scores["ridge"], free["ridge"] = ch._aug(feats) @ w, False
+    params["ridge"] = {"w": w}
+    for j, name in enumerate(("prompt_length", "response_length")):
+        x = lens[:, j]
+        sign = 1.0 if len(lab) < 3 or np.ptp(x[lab]) == 0 else float(np.sign(np.corrcoef(x[lab], y)[0, 1]) or 1.0)
+        scores[name], free[name], params[name] = sign * x, True, {"sign": sign, "column": j}
+    return scores, free, params
+
+
+def new_item_scores(ctx: Context, name: str, e_new: np.ndarray, prompts: list[str], responses: list[str]) -> np.ndarray:
+    """The chosen pointwise candidate's scores of new items (``nncift score``): (M',) float32."""
+    import json
+
+    from nncift import choose as ch
+    from nncift.network import load_network
+
+    params = json.loads(ctx.path("choose", "item_params.json").read_text())
+    lens = item_lengths(prompts, responses)
+    if name == "surrogate":
+        net, scaler, _ = load_network(ctx.path("fit", "network_item"))
+        return scaler.inverse(net.score_items(e_new)).astype(np.float32)
+    if name == "ridge":
+        return (ch._aug(np.concatenate([e_new, lens], axis=1)) @ np.asarray(params["ridge"]["w"], np.float32)).astype(
+            np.float32
+        )
+    p = params[name]
+    return (float(p["sign"]) * lens[:, int(p["column"])]).astype(np.float32)
+
+
+def item_lengths(prompts: list[str], responses: list[str]) -> np.ndarray:
+    """(n, 2) float32 log(1 + characters) of each prompt and response."""
+    return np.log1p(np.array([[len(p), len(r)] for p, r in zip(prompts, responses, strict=True)], np.float32))
+
+
+def choose_items(ctx: Context) -> dict[str, Any]:
+    """Pointwise teacher: label ``choose.rows`` held-out items, keep the best candidate within noise (free
+    first), write every candidate's scores (``choose/item_scores.parquet``) for the estimate stage."""
+    from nncift import choose as ch
+    from nncift.label import gather_labels, plan_blocks
+    from nncift.pairs import LabelSet
+    from nncift.stages.label import label_block_side, label_plan, run_label_blocks, teacher_kwargs_for
+    from nncift.store import done_blocks
+
+    c, sc = ctx.cfg.choose, ctx.cfg.select
+    m, _ = ctx.size()
+    scores, free, params = item_candidates(ctx)
+    write_parquet(ctx.path("choose", "item_scores.parquet"), pa.table({k: v for k, v in scores.items()}))
+    write_json(ctx.path("choose", "item_params.json"), {k: {a: np.asarray(b).tolist() for a, b in v.items()}
+                                                        for k, v in params.items()})  # fmt: skip
+    names = list(scores)
+    if c.mode != "held_out":
+        chosen = c.mode if c.mode in names else "surrogate"
+        write_json(ctx.path("choose", "choice.json"), {"chosen": chosen, "mode": c.mode, "candidates": names,
+                                                       "teacher_pairs": 0, "scores": None, "criterion": "items",
+                                                       "free": free})  # fmt: skip
+        return {"chosen": chosen, "teacher_pairs": 0}
+    plan = label_plan(ctx)
+    seen = np.unique(np.concatenate([s.rows for s in plan.sets]))
+    rows = held_out_rows(ctx, m, exclude=seen)
+    sets = [LabelSet("item", "choose", rows, np.zeros(len(rows), np.int64), paired=True)]
+    specs = plan_blocks(type("P", (), {"sets": sets})(), label_block_side(ctx))
+    block_dir = ctx.path("choose", "blocks")
+    ok = done_blocks(block_dir, {f"{s['block_id']:06d}.parquet": s["pairs"] for s in specs})
+    todo = [s for s in specs if f"{s['block_id']:06d}.parquet" not in ok]
+    run_label_blocks(ctx, sets, specs, todo, block_dir, desc="label (choose)", kwargs=teacher_kwargs_for(ctx, rows))
+    table = gather_labels(block_dir, len(specs))
+    write_parquet(ctx.path("choose", "labels.parquet"), table)
+    truth = np.empty(len(rows))
+    truth[np.searchsorted(rows, table.column("row").to_numpy())] = table.column("value").to_numpy()
+    values = topk_values({k: v[rows] for k, v in scores.items()}, truth, sc.fraction)
+    dec = ch.decide(values, values, c.z, c.z, order=ITEM_PREFERENCE)
+    budget = max(1, round(sc.fraction * len(rows)))
+    return {"candidates": names, **_record(ctx, dec, names, len(rows), rows, budget, "items", free)}
