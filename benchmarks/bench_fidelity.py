@@ -132,6 +132,9 @@ def teacher(name: str, work: Path) -> dict:
     return {"name": name, "e_pool": pool.embeddings, "e_target": target.embeddings, "ff": ff, "ft": ft,
             "texts_pool": item_texts(pool.prompts, pool.responses),
             "texts_target": item_texts(target.prompts, target.responses),
+            "prompts_pool": pool.prompts, "responses_pool": pool.responses,
+            "prompts_target": target.prompts, "responses_target": target.responses,
+            "lm": name in ("icl", "icl2"),  # DELIFT tables: teacher-LM features (choose.teacher_features=auto)
             "symmetric": name in ("se", "textsim")}  # fmt: skip
 
 
@@ -177,7 +180,25 @@ def lexical_view(t: dict, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return t[key]
 
 
-def choose_on_truth(t: dict, cfg, labels: dict, nets: dict, diag, seed: int, kernels: tuple[str, ...]) -> dict:
+def lm_views(t: dict, cfg) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Teacher-LM hidden-state views (``choose.teacher_features``) of a DELIFT table's items, as the choose stage
+    computes them with the embedded SmolLM2 (the LM the tables were built with; cached per teacher)."""
+    from nncift.models import embedded_lm_dir
+    from nncift.views import LMView
+
+    if "_lm" not in t:
+        c = cfg.choose
+        view = LMView(str(embedded_lm_dir()), [], max_tokens=c.lm_tokens)
+        view.layers = LMView.auto_layers(view.n_layers()) if c.lm_layers == "auto" else [
+            int(x) for x in c.lm_layers.split(",")]  # fmt: skip
+        m = len(t["prompts_pool"])
+        feats = view.fit_transform(t["prompts_pool"] + t["prompts_target"], t["responses_pool"] + t["responses_target"])
+        t["_lm"] = {f"lm{layer}": (x[:m], x[m:]) for layer, x in feats.items()}
+    return t["_lm"]
+
+
+def choose_on_truth(t: dict, cfg, labels: dict, nets: dict, diag, seed: int, kernels: tuple[str, ...],
+                    probes: dict | None = None) -> dict:  # fmt: skip
     """The choose stage on the teacher's values: candidates, held-out rows, the pairs they need (looked up in the
     full kernel, as the teacher would label them), the decision; and every candidate's dense kernels."""
     from nncift import choose as ch
@@ -191,11 +212,14 @@ def choose_on_truth(t: dict, cfg, labels: dict, nets: dict, diag, seed: int, ker
     views = {"embedding": (t["e_pool"], t["e_target"])}
     if c.views == "lexical":
         views["lexical"] = lexical_view(t, seed)
+    if t.get("lm") and c.teacher_features != "none":
+        views.update(lm_views(t, cfg))
     kv = {k: {v: (p, p if k == "ff" else q) for v, (p, q) in views.items()} for k in kernels}
     recipes, est = {}, {}
     for k in kernels:
         net, scaler, head = nets[k]
-        recipes[k] = ch.build_recipes(k, labels[k], kv[k], net, scaler, diag is not None, kinds)
+        recipes[k] = ch.build_recipes(k, labels[k], kv[k], net, scaler, diag is not None, kinds,
+                                      probes=(probes or {}).get(k))  # fmt: skip
         est[k] = ch.Estimates(recipes[k], kv[k], head, diag if k == "ff" else None)
     rng = np.random.default_rng([seed, 21])
     n_rows = int(min(c.rows, max(2, m // 3)))
@@ -206,6 +230,8 @@ def choose_on_truth(t: dict, cfg, labels: dict, nets: dict, diag, seed: int, ker
     known, cost = {}, 0
     for k in need:
         r0, c0, _ = labels[k]
+        if (probes or {}).get(k) is not None:
+            r0, c0 = np.concatenate([r0, probes[k][0]]), np.concatenate([c0, probes[k][1]])
         if k == "ff" and diag is not None:
             r0, c0 = np.concatenate([r0, np.arange(m)]), np.concatenate([c0, np.arange(m)])
         before = ch.Known(r0, c0, t[k][r0, c0], t[k].shape[1])
@@ -243,7 +269,7 @@ def run_one(t: dict, cfg, variant: str, fraction: float, seed: int, kernels: tup
     kind, design = nw.kind, lb.design
     m, n = t["ff"].shape[0], t["ft"].shape[1]
     plan = plan_labels(m, n, fraction, min(lb.min_count, m), lb.eval_pairs, seed, design=design,
-                       partners=lb.partners, diagonal=lb.diagonal)  # fmt: skip
+                       partners=lb.partners, diagonal=lb.diagonal, probes=lb.probes)  # fmt: skip
     sym = {"auto": t["symmetric"], "true": True, "false": False}[nw.symmetric]
     fit_cfg = {"kind": kind, "hidden": nw.hidden, "rank": nw.rank, "symmetric": sym, "cosine_prior": nw.cosine_prior,
                "lr": nw.lr, "weight_decay": nw.weight_decay, "epochs": nw.epochs, "batch_size": nw.batch_size,
@@ -301,12 +327,18 @@ def run_one(t: dict, cfg, variant: str, fraction: float, seed: int, kernels: tup
                 }
     budget = max(1, int(sc.fraction * m))
     pairs = sum(s.num_pairs for s in plan.sets if s.quadrant == "q1" and s.kernel in kernels)
-    pairs += plan.diag_pairs + sum(round2.values())
+    pairs += plan.diag_pairs + plan.probe_pairs + sum(round2.values())
     out = {"variant": variant, "kind": kind, "design": design, "fraction": fraction, "seed": seed,
            "labeled_items": len(plan.pool_labeled), "q4": q4}  # fmt: skip
     subsets = {"est": fid.select(est["ff"], est.get("ft"), budget, sc.objective, sc.eta, sc.nu)}
     if variant in CHOOSING:
-        ch = choose_on_truth(t, cfg, q1_labels, nets, diag, seed, kernels)
+        probe = {}
+        for s_ in (s_ for s_ in plan.sets if s_.quadrant == "probe"):
+            r_, c_ = np.repeat(s_.rows, len(s_.cols)), np.tile(s_.cols, len(s_.rows))
+            old = probe.get("ff", (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)))
+            probe["ff"] = (np.concatenate([old[0], r_]), np.concatenate([old[1], c_]),
+                           np.concatenate([old[2], t["ff"][r_, c_]]))  # fmt: skip
+        ch = choose_on_truth(t, cfg, q1_labels, nets, diag, seed, kernels, probe)
         pairs += ch["cost"]
         for name, dense in ch["dense"].items():
             subsets[name] = fid.select(dense["ff"], dense.get("ft"), budget, sc.objective, sc.eta, sc.nu)

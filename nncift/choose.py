@@ -21,6 +21,8 @@ name                free   estimate off the diagonal
                            cosine (bilinear networks; ``l`` in 0.25, 0.5, 0.75)
 ``additive``        no     ``a cos + b + r_i + c_j``: per-target and per-example effects measured on the
                            labeled items and predicted by ridge from the item features elsewhere
+``additive_lm<L>``  no     the same, the effects predicted from the teacher LM's layer-L hidden states
+                           (``choose.teacher_features``; the held-out choice picks the layer)
 ==================  =====  ======================================================================
 
 "Free" means no network: the calibrated ones read the training labels only through two numbers. K_FT has
@@ -61,8 +63,8 @@ log = logging.getLogger(__name__)
 SHRINK = (0.75, 0.5, 0.25)
 # preference order among candidates tied within noise: free before learned, simpler before richer
 PREFERENCE = ("diag_cosine", "diag_lexical", "cosine", "lexical", "diag_const",
-              *(f"shrink_{x:g}" for x in SHRINK), "surrogate", "additive")  # fmt: skip
-CANDIDATES = PREFERENCE
+              *(f"shrink_{x:g}" for x in SHRINK), "surrogate", "additive", "additive_lm")  # fmt: skip
+CANDIDATES = PREFERENCE  # families: ``additive_lm`` builds one ``additive_lm<layer>`` per teacher-LM layer
 
 
 @dataclass
@@ -88,6 +90,7 @@ class Recipe:
     c_w: np.ndarray | None = None
     diag: bool = False
     network: bool = False
+    effect_view: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -105,7 +108,7 @@ class Recipe:
 
     def meta(self) -> dict[str, Any]:
         return {"name": self.name, "kernel": self.kernel, "free": self.free, "view": self.view, "diag": self.diag,
-                "network": self.network, "info": self.info}  # fmt: skip
+                "network": self.network, "effect_view": self.effect_view, "info": self.info}  # fmt: skip
 
     @classmethod
     def from_parts(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Recipe:
@@ -245,13 +248,17 @@ def additive_effects(rows: np.ndarray, cols: np.ndarray, resid: np.ndarray, n_ro
 
 # ------------------------------------------------------------------------------------------ candidates
 def build_recipes(kernel: str, labels: tuple[np.ndarray, np.ndarray, np.ndarray], views: dict[str, tuple],
-                  network: Any, scaler: Any, diag: bool, kinds: tuple[str, ...] = CANDIDATES) -> list[Recipe]:  # fmt: skip
+                  network: Any, scaler: Any, diag: bool, kinds: tuple[str, ...] = CANDIDATES,
+                  probes: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> list[Recipe]:  # fmt: skip
     """The candidate recipes of one kernel.
 
     Args:
         kernel: "ff" or "ft".
         labels: (rows, cols, raw values) of the kernel's training pairs (Q1, self pairs excluded).
-        views: name -> (row vectors (M, d), column vectors (M or N, d)); ``embedding`` is required.
+        probes: (rows, cols, raw values) of the probe columns (``label.probes``), or None: the additive estimate
+            measures every row's effect from them (the network never trains on them).
+        views: name -> (row vectors (M, d), column vectors (M or N, d)); ``embedding`` is required; views named
+            ``lm<L>`` (teacher-LM hidden states of layer L) feed the ``additive_lm`` family.
         network: the fitted surrogate of this kernel (eval mode); scaler: its label scaler.
         diag: the exact K_FF diagonal is known (K_FF only).
         kinds: the candidate names to build (others, and those that do not apply, are skipped).
@@ -293,12 +300,19 @@ def build_recipes(kernel: str, labels: tuple[np.ndarray, np.ndarray, np.ndarray]
         for lam in SHRINK:
             add(f"shrink_{lam:g}", free=False, view="embedding", W=((1 - lam) * w_net + lam * w_cos).astype(np.float32),
                 diag=has_diag, info={"lambda": lam})  # fmt: skip
-    if "additive" in kinds and len(y):
+    if {"additive", "additive_lm"} & set(kinds) and len(y):
         vr, vc = views["embedding"]
+        if probes is not None and len(probes[0]):
+            rows, cols, y = (np.concatenate([x, p]) for x, p in zip((rows, cols, y), probes, strict=True))
         resid = y - (a * np.einsum("pd,pd->p", vr[rows], vc[cols]) + b)
-        r, c, r_w, c_w = additive_effects(rows, cols, resid, len(vr), len(vc), vr, vc)
-        add("additive", free=False, view="embedding", W=affine_form(d_emb, a, b), r=r, c=c, r_w=r_w, c_w=c_w,
-            diag=has_diag, info={"a": a, "b": b})  # fmt: skip
+        feats = {"additive": "embedding"} if "additive" in kinds else {}
+        if "additive_lm" in kinds:
+            feats.update({f"additive_{v}": v for v in views if v.startswith("lm")})
+        for name, view in feats.items():
+            fr, fc = views[view]
+            r, c, r_w, c_w = additive_effects(rows, cols, resid, len(vr), len(vc), fr, fc)
+            out.append(Recipe(name, kernel, free=False, view="embedding", W=affine_form(d_emb, a, b), r=r, c=c,
+                              r_w=r_w, c_w=c_w, diag=has_diag, effect_view=view, info={"a": a, "b": b}))  # fmt: skip
     return out
 
 
@@ -480,6 +494,18 @@ def _compare(per_row: dict[str, np.ndarray], names: list[str], z: float, rank: d
     return out
 
 
+def _rank(name: str, order: tuple[str, ...]) -> float:
+    """Position of a candidate in the preference order (a family member, e.g. ``additive_lm12``, ranks with its
+    family, deeper layers after shallower ones)."""
+    if name in order:
+        return float(order.index(name))
+    fam = next((f for f in order if name.startswith(f)), None)
+    if fam is None:
+        return float(len(order))
+    tail = name[len(fam) :].lstrip("_lm")
+    return order.index(fam) + (int(tail) if tail.isdigit() else 0) / 1e4
+
+
 def decide(fl: dict[str, np.ndarray], near: dict[str, np.ndarray], z: float = 1.0, z_near: float = 2.0,
            order: tuple[str, ...] = PREFERENCE) -> dict[str, Any]:  # fmt: skip
     """The choice among candidates from their per-row held-out scores.
@@ -499,7 +525,7 @@ def decide(fl: dict[str, np.ndarray], near: dict[str, np.ndarray], z: float = 1.
         ``{"chosen", "best_fl", "best_near", "scores": {name: {"fl": {...}, "near": {...}, "eligible"}}}``.
     """
     names = list(fl)
-    rank = {n: (order.index(n) if n in order else len(order)) for n in names}
+    rank = {n: _rank(n, order) for n in names}
     c_fl = _compare(fl, names, z, rank)
     eligible = [n for n in names if c_fl[n]["within_noise"]]
     c_near = _compare(near, eligible, z_near, rank)

@@ -101,6 +101,11 @@ class LabelConfig:
     min_count: int = _f(200, "design=block: floor on labeled items per side (the paper's u=0.05 is too few)")
     partners: int = _f(20, "design=spread: each labeled example is paired with this many labeled targets")
     diagonal: bool = _f(True, "label the exact K_FF self-utilities U(i -> i) of every pool item (M teacher calls)")
+    probes: int = _f(
+        0,
+        "probe examples: each labeled as the in-context example of every pool item (probes x M "
+        "pairs, one shared prefix each), measuring every item's per-target effect (the additive estimate)",
+    )
     eval_pairs: int = _f(4000, "pairs sampled per quadrant Q2-Q4 and kernel for the fidelity report")
     max_pairs: int | None = _f(
         None,
@@ -150,6 +155,14 @@ class ChooseConfig:
     )
     candidates: str = _f("auto", "auto (every applicable one) | comma-separated names of nncift.choose.CANDIDATES")
     views: str = _f("lexical", "extra item views offered as free candidates: lexical | none")
+    teacher_features: str = _f(
+        "auto",
+        "per-item features from the teacher LM's hidden states for the additive estimate's per-item effects: lm | "
+        "none | auto (lm when label.function=delift_icl)",
+    )
+    lm_model: str | None = _f(None, "teacher_features=lm: local causal LM; None = delift_icl.model or the embedded one")
+    lm_layers: str = _f("auto", "teacher_features=lm: comma-separated hidden-state layers; auto = 1/4, 1/2, 3/4 depth")
+    lm_tokens: int = _f(128, "teacher_features=lm: prompt and response tokens kept per item")
     rows: int = _f(64, "held-out rows R of the criterion (at most a third of the pool)")
     top: int = _f(5, "per held-out row and candidate, its best-ranked picks the teacher labels")
     z: float = _f(1.0, "candidates more than z paired std errors below the best held-out coverage are out")
@@ -358,6 +371,7 @@ class RunConfig:
             selected.validate_selected()
         need(lb.design in {"block", "spread", "active"}, "label.design", f"got {lb.design!r} (block | spread | active)")
         need(lb.partners >= 1, "label.partners", "must be >= 1")
+        need(lb.probes >= 0, "label.probes", "must be >= 0")
         need(n.kind in {"mlp", "bilinear"}, "fit.kind", f"got {n.kind!r} (mlp | bilinear)")
         need(n.rank >= 1, "fit.rank", "must be >= 1")
         need(n.symmetric in {"auto", "true", "false"}, "fit.symmetric", f"got {n.symmetric!r} (auto | true | false)")
@@ -387,12 +401,18 @@ class RunConfig:
         ch = self.choose
         from nncift.choose import CANDIDATES
 
-        need(ch.mode in {"held_out", "surrogate", *CANDIDATES}, "choose.mode",
-             f"got {ch.mode!r} (held_out | surrogate | one of {', '.join(CANDIDATES)})")  # fmt: skip
+        lm_member = ch.mode.startswith("additive_lm") and ch.mode[len("additive_lm") :].isdigit()
+        need(ch.mode in {"held_out", "surrogate", *CANDIDATES} or lm_member, "choose.mode",
+             f"got {ch.mode!r} (held_out | surrogate | one of {', '.join(CANDIDATES)}, additive_lm<layer>)")  # fmt: skip
         bad = sorted(set(_split(ch.candidates)) - {"auto", *CANDIDATES})
         need(not bad and bool(_split(ch.candidates)), "choose.candidates",
              f"unknown candidate {bad[0] if bad else '(none)'} (known: {', '.join(CANDIDATES)})")  # fmt: skip
         need(ch.views in {"lexical", "none"}, "choose.views", f"got {ch.views!r} (lexical | none)")
+        need(ch.teacher_features in {"auto", "lm", "none"}, "choose.teacher_features",
+             f"got {ch.teacher_features!r} (auto | lm | none)")  # fmt: skip
+        need(ch.lm_layers == "auto" or all(x.strip().isdigit() for x in ch.lm_layers.split(",")), "choose.lm_layers",
+             f"got {ch.lm_layers!r} (auto or comma-separated layer numbers)")  # fmt: skip
+        need(ch.lm_tokens >= 1, "choose.lm_tokens", "must be >= 1")
         need(ch.rows >= 2, "choose.rows", "must be >= 2")
         need(ch.top >= 1, "choose.top", "must be >= 1")
         need(ch.z >= 0, "choose.z", "must be >= 0")

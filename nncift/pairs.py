@@ -88,6 +88,10 @@ class LabelPlan:
     def diag_pairs(self) -> int:
         return self.pairs("diag")
 
+    @property
+    def probe_pairs(self) -> int:
+        return self.pairs("probe")
+
     def summary(self) -> list[dict]:
         """Sets and pairs per (kernel, quadrant) (for plan.json and logs)."""
         out: dict[tuple[str, str], dict] = {}
@@ -109,6 +113,7 @@ def plan_labels(
     design: str = "block",
     partners: int = 20,
     diagonal: bool = False,
+    probes: int = 0,
 ) -> LabelPlan:
     """Draw the labeled items of D_F (m rows) and D_T (n rows), the training pairs and the evaluation rectangles.
 
@@ -126,7 +131,11 @@ def plan_labels(
     Items outside the labeled sets are never in a training pair: Q2-Q4 rectangles (about ``eval_pairs``
     pairs each, a square sample of their rows and columns) measure generalisation to unseen items honestly.
     With ``diagonal``, the exact K_FF self pairs ``(i, i)`` of every pool item are labeled too (m teacher
-    calls), to be used as they are, never as training pairs. ``fraction >= 1`` labels every pair (block).
+    calls), to be used as they are, never as training pairs. With ``probes`` P, P seeded labeled pool items are
+    each the in-context example of every other pool item (P full columns of K_FF, quadrant ``probe``: P (M - 1)
+    pairs sharing one prefix each): every item's per-target effect is measured, for the additive estimate of
+    :mod:`nncift.choose`; probe pairs are never training pairs of the network. ``fraction >= 1`` labels every
+    pair (block).
     """
     if design not in DESIGNS:
         raise ValueError(f"unknown label design {design!r} (known: {', '.join(DESIGNS)})")
@@ -158,6 +167,11 @@ def plan_labels(
     if diagonal:
         idx = np.arange(m, dtype=np.int64)
         plan.sets.append(LabelSet("ff", "diag", idx, idx, paired=True))
+    if probes > 0 and fraction < 1.0:
+        probe_rng = np.random.default_rng([seed, 5])
+        for j in np.sort(probe_rng.choice(pool_l, size=min(probes, len(pool_l)), replace=False)):
+            others = np.setdiff1d(np.arange(m, dtype=np.int64), [j])
+            plan.sets.append(LabelSet("ff", "probe", others, np.array([j], np.int64)))
     return plan
 
 

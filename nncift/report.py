@@ -32,6 +32,7 @@ def build_report(store: RunDir) -> dict:
             "kind": lab.get("kind", "pairwise"),
             "design": lab.get("design", "block"),
             "diag_pairs": lab.get("diag_pairs", 0),
+            "probe_pairs": lab.get("probe_pairs", 0),
             "pairs_labeled": lab.get("pairs_labeled"),
             "train_pairs": lab.get("train_pairs"),
             "eval_pairs": lab.get("eval_pairs"),
@@ -176,7 +177,9 @@ def _markdown(rep: dict, plots: list[str]) -> str:
         f"{rep['label']['total_pairs']:,} {'items' if rep['label'].get('kind') == 'pointwise' else 'pairs'} ({100 * rep['label']['fraction_of_pairs_labeled']:.3g}%) "
         f"with the `{rep['label']['design']}` design: {rep['label']['train_pairs']:,} for training, "
         f"{rep['label']['eval_pairs']:,} for the fidelity report"
-        + (f", {rep['label']['diag_pairs']:,} exact self-utilities." if rep["label"]["diag_pairs"] else "."),
+        + (f", {rep['label']['diag_pairs']:,} exact self-utilities" if rep["label"]["diag_pairs"] else "")
+        + (f", {rep['label']['probe_pairs']:,} probe pairs" if rep["label"].get("probe_pairs") else "")
+        + ".",
         "",
         *_estimate_markdown(rep.get("estimate") or {}),
         *_fidelity_markdown(rep.get("fidelity")),

@@ -112,3 +112,93 @@ class LexicalView:
 def item_texts(prompts, responses) -> list[str]:
     """The text of each item a view reads: prompt and response joined by a newline."""
     return [f"{p}\n{r}" for p, r in zip(prompts, responses, strict=True)]
+
+
+class LMView:
+    """Per-item hidden states of a causal LM: the mean over the tokens of DELIFT's no-example sequence
+    (``HEAD_NOICL + prompt + TAIL``, EOS, response, EOS: the sequence the DELIFT teacher scores for d(t | no
+    example)) at chosen layers, standardised per dimension. They describe an item as the teacher LM reads
+    it; :mod:`nncift.choose` uses them to predict per-item effects of the additive estimate.
+
+    Args:
+        model: local causal-LM folder (None = the embedded SmolLM2).
+        layers: hidden-state indices (0 = embeddings, L = last layer).
+        max_tokens: prompt and response tokens kept each. batch_size: sequences per forward.
+    """
+
+    def __init__(self, model: str | None, layers: list[int], max_tokens: int = 128, batch_size: int = 16,
+                 device: str = "cpu", dtype: str = "float32"):  # fmt: skip
+        self.model_path, self.layers, self.max_tokens = model, list(layers), max_tokens
+        self.batch_size, self.device, self.dtype = batch_size, device, dtype
+        self._lm = None
+        self.mean: dict[int, np.ndarray] = {}
+        self.std: dict[int, np.ndarray] = {}
+
+    def _load(self):
+        if self._lm is None:
+            from nncift.influence.delift_icl import DeliftICL
+            from nncift.models import load_causal_lm
+
+            model, tok = load_causal_lm(self.model_path, device=self.device, dtype=self.dtype)
+            self._lm = DeliftICL(model, tok, self.batch_size, self.max_tokens, self.max_tokens, mode="batched")
+        return self._lm
+
+    @staticmethod
+    def auto_layers(n_layers: int) -> list[int]:
+        """A quarter, a half and three quarters of the depth."""
+        return sorted({max(1, round(n_layers * f)) for f in (0.25, 0.5, 0.75)})
+
+    def n_layers(self) -> int:
+        return int(self._load().model.config.num_hidden_layers)
+
+    def raw(self, prompts: list[str], responses: list[str]) -> dict[int, np.ndarray]:
+        """layer -> (n, hidden) float32 mean-pooled hidden states (not standardised)."""
+        import torch
+
+        from nncift.influence.base import Items
+
+        lm = self._load()
+        enc = lm.encode(Items(list(prompts), list(responses), np.zeros((len(prompts), 1), np.float32)))
+        seqs = [lm.noicl_ids(e)[0] for e in enc]
+        order = np.argsort([len(s) for s in seqs], kind="stable")
+        out = {layer: None for layer in self.layers}
+        with torch.no_grad():
+            for s0 in range(0, len(order), self.batch_size):
+                chunk = order[s0 : s0 + self.batch_size]
+                width = max(len(seqs[i]) for i in chunk)
+                ids = torch.full((len(chunk), width), lm.pad, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.bool)
+                for k, i in enumerate(chunk):
+                    ids[k, : len(seqs[i])] = torch.tensor(seqs[i])
+                    mask[k, : len(seqs[i])] = True
+                # right padding under causal attention: real tokens never see the pads after them
+                hs = lm.model.model(input_ids=ids.to(lm.device), output_hidden_states=True).hidden_states
+                w = mask.to(lm.device, hs[0].dtype)[..., None]
+                for layer in self.layers:
+                    pooled = ((hs[layer] * w).sum(1) / w.sum(1)).float().cpu().numpy()
+                    if out[layer] is None:
+                        out[layer] = np.empty((len(seqs), pooled.shape[1]), np.float32)
+                    out[layer][chunk] = pooled
+        return out
+
+    def fit_transform(self, prompts: list[str], responses: list[str]) -> dict[int, np.ndarray]:
+        """Features of the run's items, standardised with their own mean and deviation (kept for new items)."""
+        raw = self.raw(prompts, responses)
+        for layer, x in raw.items():
+            self.mean[layer], self.std[layer] = x.mean(0), x.std(0) + 1e-6
+        return {layer: self._standard(layer, x) for layer, x in raw.items()}
+
+    def transform(self, prompts: list[str], responses: list[str]) -> dict[int, np.ndarray]:
+        """Features of new items, standardised as the run's were."""
+        return {layer: self._standard(layer, x) for layer, x in self.raw(prompts, responses).items()}
+
+    def _standard(self, layer: int, x: np.ndarray) -> np.ndarray:
+        return ((x - self.mean[layer]) / self.std[layer]).astype(np.float32)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {f"{k}{layer}": v[layer] for layer in self.layers for k, v in (("mean", self.mean), ("std", self.std))}
+
+    def load_state(self, t: dict[str, np.ndarray]) -> LMView:
+        for layer in self.layers:
+            self.mean[layer], self.std[layer] = t[f"mean{layer}"], t[f"std{layer}"]
+        return self

@@ -221,3 +221,77 @@ def test_a_default_run_is_never_worse_than_the_best_free_estimate(tmp_path, teac
     assert g_run >= best_free - 0.1, (teacher, chosen, g_run, {k: v["gap_closed"] for k, v in cands.items()})
     if teacher == "bilinear":  # no free estimate reads this teacher: the run must have proved a learned one better
         assert not free[chosen] and g_run > best_free + 0.1
+
+
+def test_lm_view_pools_each_item_alone_as_in_a_padded_batch(tiny_lm):
+    """Mean-pooled hidden states of DELIFT's no-example sequence: a padded batch gives each item's own values."""
+    from nncift.views import LMView
+
+    prompts, responses = ["a short one", "a much longer prompt with more words in it", "x"], ["ok", "fine then", "y z"]
+    batched = LMView(tiny_lm, [1, 2], max_tokens=32, batch_size=3).raw(prompts, responses)
+    single = LMView(tiny_lm, [1, 2], max_tokens=32, batch_size=1).raw(prompts, responses)
+    for layer in (1, 2):
+        assert batched[layer].shape == (3, 32)
+        np.testing.assert_allclose(batched[layer], single[layer], rtol=1e-4, atol=1e-5)
+    view = LMView(tiny_lm, [2], max_tokens=32)
+    feats = view.fit_transform(prompts, responses)[2]
+    np.testing.assert_allclose(feats.mean(0), 0, atol=1e-5)
+    again = LMView(tiny_lm, [2], max_tokens=32).load_state(view.state()).transform(prompts[:1], responses[:1])[2]
+    np.testing.assert_allclose(again, feats[:1], rtol=1e-4, atol=1e-4)
+
+
+def test_probe_columns_are_planned_and_never_training_pairs():
+    from nncift.pairs import plan_labels
+
+    plan = plan_labels(50, 10, 0.3, 2, 100, seed=0, design="spread", partners=5, diagonal=True, probes=2)
+    probes = [s for s in plan.sets if s.quadrant == "probe"]
+    assert len(probes) == 2 and plan.probe_pairs == 2 * 49
+    for s in probes:
+        assert s.kernel == "ff" and len(s.cols) == 1 and s.cols[0] in plan.pool_labeled and s.cols[0] not in s.rows
+    assert plan.train_pairs == sum(s.num_pairs for s in plan.sets if s.quadrant == "q1")
+    assert plan_labels(50, 10, 0.3, 2, 100, seed=0, design="spread", partners=5).probe_pairs == 0
+
+
+def test_teacher_lm_features_give_one_additive_candidate_per_layer_and_score_new_rows(tmp_path, tiny_lm):
+    """``choose.teacher_features=lm``: additive_lm<L> candidates; a run forced onto one scores new rows with the
+    LM features of those rows standardised as the run's were."""
+    from nncift.cli import main
+    from nncift.config import load_config
+    from nncift.estimate import assemble_dense
+    from nncift.runner import Runner
+    from nncift.stages.choose import chosen_recipes, new_item_views
+    from tests.conftest import make_rows, write_jsonl
+
+    rng = np.random.default_rng(0)
+    rows = make_rows(110, seed=2)
+    for r in rows:
+        r["emb"] = rng.normal(size=8).tolist()
+    pool = write_jsonl(tmp_path / "pool.jsonl", rows[:80])
+    target = write_jsonl(tmp_path / "target.jsonl", rows[80:100])
+    new = write_jsonl(tmp_path / "new.jsonl", [{**r, "id": f"n{i}"} for i, r in enumerate(rows[100:])])
+    over = [f"data.input={pool}", f"data.target={target}", "data.test_size=0", "data.embedding_field=emb",
+            "embed.source=column", "label.fraction=0.3", "label.eval_pairs=100", "label.probes=1", "fit.rank=4",
+            "fit.epochs=3", "ray.executor=local", "choose.teacher_features=lm", f"choose.lm_model={tiny_lm}",
+            "choose.lm_layers=1,2", "choose.lm_tokens=24", "choose.mode=additive_lm2"]  # fmt: skip
+    runner = Runner(load_config(None, over), tmp_path / "run")
+    runner.run("select")
+    choice = json.loads((tmp_path / "run" / "choose" / "choice.json").read_text())
+    assert {"additive_lm1", "additive_lm2", "additive"} <= set(choice["candidates"])
+    assert choice["chosen"] == "additive_lm2"
+    rec = chosen_recipes(runner.ctx)["ff"]
+    assert rec.effect_view == "lm2" and rec.r.shape == (80,)
+    assert main(["score", "-q", "--run-dir", str(tmp_path / "run"), "--input", str(new)]) == 0
+    out = tmp_path / "run" / "score" / "new"
+    k_ft = assemble_dense(out / "blocks", "ft", (90, 20))
+    scored = __import__("pyarrow.parquet", fromlist=["_"]).read_table(out / "rows.parquet")
+    from nncift.store import read_safetensors
+
+    e_new = read_safetensors(out / "embeddings.safetensors")["new"]
+    views = new_item_views(
+        runner.ctx, e_new, scored.column("prompt").to_pylist(), scored.column("response").to_pylist()
+    )
+    rft = chosen_recipes(runner.ctx)["ft"]
+    aug = lambda x: np.concatenate([x, np.ones((len(x), 1), np.float32)], 1)  # noqa: E731
+    _, e_t = runner.ctx.embeddings()
+    want = aug(e_new) @ rft.W @ aug(e_t).T + (aug(views["lm2"]) @ rft.r_w)[:, None] + rft.c[None, :]
+    np.testing.assert_allclose(k_ft[80:], want, rtol=1e-4, atol=1e-4)

@@ -163,7 +163,7 @@ class Context:
 
     # ------------------------------------------------------------------ labels
     def labels(self, table: pa.Table | None = None) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
-        """Per kernel and quadrant (q1..q4, and "diag" for K_FF): ((2, P) row/col indices, (P,) raw values).
+        """Per kernel and quadrant (q1..q4, and "diag" / "probe" for K_FF): ((2, P) row/col indices, (P,) raw values).
 
         K_FF self pairs are dropped from q1..q4 when ``fit.exclude_self_pairs``. Pointwise labels are kernel
         ``item`` with quadrants q1 (training) and q2 (held out); their col index is 0.
@@ -176,7 +176,7 @@ class Context:
         out: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
         self_pair = (kern == "ff") & (rows == cols) & self.cfg.fit.exclude_self_pairs
         for k in ("item",) if self.pointwise() else ("ff", "ft"):
-            for q in ("q1", "q2", "q3", "q4", "diag"):
+            for q in ("q1", "q2", "q3", "q4", "diag", "probe"):
                 sel = (kern == k) & (quad == q) & (~self_pair if q != "diag" else True)
                 out.setdefault(k, {})[q] = np.stack([rows[sel], cols[sel]]), vals[sel]
         return out

@@ -37,46 +37,97 @@ def wanted(ctx: Context) -> tuple[str, ...]:
     names = [x.strip() for x in c.candidates.split(",") if x.strip()]
     out = set(CANDIDATES) if "auto" in names else set(names)
     if c.mode not in ("held_out", "surrogate"):
-        out.add(c.mode)
+        out.add("additive_lm" if c.mode.startswith("additive_lm") else c.mode)
     out.add("surrogate")
     if c.views == "none":
         out -= {"lexical", "diag_lexical"}
     return tuple(n for n in CANDIDATES if n in out)
 
 
+def teacher_lm(ctx: Context) -> str | None:
+    """``choose.teacher_features`` resolved: the LM folder whose hidden states feed ``additive_lm`` (None: off)."""
+    c = ctx.cfg.choose
+    mode = c.teacher_features
+    if mode == "auto":
+        mode = "lm" if ctx.cfg.label.function == "delift_icl" else "none"
+    if mode != "lm":
+        return None
+    if c.lm_model:
+        return c.lm_model
+    if ctx.cfg.label.function == "delift_icl" and ctx.cfg.delift_icl.model:
+        return ctx.cfg.delift_icl.model
+    from nncift.models import embedded_lm_dir
+
+    return str(embedded_lm_dir())
+
+
+def _lm_view(ctx: Context, model: str):
+    from nncift.views import LMView
+
+    c = ctx.cfg.choose
+    view = LMView(model, [], max_tokens=c.lm_tokens, device=ctx.cfg.label.device)
+    view.layers = (LMView.auto_layers(view.n_layers()) if c.lm_layers == "auto"
+                   else [int(x) for x in c.lm_layers.split(",")])  # fmt: skip
+    return view
+
+
 def item_views(ctx: Context) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """name -> (pool (M, d), target (N, d)) float32 unit vectors: ``embedding`` and, with ``choose.views=lexical``,
-    the lexical view (computed once by this stage, then read from ``choose/views.safetensors``)."""
+    """name -> (pool (M, d), target (N, d)) float32: ``embedding``; with ``choose.views=lexical`` the lexical view;
+    with teacher features, ``lm<L>`` per layer (computed once by this stage, then read from
+    ``choose/views.safetensors``)."""
     e_pool, e_target = ctx.embeddings()
     out = {"embedding": (e_pool, e_target)}
-    if ctx.cfg.choose.views == "lexical":
-        path = ctx.path("choose", "views.safetensors")
-        if not path.is_file():
-            from nncift.views import LexicalView, item_texts
+    lm = teacher_lm(ctx)
+    if ctx.cfg.choose.views != "lexical" and lm is None:
+        return out
+    path = ctx.path("choose", "views.safetensors")
+    if not path.is_file():
+        from nncift.views import LexicalView, item_texts
 
-            pool, target = ctx.tables(["prompt", "response"])
-            texts = [
-                item_texts(t.column("prompt").to_pylist(), t.column("response").to_pylist()) for t in (pool, target)
-            ]
-            view = LexicalView(seed=ctx.cfg.seed).fit(texts[0] + texts[1])
-            view.save(ctx.path("choose", "lexical.safetensors"))
-            write_safetensors(
-                path, {"lexical.pool": view.transform(texts[0]), "lexical.target": view.transform(texts[1])}
-            )
-        t = read_safetensors(path)
-        out["lexical"] = (t["lexical.pool"], t["lexical.target"])
+        pool, target = ctx.tables(["prompt", "response"])
+        cols = [(t.column("prompt").to_pylist(), t.column("response").to_pylist()) for t in (pool, target)]
+        arrays = {}
+        if ctx.cfg.choose.views == "lexical":
+            texts = [item_texts(*c) for c in cols]
+            lex = LexicalView(seed=ctx.cfg.seed).fit(texts[0] + texts[1])
+            lex.save(ctx.path("choose", "lexical.safetensors"))
+            arrays.update({"lexical.pool": lex.transform(texts[0]), "lexical.target": lex.transform(texts[1])})
+        if lm is not None:
+            view = _lm_view(ctx, lm)
+            m = len(cols[0][0])
+            log.info("choose: teacher-LM features of %d items (layers %s)", m + len(cols[1][0]), view.layers)
+            feats = view.fit_transform(cols[0][0] + cols[1][0], cols[0][1] + cols[1][1])
+            for layer, x in feats.items():
+                arrays[f"lm{layer}.pool"], arrays[f"lm{layer}.target"] = x[:m], x[m:]
+            write_safetensors(ctx.path("choose", "lm_state.safetensors"), view.state())
+            write_json(ctx.path("choose", "lm.json"), {"model": lm, "layers": view.layers, "tokens": view.max_tokens})
+        write_safetensors(path, arrays)
+    t = read_safetensors(path)
+    for key in t:
+        name = key.rsplit(".", 1)[0]
+        out[name] = (t[f"{name}.pool"], t[f"{name}.target"])
     return out
 
 
 def new_item_views(ctx: Context, e_new: np.ndarray, prompts: list[str] | None, responses: list[str] | None) -> dict:
-    """View vectors of new items (``nncift score``): the embedding, and the lexical view through the run's
-    fitted transform."""
+    """View vectors of new items (``nncift score``): the embedding, the lexical view through the run's fitted
+    transform, and the teacher-LM features standardised as the run's were."""
     out = {"embedding": e_new}
+    if prompts is None:
+        return out
     lex = ctx.path("choose", "lexical.safetensors")
-    if lex.is_file() and prompts is not None:
+    if lex.is_file():
         from nncift.views import LexicalView, item_texts
 
         out["lexical"] = LexicalView.load(lex).transform(item_texts(prompts, responses))
+    lm = ctx.path("choose", "lm.json")
+    if lm.is_file():
+        from nncift.views import LMView
+
+        meta = json.loads(lm.read_text())
+        view = LMView(meta["model"], meta["layers"], meta["tokens"], device=ctx.cfg.label.device)
+        view.load_state(read_safetensors(ctx.path("choose", "lm_state.safetensors")))
+        out.update({f"lm{layer}": x for layer, x in view.transform(prompts, responses).items()})
     return out
 
 
@@ -151,7 +202,7 @@ def candidate_heads(ctx: Context, recipe, kernel: str, new: dict | None = None) 
     r, c = recipe.r, recipe.c
     if new is not None:
         v_new = new[recipe.view]
-        r_new, c_new = effects_for(recipe, v_new)
+        r_new, c_new = effects_for(recipe, new[recipe.effect_view or recipe.view])
         vr = np.concatenate([vr, v_new])
         r = None if r is None else np.concatenate([r, r_new])
         if kernel == "ff":
@@ -212,11 +263,18 @@ class ChooseStage(Stage):
                 v: (pool, (pool, target)[cols_of] if kernel == "ft" else pool) for v, (pool, target) in views.items()
             }
             rc, y = labels[kernel]["q1"]
-            recipes[kernel] = ch.build_recipes(kernel, (rc[0], rc[1], y), kviews, net, scaler, diag is not None, kinds)
+            prc, py = labels[kernel]["probe"]
+            recipes[kernel] = ch.build_recipes(kernel, (rc[0], rc[1], y), kviews, net, scaler, diag is not None, kinds,
+                                               probes=(prc[0], prc[1], py))  # fmt: skip
         save_recipes(ctx, recipes)
         names = [r.name for r in recipes["ff"]]
         info: dict[str, Any] = {"candidates": names, "mode": c.mode}
         if c.mode != "held_out" or len(names) == 1:
+            if c.mode not in ("held_out", "surrogate") and c.mode not in names:
+                from nncift.errors import ConfigError
+
+                raise ConfigError(f"config field 'choose.mode': {c.mode!r} does not apply to this run (its candidates: "
+                                  f"{', '.join(names)})")  # fmt: skip
             chosen = c.mode if c.mode in names else "surrogate"
             write_json(ctx.path("choose", "choice.json"), {"chosen": chosen, "mode": c.mode, "candidates": names,
                                                            "teacher_pairs": 0, "scores": None})  # fmt: skip
@@ -262,14 +320,14 @@ class ChooseStage(Stage):
 
     @staticmethod
     def _known(ctx: Context, labels: dict, diag: np.ndarray | None, m: int, n: int) -> dict[str, Any]:
-        """Per kernel, the teacher values the criterion may read: training labels and the exact diagonal (never
-        the Q2-Q4 rectangles of the report)."""
+        """Per kernel, the teacher values the criterion may read: training labels, probe columns and the exact
+        diagonal (never the Q2-Q4 rectangles of the report)."""
         from nncift import choose as ch
 
         out = {}
         for kernel, n_cols in (("ff", m), ("ft", n)):
-            rc, y = labels[kernel]["q1"]
-            rows, cols, vals = [rc[0]], [rc[1]], [y]
+            (rc, y), (prc, py) = labels[kernel]["q1"], labels[kernel]["probe"]
+            rows, cols, vals = [rc[0], prc[0]], [rc[1], prc[1]], [y, py]
             if kernel == "ff" and diag is not None:
                 rows.append(np.arange(m))
                 cols.append(np.arange(m))

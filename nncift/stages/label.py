@@ -97,6 +97,7 @@ class LabelStage(Stage):
             "train_pairs": plan.train_pairs,
             "eval_pairs": plan.eval_pairs,
             "diag_pairs": plan.diag_pairs,
+            "probe_pairs": plan.probe_pairs,
             "total_pairs": m if pointwise else m * m + m * n,
             "max_pairs": c.max_pairs,
             "labeled_pool": len(plan.pool_labeled),
@@ -119,7 +120,7 @@ def label_plan(ctx: Context):
         plan = plan_items(m, c.fraction, c.min_count, c.eval_pairs, ctx.cfg.seed)
     else:
         plan = plan_labels(m, n, c.fraction, c.min_count, c.eval_pairs, ctx.cfg.seed, design=c.design,
-                           partners=c.partners, diagonal=c.diagonal)  # fmt: skip
+                           partners=c.partners, diagonal=c.diagonal, probes=c.probes)  # fmt: skip
     try:
         return cap_plan(plan, c.max_pairs, ctx.cfg.seed)
     except ValueError as exc:
