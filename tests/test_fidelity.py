@@ -104,3 +104,61 @@ def test_quadrant_baselines_are_scored_against_the_truth():
     u = np.random.default_rng([0, 3]).random(4)
     assert rep["baseline_uniform"]["mse"] == pytest.approx(np.mean((u - true) ** 2))
     assert rep["baseline_mean"]["spearman"] != rep["baseline_mean"]["spearman"]  # constant prediction: NaN
+
+
+# ------------------------------------------------------------------------------------------ hand-computed, asymmetric
+# K_FF[i, j]: how well candidate j covers item i (asymmetric; already min-max scaled: min 0, max 1)
+K_FF = np.array([[1.0, 0.2, 0.0, 0.6], [0.0, 1.0, 0.9, 0.1], [0.3, 0.0, 1.0, 0.0], [0.8, 0.4, 0.0, 0.5]], np.float32)
+K_FT = np.array([[0.5, 0.1], [0.2, 0.3], [1.0, 0.0], [0.0, 0.4]], np.float32)  # row caps c = (0.5, 0.3, 1.0, 0.4)
+# f of every 2-subset, by hand (rows' best coverage; FLMI capped at c; FLCG above c)
+HAND = {
+    "fl": {(0, 1): 3.1, (0, 2): 3.7, (0, 3): 2.2, (1, 2): 2.6, (1, 3): 2.1, (2, 3): 3.0},
+    "flmi": {(0, 1): 1.5, (0, 2): 2.2, (0, 3): 1.3, (1, 2): 1.9, (1, 3): 1.2, (2, 3): 2.2},
+    "flcg": {(0, 1): 1.6, (0, 2): 1.5, (0, 3): 0.9, (1, 2): 0.7, (1, 3): 0.9, (2, 3): 0.8},
+}
+# the greedy's picks on the truth, by hand: FL 0 (column sum 2.1) then 2 (gain 1.6); FLMI 2 then 0 (tie with 3,
+# lowest index); FLCG 0 (gain 0.9 over the floor c) then 1 (0.7)
+HAND_EXACT = {"fl": (0, 2), "flmi": (0, 2), "flcg": (0, 1)}
+
+
+@pytest.mark.parametrize("objective", ["fl", "flmi", "flcg"])
+def test_hand_computed_asymmetric_kernel_values_random_mean_and_gap(objective):
+    est = np.array([1, 3])  # a non-exact subset
+    res = fid.selection_fidelity(K_FF, K_FT, {"est": est}, budget=2, objective=objective, random_count=12, seed=4)
+    hand = HAND[objective]
+    assert tuple(sorted(res["exact"])) == HAND_EXACT[objective]
+    assert res["f_exact"] == pytest.approx(hand[HAND_EXACT[objective]], abs=1e-6)
+    assert res["subsets"]["est"]["f"] == pytest.approx(hand[(1, 3)], abs=1e-6)
+    draws = [tuple(sorted(int(x) for x in r)) for r in fid.random_subsets(4, 2, 12, 4)]
+    vals = [hand[d] for d in draws]
+    assert len(set(vals)) > 1  # the mean differs from the best or worst draw
+    assert res["f_random_mean"] == pytest.approx(np.mean(vals), abs=1e-6)
+    assert res["f_random_sd"] == pytest.approx(np.std(vals, ddof=1), abs=1e-6)
+    want = (hand[(1, 3)] - np.mean(vals)) / (hand[HAND_EXACT[objective]] - np.mean(vals))
+    assert res["subsets"]["est"]["gap_closed"] == pytest.approx(want, abs=1e-6)
+    # the orientation matters: the transposed kernel gives other values
+    flipped = fid.selection_fidelity(K_FF.T.copy(), K_FT, {"est": est}, 2, objective, random_count=12, seed=4)
+    assert flipped["subsets"]["est"]["f"] != pytest.approx(res["subsets"]["est"]["f"], abs=1e-3)
+
+
+def test_teacher_kernels_orientation_on_an_asymmetric_teacher(tmp_path):
+    """K_FF[i, j] = U(pool j -> pool i) and K_FT[i, j] = U(pool i -> target j), read from a table teacher."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nncift.influence import Items, build_influence_function
+
+    ids = [f"p{i}" for i in range(3)] + ["t0", "t1"]
+    u = {(e, t): 10 * ids.index(e) + ids.index(t) for e in ids for t in ids}  # U(e -> t), asymmetric
+    pq.write_table(pa.table({"example_id": [e for e, _ in u], "target_id": [t for _, t in u],
+                             "value": [float(v) for v in u.values()]}), tmp_path / "t.parquet")  # fmt: skip
+    fn = build_influence_function("table", path=str(tmp_path / "t.parquet"))
+    z = np.zeros((5, 2), np.float32)
+    pool = Items(["a"] * 3, ["b"] * 3, z[:3], ids[:3])
+    target = Items(["a"] * 2, ["b"] * 2, z[3:], ids[3:])
+    ff, ft = fid.teacher_kernels(fn, pool, target, block=2)
+    for i in range(3):
+        for j in range(3):
+            assert ff[i, j] == u[(ids[j], ids[i])]
+        for j in range(2):
+            assert ft[i, j] == u[(ids[i], ids[3 + j])]
