@@ -216,6 +216,12 @@ class FidelityConfig:
 
     truth_table: str | None = _f(None, "full-label table (example_id, target_id, value) of the teacher; "
                                  "None = the teacher itself when it is cheap (delift_se, a full table)")  # fmt: skip
+    exact: bool = _f(
+        False,
+        "when the teacher's full kernel is not cheap: label every pair (pointwise: score every "
+        "item) with the teacher for this report (the `exact` stage: the full teacher cost, for demos and "
+        "benchmarks; bounded by eval.exact_max_pairs)",
+    )
     random_subsets: int = _f(10, "seeded random subsets of the same budget (their mean f is the 0 of gap closed)")
     max_pairs: int = _f(20_000_000, "compute fidelity only while M*M + M*N <= this (the full kernel is dense)")
     topk: int = _f(10, "per-row top-k recall on unseen x unseen pairs (Q4)")

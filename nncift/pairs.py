@@ -114,6 +114,7 @@ def plan_labels(
     partners: int = 20,
     diagonal: bool = False,
     probes: int = 0,
+    item_cost: bool = False,
 ) -> LabelPlan:
     """Draw the labeled items of D_F (m rows) and D_T (n rows), the training pairs and the evaluation rectangles.
 
@@ -136,9 +137,17 @@ def plan_labels(
     pairs sharing one prefix each): every item's per-target effect is measured, for the additive estimate of
     :mod:`nncift.choose`; probe pairs are never training pairs of the network. ``fraction >= 1`` labels every
     pair (block).
+
+    ``item_cost`` (a teacher that pays per distinct item, e.g. LESS's gradient features): every pair among
+    featurised items is nearly free, so the plan minimises the items it touches: the training pairs are the
+    block over the labeled items (``fraction`` alone sets them), there is no diagonal or probe (they would
+    touch every pool item), and every evaluation rectangle reuses one held-out pool set and one held-out target
+    set of ``isqrt(eval_pairs)`` items each.
     """
     if design not in DESIGNS:
         raise ValueError(f"unknown label design {design!r} (known: {', '.join(DESIGNS)})")
+    if item_cost and fraction < 1.0:
+        return _plan_items_cost(m, n, fraction, eval_pairs, seed)
     if fraction >= 1.0:  # every item labeled: every pair (full labeling, the cost baseline), whatever the design
         design = "block"
     rng = np.random.default_rng([seed, 1])
@@ -172,6 +181,29 @@ def plan_labels(
         for j in np.sort(probe_rng.choice(pool_l, size=min(probes, len(pool_l)), replace=False)):
             others = np.setdiff1d(np.arange(m, dtype=np.int64), [j])
             plan.sets.append(LabelSet("ff", "probe", others, np.array([j], np.int64)))
+    return plan
+
+
+def _plan_items_cost(m: int, n: int, fraction: float, eval_pairs: int, seed: int) -> LabelPlan:
+    """The plan of a per-item-cost pairwise teacher (see :func:`plan_labels`): block training pairs over the
+    labeled items, evaluation rectangles over one held-out set per side."""
+    rng = np.random.default_rng([seed, 1])
+    pool_l = sample_fraction(m, fraction, min(2, m), rng)
+    targ_l = sample_fraction(n, fraction, min(2, n), rng)
+    pool_u, targ_u = np.setdiff1d(np.arange(m), pool_l), np.setdiff1d(np.arange(n), targ_l)
+    plan = LabelPlan(pool_l, targ_l, design="block")
+    plan.sets += [LabelSet("ff", "q1", pool_l, pool_l), LabelSet("ft", "q1", pool_l, targ_l)]
+    side = max(1, math.isqrt(max(eval_pairs, 1)))
+    if eval_pairs <= 0:
+        return plan
+    hp = np.sort(rng.choice(pool_u, size=min(side, len(pool_u)), replace=False)) if len(pool_u) else pool_u
+    ht = np.sort(rng.choice(targ_u, size=min(side, len(targ_u)), replace=False)) if len(targ_u) else targ_u
+    lp = np.sort(rng.choice(pool_l, size=min(side, len(pool_l)), replace=False))
+    lt = np.sort(rng.choice(targ_l, size=min(side, len(targ_l)), replace=False))
+    for kernel, quad, rows, cols in (("ff", "q2", hp, lp), ("ff", "q3", lp, hp), ("ff", "q4", hp, hp),
+                                     ("ft", "q2", hp, lt), ("ft", "q3", lp, ht), ("ft", "q4", hp, ht)):  # fmt: skip
+        if len(rows) and len(cols):
+            plan.sets.append(LabelSet(kernel, quad, rows, cols))
     return plan
 
 

@@ -125,7 +125,8 @@ def _plots(store: RunDir, rep: dict) -> list[str]:
     fid = rep.get("fidelity") or {}
     if fid.get("measured"):
         fig, ax = plt.subplots(figsize=(6, 3.8))
-        names = ["random (mean)", "zero-label\n(embedding cosine)", "NN-CIFT\n(this run)", "teacher\n(exact kernel)"]
+        zname = (fid["zero_label"].get("name") or "embedding cosine").replace("_", " ")
+        names = ["random (mean)", f"zero-label\n({zname})", "NN-CIFT\n(this run)", "teacher\n(exact kernel)"]
         vals = [0.0, fid["zero_label"]["gap_closed"] or 0.0, fid["gap_closed"] or 0.0, 1.0]
         colors = ["#bbbbbb", "#8fb3d9", "#d9822b", "#4a4a4a"]
         ax.bar(names, vals, color=colors)
@@ -241,7 +242,8 @@ def _fidelity_markdown(fid: dict | None) -> list[str]:
         "|---|---|---|---|",
         f"| teacher's own selection (exact kernel) | {fid['f_exact']:.2f} | 1 | 1 |",
         f"| **NN-CIFT (this run)** | {fid['f']:.2f} | **{_fmt(fid['gap_closed'])}** | {fid['jaccard']:.3f} |",
-        f"| zero-label baseline (embedding cosine, no teacher calls) | {z['f']:.2f} | {_fmt(z['gap_closed'])} | "
+        f"| zero-label baseline ({z.get('name', 'embedding cosine').replace('_', ' ')}, no teacher calls) | "
+        f"{z['f']:.2f} | {_fmt(z['gap_closed'])} | "
         f"{z['jaccard']:.3f} |",
         f"| random (mean ± sd) | {fid['f_random_mean']:.2f} ± {fid['f_random_sd']:.2f} | 0 | – |",
         "",
@@ -266,18 +268,19 @@ def _choice_markdown(choice: dict | None, fid: dict | None) -> list[str]:
             ]
             lines.append("")
         return lines
-    if choice.get("criterion") == "items":
-        head = "| candidate | free | held-out top-k value (Δ to best ± se) | eligible | gap closed |"
-    else:
-        head = ("| candidate | free | held-out coverage (Δ to best ± se) | neighbour quality (Δ to best ± se) | "
-                "within noise of the best coverage | gap closed (teacher's full kernel) |")  # fmt: skip
+    items = choice.get("criterion") == "items"
+    first, second = ("top-k value", "order (concordance)") if items else ("coverage", "neighbour quality")
+    head = (
+        f"| candidate | free | held-out {first} (Δ to best ± se) | held-out {second} (Δ to best ± se) | "
+        f"within noise of the best {first} | gap closed (teacher's full {'scores' if items else 'kernel'}) |"
+    )
     lines += [
         f"{choice['rows']} held-out rows, {choice['teacher_pairs']:,} teacher {'items' if choice.get('criterion') == 'items' else 'pairs'} "
         f"(criterion of `{choice.get('objective')}`, budget {choice.get('budget')} per held-out problem). "
         f"Chosen: **{chosen}**" + (" (needs no network)." if choice.get("free", {}).get(chosen) else "."),
         "",
         head,
-        "|---|---|---|---|---|---|" if choice.get("criterion") != "items" else "|---|---|---|---|---|",
+        "|---|---|---|---|---|---|",
     ]
     for n, sc in sorted(scores.items(), key=lambda kv: -kv[1]["fl"]["mean"]):
         fl, near = sc["fl"], sc["near"]
@@ -285,9 +288,6 @@ def _choice_markdown(choice: dict | None, fid: dict | None) -> list[str]:
         name = f"**{n}** (chosen)" if n == chosen else n
         free = "yes" if choice.get("free", {}).get(n) else "no"
         cov = f"{fl['mean']:.4f} ({-fl['diff_to_best']:+.4f} ± {fl['se']:.4f})"
-        if choice.get("criterion") == "items":
-            lines.append(f"| {name} | {free} | {cov} | {'yes' if sc['eligible'] else 'no'} | {g} |")
-            continue
         nq = f"{near['mean']:.4f}" + (f" ({-near['diff_to_best']:+.4f} ± {near['se']:.4f})" if "se" in near else "")
         lines.append(f"| {name} | {free} | {cov} | {nq} | {'yes' if sc['eligible'] else 'no'} | {g} |")
     lines += ["", 'How the choice is made: `nncift.choose` (docs/fidelity.md, "Choosing the estimate").', ""]

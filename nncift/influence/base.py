@@ -53,6 +53,10 @@ class InfluenceFunction(ABC):
             a run can afford the full kernel as fidelity ground truth.
         pairs_per_second: a rough labeling rate (pairs, or items for pointwise teachers) on 2 CPU cores, used
             only to size label blocks (``label.pairs_per_second`` overrides it).
+        cost_unit: what the teacher pays for: ``"pair"`` (a forward per pair, e.g. DELIFT ICL) or ``"item"`` (a
+            feature per distinct item, every pair among featurised items then nearly free, e.g. LESS's gradients;
+            every pointwise teacher). Label plans of per-item teachers minimise the distinct items they touch,
+            and reports count the teacher's cost in its own unit.
     """
 
     name: ClassVar[str] = "base"
@@ -61,6 +65,7 @@ class InfluenceFunction(ABC):
     symmetric: bool = False
     exact_is_cheap: bool = False
     pairs_per_second: float = 1e6
+    cost_unit: ClassVar[str] = "pair"
 
     @classmethod
     def resolve(cls, section: Any, device: str) -> dict[str, Any]:
@@ -167,6 +172,7 @@ class PointwiseInfluenceFunction(InfluenceFunction):
     """
 
     kind: ClassVar[str] = "pointwise"
+    cost_unit: ClassVar[str] = "item"
 
     @abstractmethod
     def score(self, items: Items) -> np.ndarray:

@@ -498,6 +498,7 @@ class Less(InfluenceFunction):
     symmetric = False
     exact_is_cheap = False
     pairs_per_second = 1e5  # a lookup + matmul once the features exist; the real cost is in prepare()
+    cost_unit = "item"  # one gradient feature per distinct item
 
     @classmethod
     def resolve(cls, section: LessConfig, device: str) -> dict[str, Any]:
@@ -751,37 +752,42 @@ def _features(
     feat_dir: Path,
     executor: Any,
 ) -> None:
-    """Compute the feature blocks that are not already on disk (with the right ids)."""
+    """Compute the features of the requested items that no complete feature file on disk holds yet.
+
+    Finished files are kept whatever items they hold (a later request for more items, e.g. the choose stage's
+    held-out rows, computes only the new ones, in new blocks numbered after the existing ones; a resumed
+    request computes nothing). The requested items missing from the files are cut into ``feature_block``
+    blocks."""
     sides = {
         "pool": (pool, np.asarray(pool_labeled, np.int64)),
         "target": (target, np.asarray(target_labeled, np.int64)),
     }
     items, specs, todo = {}, [], []
+    feat_dir.mkdir(parents=True, exist_ok=True)
     for code, (side, (its, lab)) in enumerate(sides.items()):
-        ids = [str(its.ids[i]) for i in lab]
+        have: set[str] = set()
+        last = -1
+        for path in sorted(feat_dir.glob(f"{side}_*.safetensors")):
+            ids = _block_ids(path)
+            if ids is None:
+                log.warning("less: %s is not a complete feature file: recomputing its items", path)
+                path.unlink()
+                continue
+            have.update(ids)
+            last = max(last, int(path.stem.split("_")[1]))
+        need = [i for i in lab if str(its.ids[i]) not in have]
         items[side] = {
-            "ids": ids,
-            "prompts": [its.prompts[i] for i in lab],
-            "responses": [its.responses[i] for i in lab],
+            "ids": [str(its.ids[i]) for i in need],
+            "prompts": [its.prompts[i] for i in need],
+            "responses": [its.responses[i] for i in need],
         }
         bs = int(kw["feature_block"])
-        keep = set()
-        for b, i0 in enumerate(range(0, len(lab), bs)):
-            i1 = min(len(lab), i0 + bs)
-            spec = {"block_id": len(specs), "side": code, "block": b, "i0": i0, "i1": i1}
+        for b, i0 in enumerate(range(0, len(need), bs), start=last + 1):
+            spec = {"block_id": len(specs), "side": code, "block": b, "i0": i0, "i1": min(len(need), i0 + bs)}
             specs.append(spec)
-            path = feature_path(feat_dir, side, b)
-            keep.add(path.name)
-            if path.is_file() and _block_ids(path) == ids[i0:i1]:
-                continue
-            if path.is_file():
-                log.warning("less: %s holds other items: recomputing it", path)
-                path.unlink()
             todo.append(spec)
-        for stale in feat_dir.glob(f"{side}_*.safetensors"):  # blocks of a larger labeled set
-            if stale.name not in keep:
-                stale.unlink()
-    log.info("less: %d feature blocks (%d already done)", len(specs), len(specs) - len(todo))
+    log.info("less: %d new feature blocks (%d pool + %d target items already on disk)", len(specs),
+             len(sides["pool"][1]) - len(items["pool"]["ids"]), len(sides["target"][1]) - len(items["target"]["ids"]))  # fmt: skip
     if not todo:
         return
     device = str(kw["device"])

@@ -182,8 +182,9 @@ class Context:
         return out
 
     def diagonal(self) -> np.ndarray | None:
-        """(M,) float32 exact K_FF self-utilities from the label stage (``label.diagonal``), else None."""
-        if not self.cfg.label.diagonal or self.pointwise():
+        """(M,) float32 exact K_FF self-utilities from the label stage (``label.diagonal``; never for a teacher that
+        pays per item), else None."""
+        if not self.cfg.label.diagonal or self.pointwise() or self.teacher().cost_unit == "item":
             return None
         rc, vals = self.labels()["ff"]["diag"]
         m, _ = self.size()

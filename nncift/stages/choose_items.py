@@ -5,8 +5,9 @@ Top-k selection is separable: its value on a random sample of items is an unbias
 the pool. So the criterion is the selection itself on held-out items: ``choose.rows`` pool items get their
 teacher score (pointwise: the teacher's score; top-k: their mean over ``choose.targets`` seeded targets, one
 dense rectangle), each candidate picks the ``select.fraction`` of them it scores highest, and its value is
-the mean teacher score of its picks. :func:`nncift.choose.decide` keeps the best, or the first free candidate
-within ``choose.z`` paired standard errors.
+the mean teacher score of its picks. The held-out items' pairwise order (:func:`concordance`) is the second,
+smoother score; :func:`nncift.choose.decide` keeps the candidates within ``choose.z`` paired standard errors of
+the best top-k value, then the best order, or the first free candidate within ``choose.z_near`` of it.
 
 Pointwise candidates (:func:`item_candidates`): ``surrogate`` (the pointwise network), ``ridge`` (ridge on the
 embedding and the log lengths, penalty by generalised cross-validation), and the free ones ``response_length``,
@@ -30,13 +31,14 @@ ITEM_PREFERENCE = ("response_length", "prompt_length", "ridge", "surrogate")
 
 
 def held_out_rows(ctx: Context, m: int, exclude: np.ndarray | None = None) -> np.ndarray:
-    """The criterion's held-out pool rows: ``min(choose.rows, M // 3)`` seeded items (outside ``exclude`` when
-    enough remain)."""
+    """The criterion's held-out pool rows: ``min(choose.rows, M // 3)`` seeded items (``M // 10`` for a teacher that
+    pays per item: each is one more item to featurise), outside ``exclude`` when enough remain."""
     rng = np.random.default_rng([ctx.cfg.seed, 21])
     pool = np.arange(m) if exclude is None else np.setdiff1d(np.arange(m), exclude)
     if len(pool) < 2:
         pool = np.arange(m)
-    n = int(min(ctx.cfg.choose.rows, max(2, m // 3), len(pool)))
+    share = 10 if ctx.teacher().cost_unit == "item" else 3
+    n = int(min(ctx.cfg.choose.rows, max(2, m // share), len(pool)))
     return np.sort(rng.choice(pool, n, replace=False)).astype(np.int64)
 
 
@@ -56,6 +58,24 @@ def topk_values(scores: dict[str, np.ndarray], truth: np.ndarray, fraction: floa
         v = np.zeros(len(truth))
         v[pick] = truth[pick]
         out[name] = v
+    return out
+
+
+def concordance(scores: dict[str, np.ndarray], truth: np.ndarray) -> dict[str, np.ndarray]:
+    """Per held-out item, the share of the other held-out items the candidate orders as the teacher does (ties
+    count half): a smooth, paired companion of the top-k value (Kendall's concordance, item by item).
+
+    Returns:
+        name -> (R,) float64 in [0, 1].
+    """
+    dt = np.sign(truth[:, None] - truth[None, :])
+    n = len(truth)
+    out = {}
+    for name, s in scores.items():
+        ds = np.sign(np.asarray(s, np.float64)[:, None] - np.asarray(s, np.float64)[None, :])
+        agree = np.where(ds == 0, 0.5, (ds == dt).astype(np.float64))
+        np.fill_diagonal(agree, 0.0)
+        out[name] = agree.sum(axis=1) / max(1, n - 1)
     return out
 
 
@@ -79,14 +99,17 @@ def choose_topk(ctx: Context, recipes: dict, views: dict, nets: dict, diag) -> d
     from nncift import choose as ch
     from nncift.label import gather_labels, plan_blocks
     from nncift.pairs import LabelSet
-    from nncift.stages.label import label_block_side, run_label_blocks, teacher_kwargs_for
+    from nncift.stages.label import label_block_side, label_plan, run_label_blocks, teacher_kwargs_for, used_items
     from nncift.store import done_blocks
 
     c, sc = ctx.cfg.choose, ctx.cfg.select
     m, n = ctx.size()
-    rows = held_out_rows(ctx, m)
+    plan = label_plan(ctx)
+    rows = held_out_rows(ctx, m, exclude=used_items(plan)[0])  # never an item the plan labeled or reports on
     rng = np.random.default_rng([ctx.cfg.seed, 22])
-    targets = np.sort(rng.choice(n, min(c.targets, n), replace=False)).astype(np.int64)
+    # targets: a per-item teacher reuses labeled (already featurised) targets
+    tpool = plan.target_labeled if ctx.teacher().cost_unit == "item" and len(plan.target_labeled) else np.arange(n)
+    targets = np.sort(rng.choice(tpool, min(c.targets, len(tpool)), replace=False)).astype(np.int64)
     sets = [LabelSet("ft", "choose", rows, targets)]
     specs = plan_blocks(type("P", (), {"sets": sets})(), label_block_side(ctx))
     block_dir = ctx.path("choose", "blocks")
@@ -102,7 +125,7 @@ def choose_topk(ctx: Context, recipes: dict, views: dict, nets: dict, diag) -> d
     est = ch.Estimates(recipes["ft"], kv, nets["ft"], None)
     scores = {name: est.rows(name, rows).mean(axis=1) for name in est.recipes}
     values = topk_values(scores, truth, sc.fraction)
-    dec = ch.decide(values, values, c.z, c.z)
+    dec = ch.decide(values, concordance(scores, truth), c.z, c.z_near)
     free = {rec.name: rec.free for rec in recipes["ft"]}
     budget = max(1, round(sc.fraction * len(rows)))
     return _record(ctx, dec, list(scores), int(table.num_rows), rows, budget, "pairs", free)
@@ -197,7 +220,8 @@ def choose_items(ctx: Context) -> dict[str, Any]:
     write_parquet(ctx.path("choose", "labels.parquet"), table)
     truth = np.empty(len(rows))
     truth[np.searchsorted(rows, table.column("row").to_numpy())] = table.column("value").to_numpy()
-    values = topk_values({k: v[rows] for k, v in scores.items()}, truth, sc.fraction)
-    dec = ch.decide(values, values, c.z, c.z, order=ITEM_PREFERENCE)
+    held = {k: v[rows] for k, v in scores.items()}
+    values = topk_values(held, truth, sc.fraction)
+    dec = ch.decide(values, concordance(held, truth), c.z, c.z_near, order=ITEM_PREFERENCE)
     budget = max(1, round(sc.fraction * len(rows)))
     return {"candidates": names, **_record(ctx, dec, names, len(rows), rows, budget, "items", free)}

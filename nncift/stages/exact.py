@@ -47,38 +47,70 @@ class ExactSelectStage(Stage):
                 f"the exact-function subset labels all {m * m + m * n:,} pairs, more than "
                 f"eval.exact_max_pairs={limit:,}"
             )
-        if ctx.pointwise():
-            raise NotImplementedError("the exact subset of a pointwise teacher (score every item) is not built yet")
 
     def run(self, ctx: Context, **params: Any) -> dict[str, Any]:
-        from nncift.label import gather_labels, plan_blocks
+        from nncift.label import plan_blocks
         from nncift.pairs import LabelSet
         from nncift.select import greedy_select
-        from nncift.stages.label import label_block_side, run_label_blocks
+        from nncift.stages.label import label_block_side, run_label_blocks, teacher_kwargs_for
 
         m, n = ctx.size()
         rows = np.arange(m, dtype=np.int64)
-        sets = [LabelSet("ff", "all", rows, rows), LabelSet("ft", "all", rows, np.arange(n, dtype=np.int64))]
+        if ctx.pointwise():  # every item's score
+            sets = [LabelSet("item", "all", rows, np.zeros(m, np.int64), paired=True)]
+            extra = (rows, np.zeros(0, np.int64))
+        else:
+            sets = [LabelSet("ff", "all", rows, rows), LabelSet("ft", "all", rows, np.arange(n, dtype=np.int64))]
+            extra = (rows, np.arange(n, dtype=np.int64))
         specs = plan_blocks(SimpleNamespace(sets=sets), label_block_side(ctx))
         block_dir = ctx.path("exact", "blocks")
         ok = done_blocks(block_dir, {f"{s['block_id']:06d}.parquet": s["pairs"] for s in specs})
         todo = [s for s in specs if f"{s['block_id']:06d}.parquet" not in ok]
-        log.info(
-            "exact subset: labeling %d pairs in %d blocks (%d done)", m * m + m * n, len(specs), len(specs) - len(todo)
-        )
-        run_label_blocks(ctx, sets, specs, todo, block_dir, desc="exact labels", kwargs=ctx.teacher_kwargs())
-        t = gather_labels(block_dir, len(specs))
-        kern = np.asarray(t.column("kernel").to_pylist())
-        r, col, v = t.column("row").to_numpy(), t.column("col").to_numpy(), t.column("value").to_numpy()
-        k_ff = np.zeros((m, m), np.float32)
-        k_ft = np.zeros((m, n), np.float32)
-        ff = kern == "ff"
-        k_ff[r[ff], col[ff]] = v[ff]
-        k_ft[r[~ff], col[~ff]] = v[~ff]
+        total = m if ctx.pointwise() else m * m + m * n
+        log.info("exact subset: labeling %d %s in %d blocks (%d done)", total,
+                 "items" if ctx.pointwise() else "pairs", len(specs), len(specs) - len(todo))  # fmt: skip
+        kwargs = teacher_kwargs_for(ctx, *extra)  # a per-item teacher prepares every item: the full teacher cost
+        run_label_blocks(ctx, sets, specs, todo, block_dir, desc="exact labels", kwargs=kwargs)
         s = ctx.cfg.select
-        idx, _ = greedy_select(k_ff, budget(ctx), objective=s.objective, k_ft=k_ft, eta=s.eta, nu=s.nu)
+        if ctx.pointwise():
+            scores = exact_scores(ctx, len(specs))
+            idx = np.lexsort((np.arange(m), -scores))[: budget(ctx)]
+        else:
+            k_ff, k_ft = exact_kernels(ctx, len(specs))
+            idx, _ = greedy_select(k_ff, budget(ctx), objective=s.objective, k_ft=k_ft, eta=s.eta, nu=s.nu)
         write_parquet(ctx.path("exact", "selection.parquet"), pa.table({"index": idx.astype(np.int64)}))
-        return {"pairs": m * m + m * n, "budget": len(idx)}
+        return {"pairs": total, "budget": len(idx), "blocks": len(specs)}
+
+
+def _exact_table(ctx: Context, n_blocks: int | None = None):
+    from nncift.label import gather_labels
+
+    if n_blocks is None:
+        n_blocks = int(ctx.store.done_info("exact")["blocks"])
+    return gather_labels(ctx.path("exact", "blocks"), n_blocks)
+
+
+def exact_kernels(ctx: Context, n_blocks: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's full K_FF (M, M) and K_FT (M, N) float32 from the exact stage's labels."""
+    m, n = ctx.size()
+    t = _exact_table(ctx, n_blocks)
+    kern = np.asarray(t.column("kernel").to_pylist())
+    r, col, v = t.column("row").to_numpy(), t.column("col").to_numpy(), t.column("value").to_numpy()
+    k_ff = np.zeros((m, m), np.float32)
+    k_ft = np.zeros((m, n), np.float32)
+    ff = kern == "ff"
+    k_ff[r[ff], col[ff]] = v[ff]
+    k_ft[r[~ff], col[~ff]] = v[~ff]
+    return k_ff, k_ft
+
+
+def exact_scores(ctx: Context, n_blocks: int | None = None) -> np.ndarray:
+    """(M,) float32 teacher score of every item of a pointwise run (the exact stage's labels)."""
+    m, _ = ctx.size()
+    t = _exact_table(ctx, n_blocks)
+    out = np.full(m, np.nan, np.float32)
+    out[t.column("row").to_numpy()] = t.column("value").to_numpy()
+    return out
 
 
 def exact_indices(ctx: Context) -> np.ndarray:

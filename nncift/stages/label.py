@@ -119,8 +119,13 @@ def label_plan(ctx: Context):
     if ctx.pointwise():
         plan = plan_items(m, c.fraction, c.min_count, c.eval_pairs, ctx.cfg.seed)
     else:
+        item_cost = ctx.teacher().cost_unit == "item"
+        if item_cost and (c.diagonal or c.probes):
+            log.info("label: %s pays per item: no diagonal or probe columns (they would touch every pool item)",
+                     c.function)  # fmt: skip
         plan = plan_labels(m, n, c.fraction, c.min_count, c.eval_pairs, ctx.cfg.seed, design=c.design,
-                           partners=c.partners, diagonal=c.diagonal, probes=c.probes)  # fmt: skip
+                           partners=c.partners, diagonal=c.diagonal and not item_cost, probes=0 if item_cost else c.probes,
+                           item_cost=item_cost)  # fmt: skip
     try:
         return cap_plan(plan, c.max_pairs, ctx.cfg.seed)
     except ValueError as exc:

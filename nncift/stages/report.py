@@ -25,13 +25,19 @@ def truth_function(ctx: Context):
 
     fd, lb = ctx.cfg.fidelity, ctx.cfg.label
     if ctx.pointwise():
-        return None, f"`{lb.function}` is pointwise: item-score fidelity needs every item's teacher score"
+        return (
+            None,
+            f"`{lb.function}` is pointwise: item-score fidelity needs every item's teacher score (fidelity.exact)",
+        )
     if fd.truth_table:
         path = str(Path(fd.truth_table).resolve())
         return build_influence_function("table", path=path, field="fidelity.truth_table"), None
     if ctx.teacher().exact_is_cheap:
         return build_influence_function(lb.function, **ctx.teacher_kwargs()), None
-    return None, f"the full kernel of `{lb.function}` is unknown: set fidelity.truth_table to a full-label table"
+    return None, (
+        f"the full kernel of `{lb.function}` is unknown: set fidelity.truth_table to a full-label table, "
+        f"or fidelity.exact=true to label it in this run"
+    )
 
 
 def fidelity(ctx: Context) -> dict[str, Any]:
@@ -44,16 +50,24 @@ def fidelity(ctx: Context) -> dict[str, Any]:
 
     fd, sc = ctx.cfg.fidelity, ctx.cfg.select
     m, n = ctx.size()
+    if ctx.pointwise():
+        return item_fidelity(ctx) if fd.exact else {"measured": False, "reason": truth_function(ctx)[1]}
     if m * m + m * n > fd.max_pairs:
         return {"measured": False, "reason": f"M*M + M*N = {m * m + m * n:,} > fidelity.max_pairs = {fd.max_pairs:,}"}
     fn, reason = truth_function(ctx)
-    if fn is None:
-        return {"measured": False, "reason": reason}
     pool, target = ctx.items()
-    try:
-        true_ff, true_ft = fid.teacher_kernels(fn, pool, target)
-    except DataError as exc:
-        return {"measured": False, "reason": f"the truth table does not cover this run: {exc}"}
+    if fn is None and fd.exact:
+        from nncift.stages.exact import exact_kernels
+
+        ctx.require("exact")
+        true_ff, true_ft = exact_kernels(ctx)
+    elif fn is None:
+        return {"measured": False, "reason": reason}
+    else:
+        try:
+            true_ff, true_ft = fid.teacher_kernels(fn, pool, target)
+        except DataError as exc:
+            return {"measured": False, "reason": f"the truth table does not cover this run: {exc}"}
     est = pq.read_table(ctx.path("select", "selection.parquet")).column("index").to_numpy()
     budget = len(est)
     cos_ff, cos_ft = fid.cosine_kernels(pool.embeddings, target.embeddings)
@@ -70,11 +84,38 @@ def fidelity(ctx: Context) -> dict[str, Any]:
         ctx.cfg.seed,
     )
     out["measured"] = True
-    out["truth"] = fd.truth_table or ctx.cfg.label.function
+    out["truth"] = fd.truth_table or (f"{ctx.cfg.label.function} (every pair labeled: fidelity.exact)" if fn is None
+                                      else ctx.cfg.label.function)  # fmt: skip
     out["zero_label"] = out["subsets"].pop("zero_label")
     out.update(out["subsets"].pop("nncift"))
     del out["subsets"]
     out["candidates"] = candidate_fidelity(ctx, true_ff, true_ft, budget, out["exact"])
+    return out
+
+
+def item_fidelity(ctx: Context) -> dict[str, Any]:
+    """Top-k fidelity of a pointwise run under every item's teacher score (the exact stage): the run's selection,
+    every candidate of the choose stage, the zero-label baseline (response length) and random subsets."""
+    import pyarrow.parquet as pq_
+
+    from nncift import fidelity as fid
+    from nncift.stages.exact import exact_scores
+
+    ctx.require("exact")
+    s = exact_scores(ctx).astype(np.float32)[:, None]  # (M, 1): the top-k objective reads row means
+    est = pq_.read_table(ctx.path("select", "selection.parquet")).column("index").to_numpy()
+    budget = len(est)
+    cands = pq_.read_table(ctx.path("choose", "item_scores.parquet"))
+    subsets = {"nncift": est}
+    for name in cands.column_names:
+        v = cands.column(name).to_numpy()
+        subsets[name] = np.lexsort((np.arange(len(v)), -v))[:budget]
+    res = fid.selection_fidelity(s, s, subsets, budget, "topk", random_count=ctx.cfg.fidelity.random_subsets,
+                                 seed=ctx.cfg.seed)  # fmt: skip
+    out = {k: v for k, v in res.items() if k != "subsets"}
+    out.update(res["subsets"].pop("nncift"), measured=True, truth=f"{ctx.cfg.label.function} (every item scored)")
+    out["zero_label"] = dict(res["subsets"]["response_length"], name="response_length")
+    out["candidates"] = res["subsets"]
     return out
 
 
