@@ -53,6 +53,7 @@ def build_report(store: RunDir) -> dict:
         },
         "selection": {k: done["select"].get(k) for k in ("objective", "budget", "value")},
     }
+    rep["teacher_cost"] = teacher_cost(lab, done.get("choose") or {})
     choice_path = store.path("choose", "choice.json")
     if choice_path.is_file():
         ch = json.loads(choice_path.read_text())
@@ -69,6 +70,40 @@ def build_report(store: RunDir) -> dict:
         rep["fidelity"] = {k: v for k, v in fid.items() if k != "exact"}
     rep["seconds"]["total"] = round(sum(rep["seconds"].values()), 3)
     return rep
+
+
+def teacher_cost(lab: dict, choose: dict) -> dict:
+    """The teacher's cost of the run in its own unit (pairs, or items for a teacher paying per item) and seconds:
+    what the selection needed (training, diagonal, probe and choose labels) and what only the report read."""
+    unit = "items" if lab.get("cost_unit") == "item" or lab.get("kind") == "pointwise" else "pairs"
+    choose_n = int(choose.get("teacher_pairs") or 0)
+    seconds = float(lab.get("seconds") or 0.0) + float(choose.get("teacher_seconds") or 0.0)
+    if unit == "items" and lab.get("kind") != "pointwise":  # pairwise, paid per distinct item (LESS)
+        items = lab.get("items_touched") or {}
+        sel = int(items.get("labeled", 0)) + choose_n
+        return {"unit": unit, "selection": sel, "report_only": int(items.get("report", 0)), "choose": choose_n,
+                "seconds": seconds, "pairs_labeled": lab.get("pairs_labeled")}  # fmt: skip
+    parts = {"training": lab.get("train_pairs") or 0, "diagonal": lab.get("diag_pairs") or 0,
+             "probe": lab.get("probe_pairs") or 0, "choose": choose_n}  # fmt: skip
+    return {"unit": unit, **parts, "selection": int(sum(parts.values())), "report_only": lab.get("eval_pairs") or 0,
+            "seconds": seconds}  # fmt: skip
+
+
+def _cost_markdown(rep: dict) -> list[str]:
+    c = rep.get("teacher_cost") or {}
+    if not c:
+        return []
+    lab = rep["label"]
+    total = lab.get("total_pairs") or 0
+    if c["unit"] == "items" and lab.get("kind") != "pointwise":
+        what = (f"{c['selection']:,} items featurised for the selection ({c['choose']:,} of them for the held-out "
+                f"choice), {c['report_only']:,} more for the report only")  # fmt: skip
+    else:
+        what = (f"{c['selection']:,} {c['unit']} for the selection ({c['training']:,} training, {c['diagonal']:,} "
+                f"exact self-utilities, {c['probe']:,} probe, {c['choose']:,} for the held-out choice; "
+                f"{c['selection'] / max(1, total):.3g} of all {total:,}), {c['report_only']:,} more for the report only")  # fmt: skip
+    return [f"Teacher cost, in the teacher's own unit: {what}; {c['seconds']:.1f} s of teacher time (label and choose "
+            "stages).", ""]  # fmt: skip
 
 
 def _plots(store: RunDir, rep: dict) -> list[str]:
@@ -182,6 +217,7 @@ def _markdown(rep: dict, plots: list[str]) -> str:
         + (f", {rep['label']['probe_pairs']:,} probe pairs" if rep["label"].get("probe_pairs") else "")
         + ".",
         "",
+        *_cost_markdown(rep),
         *_estimate_markdown(rep.get("estimate") or {}),
         *_fidelity_markdown(rep.get("fidelity")),
         *_choice_markdown(rep.get("choice"), rep.get("fidelity")),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -212,6 +213,36 @@ def candidate_heads(ctx: Context, recipe, kernel: str, new: dict | None = None) 
     return {"type": "dot", "p": p, "q": q, "lo": 0.0, "hi": 1.0, "diag": diag if recipe.diag else None}
 
 
+def label_sets(ctx: Context, sets: list, extra_pool: np.ndarray, extra_target: np.ndarray) -> tuple[pa.Table, float]:
+    """Label the choose stage's sets with the teacher (resumable blocks in ``choose/blocks/``, gathered into
+    ``choose/labels.parquet``); a teacher with a prepare hook is prepared for the extra items first.
+
+    Returns:
+        (the labels, the teacher's seconds: preparation included).
+    """
+    import time
+
+    from nncift.label import LABEL_SCHEMA, gather_labels, plan_blocks
+    from nncift.stages.label import label_block_side, run_label_blocks, teacher_kwargs_for
+
+    if not sets:
+        return LABEL_SCHEMA.empty_table(), 0.0
+    specs = plan_blocks(SimpleNamespace(sets=sets), label_block_side(ctx))
+    block_dir = ctx.path("choose", "blocks")
+    ok = done_blocks(block_dir, {f"{s['block_id']:06d}.parquet": s["pairs"] for s in specs})
+    todo = [s for s in specs if f"{s['block_id']:06d}.parquet" not in ok]
+    log.info("choose: %d teacher %s for the held-out criterion (%d blocks, %d already done)",
+             sum(s.num_pairs for s in sets), "items" if ctx.pointwise() else "pairs", len(specs),
+             len(specs) - len(todo))  # fmt: skip
+    t0 = time.perf_counter()
+    kwargs = teacher_kwargs_for(ctx, extra_pool, extra_target)
+    run_label_blocks(ctx, sets, specs, todo, block_dir, desc="label (choose)", kwargs=kwargs)
+    seconds = time.perf_counter() - t0
+    table = gather_labels(block_dir, len(specs))
+    write_parquet(ctx.path("choose", "labels.parquet"), table)
+    return table, seconds
+
+
 def candidate_kernels(ctx: Context, name: str) -> tuple[np.ndarray, np.ndarray]:
     """A candidate's dense estimated K_FF (M, M) and K_FT (M, N) float32 (raw units, its diagonal applied): for the
     fidelity report, where the teacher's full kernel fits in memory too."""
@@ -246,6 +277,7 @@ class ChooseStage(Stage):
 
             return choose_items(ctx)
         from nncift import choose as ch
+        from nncift.pairs import LabelSet
 
         c, sc = ctx.cfg.choose, ctx.cfg.select
         m, n = ctx.size()
@@ -293,7 +325,15 @@ class ChooseStage(Stage):
         probes = ch.probe_fl(est["ff"], est["ft"], rows, budget, c.top, sc.objective, sc.eta, sc.nu)
         known = self._known(ctx, labels, diag, m, n)
         pairs = self._pairs(ctx, ch.probe_pairs(probes, rows), known)
-        new_labels = self._label(ctx, pairs)
+        kern = np.asarray(pairs.column("kernel").to_pylist(), dtype=object)
+        pr, pc = pairs.column("row").to_numpy(), pairs.column("col").to_numpy()
+        sets = [LabelSet(k, "choose", pr[kern == k], pc[kern == k], paired=True) for k in ("ff", "ft")
+                if (kern == k).any()]  # fmt: skip
+        table, teacher_s = label_sets(ctx, sets, np.unique(np.concatenate([pr, pc[kern == "ff"]])),
+                                      np.unique(pc[kern == "ft"]))  # fmt: skip
+        new_labels = {"kernel": np.asarray(table.column("kernel").to_pylist(), dtype=object),
+                      "row": table.column("row").to_numpy(), "col": table.column("col").to_numpy(),
+                      "value": table.column("value").to_numpy()}  # fmt: skip
         for kernel in ("ff", "ft"):
             sel = new_labels["kernel"] == kernel
             known[kernel] = ch.Known(
@@ -308,7 +348,8 @@ class ChooseStage(Stage):
         cost = len(new_labels["row"])
         write_json(
             ctx.path("choose", "choice.json"),
-            {**dec, "mode": c.mode, "candidates": names, "teacher_pairs": cost, "budget": budget,
+            {**dec, "mode": c.mode, "candidates": names, "teacher_pairs": cost, "teacher_seconds": teacher_s,
+             "budget": budget,
              "held_out_rows": rows, "objective": sc.objective,
              "factor_width": {r.name: r.factor_width for r in recipes["ff"]}},
         )  # fmt: skip
@@ -316,7 +357,7 @@ class ChooseStage(Stage):
         log.info("choose: %s (%d held-out rows, %d teacher pairs); coverage / neighbour scores: %s", dec["chosen"],
                  n_rows, cost, ", ".join(f"{k} {v['fl']['mean']:.4f}/{v['near']['mean']:.4f}"
                                          for k, v in sorted(s.items(), key=lambda kv: -kv[1]["fl"]["mean"])))  # fmt: skip
-        return {**info, "chosen": dec["chosen"], "teacher_pairs": cost, "rows": n_rows}
+        return {**info, "chosen": dec["chosen"], "teacher_pairs": cost, "teacher_seconds": teacher_s, "rows": n_rows}
 
     @staticmethod
     def _known(ctx: Context, labels: dict, diag: np.ndarray | None, m: int, n: int) -> dict[str, Any]:
@@ -353,34 +394,3 @@ class ChooseStage(Stage):
                                                                 "col": pa.array([], pa.int64())})  # fmt: skip
         write_parquet(path, table)
         return table
-
-    @staticmethod
-    def _label(ctx: Context, pairs: pa.Table) -> dict[str, np.ndarray]:
-        """Label ``pairs`` with the teacher (resumable blocks in ``choose/blocks/``); returns column arrays."""
-        from nncift.label import gather_labels, plan_blocks
-        from nncift.pairs import LabelSet
-        from nncift.stages.label import label_block_side, run_label_blocks, teacher_kwargs_for
-
-        kern = np.asarray(pairs.column("kernel").to_pylist(), dtype=object)
-        rows, cols = pairs.column("row").to_numpy(), pairs.column("col").to_numpy()
-        sets = [LabelSet(k, "choose", rows[kern == k], cols[kern == k], paired=True) for k in ("ff", "ft")
-                if (kern == k).any()]  # fmt: skip
-        if not sets:
-            out = {"kernel": np.zeros(0, object), "row": np.zeros(0, np.int64), "col": np.zeros(0, np.int64),
-                   "value": np.zeros(0, np.float32)}  # fmt: skip
-        else:
-            specs = plan_blocks(type("P", (), {"sets": sets})(), label_block_side(ctx))
-            block_dir = ctx.path("choose", "blocks")
-            ok = done_blocks(block_dir, {f"{s['block_id']:06d}.parquet": s["pairs"] for s in specs})
-            todo = [s for s in specs if f"{s['block_id']:06d}.parquet" not in ok]
-            log.info("choose: %d teacher pairs for the held-out criterion (%d blocks, %d already done)",
-                     len(rows), len(specs), len(specs) - len(todo))  # fmt: skip
-            extra_pool = np.unique(np.concatenate([rows, cols[kern == "ff"]]))
-            kwargs = teacher_kwargs_for(ctx, extra_pool, np.unique(cols[kern == "ft"]))
-            run_label_blocks(ctx, sets, specs, todo, block_dir, desc="label (choose)", kwargs=kwargs)
-            table = gather_labels(block_dir, len(specs))
-            write_parquet(ctx.path("choose", "labels.parquet"), table)
-            out = {"kernel": np.asarray(table.column("kernel").to_pylist(), dtype=object),
-                   "row": table.column("row").to_numpy(), "col": table.column("col").to_numpy(),
-                   "value": table.column("value").to_numpy()}  # fmt: skip
-        return out

@@ -80,16 +80,17 @@ def concordance(scores: dict[str, np.ndarray], truth: np.ndarray) -> dict[str, n
 
 
 def _record(ctx: Context, dec: dict, names: list[str], cost: int, rows: np.ndarray, budget: int, unit: str,
-            free: dict[str, bool]) -> dict[str, Any]:  # fmt: skip
+            free: dict[str, bool], seconds: float) -> dict[str, Any]:  # fmt: skip
     write_json(
         ctx.path("choose", "choice.json"),
         {**dec, "mode": ctx.cfg.choose.mode, "candidates": names, "teacher_pairs": cost, "budget": budget,
-         "held_out_rows": rows, "objective": "topk", "criterion": "items", "unit": unit, "free": free},
+         "held_out_rows": rows, "objective": "topk", "criterion": "items", "unit": unit, "free": free,
+         "teacher_seconds": seconds},
     )  # fmt: skip
     log.info("choose: %s (%d held-out items, %d teacher %s); held-out top-k values: %s", dec["chosen"], len(rows),
              cost, unit, ", ".join(f"{k} {v['fl']['mean']:.4f}" for k, v in
                                    sorted(dec["scores"].items(), key=lambda kv: -kv[1]["fl"]["mean"])))  # fmt: skip
-    return {"chosen": dec["chosen"], "teacher_pairs": cost, "rows": len(rows)}
+    return {"chosen": dec["chosen"], "teacher_pairs": cost, "teacher_seconds": seconds, "rows": len(rows)}
 
 
 # ------------------------------------------------------------------------------------------ top-k (pairwise)
@@ -97,10 +98,9 @@ def choose_topk(ctx: Context, recipes: dict, views: dict, nets: dict, diag) -> d
     """The top-k objective of a pairwise teacher: candidates are the K_FT recipes; each held-out item's truth is
     its mean teacher value over ``choose.targets`` seeded targets."""
     from nncift import choose as ch
-    from nncift.label import gather_labels, plan_blocks
     from nncift.pairs import LabelSet
-    from nncift.stages.label import label_block_side, label_plan, run_label_blocks, teacher_kwargs_for, used_items
-    from nncift.store import done_blocks
+    from nncift.stages.choose import label_sets
+    from nncift.stages.label import label_plan, used_items
 
     c, sc = ctx.cfg.choose, ctx.cfg.select
     m, n = ctx.size()
@@ -110,15 +110,7 @@ def choose_topk(ctx: Context, recipes: dict, views: dict, nets: dict, diag) -> d
     # targets: a per-item teacher reuses labeled (already featurised) targets
     tpool = plan.target_labeled if ctx.teacher().cost_unit == "item" and len(plan.target_labeled) else np.arange(n)
     targets = np.sort(rng.choice(tpool, min(c.targets, len(tpool)), replace=False)).astype(np.int64)
-    sets = [LabelSet("ft", "choose", rows, targets)]
-    specs = plan_blocks(type("P", (), {"sets": sets})(), label_block_side(ctx))
-    block_dir = ctx.path("choose", "blocks")
-    ok = done_blocks(block_dir, {f"{s['block_id']:06d}.parquet": s["pairs"] for s in specs})
-    todo = [s for s in specs if f"{s['block_id']:06d}.parquet" not in ok]
-    kwargs = teacher_kwargs_for(ctx, rows, targets)
-    run_label_blocks(ctx, sets, specs, todo, block_dir, desc="label (choose)", kwargs=kwargs)
-    table = gather_labels(block_dir, len(specs))
-    write_parquet(ctx.path("choose", "labels.parquet"), table)
+    table, seconds = label_sets(ctx, [LabelSet("ft", "choose", rows, targets)], rows, targets)
     r, v = table.column("row").to_numpy(), table.column("value").to_numpy().astype(np.float64)
     truth = np.bincount(np.searchsorted(rows, r), v, len(rows)) / np.bincount(np.searchsorted(rows, r), None, len(rows))
     kv = {name: (views[name][0], views[name][1]) for name in views}
@@ -128,7 +120,7 @@ def choose_topk(ctx: Context, recipes: dict, views: dict, nets: dict, diag) -> d
     dec = ch.decide(values, concordance(scores, truth), c.z, c.z_near)
     free = {rec.name: rec.free for rec in recipes["ft"]}
     budget = max(1, round(sc.fraction * len(rows)))
-    return _record(ctx, dec, list(scores), int(table.num_rows), rows, budget, "pairs", free)
+    return _record(ctx, dec, list(scores), int(table.num_rows), rows, budget, "pairs", free, seconds)
 
 
 # ------------------------------------------------------------------------------------------ pointwise
@@ -189,10 +181,9 @@ def choose_items(ctx: Context) -> dict[str, Any]:
     """Pointwise teacher: label ``choose.rows`` held-out items, keep the best candidate within noise (free
     first), write every candidate's scores (``choose/item_scores.parquet``) for the estimate stage."""
     from nncift import choose as ch
-    from nncift.label import gather_labels, plan_blocks
     from nncift.pairs import LabelSet
-    from nncift.stages.label import label_block_side, label_plan, run_label_blocks, teacher_kwargs_for
-    from nncift.store import done_blocks
+    from nncift.stages.choose import label_sets
+    from nncift.stages.label import label_plan
 
     c, sc = ctx.cfg.choose, ctx.cfg.select
     m, _ = ctx.size()
@@ -210,18 +201,12 @@ def choose_items(ctx: Context) -> dict[str, Any]:
     plan = label_plan(ctx)
     seen = np.unique(np.concatenate([s.rows for s in plan.sets]))
     rows = held_out_rows(ctx, m, exclude=seen)
-    sets = [LabelSet("item", "choose", rows, np.zeros(len(rows), np.int64), paired=True)]
-    specs = plan_blocks(type("P", (), {"sets": sets})(), label_block_side(ctx))
-    block_dir = ctx.path("choose", "blocks")
-    ok = done_blocks(block_dir, {f"{s['block_id']:06d}.parquet": s["pairs"] for s in specs})
-    todo = [s for s in specs if f"{s['block_id']:06d}.parquet" not in ok]
-    run_label_blocks(ctx, sets, specs, todo, block_dir, desc="label (choose)", kwargs=teacher_kwargs_for(ctx, rows))
-    table = gather_labels(block_dir, len(specs))
-    write_parquet(ctx.path("choose", "labels.parquet"), table)
+    table, seconds = label_sets(ctx, [LabelSet("item", "choose", rows, np.zeros(len(rows), np.int64), paired=True)],
+                                rows, np.zeros(0, np.int64))  # fmt: skip
     truth = np.empty(len(rows))
     truth[np.searchsorted(rows, table.column("row").to_numpy())] = table.column("value").to_numpy()
     held = {k: v[rows] for k, v in scores.items()}
     values = topk_values(held, truth, sc.fraction)
     dec = ch.decide(values, concordance(held, truth), c.z, c.z_near, order=ITEM_PREFERENCE)
     budget = max(1, round(sc.fraction * len(rows)))
-    return {"candidates": names, **_record(ctx, dec, names, len(rows), rows, budget, "items", free)}
+    return {"candidates": names, **_record(ctx, dec, names, len(rows), rows, budget, "items", free, seconds)}

@@ -100,6 +100,8 @@ class LabelStage(Stage):
             "probe_pairs": plan.probe_pairs,
             "total_pairs": m if pointwise else m * m + m * n,
             "max_pairs": c.max_pairs,
+            "cost_unit": ctx.teacher().cost_unit,
+            "items_touched": _items_touched(plan),
             "labeled_pool": len(plan.pool_labeled),
             "labeled_target": len(plan.target_labeled),
         }
@@ -107,6 +109,15 @@ class LabelStage(Stage):
     def _prepare(self, ctx: Context, plan) -> dict[str, Any]:
         """The teacher's driver-side preparation over the items any label of ``plan`` touches."""
         return prepare_teacher(ctx, *used_items(plan), kwargs=self._kwargs)
+
+
+def _items_touched(plan) -> dict[str, int]:
+    """Distinct items the plan's labels touch (what a per-item teacher pays for): ``labeled`` (training items of
+    both sides), ``report`` (held-out items only the Q2-Q4 report reads), ``total``."""
+    pool, target = used_items(plan)
+    labeled = len(plan.pool_labeled) + len(plan.target_labeled)
+    total = len(pool) + len(target)
+    return {"labeled": labeled, "report": total - labeled, "total": total}
 
 
 def label_plan(ctx: Context):
