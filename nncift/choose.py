@@ -64,6 +64,7 @@ SHRINK = (0.75, 0.5, 0.25)
 # preference order among candidates tied within noise: free before learned, simpler before richer
 PREFERENCE = ("diag_cosine", "diag_lexical", "cosine", "lexical", "diag_const",
               *(f"shrink_{x:g}" for x in SHRINK), "surrogate", "additive", "additive_lm")  # fmt: skip
+ITEM_CANDIDATES = ("response_length", "prompt_length", "ridge", "surrogate")  # pointwise teachers
 CANDIDATES = PREFERENCE  # families: ``additive_lm`` builds one ``additive_lm<layer>`` per teacher-LM layer
 
 

@@ -405,11 +405,12 @@ class RunConfig:
         need(n.num_workers >= 1, "fit.num_workers", "must be >= 1")
         need(e.block_size > 0, "estimate.block_size", "must be positive")
         ch = self.choose
-        from nncift.choose import CANDIDATES
+        from nncift.choose import CANDIDATES, ITEM_CANDIDATES
 
         lm_member = ch.mode.startswith("additive_lm") and ch.mode[len("additive_lm") :].isdigit()
-        need(ch.mode in {"held_out", "surrogate", *CANDIDATES} or lm_member, "choose.mode",
-             f"got {ch.mode!r} (held_out | surrogate | one of {', '.join(CANDIDATES)}, additive_lm<layer>)")  # fmt: skip
+        need(ch.mode in {"held_out", "surrogate", *CANDIDATES, *ITEM_CANDIDATES} or lm_member, "choose.mode",
+             f"got {ch.mode!r} (held_out | surrogate | one of {', '.join(CANDIDATES)}, additive_lm<layer>; "
+             f"pointwise teachers: {', '.join(ITEM_CANDIDATES)})")  # fmt: skip
         bad = sorted(set(_split(ch.candidates)) - {"auto", *CANDIDATES})
         need(not bad and bool(_split(ch.candidates)), "choose.candidates",
              f"unknown candidate {bad[0] if bad else '(none)'} (known: {', '.join(CANDIDATES)})")  # fmt: skip

@@ -271,6 +271,37 @@ class ChooseStage(Stage):
         """``choose`` and ``select`` (the criterion solves the run's own objective on held-out rows)."""
         return ("choose", "select")
 
+    def validate(self, ctx: Context, **params: Any) -> None:
+        """A forced ``choose.mode`` must be a candidate this run builds (checked before anything is written)."""
+        from nncift.choose import ITEM_CANDIDATES
+        from nncift.errors import ConfigError
+
+        c, mode = ctx.cfg.choose, ctx.cfg.choose.mode
+        if mode in ("held_out", "surrogate"):
+            return
+        why = None
+        if ctx.pointwise():
+            why = (
+                None
+                if mode in ITEM_CANDIDATES
+                else "a pointwise teacher's candidates are " + ", ".join(ITEM_CANDIDATES)
+            )
+        elif mode in ITEM_CANDIDATES and mode != "surrogate":
+            why = "it scores items: a pairwise teacher's candidates are estimates of K_FF / K_FT"
+        elif mode == "diag_const" and ctx.diagonal() is None:
+            why = "it needs the exact diagonal (label.diagonal=true, a teacher that pays per pair)"
+        elif mode in ("lexical", "diag_lexical") and c.views != "lexical":
+            why = "it needs choose.views=lexical"
+        elif mode.startswith("shrink_") and ctx.cfg.fit.kind != "bilinear":
+            why = "it blends the bilinear network (fit.kind=bilinear)"
+        elif mode.startswith("additive_lm"):
+            if teacher_lm(ctx) is None:
+                why = "it needs teacher-LM features (choose.teacher_features=lm)"
+            elif c.lm_layers != "auto" and mode[len("additive_lm") :] not in c.lm_layers.split(","):
+                why = f"layer {mode[len('additive_lm') :]} is not in choose.lm_layers={c.lm_layers}"
+        if why:
+            raise ConfigError(f"config field 'choose.mode': {mode!r} does not apply to this run: {why}")
+
     def run(self, ctx: Context, **params: Any) -> dict[str, Any]:
         if ctx.pointwise():
             from nncift.stages.choose_items import choose_items

@@ -22,12 +22,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from nncift.choose import ITEM_CANDIDATES as ITEM_PREFERENCE  # free first
 from nncift.stages.base import Context
 from nncift.store import write_json, write_parquet
 
 log = logging.getLogger(__name__)
-
-ITEM_PREFERENCE = ("response_length", "prompt_length", "ridge", "surrogate")
 
 
 def held_out_rows(ctx: Context, m: int, exclude: np.ndarray | None = None) -> np.ndarray:
