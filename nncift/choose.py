@@ -11,8 +11,9 @@ Candidates (raw teacher units; the K_FF diagonal is the teacher's exact self-uti
 ==================  =====  ======================================================================
 name                free   estimate off the diagonal
 ==================  =====  ======================================================================
-``cosine``          yes    the embedding cosine (zero teacher labels; diagonal 1, not the teacher's)
-``lexical``         yes    the cosine of the lexical view (:mod:`nncift.views`), zero labels
+``cosine``          yes    the embedding cosine (zero teacher labels; diagonal 1, not the teacher's); only
+                           without the exact diagonal, which ``diag_cosine`` then adds to it
+``lexical``         yes    the cosine of the lexical view (:mod:`nncift.views`), zero labels; likewise
 ``diag_const``      yes    the training labels' mean (only when the exact diagonal is labeled)
 ``diag_cosine``     yes    ``a cos + b``, the cosine calibrated on the training labels (least squares)
 ``diag_lexical``    yes    the lexical cosine calibrated likewise
@@ -280,10 +281,11 @@ def build_recipes(kernel: str, labels: tuple[np.ndarray, np.ndarray, np.ndarray]
         if name in kinds:
             out.append(Recipe(name, kernel, **kw))
 
-    add("cosine", free=True, view="embedding", W=affine_form(d_emb, 1.0, 0.0), info={"zero_label": True})
-    if "lexical" in views:
-        add("lexical", free=True, view="lexical", W=affine_form(views["lexical"][0].shape[1], 1.0, 0.0),
-            info={"zero_label": True})  # fmt: skip
+    if not diag:  # with the exact diagonal, diag_cosine / diag_lexical dominate the plain zero-label cosines
+        add("cosine", free=True, view="embedding", W=affine_form(d_emb, 1.0, 0.0), info={"zero_label": True})
+        if "lexical" in views:
+            add("lexical", free=True, view="lexical", W=affine_form(views["lexical"][0].shape[1], 1.0, 0.0),
+                info={"zero_label": True})  # fmt: skip
     if diag:
         add("diag_const", free=True, view="embedding", W=affine_form(d_emb, 0.0, mu), diag=has_diag)
     a, b = cal["embedding"]

@@ -84,6 +84,7 @@ def test_embed_ray_streams_parquet_and_equals_local(ray_session, tiny_st_model, 
     assert list((tmp_path / "out").glob("*.parquet"))  # written by the actors, not the driver
 
 
+@pytest.mark.slow  # the loss is covered by test_ray_fit_equals_the_local_fit_on_any_worker_count (CI time)
 def test_torchtrainer_fit_reduces_loss(ray_session, tmp_path):
     rng = np.random.default_rng(0)
     e = rng.normal(size=(40, 8)).astype(np.float32)
@@ -178,13 +179,16 @@ def test_estimate_ray_equals_local_for_the_bilinear_kind(ray_session, tmp_path, 
 
 @pytest.mark.parametrize(
     "fit_cfg",
-    [
-        {"kind": "mlp", "hidden": 8},
+    [  # CI runs the default kind on 2 workers; the other kinds and 1 worker are marked slow (CI time)
+        pytest.param({"kind": "mlp", "hidden": 8}, marks=pytest.mark.slow),
         {"kind": "bilinear", "rank": 4, "symmetric": True, "cosine_prior": True},
-        {"kind": "bilinear", "rank": 4, "symmetric": False, "cosine_prior": False, "weight_decay": 1e-3},
+        pytest.param(
+            {"kind": "bilinear", "rank": 4, "symmetric": False, "cosine_prior": False, "weight_decay": 1e-3},
+            marks=pytest.mark.slow,
+        ),
     ],
 )
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_ray_fit_equals_the_local_fit_on_any_worker_count(ray_session, tmp_path, fit_cfg, workers):
     import os
 

@@ -115,7 +115,14 @@ def _cli(run_dir, corpus, overrides):
     ]
 
 
-@pytest.mark.parametrize("watch", ["label/blocks/*.parquet", "estimate/blocks/ff_*.parquet", "fit/_STARTED.json"])
+@pytest.mark.parametrize(
+    "watch",  # CI kills mid-label; the other kill points are marked slow (CI time)
+    [
+        "label/blocks/*.parquet",
+        pytest.param("estimate/blocks/ff_*.parquet", marks=pytest.mark.slow),
+        pytest.param("fit/_STARTED.json", marks=pytest.mark.slow),
+    ],
+)
 def test_kill_9_and_resume_gives_the_same_selection(tmp_path, corpus, tiny_overrides, watch):
     overrides = [*tiny_overrides, *LOCAL, "label.block_size=4", "estimate.block_size=10"]
     ref = tmp_path / "ref"
@@ -212,7 +219,10 @@ def test_full_labeling_mode_labels_every_pair(tmp_path, corpus, tiny_overrides):
     assert list(rep["network"]["ff"]["quadrants"]) == ["q1"]
 
 
-@pytest.mark.parametrize("objective", ["fl", "flmi", "flcg", "topk"])
+@pytest.mark.parametrize(  # CI: fl and flmi; flcg and topk marked slow (CI time)
+    "objective",
+    ["fl", "flmi", pytest.param("flcg", marks=pytest.mark.slow), pytest.param("topk", marks=pytest.mark.slow)],
+)
 def test_sparse_layout_with_full_topk_equals_dense(tmp_path, corpus, tiny_overrides, objective):
     dense, sparse = tmp_path / "dense", tmp_path / "sparse"
     _run(dense, corpus, [*tiny_overrides, *LOCAL, f"select.objective={objective}"])

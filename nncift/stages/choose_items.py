@@ -11,7 +11,9 @@ the best top-k value, then the best order, or the first free candidate within ``
 
 Pointwise candidates (:func:`item_candidates`): ``surrogate`` (the pointwise network), ``ridge`` (ridge on the
 embedding and the log lengths, penalty by generalised cross-validation), and the free ones ``response_length``,
-``prompt_length`` (each signed by its correlation with the training labels).
+``prompt_length`` (each signed by its correlation with the training labels). For a pointwise teacher the
+training items join the held-out ones, scored out of fold (:func:`out_of_fold`: every candidate, the network
+included, refitted on the other folds), which multiplies the criterion's items at no teacher cost.
 """
 
 from __future__ import annotations
@@ -124,22 +126,33 @@ def choose_topk(ctx: Context, recipes: dict, views: dict, nets: dict, diag) -> d
 
 # ------------------------------------------------------------------------------------------ pointwise
 def item_candidates(ctx: Context) -> tuple[dict[str, np.ndarray], dict[str, bool], dict[str, Any]]:
-    """Every pointwise candidate's score of every pool item (teacher units where it has them).
+    """Every pointwise candidate's score of every pool item (teacher units where it has them), from the run's
+    training labels and fitted network.
 
     Returns:
         (name -> (M,) float64 scores, name -> free, name -> what new items need: the ridge weights, the signs)
     """
-    from nncift import choose as ch
     from nncift.network import load_network
 
+    e_pool, lens = _item_features(ctx)
+    (rc, y) = ctx.labels()["item"]["q1"]
+    net, scaler, _ = load_network(ctx.path("fit", "network_item"))
+    surrogate = scaler.inverse(net.score_items(e_pool)).astype(np.float64)
+    return _item_scores(e_pool, lens, rc[0], y, surrogate)
+
+
+def _item_features(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
     e_pool, _ = ctx.embeddings()
     pool, _ = ctx.tables(["prompt", "response"])
-    lens = item_lengths(pool.column("prompt").to_pylist(), pool.column("response").to_pylist())
-    (rc, y) = ctx.labels()["item"]["q1"]
-    lab = rc[0]
-    scores, free, params = {}, {}, {}
-    net, scaler, _ = load_network(ctx.path("fit", "network_item"))
-    scores["surrogate"], free["surrogate"] = scaler.inverse(net.score_items(e_pool)).astype(np.float64), False
+    return e_pool, item_lengths(pool.column("prompt").to_pylist(), pool.column("response").to_pylist())
+
+
+def _item_scores(e_pool: np.ndarray, lens: np.ndarray, lab: np.ndarray, y: np.ndarray, surrogate: np.ndarray
+                 ) -> tuple[dict[str, np.ndarray], dict[str, bool], dict[str, Any]]:  # fmt: skip
+    """The candidates' scores from training labels ``(lab, y)`` and a surrogate's scores."""
+    from nncift import choose as ch
+
+    scores, free, params = {"surrogate": surrogate}, {"surrogate": False}, {}
     feats = np.concatenate([e_pool, lens], axis=1)
     w = ch.ridge_gcv(feats[lab], y)
     scores["ridge"], free["ridge"] = ch._aug(feats) @ w, False
@@ -149,6 +162,44 @@ def item_candidates(ctx: Context) -> tuple[dict[str, np.ndarray], dict[str, bool
         sign = 1.0 if len(lab) < 3 or np.ptp(x[lab]) == 0 else float(np.sign(np.corrcoef(x[lab], y)[0, 1]) or 1.0)
         scores[name], free[name], params[name] = sign * x, True, {"sign": sign, "column": j}
     return scores, free, params
+
+
+def out_of_fold(ctx: Context, folds: int = 5) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Cross-fitted scores of the training items: each fold's items scored by every candidate fitted (network
+    included) on the other folds, so the training labels serve the held-out choice too at no teacher cost.
+
+    Returns:
+        (items (L,) int64, their teacher labels (L,), name -> (L,) out-of-fold scores)
+    """
+    from nncift.network import Scaler, network_from_config
+    from nncift.stages.fit import fit_config
+    from nncift.train import PairLabels, fit_loop, split_train_val
+
+    e_pool, lens = _item_features(ctx)
+    (rc, y) = ctx.labels()["item"]["q1"]
+    lab = rc[0]
+    cfg = fit_config(ctx)
+    out: dict[str, np.ndarray] = {}
+    if len(lab) < 2 * folds:
+        return lab[:0], y[:0], out
+    fold = np.random.default_rng([ctx.cfg.seed, 24]).permutation(len(lab)) % folds
+    zero = np.zeros((1, e_pool.shape[1]), np.float32)
+    for f in range(folds):
+        tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+        scaler = Scaler.fit(y[tr])
+        pairs = PairLabels(lab[tr], np.zeros(len(tr), np.int64), scaler.transform(y[tr]))
+        a, b = split_train_val(len(pairs), ctx.cfg.fit.val_fraction, ctx.cfg.fit.seed)
+        state, _ = fit_loop(cfg, e_pool, zero, pairs.take(a), pairs.take(b))
+        net = network_from_config(cfg, e_pool.shape[1])
+        net.load_state_dict(state)
+        net.eval()
+        sur = scaler.inverse(net.score_items(e_pool[lab[te]])).astype(np.float64)
+        full = np.zeros(len(e_pool))
+        full[lab[te]] = sur
+        scores, _, _ = _item_scores(e_pool, lens, lab[tr], y[tr], full)
+        for name, v in scores.items():
+            out.setdefault(name, np.zeros(len(lab)))[te] = v[lab[te]]
+    return lab, np.asarray(y, np.float64), out
 
 
 def new_item_scores(ctx: Context, name: str, e_new: np.ndarray, prompts: list[str], responses: list[str]) -> np.ndarray:
@@ -204,8 +255,13 @@ def choose_items(ctx: Context) -> dict[str, Any]:
                                 rows, np.zeros(0, np.int64))  # fmt: skip
     truth = np.empty(len(rows))
     truth[np.searchsorted(rows, table.column("row").to_numpy())] = table.column("value").to_numpy()
-    held = {k: v[rows] for k, v in scores.items()}
+    # the held-out items, and the training items scored out of fold (no teacher cost)
+    lab, y, oof = out_of_fold(ctx)
+    held = {k: np.concatenate([v[rows], oof[k]]) for k, v in scores.items()}
+    truth = np.concatenate([truth, y])
+    rows = np.concatenate([rows, lab])
     values = topk_values(held, truth, sc.fraction)
     dec = ch.decide(values, concordance(held, truth), c.z, c.z_near, order=ITEM_PREFERENCE)
     budget = max(1, round(sc.fraction * len(rows)))
-    return {"candidates": names, **_record(ctx, dec, names, len(rows), rows, budget, "items", free, seconds)}
+    n_new = len(rows) - len(lab)
+    return {"candidates": names, **_record(ctx, dec, names, n_new, rows, budget, "items", free, seconds)}
