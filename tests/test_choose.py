@@ -295,3 +295,16 @@ def test_teacher_lm_features_give_one_additive_candidate_per_layer_and_score_new
     _, e_t = runner.ctx.embeddings()
     want = aug(e_new) @ rft.W @ aug(e_t).T + (aug(views["lm2"]) @ rft.r_w)[:, None] + rft.c[None, :]
     np.testing.assert_allclose(k_ft[80:], want, rtol=1e-4, atol=1e-4)
+
+
+def test_item_criteria_by_hand():
+    from nncift.stages.choose_items import concordance, topk_values
+
+    truth = np.array([0.1, 0.5, 0.2, 0.9])
+    scores = {"a": np.array([3.0, 2.0, 1.0, 0.0]), "flat": np.ones(4)}
+    v = topk_values(scores, truth, 0.5)
+    np.testing.assert_allclose(v["a"], [0.1, 0.5, 0.0, 0.0])  # its two highest: items 0 and 1
+    np.testing.assert_allclose(v["flat"], [0.1, 0.5, 0.0, 0.0])  # ties by index
+    c = concordance(scores, truth)
+    np.testing.assert_allclose(c["a"], [0.0, 1 / 3, 1 / 3, 0.0])
+    np.testing.assert_allclose(c["flat"], [0.5] * 4)  # no order: half of every pair

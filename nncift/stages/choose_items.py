@@ -117,11 +117,62 @@ def choose_topk(ctx: Context, recipes: dict, views: dict, nets: dict, diag) -> d
     kv = {name: (views[name][0], views[name][1]) for name in views}
     est = ch.Estimates(recipes["ft"], kv, nets["ft"], None)
     scores = {name: est.rows(name, rows).mean(axis=1) for name in est.recipes}
+    lab, y, oof = topk_out_of_fold(ctx, kv, [r.name for r in recipes["ft"]])
+    if len(lab):  # the training rows join, scored out of fold (no teacher cost)
+        scores = {k: np.concatenate([v, oof[k]]) for k, v in scores.items()}
+        truth, rows = np.concatenate([truth, y]), np.concatenate([rows, lab])
     values = topk_values(scores, truth, sc.fraction)
     dec = ch.decide(values, concordance(scores, truth), c.z, c.z_near)
     free = {rec.name: rec.free for rec in recipes["ft"]}
     budget = max(1, round(sc.fraction * len(rows)))
     return _record(ctx, dec, list(scores), int(table.num_rows), rows, budget, "pairs", free, seconds)
+
+
+def topk_out_of_fold(ctx: Context, views: dict, names: list[str], folds: int = 5
+                     ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:  # fmt: skip
+    """Cross-fitted top-k scores of the training rows of K_FT: each fold's rows scored (their mean over every
+    target) by every candidate rebuilt, network included, from the training pairs of the other folds' rows;
+    the truth of a row is the mean of its training labels.
+
+    Returns:
+        (rows (L,) int64, their mean labels (L,), name -> (L,) out-of-fold scores); empty with too few rows.
+    """
+    import torch
+
+    from nncift import choose as ch
+    from nncift.network import Scaler, network_from_config
+    from nncift.stages.choose import wanted
+    from nncift.stages.fit import fit_config
+    from nncift.train import PairLabels, fit_loop, split_train_val
+
+    (rc, y) = ctx.labels()["ft"]["q1"]
+    r, c = rc
+    lab = np.unique(r)
+    if len(lab) < 2 * folds:
+        return lab[:0], np.zeros(0), {}
+    mean_y = np.bincount(np.searchsorted(lab, r), y, len(lab)) / np.bincount(np.searchsorted(lab, r), None, len(lab))
+    fold = np.random.default_rng([ctx.cfg.seed, 25]).permutation(len(lab)) % folds
+    e_pool, e_target = ctx.embeddings()
+    cfg = fit_config(ctx)
+    has_diag = ctx.diagonal() is not None  # the same candidates as the run's
+    out: dict[str, np.ndarray] = {n: np.zeros(len(lab)) for n in names}
+    for f in range(folds):
+        held = lab[fold == f]
+        keep = ~np.isin(r, held)
+        scaler = Scaler.fit(y[keep])
+        pairs = PairLabels(r[keep], c[keep], scaler.transform(y[keep]))
+        a, b = split_train_val(len(pairs), ctx.cfg.fit.val_fraction, ctx.cfg.fit.seed)
+        state, _ = fit_loop(cfg, e_pool, e_target, pairs.take(a), pairs.take(b))
+        net = network_from_config(cfg, e_pool.shape[1])
+        net.load_state_dict(state)
+        net.eval()
+        head = {**net.estimator(torch.as_tensor(e_pool), torch.as_tensor(e_target)), "lo": scaler.lo, "hi": scaler.hi}
+        recs = ch.build_recipes("ft", (r[keep], c[keep], y[keep]), views, net, scaler, has_diag, wanted(ctx))
+        est = ch.Estimates(recs, views, head, None)
+        for name in names:
+            if name in est.recipes:
+                out[name][fold == f] = est.rows(name, held).mean(axis=1)
+    return lab, mean_y.astype(np.float64), out
 
 
 # ------------------------------------------------------------------------------------------ pointwise
