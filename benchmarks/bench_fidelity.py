@@ -240,7 +240,7 @@ def choose_on_truth(t: dict, cfg, labels: dict, nets: dict, diag, seed: int, ker
         known[k] = ch.Known(rr, cc, t[k][rr, cc], t[k].shape[1])
     fl = ch.score_probes(probes, rows, known["ff"], known.get("ft"), sc.objective, sc.eta, sc.nu)
     near = ch.score_near(probes, rows, known["ff"])
-    dec = ch.decide(fl, near, c.z, c.z_near)
+    dec = ch.decide(fl, near, c.z, c.z_near, free={r.name: r.free for r in recipes["ff"]})
     dense = {n: {k: est[k].rows(n, np.arange(m)) for k in kernels} for n in est["ff"].recipes}
     add = next((r for r in recipes["ff"] if r.name == "additive"), None)
     if add is not None:  # placebo: the additive estimate with its per-item effects shuffled across items

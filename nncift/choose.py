@@ -46,9 +46,8 @@ maximises, not an MSE. Row sampling resolves large differences of coverage (a co
 not the small ones that still separate a good neighbour structure from a poor one, so a second, more
 sensitive score reads the same rows: each candidate's ``choose.top`` best columns over the whole pool (the
 row's own excluded) and their mean teacher value. :func:`decide` keeps the candidates within ``choose.z``
-standard errors of the best coverage, then among them the best neighbour quality, or the first of a
-free-first preference order within ``choose.z_near`` standard errors of it: a learned estimate must
-*prove* it is better.
+standard errors of the best coverage, then among them the best neighbour quality, or the best free one
+within ``choose.z_near`` standard errors of it: a learned estimate must *prove* it is better.
 """
 
 from __future__ import annotations
@@ -66,6 +65,7 @@ SHRINK = (0.75, 0.5, 0.25)
 PREFERENCE = ("diag_cosine", "diag_lexical", "cosine", "lexical", "diag_const",
               *(f"shrink_{x:g}" for x in SHRINK), "surrogate", "additive", "additive_lm")  # fmt: skip
 ITEM_CANDIDATES = ("response_length", "prompt_length", "ridge", "surrogate")  # pointwise teachers
+FREE = ("diag_cosine", "diag_lexical", "cosine", "lexical", "diag_const", "response_length", "prompt_length")
 CANDIDATES = PREFERENCE  # families: ``additive_lm`` builds one ``additive_lm<layer>`` per teacher-LM layer
 
 
@@ -509,30 +509,35 @@ def _rank(name: str, order: tuple[str, ...]) -> float:
     return order.index(fam) + (int(tail) if tail.isdigit() else 0) / 1e4
 
 
-def decide(fl: dict[str, np.ndarray], near: dict[str, np.ndarray], z: float = 1.0, z_near: float = 2.0,
-           order: tuple[str, ...] = PREFERENCE) -> dict[str, Any]:  # fmt: skip
+def decide(fl: dict[str, np.ndarray], near: dict[str, np.ndarray], z: float = 1.0, z_near: float = 1.0,
+           order: tuple[str, ...] = PREFERENCE, free: dict[str, bool] | None = None) -> dict[str, Any]:  # fmt: skip
     """The choice among candidates from their per-row held-out scores.
 
     1. The facility-location score filters: a candidate more than ``z`` paired standard errors below the best
        is out (it provably covers the held-out rows worse, e.g. the plain cosine on DELIFT's kernel, whose
        self-utilities it does not know).
     2. Among the rest, neighbour quality decides (it tells apart estimates whose coverage differs by less than
-       row sampling can resolve, e.g. a lexical view on a text-similarity teacher): the best, or the earliest
-       candidate of ``order`` within ``z_near`` standard errors of it (free before learned: a learned
-       estimate must prove it is better).
+       row sampling can resolve, e.g. a lexical view on a text-similarity teacher): of the candidates within
+       ``z_near`` standard errors of the best, the best free one when there is one (a learned estimate must
+       *prove* it is better: the one-standard-error rule with ``z_near = 1``), else the best.
 
     Args:
         fl, near: name -> (R,) per-row scores (:func:`score_probes`, :func:`score_near`).
+        order: breaks exact ties. free: name -> needs no network (default: the names of :data:`FREE`).
 
     Returns:
         ``{"chosen", "best_fl", "best_near", "scores": {name: {"fl": {...}, "near": {...}, "eligible"}}}``.
     """
+    free = {n: n in FREE for n in fl} if free is None else free
     names = list(fl)
     rank = {n: _rank(n, order) for n in names}
     c_fl = _compare(fl, names, z, rank)
     eligible = [n for n in names if c_fl[n]["within_noise"]]
     c_near = _compare(near, eligible, z_near, rank)
-    chosen = min((n for n in eligible if c_near[n]["within_noise"]), key=lambda n: rank[n])
+    tied = [n for n in eligible if c_near[n]["within_noise"]]
+    # within noise of the best: the best free candidate if there is one (free before learned), else the best
+    pool = [n for n in tied if free.get(n)] or tied
+    chosen = max(pool, key=lambda n: (c_near[n]["mean"], c_fl[n]["mean"], -rank[n]))
     best_fl = max(names, key=lambda n: (c_fl[n]["mean"], -rank[n]))
     best_near = max(eligible, key=lambda n: (c_near[n]["mean"], -rank[n]))
     scores = {n: {"fl": c_fl[n], "near": c_near.get(n, {"mean": float(np.mean(near[n]))}), "eligible": n in eligible}

@@ -167,9 +167,9 @@ class ChooseConfig:
     top: int = _f(5, "per held-out row and candidate, its best-ranked picks the teacher labels")
     z: float = _f(1.0, "candidates more than z paired std errors below the best held-out coverage are out")
     z_near: float = _f(
-        2.0,
-        "among the rest, a later candidate of the preference order must beat an earlier one's "
-        "neighbour quality by z_near paired std errors",
+        1.0,
+        "among the rest, a learned estimate must beat the best free one's neighbour quality by "
+        "z_near paired std errors (1: the one-standard-error rule)",
     )
     targets: int = _f(16, "objective topk: targets labeled per held-out row to measure its mean")
 

@@ -80,6 +80,7 @@ def teacher_cost(lab: dict, choose: dict) -> dict:
     seconds = float(lab.get("seconds") or 0.0) + float(choose.get("teacher_seconds") or 0.0)
     if unit == "items" and lab.get("kind") != "pointwise":  # pairwise, paid per distinct item (LESS)
         items = lab.get("items_touched") or {}
+        choose_n = int(choose.get("teacher_items", choose_n))
         sel = int(items.get("labeled", 0)) + choose_n
         return {"unit": unit, "selection": sel, "report_only": int(items.get("report", 0)), "choose": choose_n,
                 "seconds": seconds, "pairs_labeled": lab.get("pairs_labeled")}  # fmt: skip

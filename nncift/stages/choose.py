@@ -375,7 +375,7 @@ class ChooseStage(Stage):
             )
         per_row = ch.score_probes(probes, rows, known["ff"], known["ft"], sc.objective, sc.eta, sc.nu)
         near = ch.score_near(probes, rows, known["ff"])
-        dec = ch.decide(per_row, near, c.z, c.z_near)
+        dec = ch.decide(per_row, near, c.z, c.z_near, free={r.name: r.free for r in recipes["ff"]})
         cost = len(new_labels["row"])
         write_json(
             ctx.path("choose", "choice.json"),

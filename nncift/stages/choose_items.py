@@ -112,6 +112,7 @@ def choose_topk(ctx: Context, recipes: dict, views: dict, nets: dict, diag) -> d
     tpool = plan.target_labeled if ctx.teacher().cost_unit == "item" and len(plan.target_labeled) else np.arange(n)
     targets = np.sort(rng.choice(tpool, min(c.targets, len(tpool)), replace=False)).astype(np.int64)
     table, seconds = label_sets(ctx, [LabelSet("ft", "choose", rows, targets)], rows, targets)
+    n_held = len(rows)  # held-out items the teacher saw (a per-item teacher featurises each; targets are reused)
     r, v = table.column("row").to_numpy(), table.column("value").to_numpy().astype(np.float64)
     truth = np.bincount(np.searchsorted(rows, r), v, len(rows)) / np.bincount(np.searchsorted(rows, r), None, len(rows))
     kv = {name: (views[name][0], views[name][1]) for name in views}
@@ -122,10 +123,11 @@ def choose_topk(ctx: Context, recipes: dict, views: dict, nets: dict, diag) -> d
         scores = {k: np.concatenate([v, oof[k]]) for k, v in scores.items()}
         truth, rows = np.concatenate([truth, y]), np.concatenate([rows, lab])
     values = topk_values(scores, truth, sc.fraction)
-    dec = ch.decide(values, concordance(scores, truth), c.z, c.z_near)
     free = {rec.name: rec.free for rec in recipes["ft"]}
+    dec = ch.decide(values, concordance(scores, truth), c.z, c.z_near, free=free)
     budget = max(1, round(sc.fraction * len(rows)))
-    return _record(ctx, dec, list(scores), int(table.num_rows), rows, budget, "pairs", free, seconds)
+    out = _record(ctx, dec, list(scores), int(table.num_rows), rows, budget, "pairs", free, seconds)
+    return {**out, "teacher_items": n_held}
 
 
 def topk_out_of_fold(ctx: Context, views: dict, names: list[str], folds: int = 5
@@ -312,7 +314,7 @@ def choose_items(ctx: Context) -> dict[str, Any]:
     truth = np.concatenate([truth, y])
     rows = np.concatenate([rows, lab])
     values = topk_values(held, truth, sc.fraction)
-    dec = ch.decide(values, concordance(held, truth), c.z, c.z_near, order=ITEM_PREFERENCE)
+    dec = ch.decide(values, concordance(held, truth), c.z, c.z_near, order=ITEM_PREFERENCE, free=free)
     budget = max(1, round(sc.fraction * len(rows)))
     n_new = len(rows) - len(lab)
     return {"candidates": names, **_record(ctx, dec, names, n_new, rows, budget, "items", free, seconds)}
