@@ -425,6 +425,12 @@ class Known:
         keys, first = np.unique(keys, return_index=True)
         self.keys, self.values, self.n_cols = keys, np.asarray(values, np.float64)[first], n_cols
 
+    def extended(self, rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> Known:
+        """A lookup over these values and the new ones (a pair known twice keeps its first value)."""
+        r, c = np.divmod(self.keys, self.n_cols)
+        return Known(np.concatenate([r, rows]), np.concatenate([c, cols]), np.concatenate([self.values, values]),
+                     self.n_cols)  # fmt: skip
+
     def lookup(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(values, found) for broadcastable ``rows`` x ``cols`` index arrays (values NaN where unknown)."""
         keys = np.asarray(rows, np.int64) * self.n_cols + np.asarray(cols, np.int64)

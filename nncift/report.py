@@ -100,8 +100,9 @@ def _cost_markdown(rep: dict) -> list[str]:
         what = (f"{c['selection']:,} items featurised for the selection ({c['choose']:,} of them for the held-out "
                 f"choice), {c['report_only']:,} more for the report only")  # fmt: skip
     else:
-        what = (f"{c['selection']:,} {c['unit']} for the selection ({c['training']:,} training, {c['diagonal']:,} "
-                f"exact self-utilities, {c['probe']:,} probe, {c['choose']:,} for the held-out choice; "
+        parts = [f"{c[k]:,} {name}" for k, name in (("training", "training"), ("diagonal", "exact self-utilities"),
+                 ("probe", "probe"), ("choose", "for the held-out choice")) if c[k] or k == "training"]  # fmt: skip
+        what = (f"{c['selection']:,} {c['unit']} for the selection ({', '.join(parts)}; "
                 f"{c['selection'] / max(1, total):.3g} of all {total:,}), {c['report_only']:,} more for the report only")  # fmt: skip
     return [f"Teacher cost, in the teacher's own unit: {what}; {c['seconds']:.1f} s of teacher time (label and choose "
             "stages).", ""]  # fmt: skip

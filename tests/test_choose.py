@@ -114,6 +114,11 @@ def test_the_criterion_prefers_the_truth_and_rejects_a_poor_estimate():
     v, ok = known.lookup(pairs[0][:3], pairs[1][:3])
     np.testing.assert_allclose(v, truth[pairs[0][:3], pairs[1][:3]], rtol=1e-6) and ok.all()
     assert not known.lookup(np.array([0]), np.array([0]))[1].any() or (0, 0) in set(zip(*pairs, strict=True))
+    more = known.extended(np.array([m - 1]), np.array([m - 2]), np.array([7.0]))
+    assert more.lookup(np.array([m - 1]), np.array([m - 2]))[0][0] == 7.0 or (m - 1, m - 2) in set(
+        zip(*pairs, strict=True)
+    )
+    np.testing.assert_allclose(more.lookup(pairs[0], pairs[1])[0], truth[pairs], rtol=1e-6)  # the old values kept
 
 
 def test_decide_keeps_the_free_estimate_unless_a_learned_one_proves_better():

@@ -367,12 +367,8 @@ class ChooseStage(Stage):
                       "value": table.column("value").to_numpy()}  # fmt: skip
         for kernel in ("ff", "ft"):
             sel = new_labels["kernel"] == kernel
-            known[kernel] = ch.Known(
-                np.concatenate([known[kernel].rows, new_labels["row"][sel]]),
-                np.concatenate([known[kernel].cols, new_labels["col"][sel]]),
-                np.concatenate([known[kernel].raw, new_labels["value"][sel]]),
-                m if kernel == "ff" else n,
-            )
+            known[kernel] = known[kernel].extended(new_labels["row"][sel], new_labels["col"][sel],
+                                                   new_labels["value"][sel])  # fmt: skip
         per_row = ch.score_probes(probes, rows, known["ff"], known["ft"], sc.objective, sc.eta, sc.nu)
         near = ch.score_near(probes, rows, known["ff"])
         dec = ch.decide(per_row, near, c.z, c.z_near, free={r.name: r.free for r in recipes["ff"]})
@@ -404,9 +400,7 @@ class ChooseStage(Stage):
                 rows.append(np.arange(m))
                 cols.append(np.arange(m))
                 vals.append(diag)
-            k = ch.Known(np.concatenate(rows), np.concatenate(cols), np.concatenate(vals), n_cols)
-            k.rows, k.cols, k.raw = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
-            out[kernel] = k
+            out[kernel] = ch.Known(np.concatenate(rows), np.concatenate(cols), np.concatenate(vals), n_cols)
         return out
 
     @staticmethod
