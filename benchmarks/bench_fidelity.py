@@ -149,6 +149,7 @@ VARIANTS = {
     "bilinear-block-diag": ("bilinear", "block", True, False),
     "bilinear-spread-diag": ("bilinear", "spread", True, False),
     "default": ("bilinear", "spread", True, True),
+    "default-noprior": ("bilinear", "spread", True, False),  # the default run, the network without the prior
     "active": ("bilinear", "active", True, True),
 }
 
@@ -166,7 +167,7 @@ def variant_config(cfg, name: str):
 
 
 # ---------------------------------------------------------------------------------------------- one run
-CHOOSING = ("default",)  # variants that run the choose stage's held-out choice
+CHOOSING = ("default", "default-noprior")  # variants that run the choose stage's held-out choice
 
 
 def lexical_view(t: dict, seed: int) -> tuple[np.ndarray, np.ndarray]:
