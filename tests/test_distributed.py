@@ -84,7 +84,7 @@ def test_embed_ray_streams_parquet_and_equals_local(ray_session, tiny_st_model, 
     assert list((tmp_path / "out").glob("*.parquet"))  # written by the actors, not the driver
 
 
-@pytest.mark.slow  # the loss is covered by test_ray_fit_equals_the_local_fit_on_any_worker_count (CI time)
+@pytest.mark.slow  # the fit's Ray twin is test_ray_fit_equals_the_local_fit_on_any_worker_count (CI time)
 def test_torchtrainer_fit_reduces_loss(ray_session, tmp_path):
     rng = np.random.default_rng(0)
     e = rng.normal(size=(40, 8)).astype(np.float32)

@@ -115,14 +115,7 @@ def _cli(run_dir, corpus, overrides):
     ]
 
 
-@pytest.mark.parametrize(
-    "watch",  # CI kills mid-label; the other kill points are marked slow (CI time)
-    [
-        "label/blocks/*.parquet",
-        pytest.param("estimate/blocks/ff_*.parquet", marks=pytest.mark.slow),
-        pytest.param("fit/_STARTED.json", marks=pytest.mark.slow),
-    ],
-)
+@pytest.mark.parametrize("watch", ["label/blocks/*.parquet", "estimate/blocks/ff_*.parquet", "fit/_STARTED.json"])
 def test_kill_9_and_resume_gives_the_same_selection(tmp_path, corpus, tiny_overrides, watch):
     overrides = [*tiny_overrides, *LOCAL, "label.block_size=4", "estimate.block_size=10"]
     ref = tmp_path / "ref"

@@ -151,9 +151,8 @@ def test_two_runs_on_one_run_directory_refuse_each_other(tmp_path, corpus, tiny_
         pass
 
 
-@pytest.mark.parametrize(  # CI: a label block; an estimate block marked slow (CI time)
-    "stage,pattern",
-    [("label", "blocks/000001.parquet"), pytest.param("estimate", "blocks/ff_000001.parquet", marks=pytest.mark.slow)],
+@pytest.mark.parametrize(
+    "stage,pattern", [("label", "blocks/000001.parquet"), ("estimate", "blocks/ff_000001.parquet")]
 )
 def test_truncated_block_file_is_recomputed_not_read(tmp_path, corpus, tiny_overrides, stage, pattern):
     import pyarrow.parquet as pq
