@@ -316,19 +316,14 @@ class ChooseStage(Stage):
         labels = ctx.labels()
         diag = ctx.diagonal()
         kinds = wanted(ctx)
+        # per kernel, each view's (row vectors, column vectors): K_FF's columns are the pool, K_FT's the targets
+        kviews = {k: {v: (p, t if k == "ft" else p) for v, (p, t) in views.items()} for k in ("ff", "ft")}
         recipes, nets = {}, {}
-        for kernel, cols_of in (("ff", 0), ("ft", 1)):
-            net, scaler, head = network_head(
-                ctx, kernel, views["embedding"][cols_of] if kernel == "ft" else views["embedding"][0]
-            )
-            nets[kernel] = head
-            kviews = {
-                v: (pool, (pool, target)[cols_of] if kernel == "ft" else pool) for v, (pool, target) in views.items()
-            }
-            rc, y = labels[kernel]["q1"]
-            prc, py = labels[kernel]["probe"]
-            recipes[kernel] = ch.build_recipes(kernel, (rc[0], rc[1], y), kviews, net, scaler, diag is not None, kinds,
-                                               probes=(prc[0], prc[1], py))  # fmt: skip
+        for kernel in ("ff", "ft"):
+            net, scaler, nets[kernel] = network_head(ctx, kernel, kviews[kernel]["embedding"][1])
+            (rc, y), (prc, py) = labels[kernel]["q1"], labels[kernel]["probe"]
+            recipes[kernel] = ch.build_recipes(kernel, (rc[0], rc[1], y), kviews[kernel], net, scaler,
+                                               diag is not None, kinds, probes=(prc[0], prc[1], py))  # fmt: skip
         save_recipes(ctx, recipes)
         names = [r.name for r in recipes["ff"]]
         info: dict[str, Any] = {"candidates": names, "mode": c.mode}
@@ -351,7 +346,6 @@ class ChooseStage(Stage):
         n_rows = int(min(c.rows, max(2, m // 3)))
         rows = np.sort(rng.choice(m, n_rows, replace=False)).astype(np.int64)
         budget = max(1, round(sc.fraction * n_rows))
-        kviews = {k: {v: (p, (p, t)[k == "ft"]) for v, (p, t) in views.items()} for k in ("ff", "ft")}
         est = {k: ch.Estimates(recipes[k], kviews[k], nets[k], diag if k == "ff" else None) for k in ("ff", "ft")}
         probes = ch.probe_fl(est["ff"], est["ft"], rows, budget, c.top, sc.objective, sc.eta, sc.nu)
         known = self._known(ctx, labels, diag, m, n)
