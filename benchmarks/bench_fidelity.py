@@ -90,20 +90,14 @@ def teacher(name: str, work: Path) -> dict:
         pipe = _pipeline(str(ROOT / "jobs/configs/demo.yaml"), work / "se", [])
         pool, target = pipe.ctx.items()
         ff, ft = fid.teacher_kernels(build_influence_function("delift_se"), pool, target)
-    elif name == "icl":
-        if not TABLE.is_file():
-            sys.exit(f"{TABLE} is missing: build it with benchmarks/build_delift_table.py")
-        meta = json.loads(TABLE.with_suffix(".json").read_text())
-        pipe = _pipeline(None, work / "icl", [f"{k}={v}" for k, v in meta["data_overrides"].items()])
+    elif name in ("icl", "icl2"):  # a full DELIFT ICL table: its own data settings give the run its ids
+        table = TABLE if name == "icl" else TABLE2
+        if not table.is_file():
+            sys.exit(f"{table} is missing: build it with benchmarks/build_delift_table.py (settings in its .json)")
+        meta = json.loads(table.with_suffix(".json").read_text())
+        pipe = _pipeline(None, work / name, [f"{k}={v}" for k, v in meta["data_overrides"].items()])
         pool, target = pipe.ctx.items()
-        ff, ft = fid.teacher_kernels(build_influence_function("table", path=str(TABLE)), pool, target)
-    elif name == "icl2":
-        if not TABLE2.is_file():
-            sys.exit(f"{TABLE2} is missing: build it with benchmarks/build_delift_table.py (see its .json)")
-        meta = json.loads(TABLE2.with_suffix(".json").read_text())
-        pipe = _pipeline(None, work / "icl2", [f"{k}={v}" for k, v in meta["data_overrides"].items()])
-        pool, target = pipe.ctx.items()
-        ff, ft = fid.teacher_kernels(build_influence_function("table", path=str(TABLE2)), pool, target)
+        ff, ft = fid.teacher_kernels(build_influence_function("table", path=str(table)), pool, target)
     elif name == "bm25":
         pipe = _pipeline(str(ROOT / "jobs/configs/demo.yaml"), work / "se", [])
         pool, target = pipe.ctx.items()
