@@ -271,9 +271,10 @@ def build_recipes(kernel: str, labels: tuple[np.ndarray, np.ndarray, np.ndarray]
     has_diag = diag and kernel == "ff"  # K_FT has no diagonal: its candidates carry the K_FF names
     out: list[Recipe] = []
     cal: dict[str, tuple[float, float]] = {}
-    for view, (vr, vc) in views.items():
-        x = np.einsum("pd,pd->p", vr[rows], vc[cols])
-        cal[view] = calibrate(x, y)
+    for view in ("embedding", "lexical"):  # the views whose cosine is a candidate (not the teacher-LM features)
+        if view in views:
+            vr, vc = views[view]
+            cal[view] = calibrate(np.einsum("pd,pd->p", vr[rows], vc[cols]), y)
     d_emb = views["embedding"][0].shape[1]
     mu = float(np.mean(y)) if len(y) else 0.0
 
@@ -286,7 +287,7 @@ def build_recipes(kernel: str, labels: tuple[np.ndarray, np.ndarray, np.ndarray]
         if "lexical" in views:
             add("lexical", free=True, view="lexical", W=affine_form(views["lexical"][0].shape[1], 1.0, 0.0),
                 info={"zero_label": True})  # fmt: skip
-    if diag:
+    else:
         add("diag_const", free=True, view="embedding", W=affine_form(d_emb, 0.0, mu), diag=has_diag)
     a, b = cal["embedding"]
     add("diag_cosine", free=True, view="embedding", W=affine_form(d_emb, a, b), diag=has_diag, info={"a": a, "b": b})

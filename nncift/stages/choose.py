@@ -179,7 +179,7 @@ def chosen_recipes(ctx: Context) -> dict[str, Any]:
     return {k: recs[k][choice["chosen"]] for k in recs}
 
 
-def candidate_heads(ctx: Context, recipe, kernel: str, new: dict | None = None) -> dict:
+def candidate_heads(ctx: Context, recipe, kernel: str, new: dict | None = None, views: dict | None = None) -> dict:
     """The :class:`~nncift.estimate.EstimateWorker` head of one candidate over the run's items (pool rows;
     pool or target columns), optionally extended by new items (``new``: their view vectors; rows of both
     kernels and columns of K_FF grow by M')."""
@@ -198,7 +198,7 @@ def candidate_heads(ctx: Context, recipe, kernel: str, new: dict | None = None) 
                 head["q"] = np.concatenate([head["q"], extra["q"]])
         head["diag"] = diag if recipe.diag else None
         return head
-    vr, vt = item_views(ctx)[recipe.view]
+    vr, vt = (item_views(ctx) if views is None else views)[recipe.view]
     vc = vr if kernel == "ff" else vt
     r, c = recipe.r, recipe.c
     if new is not None:
@@ -243,15 +243,17 @@ def label_sets(ctx: Context, sets: list, extra_pool: np.ndarray, extra_target: n
     return table, seconds
 
 
-def candidate_kernels(ctx: Context, name: str) -> tuple[np.ndarray, np.ndarray]:
+def candidate_kernels(ctx: Context, name: str, recipes: dict | None = None, views: dict | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """A candidate's dense estimated K_FF (M, M) and K_FT (M, N) float32 (raw units, its diagonal applied): for the
-    fidelity report, where the teacher's full kernel fits in memory too."""
+    fidelity report, where the teacher's full kernel fits in memory too (``recipes``: :func:`load_recipes`, read
+    and ``views``: :func:`item_views`, read once by a caller looping over candidates)."""
     from nncift.estimate import overwrite_diagonal, predict_factors
 
-    recs = load_recipes(ctx)
+    recs = load_recipes(ctx) if recipes is None else recipes
     out = []
     for kernel in ("ff", "ft"):
-        h = candidate_heads(ctx, recs[kernel][name], kernel)
+        h = candidate_heads(ctx, recs[kernel][name], kernel, views=views)
         k = predict_factors(h) * np.float32(h["hi"] - h["lo"]) + np.float32(h["lo"])
         if h.get("diag") is not None:
             overwrite_diagonal(k, h["diag"], 0, k.shape[0], 0, k.shape[1])

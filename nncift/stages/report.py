@@ -122,12 +122,13 @@ def item_fidelity(ctx: Context) -> dict[str, Any]:
 def candidate_fidelity(ctx: Context, true_ff, true_ft, budget: int, exact: list[int]) -> dict[str, Any]:
     """Gap closed of every candidate estimate of the choose stage (each selected on its own dense kernels)."""
     from nncift import fidelity as fid
-    from nncift.stages.choose import candidate_kernels, load_recipes
+    from nncift.stages.choose import candidate_kernels, item_views, load_recipes
 
     sc, fd = ctx.cfg.select, ctx.cfg.fidelity
     subsets = {}
-    for name in load_recipes(ctx)["ff"]:
-        k_ff, k_ft = candidate_kernels(ctx, name)
+    recipes, views = load_recipes(ctx), item_views(ctx)
+    for name in recipes["ff"]:
+        k_ff, k_ft = candidate_kernels(ctx, name, recipes, views)
         subsets[name] = fid.select(k_ff, k_ft, budget, sc.objective, sc.eta, sc.nu)
     res = fid.selection_fidelity(true_ff, true_ft, subsets, budget, sc.objective, sc.eta, sc.nu, fd.random_subsets,
                                  ctx.cfg.seed, exact=np.asarray(exact, np.int64))  # fmt: skip
