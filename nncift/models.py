@@ -103,7 +103,8 @@ def embedded_lm_dir() -> Path:
 
 
 def load_causal_lm(path: str | None, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False):
-    """(model, tokenizer) of a local causal LM directory, or of the embedded SmolLM2 when ``path`` is None."""
+    """(model, tokenizer) of a local causal LM directory, or of the embedded SmolLM2 when ``path`` is None
+    (``dtype`` "auto": bfloat16 on CUDA, float32 on the CPU)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -113,6 +114,8 @@ def load_causal_lm(path: str | None, device: str = "cpu", dtype: str = "float32"
         p = Path(path).expanduser()
         if not p.is_dir():
             raise ConfigError(f"config field 'delift_icl.model': {path!r} is not a local model directory")
+    if dtype == "auto":  # bf16 where the device has fast bf16 matrix units (CUDA); float32 on the CPU
+        dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
     if not hasattr(torch, dtype):
         raise ConfigError(f"config field 'delift_icl.dtype': unknown torch dtype {dtype!r}")
     tok = AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)

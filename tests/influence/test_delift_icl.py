@@ -41,14 +41,104 @@ def test_prefix_reuse_equals_full_sequences(fns):
     np.testing.assert_allclose(fns["prefix"].utility(ex, tg), u, atol=TOL)
 
 
-def test_ignoring_the_kv_cache_is_caught(fns, monkeypatch):
-    # the comparison above has teeth: a model call that drops the prefix cache (an unknown keyword is
-    # swallowed by **kwargs) gives visibly different values
+def test_ignoring_the_prefix_is_caught(fns, monkeypatch):
+    # the comparison above has teeth: suffixes that do not attend over the example's prefix give visibly
+    # different values
+    import contextlib
+
+    from nncift.influence import prefix_attention as pa
+
     ex, tg = _items(2, 1, "e"), _items(5, 2, "t")
     ref = fns["single"].icl_distance(ex, tg)
-    monkeypatch.setattr(fns["prefix"], "_cache_kw", "not_a_cache_keyword")
+    monkeypatch.setattr(pa, "shared_prefix", lambda layers: contextlib.nullcontext())
     wrong = fns["prefix"].icl_distance(ex, tg)
     assert np.abs(wrong - ref).max() > 100 * TOL
+
+
+def test_auto_mode_settles_on_one_mode_with_the_same_values(peaked_lm, fns):
+    fn = build_delift_icl(peaked_lm, batch_size=3, mode="auto", max_prompt_tokens=40, max_response_tokens=30)
+    ex, tg = _items(4, 1, "e"), _items(6, 2, "t")
+    got = fn.icl_distance(ex, tg)
+    assert fn._auto in ("prefix", "batched")
+    np.testing.assert_allclose(got, fns["single"].icl_distance(ex, tg), atol=TOL, rtol=0)
+    np.testing.assert_allclose(fn.icl_distance(ex, tg), got, atol=TOL, rtol=0)  # settled: no second timing
+
+
+def test_gold_logprobs_in_small_chunks_equal_one_chunk(fns, monkeypatch):
+    import nncift.influence.delift_icl as mod
+
+    ex, tg = _items(2, 1, "e"), _items(5, 2, "t")
+    ref = fns["batched"].icl_distance(ex, tg)
+    monkeypatch.setattr(mod, "LOGIT_BYTES", 1)  # one scored position per LM-head call
+    np.testing.assert_allclose(fns["batched"].icl_distance(ex, tg), ref, atol=1e-6, rtol=0)
+
+
+TRICKY = [
+    "plain words here",
+    " leading space",
+    "  two spaces",
+    "\nnewline first",
+    "\n\n\nthree newlines",
+    "\ttab",
+    "12345 digits",
+    "3.14 pi",
+    "'s quote",
+    "'quoted'",
+    "--dashes",
+    ":colon",
+    "  \n mixed ws",
+    "émigré café",
+    "漢字テキスト",
+    "😀 emoji",
+    "trailing space ",
+    "trailing newline\n",
+    "",
+    " ",
+    "\n",
+    "Query:\nnested",
+    "a\r\nb",
+    "(paren)",
+    "#hash",
+    "https://x.y/z?q=1",
+    "I",
+    "I am",
+    "  ",
+    "x" * 30,
+]
+
+
+def test_each_item_tokenised_once_equals_the_joint_tokenisation(fns):
+    # ICL sequences are built from each example's prefix ids and each target's own ids where the tokenizer
+    # provably gives the joint ids; on every tricky boundary the result is DELIFT's joint tokenisation
+    from nncift.influence.delift_icl import HEAD_ICL, MID_ICL, SEP_ICL, TAIL
+
+    fn = fns["prefix"]
+    n = len(TRICKY)
+    items = Items(TRICKY, TRICKY[::-1], np.zeros((n, 2), np.float32))
+    enc = fn.encode(items)
+    pieces = 0
+    for e in enc:
+        prefix = fn.prefix_ids(e)
+        for t in enc:
+            text = HEAD_ICL + e.prompt_text + SEP_ICL + e.response_text + MID_ICL + t.prompt_text + TAIL
+            joint = fn.tok(text, add_special_tokens=False)["input_ids"]
+            assert fn.icl_ids(e, t, prefix=prefix) == fn._with_response(list(joint), t), (e.prompt_text, t.prompt_text)
+            pieces += fn.target_piece(t) is not None
+    assert fn._piecewise and pieces > n * n // 2  # the fast path is taken for most targets
+    assert any(fn.target_piece(t) is None for t in enc)  # and the check refuses where the boundary merges
+
+
+def test_encode_in_batches_equals_one_at_a_time(fns):
+    fn = fns["prefix"]
+    items = _items(6, 3, "enc")
+    long = Items(["word " * 100, *items.prompts], ["resp " * 100, *items.responses], np.zeros((7, 2), np.float32))
+    got = fn.encode(long)
+    for row, p, r in zip(got, long.prompts, long.responses, strict=True):
+        ids = fn._ids(p)
+        cut = p if len(ids) <= fn.max_p else fn.tok.decode(ids[: fn.max_p])
+        assert row.prompt_text == cut and row.prompt == fn._ids(cut)
+        assert row.response == fn._ids(r)[: fn.max_r]
+    assert len(got[0].prompt) <= fn.max_p < len(fn._ids(long.prompts[0]))
 
 
 def test_sequences_are_the_joint_tokenisation_of_the_delift_prompt(fns):
