@@ -10,9 +10,16 @@ and the bilinear kind (--rank, default 256) with and without the cosine prior:
 and the estimates the choose stage can keep (nncift.choose), through the estimate worker (raw units, the
 exact diagonal written over the tile):
   (6) a bilinear form on [e, 1] (diag_cosine, shrink_<l>: k = d + 1) and with per-item effects (additive: k = d + 3).
+End to end through EstimateWorker.run_block (Parquet write included), on rank --rank factors of --sparse-m items:
+  (7) sparse top-k row stripes (--stripe rows x every column, exact diagonal, row means): the numpy engine on the
+      CPU beside the torch engine on --device at each --precision (on a GPU only (rows, k) come back);
+  (8) dense tiles (--block square) on --device: computed and copied back (predict_raw) vs also written to
+      Parquet (run_block), which shows what bounds a dense tile.
 
     .venv/bin/python benchmarks/bench_estimate.py                    # throughput table
     .venv/bin/python benchmarks/bench_estimate.py --scale 100000     # + 100k x 100k top-32 stripes, peak RSS
+    .venv/bin/python benchmarks/bench_estimate.py --sparse-only --device cuda --precision fp32,tf32,bf16 \
+        --sparse-m 1048576 --sparse-rows 32768                       # (7), (8) on a GPU: 1M columns
 """
 
 from __future__ import annotations
@@ -46,7 +53,17 @@ def main() -> None:
     ap.add_argument("--scale", type=int, default=0, help="also run an N x N top-k estimation (e.g. 100000)")
     ap.add_argument("--topk", type=int, default=32)
     ap.add_argument("--rank", type=int, default=256, help="bilinear tower width")
+    ap.add_argument("--device", default="cpu", help="device of the torch engine in (7) and (8): cpu | cuda")
+    ap.add_argument("--precision", default="fp32,bf16", help="comma-separated torch-engine precisions for (7)")
+    ap.add_argument("--sparse-m", type=int, default=8192, help="(7): items (rows and columns) of the kernel")
+    ap.add_argument("--sparse-rows", type=int, default=0, help="(7): rows timed (0 = all --sparse-m)")
+    ap.add_argument("--stripe", type=int, default=4096, help="(7): rows per sparse stripe")
+    ap.add_argument("--cpu-rows", type=int, default=0, help="(7): rows timed on the numpy engine (0 = --sparse-rows)")
+    ap.add_argument("--sparse-only", action="store_true", help="only (7) and (8)")
     args = ap.parse_args()
+    if args.sparse_only:
+        sparse_cases(args)
+        return
 
     from nncift.estimate import EstimateWorker, predict_block
     from nncift.kernels import predict_block_np
@@ -125,6 +142,8 @@ def main() -> None:
     print(f"bilinear kinds and chosen estimates >= 3e8 pairs/s: {'met' if slowest >= 3e8 else 'NOT met'} "
           f"(slowest {slowest:.2e})")  # fmt: skip
 
+    sparse_cases(args)
+
     if args.scale:
         n = args.scale
         emb, _ = clustered_embeddings(n, d, seed=1)
@@ -142,6 +161,54 @@ def main() -> None:
         print(
             f"\n{n:,} x {n:,} estimation with top-{args.topk} per row: {dt:.1f} s "
             f"({n * n / dt:.3e} pairs/s), peak RSS {peak:.2f} GiB"
+        )
+
+
+def sparse_cases(args) -> None:
+    """(7) sparse top-k stripes and (8) dense tiles, end to end through the worker (see the module doc)."""
+    from nncift.estimate import EstimateWorker
+    from nncift.pairs import Block
+
+    m, f, stripe = args.sparse_m, args.rank, args.stripe
+    rng = np.random.default_rng(0)
+    scale = np.float32(1 / np.sqrt(f))
+    head = {"type": "dot", "p": rng.normal(size=(m, f)).astype(np.float32) * scale,
+            "q": rng.normal(size=(m, f)).astype(np.float32) * scale,
+            "lo": 0.0, "hi": 1.0, "diag": np.ones(m, np.float32)}  # fmt: skip
+    rows = min(m, args.sparse_rows or m)
+    out = []
+
+    def stripes(worker, n_rows):
+        for i, r0 in enumerate(range(0, n_rows, stripe)):
+            worker.run_block(Block("ff", i, r0, min(n_rows, r0 + stripe), 0, m))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cpu_rows = min(m, args.cpu_rows or rows)
+        w = EstimateWorker({"ff": head}, tmp, layout="sparse", topk=args.topk, engine="numpy")
+        out.append(("numpy", "cpu", "fp32", rate(lambda: stripes(w, cpu_rows), cpu_rows * m, repeat=2)))
+        sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+        for prec in args.precision.split(","):
+            w = EstimateWorker({"ff": head}, tmp, device=args.device, layout="sparse", topk=args.topk,
+                               engine="torch", precision=prec)  # fmt: skip
+            out.append(("torch", args.device, prec, rate(lambda w=w: (stripes(w, rows), sync()), rows * m, repeat=2)))
+        print(f"\n(7) sparse top-{args.topk} stripes, {m:,} columns, rank {f}, {stripe} rows per stripe, "
+              f"exact diagonal and row means, Parquet write included (torch threads {torch.get_num_threads()})")  # fmt: skip
+        print(f"{'engine':8s} {'device':8s} {'precision':10s} {'pairs/s':>12s} {'vs numpy':>9s} {'1M x 1M':>9s}")
+        for eng, dev, prec, r in out:
+            print(f"{eng:8s} {dev:8s} {prec:10s} {r:12.3e} {r / out[0][3]:8.1f}x {1e12 / r:8.0f}s")
+        if args.device != "cpu":
+            best = max(r for eng, *_, r in out if eng == "torch")
+            print(f"target >= 5e10 pairs/s on the device: {'met' if best >= 5e10 else 'NOT met'} (best {best:.2e}); "
+                  f">= 30x the CPU: {best / out[0][3]:.0f}x")  # fmt: skip
+        # (8) dense tiles on the device: compute + copy back, then + Parquet write
+        b = min(args.block, m)
+        w = EstimateWorker({"ff": head}, tmp, device=args.device, layout="dense", engine="torch")
+        tile = Block("ff", 0, 0, b, 0, b)
+        r_copy = rate(lambda: w.predict_raw("ff", 0, b, 0, b), b * b)
+        r_write = rate(lambda: w.run_block(tile), b * b)
+        print(
+            f"\n(8) dense {b} x {b} tiles on {args.device}: computed + copied back {r_copy:.3e} pairs/s; "
+            f"+ Parquet write {r_write:.3e} pairs/s (the write takes {100 * (1 - r_write / r_copy):.0f}% of a tile)"
         )
 
 

@@ -79,7 +79,7 @@ class EmbedConfig:
     template: str = _f("{prompt}\n{response}", "text embedded for each row")
     batch_size: int = _f(64, "rows per encoder batch")
     max_seq_length: int = _f(128, "encoder token limit (all-MiniLM-L6-v2 was trained with 128)")
-    device: str = _f("cpu", "cpu | cuda | cuda:N", runtime=True)
+    device: str = _f("cpu", "cpu | cuda | cuda:N | auto (cuda where num_gpus gave a GPU, else cpu)", runtime=True)
     concurrency: int = _f(2, "Ray Data actors (each uses num_cpus threads)", runtime=True)
     num_cpus: float = _f(1.0, "CPUs per actor", runtime=True)
     num_gpus: float = _f(0.0, "GPUs per actor", runtime=True)
@@ -120,7 +120,9 @@ class LabelConfig:
     concurrency: int = _f(1, "Ray Data actors", runtime=True)
     num_cpus: float = _f(1.0, "CPUs per actor", runtime=True)
     num_gpus: float = _f(0.0, "GPUs per actor", runtime=True)
-    device: str = _f("cpu", "device of the teacher: cpu | cuda | cuda:N", runtime=True)
+    device: str = _f(
+        "cpu", "teacher device: cpu | cuda | cuda:N | auto (cuda where num_gpus gave a GPU, else cpu)", runtime=True
+    )
 
 
 @dataclass
@@ -142,6 +144,12 @@ class FitConfig:
     exclude_self_pairs: bool = _f(True, "drop K_FF (i, i) pairs from training and evaluation (trivially maximal)")
     num_workers: int = _f(2, "Ray Train workers (DDP)", runtime=True)
     use_gpu: bool = _f(False, "train on GPUs", runtime=True)
+    device: str = _f(
+        "auto",
+        "device of the local executor's fit: auto (cuda when use_gpu and CUDA is available, else cpu) | cpu | "
+        "cuda | cuda:N; the Ray executor places its workers by use_gpu",
+        runtime=True,
+    )
 
 
 @dataclass
@@ -183,7 +191,13 @@ class EstimateConfig:
     layout: str = _f("auto", "auto | dense (tiles) | sparse (per-row top-k stripes)")
     topk: int = _f(32, "sparse layout: columns kept per row")
     col_chunk: int = _f(8192, "sparse layout: columns predicted per chunk before the top-k merge", runtime=True)
-    device: str = _f("cpu", "cpu | cuda", runtime=True)
+    engine: str = _f("auto", "auto (numpy on the CPU, torch on other devices or for precision=bf16) | numpy (CPU "
+                     "only) | torch (a sparse stripe's top-k stays on the device: only (rows, k) come back)",
+                     runtime=True)  # fmt: skip
+    precision: str = _f("fp32", "matmul precision of factorised (dot) surrogates on the torch engine: fp32 | tf32 "
+                        "(CUDA TensorFloat-32; fp32 on the CPU) | bf16 (bfloat16 factors, float32 output); the "
+                        "kept top-k entries are re-scored in fp32")  # fmt: skip
+    device: str = _f("cpu", "cpu | cuda | auto (cuda where num_gpus gave a GPU, else cpu)", runtime=True)
     concurrency: int = _f(1, "Ray Data actors", runtime=True)
     num_cpus: float = _f(1.0, "CPUs per actor", runtime=True)
     num_gpus: float = _f(0.0, "GPUs per actor", runtime=True)
@@ -253,6 +267,12 @@ class FinetuneConfig:
     micro_batch_size: int = _f(2, "sequences per forward on one worker", runtime=True)
     num_workers: int = _f(2, "Ray Train workers (data-parallel ranks)", runtime=True)
     use_gpu: bool = _f(False, "one GPU per worker (NCCL, bf16)", runtime=True)
+    optimizer: str = _f(
+        "torch_adamw",
+        "AdamW implementation: torch_adamw (torch.optim.AdamW, no compiled op on any device) | fused_adam "
+        "(DeepSpeed's FusedAdam, JIT-built for the GPU's arch at the first run; needs use_gpu)",
+        runtime=True,
+    )
     save_every: int = _f(50, "checkpoint every this many optimizer steps", runtime=True)
     keep_checkpoints: int = _f(2, "completed checkpoints kept", runtime=True)
 
@@ -269,7 +289,7 @@ class EvalConfig:
         20_000_000, "compare: the exact-function subset only when M*M + M*N <= this", runtime=True
     )
     batch_size: int = _f(8, "prompts per generation batch", runtime=True)
-    device: str = _f("cpu", "cpu | cuda", runtime=True)
+    device: str = _f("cpu", "cpu | cuda | auto (cuda where num_gpus gave a GPU, else cpu)", runtime=True)
     concurrency: int = _f(1, "Ray Data actors", runtime=True)
     num_cpus: float = _f(1.0, "CPUs per actor", runtime=True)
     num_gpus: float = _f(0.0, "GPUs per actor", runtime=True)
@@ -403,6 +423,7 @@ class RunConfig:
         need(n.batch_size > 0, "fit.batch_size", "must be positive")
         need(0.0 < n.val_fraction < 0.5, "fit.val_fraction", "must be in (0, 0.5)")
         need(n.num_workers >= 1, "fit.num_workers", "must be >= 1")
+        _check_fit_device(n, self.ray.executor, need)
         need(e.block_size > 0, "estimate.block_size", "must be positive")
         ch = self.choose
         from nncift.choose import CANDIDATES, ITEM_CANDIDATES
@@ -434,6 +455,10 @@ class RunConfig:
         need(e.layout in {"auto", "dense", "sparse"}, "estimate.layout", f"got {e.layout!r}")
         need(e.topk >= 1, "estimate.topk", "must be >= 1")
         need(e.col_chunk >= 1, "estimate.col_chunk", "must be >= 1")
+        need(e.engine in {"auto", "numpy", "torch"}, "estimate.engine", f"got {e.engine!r} (auto | numpy | torch)")
+        need(e.precision in {"fp32", "tf32", "bf16"}, "estimate.precision", f"got {e.precision!r} (fp32 | tf32 | bf16)")
+        need(e.engine != "numpy" or (e.device == "cpu" and e.precision != "bf16"), "estimate.engine",
+             "numpy runs float32 on the CPU: needs estimate.device=cpu and precision fp32 or tf32 (or engine=torch)")  # fmt: skip
         need(e.candidates in {"exhaustive", "ivf"}, "estimate.candidates", f"got {e.candidates!r} (exhaustive | ivf)")
         need(e.nlist >= 0, "estimate.nlist", "must be >= 0 (0 = auto)")
         need(e.nprobe >= 1, "estimate.nprobe", "must be >= 1")
@@ -456,6 +481,10 @@ class RunConfig:
             need(getattr(ft, k) >= 1, f"finetune.{k}", "must be >= 1")
         need(ft.keep_checkpoints >= 1, "finetune.keep_checkpoints", "must be >= 1")
         need(0 <= ft.lora_dropout < 1, "finetune.lora_dropout", "must be in [0, 1)")
+        need(ft.optimizer in FINETUNE_OPTIMIZERS, "finetune.optimizer",
+             f"got {ft.optimizer!r} ({' | '.join(FINETUNE_OPTIMIZERS)})")  # fmt: skip
+        need(ft.optimizer != "fused_adam" or ft.use_gpu, "finetune.optimizer",
+             "fused_adam is a CUDA kernel: it needs finetune.use_gpu=true (use torch_adamw on the CPU)")  # fmt: skip
         need(ft.lr > 0, "finetune.lr", "must be positive")
         need(0 <= ft.warmup_ratio < 1, "finetune.warmup_ratio", "must be in [0, 1)")
         need(ft.max_seq_len >= 8, "finetune.max_seq_len", "must be >= 8")
@@ -491,6 +520,30 @@ class RunConfig:
 
     def provenance(self, *sections: str) -> dict[str, Any]:
         return {name or "root": _provenance_dict(self if name == "" else getattr(self, name)) for name in sections}
+
+
+FINETUNE_OPTIMIZERS = ("torch_adamw", "fused_adam")
+
+
+def _check_fit_device(fit: FitConfig, executor: str, need: Any) -> None:
+    """``fit.device``: a known device; with the local executor an explicit CUDA device must exist here (torch is
+    imported only then); the Ray executor places its workers by ``fit.use_gpu``, which a CUDA device needs."""
+    dev = fit.device
+    index = dev[len("cuda:") :] if dev.startswith("cuda:") else None
+    need(dev in {"auto", "cpu", "cuda"} or (index is not None and index.isdigit()), "fit.device",
+         f"got {dev!r} (auto | cpu | cuda | cuda:N)")  # fmt: skip
+    if not dev.startswith("cuda"):
+        return
+    if executor != "local":
+        need(fit.use_gpu, "fit.device",
+             f"{dev} with ray.executor={executor}: its Train workers take GPUs by fit.use_gpu, set fit.use_gpu=true "
+             "(fit.device is the local executor's device)")  # fmt: skip
+        return
+    import torch
+
+    need(torch.cuda.is_available(), "fit.device", f"{dev} asked but torch finds no CUDA device here (use cpu or auto)")
+    count = torch.cuda.device_count()
+    need(index is None or int(index) < count, "fit.device", f"{dev} asked but there are only {count} CUDA devices")
 
 
 def _split(text: str) -> list[str]:

@@ -136,14 +136,20 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def write_parquet(
-    path: str | Path, table: pa.Table, metadata: dict[str, Any] | None = None, row_group_size: int | None = None
+    path: str | Path,
+    table: pa.Table,
+    metadata: dict[str, Any] | None = None,
+    row_group_size: int | None = None,
+    use_dictionary: bool = True,
 ) -> None:
+    """Write ``table`` atomically, with ``metadata`` (JSON values) in its schema. ``use_dictionary=False`` skips
+    dictionary encoding: for columns of mostly distinct numbers (estimated kernels) it only costs time."""
     if metadata:
         meta = dict(table.schema.metadata or {})
         meta.update({k.encode(): json.dumps(v, default=_json_default).encode() for k, v in metadata.items()})
         table = table.replace_schema_metadata(meta)
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, row_group_size=row_group_size)
+        pq.write_table(table, tmp, row_group_size=row_group_size, use_dictionary=use_dictionary)
 
 
 def read_parquet_metadata(path: str | Path) -> dict[str, Any]:

@@ -188,6 +188,8 @@ class EstimateStage(Stage):
             "layout": lay,
             "topk": c.topk,
             "col_chunk": c.col_chunk,
+            "engine": c.engine,
+            "precision": c.precision,
             "candidates": {k: str(v) for k, v in indexes.items()},
             "nprobe": c.nprobe,
             "extent_sample": c.extent_sample,

@@ -288,6 +288,8 @@ class ScoreStage(Stage):
             "layout": lay,
             "topk": topk,
             "col_chunk": c.col_chunk,
+            "engine": c.engine,
+            "precision": c.precision,
         }
         ctx.fan_out(ExtendWorker, worker_kwargs, todo, "score", c)
         write_json(
