@@ -37,13 +37,15 @@ class LocalExecutor:
     def map_blocks(
         self, worker_cls: type, ctor_kwargs: dict[str, Any], specs: list[dict], desc: str = "", **_res: Any
     ) -> list[dict]:
-        """Construct the worker once, call it on each spec in order, with a progress bar in pairs (when
-        the specs declare ``pairs``) or blocks; stops at the first block that returns an error."""
+        """Construct the worker once (``device: auto`` resolved for this process), call it on each spec in
+        order, with a progress bar in pairs (when the specs declare ``pairs``) or blocks; stops at the first
+        block that returns an error."""
         from tqdm.auto import tqdm
 
+        from nncift.devices import local_gpu_ids, resolve_worker_kwargs
         from nncift.errors import raise_worker_errors
 
-        worker = worker_cls(**ctor_kwargs)
+        worker = worker_cls(**resolve_worker_kwargs(ctor_kwargs, local_gpu_ids()))
         out = []
         weighted = bool(specs) and all("pairs" in s for s in specs)
         total = sum(int(s["pairs"]) for s in specs) if weighted else len(specs)
@@ -65,9 +67,10 @@ class LocalExecutor:
         from tqdm.auto import tqdm
 
         from nncift.data import texts
+        from nncift.devices import local_gpu_ids, resolve_worker_kwargs
         from nncift.embed import Embedder
 
-        enc = Embedder(**ctor_kwargs)
+        enc = Embedder(**resolve_worker_kwargs(ctor_kwargs, local_gpu_ids()))
         out = {}
         for name, path in sources.items():
             pf = pq.ParquetFile(path)
@@ -80,15 +83,27 @@ class LocalExecutor:
         return out
 
     def fit(
-        self, fit_cfg: dict, e_rows: np.ndarray, tasks: dict[str, tuple], **_kw: Any
+        self,
+        fit_cfg: dict,
+        e_rows: np.ndarray,
+        tasks: dict[str, tuple],
+        use_gpu: bool = False,
+        device: str = "auto",
+        **_kw: Any,
     ) -> dict[str, tuple[dict, list[dict]]]:
-        """:func:`~nncift.train.fit_loop` per task in this process (world size 1, the same global batches)."""
-        from nncift.train import fit_loop
+        """:func:`~nncift.train.fit_loop` per task in this process (world size 1, the same global batches), on
+        ``device`` (``fit.device``; auto = CUDA when ``use_gpu`` and one is available); CPU weights back."""
+        from nncift.train import fit_device, fit_loop
+
+        dev = fit_device(device, use_gpu)
+        log.info("fit on %s", dev)
 
         def on_epoch(r: dict) -> None:
             log.info("epoch %d train MSE %.5f val MSE %.5f", r["epoch"], r["train_mse"], r["val_mse"])
 
-        return {n: fit_loop(fit_cfg, e_rows, ec, tr, va, on_epoch=on_epoch) for n, (ec, tr, va) in tasks.items()}
+        return {
+            n: fit_loop(fit_cfg, e_rows, ec, tr, va, on_epoch=on_epoch, device=dev) for n, (ec, tr, va) in tasks.items()
+        }
 
     def greedi(self, kern: Any, parts: list[np.ndarray], budget: int) -> tuple[np.ndarray, np.ndarray]:
         """GreeDi: a greedy per part, then a greedy over the union of the part solutions.

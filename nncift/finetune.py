@@ -81,7 +81,22 @@ def step_rows(n_rows: int, batch_size: int, seed: int, step: int) -> np.ndarray:
 
 def build_ds_config(ft: dict, world: int, use_gpu: bool) -> dict:
     """The DeepSpeed config: the checked-in ZeRO file plus the batch, optimizer and precision (the
-    learning-rate schedule is :func:`lr_schedule`, passed to DeepSpeed as a client scheduler)."""
+    learning-rate schedule is :func:`lr_schedule`, passed to DeepSpeed as a client scheduler).
+
+    The optimizer is AdamW. ``finetune.optimizer=torch_adamw`` (the default) sets DeepSpeed's ``torch_adam``,
+    so its engine builds ``torch.optim.AdamW`` on every device: no op is JIT-compiled (DeepSpeed's FusedAdam
+    build parses ``TORCH_CUDA_ARCH_LIST`` and fails on entries such as Hopper's ``9.0a``). ``fused_adam``
+    leaves ``torch_adam`` off on GPUs (DeepSpeed's FusedAdam, compiled at the first run); it is a CUDA
+    kernel, refused without ``use_gpu``.
+    """
+    optimizer = ft.get("optimizer", "torch_adamw")
+    if optimizer not in ("torch_adamw", "fused_adam"):
+        raise ConfigError(f"config field 'finetune.optimizer': got {optimizer!r} (torch_adamw | fused_adam)")
+    if optimizer == "fused_adam" and not use_gpu:
+        raise ConfigError(
+            "config field 'finetune.optimizer': fused_adam is a CUDA kernel: it needs finetune.use_gpu=true "
+            "(use torch_adamw on the CPU)"
+        )
     cfg = load_deepspeed_config(ft["deepspeed"])
     micro = ft["micro_batch_size"]
     if ft["batch_size"] % (micro * world):
@@ -108,7 +123,8 @@ def build_ds_config(ft: dict, world: int, use_gpu: bool) -> dict:
                     "betas": [0.9, 0.999],
                     "eps": 1e-8,
                     "weight_decay": ft["weight_decay"],
-                    "torch_adam": not use_gpu,  # CPU: plain torch AdamW, no JIT-built cpu_adam op
+                    "torch_adam": optimizer == "torch_adamw",  # torch.optim.AdamW: no JIT-built op
+                    "adam_w_mode": True,  # decoupled weight decay (AdamW) whichever implementation
                 },
             },
         }

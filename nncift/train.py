@@ -8,7 +8,6 @@ fly: no pair feature tensor is ever built.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Callable
@@ -42,6 +41,23 @@ class PairLabels:
 
     def take(self, idx: np.ndarray) -> PairLabels:
         return PairLabels(self.rows[idx], self.cols[idx], self.y[idx])
+
+
+def fit_device(device: str = "auto", use_gpu: bool = False) -> str:
+    """The local fit's torch device (``fit.device``): ``auto`` is ``cuda`` when ``use_gpu`` and CUDA is available,
+    else ``cpu`` (with a warning when ``use_gpu`` asked for a GPU); ``cpu``, ``cuda`` and ``cuda:N`` are kept."""
+    if device != "auto":
+        return device
+    if not use_gpu:
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    log.warning("fit.use_gpu=true but torch finds no CUDA device: the local fit runs on the CPU")
+    return "cpu"
+
+
+def _cpu_state(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
 
 
 def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -88,7 +104,9 @@ def train_epoch(
     model.train()
     perm = np.random.default_rng(epoch_seed).permutation(len(pairs))
     dev = e_rows.device
-    total, steps = 0.0, 0
+    # the epoch's loss sum stays on the device (float64: the sum of Python floats it replaces), so that a GPU
+    # step does not wait for the previous one
+    total, steps = torch.zeros((), dtype=torch.float64, device=dev), 0
     for s in range(0, len(perm), batch_size):
         batch = perm[s : s + batch_size]
         idx = np.array_split(batch, world_size)[rank]
@@ -100,9 +118,10 @@ def train_epoch(
         loss = sq.sum() * (world_size / len(batch))
         loss.backward()
         optimizer.step()
-        total += float(sq.detach().mean()) if len(idx) else 0.0
+        if len(idx):
+            total += sq.detach().mean().double()
         steps += 1
-    return total / max(steps, 1)
+    return float(total) / max(steps, 1)
 
 
 def fit_loop(
@@ -115,6 +134,7 @@ def fit_loop(
     world_size: int = 1,
     wrap: Callable[[nn.Module], nn.Module] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    device: str | torch.device | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Train with Adam (AdamW with ``weight_decay``) + MSE and early stopping on the validation MSE.
 
@@ -126,12 +146,17 @@ def fit_loop(
         rank, world_size: this worker's shard.
         wrap: e.g. Ray Train's ``prepare_model`` (DDP); identity when None.
         on_epoch: called with each epoch's metrics.
+        device: where the model, the embeddings and each batch live (the local executor's ``fit.device``,
+            see :func:`fit_device`); None = where ``wrap`` put the model (Ray Train's device), else the CPU.
+            The network is initialised on the CPU first, so every device starts from the same weights.
 
     Returns:
         (best state dict (unwrapped, CPU tensors), per-epoch history).
     """
     torch.manual_seed(cfg["seed"])
     net = network_from_config(cfg, e_rows.shape[1])
+    if device is not None:
+        net = net.to(device)
     model = wrap(net) if wrap is not None else net
     wd = float(cfg.get("weight_decay", 0.0))
     opt = (
@@ -139,10 +164,10 @@ def fit_loop(
         if wd
         else torch.optim.Adam(model.parameters(), lr=cfg["lr"])
     )
-    device = next(model.parameters()).device  # Ray Train's prepare_model moves the model to its GPU
+    device = next(model.parameters()).device  # `device`, or where Ray Train's prepare_model put the model
     er = torch.from_numpy(np.array(e_rows, np.float32)).to(device)
     ec = torch.from_numpy(np.array(e_cols, np.float32)).to(device)
-    best, best_state, stale, history = math.inf, copy.deepcopy(net.state_dict()), 0, []
+    best, best_state, stale, history = math.inf, _cpu_state(net), 0, []
     for epoch in range(cfg["epochs"]):
         tr = train_epoch(model, er, ec, train, opt, cfg["batch_size"], cfg["seed"] * 1000 + epoch, rank, world_size)
         net.eval()
@@ -153,7 +178,7 @@ def fit_loop(
             on_epoch(rec)
         if val_mse < best - 1e-9:
             best, stale = val_mse, 0
-            best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+            best_state = _cpu_state(net)
         else:
             stale += 1
             if stale >= cfg["patience"]:

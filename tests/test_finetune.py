@@ -66,6 +66,55 @@ def test_batch_plan_covers_each_epoch_once_and_checks_sizes():
         build_ds_config(_ft("unused", deepspeed="zero9"), 1, False)
 
 
+def test_the_default_deepspeed_optimizer_is_torch_adamw_on_every_device():
+    for use_gpu in (False, True):
+        opt = build_ds_config(_ft("unused"), 2, use_gpu=use_gpu)["optimizer"]
+        assert opt["type"] == "AdamW" and opt["params"]["torch_adam"] is True and opt["params"]["adam_w_mode"] is True
+    fused = build_ds_config(_ft("unused", optimizer="fused_adam"), 2, use_gpu=True)["optimizer"]["params"]
+    assert fused["torch_adam"] is False and fused["adam_w_mode"] is True  # the JIT-built FusedAdam, opt-in
+    with pytest.raises(ConfigError, match=r"finetune\.optimizer.*needs finetune\.use_gpu"):
+        build_ds_config(_ft("unused", optimizer="fused_adam"), 2, use_gpu=False)
+    with pytest.raises(ConfigError, match=r"finetune\.optimizer"):
+        build_ds_config(_ft("unused", optimizer="lamb"), 2, use_gpu=True)
+
+
+def test_the_default_gpu_deepspeed_config_needs_no_compiled_op(monkeypatch):
+    # DeepSpeed's own choice from the generated GPU config (DeepSpeedEngine._configure_basic_optimizer), with a
+    # Hopper image's arch list and every op build made to fail: the default builds torch.optim.AdamW
+    import functools
+    from types import SimpleNamespace
+
+    import torch
+
+    pytest.importorskip("deepspeed")
+    from deepspeed.ops.op_builder import builder
+    from deepspeed.runtime.config import get_optimizer_name, get_optimizer_params
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    def no_build(*_a, **_k):
+        raise AssertionError("a DeepSpeed op was built")
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")  # what DeepSpeed's FusedAdam JIT build dies on
+    for name in ("load", "jit_load", "builder"):
+        monkeypatch.setattr(builder.OpBuilder, name, no_build)
+
+    def chosen(ds: dict) -> torch.optim.Optimizer:
+        engine = SimpleNamespace(
+            optimizer_name=lambda: get_optimizer_name(ds).lower(),
+            optimizer_params=lambda: get_optimizer_params(ds),
+            zero_use_cpu_optimizer=lambda: False,
+        )
+        engine.get_optimizer_configuration = functools.partial(DeepSpeedEngine.get_optimizer_configuration, engine)
+        return DeepSpeedEngine._configure_basic_optimizer(engine, [torch.nn.Parameter(torch.zeros(3))])
+
+    ft = _ft("unused", weight_decay=0.1)
+    opt = chosen(build_ds_config(ft, 2, use_gpu=True))
+    assert type(opt) is torch.optim.AdamW
+    assert opt.defaults["lr"] == ft["lr"] and opt.defaults["weight_decay"] == 0.1
+    with pytest.raises(AssertionError, match="op was built"):  # the control: the fused option does compile
+        chosen(build_ds_config(_ft("unused", optimizer="fused_adam"), 2, use_gpu=True))
+
+
 def test_config_validation_names_the_field():
     from nncift.config import load_config
 
@@ -75,6 +124,13 @@ def test_config_validation_names_the_field():
         load_config(None, ["finetune.method=qlora"])
     with pytest.raises(ConfigError, match=r"eval\.subsets"):
         load_config(None, ["eval.subsets=random,best"])
+    assert load_config(None, []).finetune.optimizer == "torch_adamw"
+    with pytest.raises(ConfigError, match=r"finetune\.optimizer"):
+        load_config(None, ["finetune.optimizer=adam8bit"])
+    with pytest.raises(ConfigError, match=r"finetune\.optimizer.*finetune\.use_gpu"):
+        load_config(None, ["finetune.optimizer=fused_adam"])
+    cfg = load_config(None, ["finetune.optimizer=fused_adam", "finetune.use_gpu=true"])
+    assert cfg.fingerprint("finetune") == load_config(None, ["finetune.use_gpu=true"]).fingerprint("finetune")
 
 
 @pytest.mark.parametrize("method,zero,dropout", [("full", "zero2", 0.0), ("lora", "zero3", 0.05)])

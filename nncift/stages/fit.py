@@ -87,6 +87,8 @@ class FitStage(Stage):
             splits[kernel] = tr_idx, va_idx = split_train_val(len(q1), c.val_fraction, c.seed)
             log.info("fit %s (%s): %d train / %d val labels", kernel, cfg["kind"], len(tr_idx), len(va_idx))
             tasks[kernel] = (e_cols, q1.take(tr_idx), q1.take(va_idx))
+        # fit.device is the local executor's (the Ray executor's Train workers take GPUs by fit.use_gpu)
+        local = {"device": c.device} if ctx.executor.name == "local" else {}
         fitted = ctx.executor.fit(
             cfg,
             e_pool,
@@ -95,6 +97,7 @@ class FitStage(Stage):
             use_gpu=c.use_gpu,
             storage=ctx.path("fit", "ray_train"),
             name="fit",
+            **local,
         )
         metrics, preds = {}, []
         for kernel, e_cols in kernels(ctx):
