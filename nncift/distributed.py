@@ -128,10 +128,15 @@ def resolve_arrays(obj: Any) -> Any:
 
 
 class SharedArgsWorker:
-    """Ray Data actor: builds ``worker_cls(**kwargs)`` with its shared arrays resolved, then delegates."""
+    """Ray Data actor: builds ``worker_cls(**kwargs)`` with its shared arrays resolved and ``device: auto``
+    resolved for the GPUs Ray gave this actor (:func:`nncift.devices.resolve_device`), then delegates."""
 
     def __init__(self, worker_cls: type, kwargs: dict[str, Any]):
-        self.worker = worker_cls(**resolve_arrays(kwargs))
+        import ray
+
+        from nncift.devices import resolve_worker_kwargs
+
+        self.worker = worker_cls(**resolve_worker_kwargs(resolve_arrays(kwargs), ray.get_gpu_ids()))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.worker(batch)
@@ -175,8 +180,8 @@ def embed_ray(
         # small files arrive as one block: re-chunk (streaming, no shuffle) so every actor gets work
         .repartition(target_num_rows_per_block=rows_per_call)
     ).map_batches(
-        Embedder,
-        fn_constructor_kwargs=ctor_kwargs,
+        _shared_args_class(Embedder),  # named Embedder; resolves device=auto in the actor
+        fn_constructor_kwargs={"worker_cls": Embedder, "kwargs": ctor_kwargs},
         batch_size=rows_per_call,
         compute=ray.data.ActorPoolStrategy(size=conc),
         num_cpus=res.get("num_cpus", 1.0),
@@ -242,6 +247,14 @@ def _train_worker(config: dict) -> None:
         ray.train.report(metrics)
 
 
+def scaling_config(num_workers: int, use_gpu: bool) -> Any:
+    """The Ray Train ``ScalingConfig`` of the fit: ``num_workers`` DDP workers, each given one GPU (its own
+    ``CUDA_VISIBLE_DEVICES``; NCCL) when ``use_gpu``, else one CPU (gloo)."""
+    import ray.train
+
+    return ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu)
+
+
 FitTask = tuple[np.ndarray, Any, Any]  # (e_cols (C, d), train PairLabels, val PairLabels)
 
 
@@ -285,7 +298,7 @@ def fit_ray(
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config=share_arrays(config),  # the controller and workers hold references, not copies
-        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        scaling_config=scaling_config(num_workers, use_gpu),
         run_config=ray.train.RunConfig(storage_path=str(storage.resolve()), name=name),
     )
     result = trainer.fit()

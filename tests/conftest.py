@@ -142,12 +142,20 @@ def tiny_overrides(tiny_st_model) -> list[str]:
     ]
 
 
+LOGICAL_GPUS = 2
+
+
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole session, with 4 logical CPUs so actors never starve 2 real cores."""
+    """One local Ray for the whole session, with 4 logical CPUs so actors never starve 2 real cores. Without
+    CUDA it also declares 2 logical GPUs, so that GPU scheduling (``num_gpus`` per actor) is tested on CPU
+    machines (tests/test_devices.py); actors that ask for no GPU are unaffected."""
     ray = pytest.importorskip("ray")
+    import torch
+
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        gpus = None if torch.cuda.is_available() else LOGICAL_GPUS  # None: Ray counts the real ones
+        ray.init(address="local", num_cpus=4, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

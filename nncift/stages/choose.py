@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from nncift.devices import local_device
 from nncift.stages.base import Context, Stage
 from nncift.store import done_blocks, read_safetensors, write_json, write_parquet, write_safetensors
 
@@ -66,7 +67,7 @@ def _lm_view(ctx: Context, model: str):
     from nncift.views import LMView
 
     c = ctx.cfg.choose
-    view = LMView(model, [], max_tokens=c.lm_tokens, device=ctx.cfg.label.device)
+    view = LMView(model, [], max_tokens=c.lm_tokens, device=local_device(ctx.cfg.label.device))
     view.layers = (LMView.auto_layers(view.n_layers()) if c.lm_layers == "auto"
                    else [int(x) for x in c.lm_layers.split(",")])  # fmt: skip
     return view
@@ -126,7 +127,7 @@ def new_item_views(ctx: Context, e_new: np.ndarray, prompts: list[str] | None, r
         from nncift.views import LMView
 
         meta = json.loads(lm.read_text())
-        view = LMView(meta["model"], meta["layers"], meta["tokens"], device=ctx.cfg.label.device)
+        view = LMView(meta["model"], meta["layers"], meta["tokens"], device=local_device(ctx.cfg.label.device))
         view.load_state(read_safetensors(ctx.path("choose", "lm_state.safetensors")))
         out.update({f"lm{layer}": x for layer, x in view.transform(prompts, responses).items()})
     return out

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 def truth_function(ctx: Context):
     """(teacher whose full kernel is the fidelity ground truth, None) or (None, why not)."""
+    from nncift.devices import local_gpu_ids, resolve_worker_kwargs
     from nncift.influence import build_influence_function
 
     fd, lb = ctx.cfg.fidelity, ctx.cfg.label
@@ -33,7 +34,8 @@ def truth_function(ctx: Context):
         path = str(Path(fd.truth_table).resolve())
         return build_influence_function("table", path=path, field="fidelity.truth_table"), None
     if ctx.teacher().exact_is_cheap:
-        return build_influence_function(lb.function, **ctx.teacher_kwargs()), None
+        kwargs = resolve_worker_kwargs(ctx.teacher_kwargs(), local_gpu_ids())  # built here, in the driver
+        return build_influence_function(lb.function, **kwargs), None
     return None, (
         f"the full kernel of `{lb.function}` is unknown: set fidelity.truth_table to a full-label table, "
         f"or fidelity.exact=true to label it in this run"
