@@ -302,6 +302,12 @@ class RayConfig:
     executor: str = _f("ray", "ray | local (plain loops, same kernels)", runtime=True)
     address: str | None = _f(None, "Ray cluster address; None = start a local one", runtime=True)
     num_cpus: int | None = _f(None, "logical CPUs of a local Ray (None = max(4, cores))", runtime=True)
+    stall_seconds: float = _f(
+        120.0,
+        "when a Ray fan-out finishes no block for this long, log one line on what it waits for (resources asked "
+        "vs free, pending actors, nodes), at most once per this period",
+        runtime=True,
+    )
 
 
 @dataclass
@@ -505,6 +511,7 @@ class RunConfig:
         bad = sorted(set(_split(ev.subsets)) - {"base", "random", "nncift", "exact", "full"})
         need(not bad and bool(_split(ev.subsets)), "eval.subsets", f"unknown subset {bad[0] if bad else '(none)'}")
         need(self.ray.executor in {"ray", "local"}, "ray.executor", f"got {self.ray.executor!r}")
+        need(self.ray.stall_seconds > 0, "ray.stall_seconds", f"must be positive, got {self.ray.stall_seconds}")
         for sec in (d, self.embed, lb, e, ev):
             need(sec.concurrency >= 1, "concurrency", "must be >= 1")
 

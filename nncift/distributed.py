@@ -7,10 +7,17 @@ kernel in a loop; the tests assert both give identical artifacts.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import functools
 import logging
 import os
+import shutil
+import socket
 import tempfile
+import threading
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from nncift.config import RayConfig
+from nncift.stall import StallWatch, actors_that_fit, describe_wait, watching
 
 log = logging.getLogger(__name__)
 
@@ -29,21 +37,113 @@ def init_ray(cfg: RayConfig) -> None:
 
     if ray.is_initialized():
         return
+    from nncift import console
+
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if not console.verbose():  # the core worker's own log lines (they stay in the session's log files)
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    # the workers' log lines reach the console only with -v (they stay in the Ray session's log files)
     if cfg.address:
-        ray.init(address=cfg.address, log_to_driver=True)
+        ray.init(address=cfg.address, log_to_driver=console.verbose())
     else:
-        ray.init(
-            address="local",  # never attach by accident to a head started with `ray start`
+        start_private_ray(
             num_cpus=cfg.num_cpus or max(4, os.cpu_count() or 1),
             include_dashboard=True,  # Ray Train's placement-group cleaner needs the state API
-            dashboard_host="127.0.0.1",
-            log_to_driver=True,
+            log_to_driver=console.verbose(),
             configure_logging=True,
             logging_level=logging.WARNING,
         )
     configure_data_context()
+
+
+PRIVATE_TEMP_PREFIX = "nncift-ray-"
+
+
+def private_temp_dir() -> Path:
+    """``/tmp/nncift-ray-<pid>``: this process's own Ray temp dir, short because Ray's unix sockets live under
+    it (107-byte path limit)."""
+    return Path("/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir(), f"{PRIVATE_TEMP_PREFIX}{os.getpid()}")
+
+
+HEAD_PORTS = frozenset({6379, 8265, 52365, 52366, 10001, 8080})  # Ray's and cluster/local_head.sh's defaults
+
+
+def _free_port() -> int:
+    """A port free now, never one of :data:`HEAD_PORTS` (52365/52366 lie in Linux's ephemeral range)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        if port not in HEAD_PORTS:
+            return port
+
+
+_CLEANUP_REGISTERED: set[str] = set()
+
+
+def start_private_ray(**init_kwargs: Any) -> None:
+    """``ray.init`` of a Ray that only this process uses, and that takes none of the ports or directories a
+    ``ray start --head`` started later takes by default, so that head starts and a ``ray job submit`` to it
+    never reaches this session:
+
+    * the dashboard (job API) on a free port, not 8265; the dashboard agent's HTTP port free too, not 52365
+      (not a ``ray.init`` argument: ``RayParams`` is wrapped for the call); the GCS on a free port, not 6379
+      (Ray picks a random one anyway; it is picked here so ``RAY_ADDRESS`` can name it); no client server
+      (10001) and random metrics ports, as ``ray.init`` does anyway;
+    * its own temp dir (:func:`private_temp_dir`, not ``/tmp/ray``), removed at exit;
+    * ``RAY_ADDRESS`` = this GCS in the environment the Ray processes (so every worker) start with: any
+      auto-detection inside the session (Ray Train's placement-group cleaner asks the state API about its
+      controller) finds this session, never another Ray instance on the machine. The driver's own
+      environment is restored after the call.
+    """
+    import inspect
+
+    import ray
+    import ray._private.parameter as ray_parameter
+
+    temp_dir = private_temp_dir()
+    gcs_port = _free_port()
+    env = {"RAY_GCS_SERVER_PORT": str(gcs_port), "RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{gcs_port}"}
+    saved_env = {k: os.environ.get(k) for k in env}
+    params_cls = ray_parameter.RayParams
+    if "dashboard_agent_listen_port" in inspect.signature(params_cls).parameters:
+
+        class _FreeAgentPort(params_cls):  # type: ignore[misc, valid-type]
+            def __init__(self, *args: Any, **kwargs: Any):
+                kwargs.setdefault("dashboard_agent_listen_port", 0)  # 0: a free port (Ray's default is 52365)
+                super().__init__(*args, **kwargs)
+
+        ray_parameter.RayParams = _FreeAgentPort
+    if str(temp_dir) not in _CLEANUP_REGISTERED:  # after Ray's own atexit hook, so it runs before it
+        atexit.register(_remove_private_session, temp_dir)
+        _CLEANUP_REGISTERED.add(str(temp_dir))
+    try:
+        os.environ.update(env)
+        ray.init(
+            address="local",  # never attach by accident to a head started with `ray start`
+            dashboard_host="127.0.0.1",
+            dashboard_port=_free_port(),
+            _temp_dir=str(temp_dir),
+            **init_kwargs,
+        )
+    finally:
+        ray_parameter.RayParams = params_cls
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    log.debug("private Ray: GCS port %d, temp dir %s", gcs_port, temp_dir)
+
+
+def _remove_private_session(temp_dir: Path) -> None:
+    """atexit: shut the private Ray down, then remove its temp dir (Ray leaves it)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def configure_data_context() -> None:
@@ -51,10 +151,21 @@ def configure_data_context() -> None:
     kills a map whose single block runs over 30 minutes: an expensive teacher's legitimate work)."""
     import ray
 
+    from nncift import console
+
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
     ctx.verbose_progress = False
     ctx.execution_no_progress_timeout_s = -1
+    # Ray Data's progress dumps and INFO lines only with -v (they stay in the Ray session's ray-data.log);
+    # each fan-out shows nncift's own progress line instead
+    ctx.enable_progress_bars = console.verbose()
+    if not console.verbose():
+        from ray.util.debug import log_once
+
+        log_once("ray_data_progress_manager_disabled")  # its one-time "Progress bars disabled" notice
+        for h in logging.getLogger("ray.data").handlers:
+            if not isinstance(h, logging.FileHandler) and type(h).__name__ != "SessionFileHandler":
+                h.setLevel(logging.WARNING)
 
 
 def map_ray(
@@ -65,29 +176,141 @@ def map_ray(
     concurrency: int = 1,
     num_cpus: float = 1.0,
     num_gpus: float = 0.0,
+    stall_seconds: float | None = 120.0,
+    desc: str = "",
 ) -> list[dict]:
     """Fan ``specs`` (one dict per block) out over an actor pool of ``worker_cls`` with Ray Data.
 
     Each actor builds the worker once and handles one block per call; the worker writes its own artifact, so
     finished blocks survive a crash. Large arrays of ``ctor_kwargs`` (e.g. a million rows' estimator factors)
     are put in the object store once (:func:`share_arrays`) and read zero-copy by every actor of a node, rather
-    than pickled into each actor's constructor.
+    than pickled into each actor's constructor. The pool autoscales between 1 and ``concurrency`` actors
+    (:func:`actor_pool`); when no block finishes for ``stall_seconds``, one warning line says what it waits for.
     """
-    import ray
-
     if not specs:
         return []
     configure_data_context()
+    with visibility_marker(ctor_kwargs.get("out_dir")) as marker:
+        return _map_ray(worker_cls, ctor_kwargs, specs, marker, concurrency, num_cpus, num_gpus, stall_seconds, desc)
+
+
+VISIBLE_PREFIX = ".nncift-visible-"
+
+
+@contextlib.contextmanager
+def visibility_marker(out_dir: str | Path | None) -> Iterator[str | None]:
+    """A hidden file ``<out_dir>/.nncift-visible-<token>`` that the driver writes before a fan-out and removes
+    after it: an actor that cannot see it runs on a node that does not see the run directory
+    (:class:`SharedArgsWorker`). None when the fan-out names no ``out_dir``."""
+    if not out_dir:
+        yield None
+        return
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    marker = Path(out_dir, f"{VISIBLE_PREFIX}{uuid.uuid4().hex}")
+    marker.touch()
+    try:
+        yield str(marker)
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def _map_ray(
+    worker_cls: type,
+    ctor_kwargs: dict[str, Any],
+    specs: list[dict],
+    marker: str | None,
+    concurrency: int,
+    num_cpus: float,
+    num_gpus: float,
+    stall_seconds: float | None,
+    desc: str,
+) -> list[dict]:
+    import ray
+
     ds = ray.data.from_items(specs, override_num_blocks=min(len(specs), 4 * concurrency * 8))
     out = ds.map_batches(
         _shared_args_class(worker_cls),
-        fn_constructor_kwargs={"worker_cls": worker_cls, "kwargs": share_arrays(ctor_kwargs)},
+        fn_constructor_kwargs={"worker_cls": worker_cls, "kwargs": share_arrays(ctor_kwargs), "marker": marker},
         batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=concurrency),
+        compute=actor_pool(concurrency, num_cpus, num_gpus),
         num_cpus=num_cpus,
         num_gpus=num_gpus or None,
     )
-    return out.take_all()
+    rows: list[dict] = []
+    pairs = {int(s["block_id"]): int(s["pairs"]) for s in specs if "pairs" in s and "block_id" in s}
+    weighted = len(pairs) == len(specs)
+    with (
+        watching(_pool_watch(worker_cls.__name__, lambda: len(rows), stall_seconds, concurrency, num_cpus, num_gpus)),
+        progress_bar(sum(pairs.values()) if weighted else len(specs), desc or worker_cls.__name__, weighted) as bar,
+    ):
+        for row in out.iter_rows():  # what take_all() does, with a count for the watchdog and the progress line
+            rows.append(row)
+            bar.update(pairs.get(int(row.get("block_id", -1)), 0) if weighted else 1)
+    return rows
+
+
+def progress_bar(total: int, desc: str, weighted: bool) -> Any:
+    """The one progress line of a fan-out (done / total in pairs or blocks, rate, ETA), as the local executor's."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="pair" if weighted else "block", disable=not total, leave=False,
+                unit_scale=weighted)  # fmt: skip
+
+
+def actor_pool(n: int, num_cpus: float, num_gpus: float) -> Any:
+    """An actor pool autoscaling from 1 to ``n`` actors, so that a busy cluster slows a fan-out instead of
+    freezing it (a fixed pool of ``n`` waits until all ``n`` fit). It starts with as many as fit into the free
+    resources now (at least 1): on a free cluster, all ``n`` at once, as a fixed pool would."""
+    import ray
+    from ray._private.state import available_resources_per_node  # DeveloperAPI
+
+    try:
+        room = actors_that_fit(list(available_resources_per_node().values()), num_cpus, num_gpus)
+    except Exception:  # only the start size depends on it
+        room = 1
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=n, initial_size=max(1, min(n, room)))
+
+
+def _pool_watch(
+    what: str, progress: Any, stall_seconds: float | None, n: int, num_cpus: float, num_gpus: float
+) -> StallWatch | None:
+    """The stall watch of a fan-out over an actor pool (``None`` when ``stall_seconds`` is unset)."""
+    if not stall_seconds:
+        return None
+    return StallWatch(what, stall_seconds, progress, lambda: _pool_wait(what, n, num_cpus, num_gpus))
+
+
+def _pool_wait(what: str, n: int, num_cpus: float, num_gpus: float) -> str:
+    """:func:`~nncift.stall.describe_wait` from the live cluster: free and total resources per node (GCS),
+    and the pool's actors pending creation (the state API, when the session has a dashboard)."""
+    import ray
+    from ray._private.state import available_resources_per_node, total_resources_per_node  # DeveloperAPI
+
+    ips = {x["NodeID"]: x["NodeManagerAddress"] for x in ray.nodes() if x.get("Alive")}
+    free, total = available_resources_per_node(), total_resources_per_node()
+    nodes: dict[str, tuple[dict, dict]] = {}
+    for node_id, tot in total.items():
+        name = ips.get(node_id, node_id[:8])
+        nodes[name if name not in nodes else f"{name}/{node_id[:8]}"] = (free.get(node_id, {}), tot)
+    return describe_wait(what, n, num_cpus, num_gpus, nodes, _pending_actors(what))
+
+
+def _pending_actors(what: str) -> int | None:
+    """Actors of the pool ``what`` pending creation (Ray Data names them ``MapWorker(MapBatches(<what>))``),
+    or ``None`` when the state API cannot tell (no dashboard in this session)."""
+    try:
+        from ray._private import ray_constants
+        from ray.experimental.internal_kv import _internal_kv_get
+        from ray.util.state import list_actors
+
+        url = _internal_kv_get(ray_constants.DASHBOARD_ADDRESS, namespace=ray_constants.KV_NAMESPACE_DASHBOARD)
+        if not url:
+            return None
+        actors = list_actors(address=f"http://{url.decode()}", filters=[("state", "=", "PENDING_CREATION")],
+                             limit=10_000, timeout=5, raise_on_missing_output=False)  # fmt: skip
+        return sum(f"({what})" in a.class_name for a in actors)
+    except Exception:  # the line is said without it
+        return None
 
 
 SHARE_MIN_BYTES = 1 << 20
@@ -129,17 +352,69 @@ def resolve_arrays(obj: Any) -> Any:
 
 class SharedArgsWorker:
     """Ray Data actor: builds ``worker_cls(**kwargs)`` with its shared arrays resolved and ``device: auto``
-    resolved for the GPUs Ray gave this actor (:func:`nncift.devices.resolve_device`), then delegates."""
+    resolved for the GPUs Ray gave this actor (:func:`nncift.devices.resolve_device`), then delegates.
 
-    def __init__(self, worker_cls: type, kwargs: dict[str, Any]):
+    A user-fixable error of the constructor (:class:`~nncift.errors.NnciftError`: a bad table file, a broken
+    model folder) is deterministic: raised here, it would kill the actor and Ray Data would build it again.
+    It is kept instead and answered on every batch: block batches get it in their ``error`` column (the
+    driver raises the first as one line, :func:`nncift.errors.raise_worker_errors`), other batches raise it
+    (:func:`user_error` finds it in the driver)."""
+
+    def __init__(self, worker_cls: type, kwargs: dict[str, Any], marker: str | None = None):
         import ray
 
         from nncift.devices import resolve_worker_kwargs
+        from nncift.errors import DataError, NnciftError
 
-        self.worker = worker_cls(**resolve_worker_kwargs(resolve_arrays(kwargs), ray.get_gpu_ids()))
+        self.worker, self.init_error = None, None
+        if marker is not None and not os.path.isfile(marker):  # once per actor: is the run directory shared?
+            ctx = ray.get_runtime_context()
+            self.init_error = DataError(
+                f"Ray node {ray.util.get_node_ip_address()} (node id {ctx.get_node_id()[:12]}) cannot see the run "
+                f"directory: {os.path.dirname(marker)} (the driver's file {os.path.basename(marker)} is not there); "
+                "every node must mount the run directory at the same path (shared storage)"
+            )
+            return
+        try:
+            self.worker = worker_cls(**resolve_worker_kwargs(resolve_arrays(kwargs), ray.get_gpu_ids()))
+        except NnciftError as exc:
+            self.init_error = exc
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.init_error is not None:
+            from nncift.errors import encode_worker_error
+
+            if "block_id" not in batch:
+                raise self.init_error
+            ids = np.asarray(batch["block_id"])
+            return {"block_id": ids, "error": np.full(len(ids), encode_worker_error(self.init_error), dtype=object)}
         return self.worker(batch)
+
+
+def user_error(exc: BaseException) -> Exception | None:
+    """The :class:`~nncift.errors.NnciftError` a Ray failure carries (an actor's batch raised it), rebuilt as
+    one line, or None. Ray Data hands the driver only the remote traceback's text, so the error is found as
+    its last ``nncift.errors.<Class>: <message>`` line."""
+    import re
+
+    from nncift.errors import ConfigError, DataError, MissingDependencyError, NnciftError, TeacherError
+
+    seen: list[BaseException] = []
+    todo: list[Any] = [exc]
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or any(e is s for s in seen):
+            continue
+        seen.append(e)
+        if isinstance(e, NnciftError) and "\n" not in str(e):
+            return e
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    classes = {c.__name__: c for c in (ConfigError, DataError, MissingDependencyError, TeacherError, NnciftError)}
+    found = re.findall(r"^nncift\.errors\.(\w+): (.+)$", "\n".join(str(e) for e in seen), flags=re.M)
+    if not found:
+        return None
+    name, msg = found[-1]
+    return classes.get(name, NnciftError)(msg.strip())
 
 
 @functools.cache
@@ -160,15 +435,21 @@ def embed_ray(
     Returns:
         name -> (rows, d) float32 in ``idx`` order.
     """
-    import shutil
 
-    import pyarrow as pa
+    shutil.rmtree(out_dir, ignore_errors=True)  # parts of an interrupted attempt
+    with visibility_marker(out_dir.parent) as marker:  # beside the parts: Ray Data writes a folder of its own
+        _embed_parts(sources, out_dir, ctor_kwargs, batch_size, marker, res)
+    return _gather_embeddings(sources, out_dir)
+
+
+def _embed_parts(
+    sources: dict[str, str], out_dir: Path, ctor_kwargs: dict[str, Any], batch_size: int, marker: str | None, res: dict
+) -> None:
     import pyarrow.parquet as pq
     import ray
 
     from nncift.embed import Embedder
 
-    shutil.rmtree(out_dir, ignore_errors=True)  # parts of an interrupted attempt
     conc = res.get("concurrency", 1)
     paths = list(sources.values())
     # The encoder length-sorts each call into batch_size batches, so larger calls pad less; but every actor
@@ -181,13 +462,48 @@ def embed_ray(
         .repartition(target_num_rows_per_block=rows_per_call)
     ).map_batches(
         _shared_args_class(Embedder),  # named Embedder; resolves device=auto in the actor
-        fn_constructor_kwargs={"worker_cls": Embedder, "kwargs": ctor_kwargs},
+        fn_constructor_kwargs={"worker_cls": Embedder, "kwargs": ctor_kwargs, "marker": marker},
         batch_size=rows_per_call,
-        compute=ray.data.ActorPoolStrategy(size=conc),
+        compute=actor_pool(conc, res.get("num_cpus", 1.0), res.get("num_gpus") or 0.0),
         num_cpus=res.get("num_cpus", 1.0),
         num_gpus=res.get("num_gpus") or None,
     )
-    ds.write_parquet(str(out_dir))
+    written = lambda: len(list(out_dir.glob("*.parquet")))  # noqa: E731 - the parts land as they finish
+    cpus, gpus = res.get("num_cpus", 1.0), res.get("num_gpus") or 0.0
+    parts = sum(-(-pq.ParquetFile(p).metadata.num_rows // rows_per_call) for p in paths)  # repartitioned per file
+    with (
+        watching(_pool_watch("Embedder", written, res.get("stall_seconds", 120.0), conc, cpus, gpus)),
+        polled_progress(written, parts, "embed"),
+    ):
+        ds.write_parquet(str(out_dir))
+
+
+@contextlib.contextmanager
+def polled_progress(count: Any, total: int, desc: str, every: float = 1.0) -> Iterator[None]:
+    """A fan-out's progress line for work that only shows as files landing: ``count()`` polled every ``every``
+    seconds on a thread (blocks done / ``total``, rate, ETA), closed when the block exits."""
+    bar = progress_bar(total, desc, weighted=False)
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(every):
+            bar.update(max(0, min(total, count()) - bar.n))
+
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
+        bar.close()
+
+
+def _gather_embeddings(sources: dict[str, str], out_dir: Path) -> dict[str, np.ndarray]:
+    """name -> (rows, d) float32 in ``idx`` order, from the parts :func:`_embed_parts` wrote."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     table = pq.read_table(out_dir, columns=["path", "idx", "embedding"])
     col = table.column("embedding").combine_chunks()
     if isinstance(col.type, pa.ExtensionType):  # Ray's tensor extension type
@@ -427,7 +743,14 @@ class RayExecutor:
         from nncift.errors import raise_worker_errors
 
         self.start()
-        out = map_ray(worker_cls, ctor_kwargs, specs, **res)
+        try:
+            stall = getattr(self.cfg, "stall_seconds", None)
+            out = map_ray(worker_cls, ctor_kwargs, specs, stall_seconds=stall, desc=desc, **res)
+        except Exception as exc:  # a worker raised a user-fixable error (not retried: a UDF error): one line
+            err = user_error(exc)
+            if err is None:
+                raise
+            raise err from None
         raise_worker_errors(sorted(out, key=lambda r: int(r.get("block_id", 0))))
         return out
 
@@ -435,7 +758,15 @@ class RayExecutor:
         self, sources: dict[str, str], out_dir: Path, ctor_kwargs: dict[str, Any], batch_size: int, **res: Any
     ) -> dict[str, np.ndarray]:
         self.start()
-        return embed_ray(sources, out_dir, ctor_kwargs, batch_size, **res)
+        try:
+            return embed_ray(
+                sources, out_dir, ctor_kwargs, batch_size, stall_seconds=getattr(self.cfg, "stall_seconds", None), **res
+            )
+        except Exception as exc:  # e.g. an Embedder constructor's user-fixable error: one line
+            err = user_error(exc)
+            if err is None:
+                raise
+            raise err from None
 
     def fit(self, fit_cfg: dict, e_rows: np.ndarray, tasks: dict[str, Any], **kw: Any) -> dict:
         self.start()
