@@ -125,6 +125,11 @@ def corpus(tmp_path) -> Path:
 @pytest.fixture
 def tiny_overrides(tiny_st_model) -> list[str]:
     """Config overrides for a fast end-to-end run on the tiny corpus and model."""
+    return tiny_overrides_for(tiny_st_model)
+
+
+def tiny_overrides_for(tiny_st_model: str) -> list[str]:
+    """:func:`tiny_overrides` for a given tiny model (for fixtures wider than one test)."""
     return [
         f"embed.model={tiny_st_model}",
         "data.pool_size=120",
@@ -256,3 +261,32 @@ def peaked_lm(tmp_path_factory) -> str:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
+
+
+# ------------------------------------------------------------------------------------- recomputed blocks
+STAMP_NS = 1_000_000_000 * 10**9  # 2001-09-09: an mtime no block written by a test run can have
+
+
+def stamp_blocks(*folders: Path) -> dict[Path, int]:
+    """Set the mtime of every Parquet block in ``folders`` to :data:`STAMP_NS`; returns path -> inode.
+
+    Block files are written atomically (a new file renamed into place), so a block a later run recomputes
+    has another mtime (and inode) whatever the file system's timestamp resolution: :func:`recomputed`."""
+    out = {}
+    for folder in folders:
+        for p in sorted(Path(folder).glob("*.parquet")):
+            os.utime(p, ns=(STAMP_NS, STAMP_NS))
+            out[p] = p.stat().st_ino
+    return out
+
+
+def recomputed(stamped: dict[Path, int], *folders: Path) -> set[str]:
+    """Names of the blocks in ``folders`` written since :func:`stamp_blocks`: new ones, and stamped ones whose
+    mtime or inode changed."""
+    out = set()
+    for folder in folders:
+        for p in Path(folder).glob("*.parquet"):
+            st = p.stat()
+            if p not in stamped or st.st_mtime_ns != STAMP_NS or st.st_ino != stamped[p]:
+                out.add(p.name)
+    return out

@@ -104,3 +104,64 @@ def test_candidates_need_a_factorised_surrogate(tmp_path):
     heads["ff"]["type"] = "mlp"
     with pytest.raises(ValueError, match="factorised"):
         EstimateWorker(heads, str(tmp_path), layout="sparse", candidates={"ff": "x"})
+
+
+def test_candidate_search_at_production_settings_reports_its_true_recall_and_extent(tmp_path, corpus, tiny_overrides):
+    """The estimate stage with candidate search where it is approximate, as in production: nprobe < nlist (cells go
+    unscanned, so rows miss some of their top-k) and extent_sample < columns (the extent comes from the kept
+    values and a column sample). Checked against the exhaustive kernel computed here from the stage's factors:
+
+    - recall: the recall the stage reports (kernels.json) is the share of the exhaustive top-k entries its
+      stripes hold, on the same rows (its recall sample covers every row here); it lies between this share
+      counted by column id and counted by value (a found column whose exhaustive value ties the k-th largest
+      counts there), so that float rounding of near-ties cannot decide the test; and it is below 1 (the
+      search really is approximate here);
+    - extent: the select stage min-max scales the kept values by the reported extent, as the dense layout
+      scales by the exhaustive one. Every value the stage counts is an estimate of some pair, so the reported
+      extent lies within the exhaustive one (up to float32 rounding), every kept value lies within it (the
+      scaled kept values are in [0, 1]), and it is tight: at most 1% of the kernel's values lie below its low
+      end and at most 1% above its high end.
+    """
+    import json
+
+    from nncift.config import load_config
+    from nncift.runner import Runner
+    from nncift.stages.estimate import estimator_heads
+
+    nlist, nprobe, sample, topk = 8, 2, 4, 8
+    over = [f"data.input={corpus}", *tiny_overrides, "ray.executor=local", "estimate.candidates=ivf",
+            "estimate.candidates_min_cols=1", f"estimate.nlist={nlist}", f"estimate.nprobe={nprobe}",
+            f"estimate.extent_sample={sample}", f"estimate.topk={topk}"]  # fmt: skip
+    cfg = load_config(None, over)
+    runner = Runner(cfg, tmp_path / "run")
+    runner.run("estimate")
+    blocks = tmp_path / "run" / "estimate" / "blocks"
+    reported = json.loads((tmp_path / "run" / "estimate" / "kernels.json").read_text())["candidates"]
+    m, n = runner.ctx.size()
+    assert cfg.estimate.recall_sample >= m  # the stage's recall rows are every row
+    heads = estimator_heads(runner.ctx)  # the stage's factors (p, q, lo, hi, exact diagonal)
+    assert set(reported) == {"ff", "ft"}
+    for kernel, h in heads.items():
+        n_cols = m if kernel == "ff" else n
+        assert nprobe < nlist and sample < n_cols and topk < n_cols  # production settings, not the exact corner
+        exact = np.asarray(h["p"], np.float64) @ np.asarray(h["q"], np.float64).T * (h["hi"] - h["lo"]) + h["lo"]
+        if h["diag"] is not None:
+            exact[np.arange(m), np.arange(m)] = h["diag"]
+        tol = 1e-5 * float(exact.max() - exact.min())
+        cols, vals = read_sparse(blocks, kernel, m)
+        # recall, computed here: by column id and by value
+        truth = np.argsort(-exact, axis=1, kind="stable")[:, :topk]
+        kth = np.take_along_axis(exact, truth[:, -1:], axis=1)
+        by_id = (truth[:, :, None] == cols[:, None, :]).any(axis=2).sum() / truth.size
+        found = np.where(cols >= 0, np.take_along_axis(exact, np.maximum(cols, 0), axis=1), -np.inf)
+        by_value = min(1.0, float((found >= kth - tol).sum()) / truth.size)
+        r = reported[kernel]["recall"]
+        assert by_id - 1e-9 <= r <= by_value + 1e-9, (kernel, r, by_id, by_value)
+        assert r < 1.0, (kernel, r)
+        # extent
+        lo, hi = sparse_extent(blocks, kernel)
+        assert exact.min() - tol <= lo <= hi <= exact.max() + tol, (kernel, (lo, hi), (exact.min(), exact.max()))
+        kept = vals[cols >= 0]
+        assert kept.min() >= lo - tol and kept.max() <= hi + tol, (kernel, (lo, hi), (kept.min(), kept.max()))
+        below, above = float((exact < lo - tol).mean()), float((exact > hi + tol).mean())
+        assert below <= 0.01 and above <= 0.01, (kernel, (lo, hi), below, above)

@@ -16,6 +16,7 @@ import pytest
 from nncift.config import load_config
 from nncift.errors import ProvenanceError
 from nncift.runner import Runner
+from tests.conftest import recomputed, stamp_blocks
 
 LOCAL = ["ray.executor=local"]
 
@@ -128,11 +129,22 @@ def test_kill_9_and_resume_gives_the_same_selection(tmp_path, corpus, tiny_overr
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run / "report" / "_DONE.json").exists(), "the run finished before it could be killed"
+    folders = [run / "label" / "blocks", run / "estimate" / "blocks"]
+    finished = stamp_blocks(*folders)  # the blocks the killed run had finished
+    if "blocks" in watch:
+        assert any(p.match(watch) for p in finished), "the run was killed before any watched block landed"
     subprocess.run(_cli(run, corpus, overrides), check=True, timeout=300, capture_output=True)
     a = pq.read_table(ref / "select" / "selection.parquet")
     b = pq.read_table(run / "select" / "selection.parquet")
     assert a.equals(b)
     assert not list(run.rglob("*.tmp"))
+    # the resumed run computed exactly the blocks the killed one had not finished: recomputing every block
+    # (or none) fails here, not only a wrong selection
+    for folder in folders:
+        names = {p.name for p in folder.glob("*.parquet")}
+        assert names == {p.name for p in (ref / folder.relative_to(run)).glob("*.parquet")}
+        done_before = {p.name for p in finished if p.parent == folder}
+        assert recomputed(finished, folder) == names - done_before, folder
 
 
 @pytest.mark.ray

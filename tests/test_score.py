@@ -202,6 +202,37 @@ class _FreshContext(Context):
 
 
 @pytest.mark.parametrize("layout", ["dense", "sparse"])
+def test_interrupted_score_recomputes_only_its_missing_blocks(dense_run, sparse_run, layout, tmp_path):
+    """A score that lost blocks (one deleted, one truncated, its completion marker gone: a killed or damaged
+    run) recomputes exactly those two on the rerun, not the blocks it had finished nor the estimate stage's
+    linked ones, and gives the same blocks. A resume that recomputes every block fails here."""
+    from tests.conftest import recomputed, stamp_blocks
+
+    runner, files = dense_run if layout == "dense" else sparse_run
+    run = tmp_path / "run"
+    shutil.copytree(runner.store.root, run, ignore=shutil.ignore_patterns("score", ".lock"))
+    args = ["score", "-q", "--run-dir", str(run), "--input", str(files["new"]), "--name", "new"]
+    assert main(args) == 0
+    out, base = run / "score" / "new", run / "estimate" / "blocks"
+    blocks = out / "blocks"
+    before = {p.name: pq.read_table(p) for p in blocks.glob("*.parquet")}
+    # the blocks the score computed itself (the others are hard links to the estimate stage's)
+    computed = sorted(
+        p for p in blocks.glob("*.parquet") if not (base / p.name).exists() or not p.samefile(base / p.name)
+    )
+    assert 4 <= len(computed) < len(before)  # some blocks are the estimate's, linked
+    lost, cut = computed[0], computed[-1]
+    lost.unlink()
+    cut.write_bytes(cut.read_bytes()[:100])
+    (out / "_DONE.json").unlink()
+    stamped = stamp_blocks(blocks)
+    assert main(args) == 0
+    assert recomputed(stamped, blocks) == {lost.name, cut.name}
+    after = {p.name: pq.read_table(p) for p in blocks.glob("*.parquet")}
+    assert after.keys() == before.keys() and all(after[k].equals(before[k]) for k in before)
+
+
+@pytest.mark.parametrize("layout", ["dense", "sparse"])
 def test_score_equals_a_fresh_estimate_over_pool_plus_new(dense_run, sparse_run, layout, tmp_path):
     """The estimate stage itself, run over pool + NEW with the same fitted networks, gives the same kernels."""
     from nncift.stages.estimate import EstimateStage

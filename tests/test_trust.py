@@ -83,6 +83,81 @@ def test_worker_error_reaches_the_driver_as_one_line_under_ray(ray_session, tmp_
     assert "has no value for" in msg and "Traceback" not in msg and "\n" not in msg
 
 
+class _Recorded:
+    """A :class:`~nncift.label.LabelWorker` that records each construction and each block call in a file, and
+    raises a user error on block ``fail_block`` (its teacher's constructor may raise one too)."""
+
+    def __init__(self, record: str, fail_block: int = -1, **kw):
+        from nncift.label import LabelWorker
+
+        self.record, self.fail_block = record, fail_block
+        self._note("init")
+        self.inner = LabelWorker(**kw)
+
+    def _note(self, what: str) -> None:
+        with open(self.record, "a") as fh:
+            fh.write(what + "\n")
+
+    def __call__(self, batch):
+        for b in batch["block_id"]:
+            self._note(f"block {int(b)}")
+            if int(b) == self.fail_block:  # raised, not returned: Ray Data fails the task
+                raise DataError(f"block {int(b)}: a bad row (one line)")
+        return self.inner(batch)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_worker_user_errors_on_ray_are_one_line_and_never_retried(ray_session, tmp_path, capfd):
+    """A user error raised in a Ray actor's constructor (it used to kill the actor, and Ray Data to retry it)
+    or raised by a block reaches the driver as the DataError the local executor raises, the same one line; the
+    constructor runs once per actor and the failing block once (no retry of a deterministic error)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nncift.config import RayConfig
+    from nncift.distributed import RayExecutor
+    from nncift.executors import LocalExecutor
+
+    table = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"example_id": ["x"], "target_id": ["y"], "value": [float("nan")]}), table)
+    side, plan, specs = _label_setup()
+    assert len(specs) >= 3
+    # the table's kwargs as they reach a worker, unresolved (the driver's resolve() would refuse the file)
+    kw = {"function": "table", "function_kwargs": {"path": str(table), "field": "table.path"},
+          "pool": side(0, 40), "target": side(40, 60), "sets": [s.to_dict() for s in plan.sets]}  # fmt: skip
+    with pytest.raises(DataError) as local:
+        LocalExecutor().map_blocks(_Recorded, {**kw, "record": str(tmp_path / "local"), "out_dir": str(tmp_path / "l")},
+                                   specs)  # fmt: skip
+    assert "row 0: value is nan (not finite)" in str(local.value)
+    ray_exec = RayExecutor(RayConfig())
+    record = tmp_path / "ray_init"
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    deaths = ctx.max_consecutive_actor_init_deaths
+    ctx.max_consecutive_actor_init_deaths = 2  # Ray Data would replace an actor that died in its constructor
+    capfd.readouterr()
+    try:
+        with pytest.raises(DataError) as info:
+            ray_exec.map_blocks(_Recorded, {**kw, "record": str(record), "out_dir": str(tmp_path / "r")}, specs,
+                                concurrency=1, num_cpus=0.5)  # fmt: skip
+    finally:
+        ctx.max_consecutive_actor_init_deaths = deaths
+    assert str(info.value) == str(local.value) and "\n" not in str(info.value)
+    assert record.read_text().splitlines() == ["init"]  # built once, never rebuilt (the actor did not die)
+    assert "Traceback" not in capfd.readouterr().err  # nor did Ray print the constructor's traceback
+    assert not list(tmp_path.glob("r/*.parquet"))
+    # a block that raises (rather than returns) a user error: the same line, the block not retried
+    good = {**kw, "function": "delift_se", "function_kwargs": {}}
+    record = tmp_path / "ray_block"
+    with pytest.raises(DataError, match=r"^block 1: a bad row \(one line\)$"):
+        ray_exec.map_blocks(_Recorded, {**good, "record": str(record), "out_dir": str(tmp_path / "r2"), "fail_block": 1},
+                            specs, concurrency=1, num_cpus=0.5)  # fmt: skip
+    lines = record.read_text().splitlines()
+    assert lines.count("init") == 1 and lines.count("block 1") == 1, lines
+
+
 def test_label_blocks_are_sized_by_teacher_cost():
     from nncift.label import block_side
 
@@ -159,6 +234,7 @@ def test_truncated_block_file_is_recomputed_not_read(tmp_path, corpus, tiny_over
 
     from nncift.config import load_config
     from nncift.runner import Runner
+    from tests.conftest import recomputed, stamp_blocks
 
     cfg = load_config(None, [f"data.input={corpus}", *tiny_overrides, "ray.executor=local"])
     ref = tmp_path / "ref"
@@ -166,11 +242,15 @@ def test_truncated_block_file_is_recomputed_not_read(tmp_path, corpus, tiny_over
     run = tmp_path / "run"
     Runner(cfg, run).run(stage)
     block = run / stage / pattern
+    stamped = stamp_blocks(block.parent)
     data = block.read_bytes()
     block.write_bytes(data[: len(data) // 2])  # a truncated copy (disk full, an interrupted rsync)
     (run / stage / "_DONE.json").unlink()
     Runner(cfg, run).run()
     assert pq.read_table(block).num_rows == pq.read_table(ref / stage / pattern).num_rows
+    # only the truncated block was recomputed (a resume that recomputes every block fails here)
+    assert len(stamped) > 1 and recomputed(stamped, block.parent) == {block.name}
+    assert pq.read_table(block).equals(pq.read_table(ref / stage / pattern))
     a = pq.read_table(ref / "select" / "selection.parquet")
     assert a.equals(pq.read_table(run / "select" / "selection.parquet"))
 
@@ -201,20 +281,9 @@ def test_a_killed_actor_is_retried_and_the_labels_are_identical(ray_session, tmp
     from nncift.config import RayConfig
     from nncift.distributed import RayExecutor
     from nncift.executors import LocalExecutor
-    from nncift.label import LabelWorker, gather_labels, plan_blocks
-    from nncift.pairs import plan_labels
+    from nncift.label import LabelWorker, gather_labels
 
-    rng = np.random.default_rng(0)
-    e = rng.normal(size=(60, 8)).astype(np.float32)
-    e /= np.linalg.norm(e, axis=1, keepdims=True)
-
-    def side(lo, hi):
-        n = hi - lo
-        return {"ids": [f"i{i}" for i in range(lo, hi)], "prompts": ["p"] * n, "responses": ["r"] * n,
-                "embeddings": e[lo:hi]}  # fmt: skip
-
-    plan = plan_labels(40, 20, 0.5, 4, 36, seed=0, design="block")
-    specs = plan_blocks(plan, 6)
+    side, plan, specs = _label_setup()
     kw = {"function": "delift_se", "function_kwargs": {}, "pool": side(0, 40), "target": side(40, 60),
           "sets": [s.to_dict() for s in plan.sets]}  # fmt: skip
     LocalExecutor().map_blocks(LabelWorker, {**kw, "out_dir": str(tmp_path / "local")}, specs)
@@ -245,3 +314,21 @@ def test_a_killed_estimate_actor_is_retried_and_the_tiles_are_identical(ray_sess
     for kernel, shape in (("ff", (37, 37)), ("ft", (37, 11))):
         a = assemble_dense(tmp_path / "local", kernel, shape)
         np.testing.assert_array_equal(a, assemble_dense(tmp_path / "ray", kernel, shape))
+
+
+def _label_setup():
+    """60 unit embeddings as a 40-item pool and a 20-item target (``side(lo, hi)``: a worker's side kwargs),
+    a block-design label plan over them and its blocks."""
+    from nncift.label import plan_blocks
+    from nncift.pairs import plan_labels
+
+    e = np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32)
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+
+    def side(lo, hi):
+        n = hi - lo
+        return {"ids": [f"i{i}" for i in range(lo, hi)], "prompts": ["p"] * n, "responses": ["r"] * n,
+                "embeddings": e[lo:hi]}  # fmt: skip
+
+    plan = plan_labels(40, 20, 0.5, 4, 36, seed=0, design="block")
+    return side, plan, plan_blocks(plan, 6)

@@ -113,6 +113,18 @@ class InfluenceFunction(ABC):
         """
         return kwargs
 
+    @classmethod
+    def check_pairs(cls, kwargs: dict[str, Any], sets: list[dict], pool_ids: Any, target_ids: Any) -> None:
+        """Refuse, in the driver and before any block is labeled, pairs this teacher cannot label (default:
+        nothing to check; the table teacher checks that its file holds every pair).
+
+        Args:
+            kwargs: the keyword arguments the label workers build the teacher with (after :meth:`prepare`).
+            sets: the label sets as dicts (``kernel``, ``quadrant``, ``rows``, ``cols``, ``paired``).
+            pool_ids, target_ids: the run's row ids of D_F and D_T (Arrow arrays or sequences).
+        """
+        return None
+
     @abstractmethod
     def utility(self, examples: Items, targets: Items) -> np.ndarray:
         """U(example -> target) for every pair.

@@ -14,6 +14,7 @@ the table lacks is a :class:`~nncift.errors.DataError` naming the ids.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,48 +58,54 @@ class TableFunction(InfluenceFunction):
 
     @classmethod
     def resolve(cls, section: TableConfig, device: str) -> dict[str, Any]:
+        """The file checked whole here, in the driver (columns, nulls, non-finite values, duplicate pairs), so
+        a bad table stops the run before any worker reads it; the label workers' copies are then valid."""
         if not section.path:
             raise ConfigError("config field 'table.path': label.function=table needs table.path=PATH")
-        return {"path": str(Path(section.path).resolve()), "symmetric": section.symmetric, "field": "table.path"}
+        kwargs = {"path": str(Path(section.path).resolve()), "symmetric": section.symmetric, "field": "table.path"}
+        cls(**kwargs)  # raises the DataError a worker would; the parsed table is cached for this process
+        return kwargs
 
     def __init__(self, path: str | Path, symmetric: bool = False, field: str | None = None):
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
         self.path = Path(path)
         self.symmetric = bool(symmetric)
         self.field = field = field or "table.path"
         if not self.path.is_file():
             raise DataError(f"{field}: file not found: {self.path}")
-        try:
-            schema = pq.read_schema(self.path)
-        except Exception as exc:  # pyarrow raises several types for a non-Parquet file
-            raise DataError(f"{field}: {self.path} is not a Parquet file ({exc})") from None
-        missing = [c for c in TABLE_COLUMNS if c not in schema.names]
+        st = self.path.stat()
+        self.vocab, self.keys, self.values = _read_table(str(self.path), field, st.st_size, st.st_mtime_ns)
+
+    @classmethod
+    def check_pairs(cls, kwargs: dict[str, Any], sets: list[dict], pool_ids: Any, target_ids: Any) -> None:
+        """Every pair of ``sets`` is in the table, checked in the driver before any block is labeled (the
+        :meth:`lookup` error, counted over all the sets)."""
+        table = cls.build(**kwargs)
+        ids = {"pool": _str_ids(pool_ids), "target": _str_ids(target_ids)}
+        codes = {side: table._codes(v) for side, v in ids.items()}
+        missing, total, first = 0, 0, None
+        for s in sets:
+            if s["kernel"] not in ("ff", "ft"):
+                continue
+            ff = s["kernel"] == "ff"
+            rows, cols = np.asarray(s["rows"], np.int64), np.asarray(s["cols"], np.int64)
+            step = max(1, len(rows) if s.get("paired") else (1 << 22) // max(1, len(cols)))
+            for a in range(0, len(rows), step):
+                r = rows[a : a + step]
+                if s.get("paired"):
+                    c = cols[a : a + step]
+                else:
+                    r, c = np.repeat(r, len(cols)), np.tile(cols, len(r))
+                # K_FF[i, j] = U(pool j -> pool i); K_FT[i, j] = U(pool i -> target j)
+                (es, ei), (ts, ti) = (("pool", c), ("pool", r)) if ff else (("pool", r), ("target", c))
+                bad = ~table._found(codes[es][0][ei], codes[es][1][ei], codes[ts][0][ti], codes[ts][1][ti])
+                total += len(r)
+                if bad.any():
+                    k = int(np.flatnonzero(bad)[0])
+                    missing += int(bad.sum())
+                    if first is None:
+                        first = (ids[es][ei[k]], ids[ts][ti[k]])
         if missing:
-            raise DataError(f"{field}: {self.path} has no column '{missing[0]}' (needs {', '.join(TABLE_COLUMNS)})")
-        t = pq.read_table(self.path, columns=list(TABLE_COLUMNS))
-        if t.num_rows == 0:
-            raise DataError(f"{field}: {self.path} is empty")
-        for c in ("example_id", "target_id"):
-            if t.column(c).null_count:
-                raise DataError(f"{field}: {self.path} column '{c}' has {t.column(c).null_count} null ids")
-        values = t.column("value").cast("float64").to_numpy(zero_copy_only=False)
-        bad = np.flatnonzero(~np.isfinite(values))
-        if len(bad):
-            raise DataError(f"{field}: {self.path} row {int(bad[0])}: value is {values[bad[0]]} (not finite)")
-        ex = pc.cast(t.column("example_id"), "string").to_numpy(zero_copy_only=False).astype(object)
-        tg = pc.cast(t.column("target_id"), "string").to_numpy(zero_copy_only=False).astype(object)
-        vocab, codes = np.unique(np.concatenate([ex, tg]), return_inverse=True)
-        self.vocab = vocab.astype(str)
-        n = len(ex)
-        keys = codes[:n].astype(np.int64) * len(self.vocab) + codes[n:].astype(np.int64)
-        order = np.argsort(keys, kind="stable")
-        self.keys, self.values = keys[order], values[order].astype(np.float32)
-        dup = np.flatnonzero(self.keys[1:] == self.keys[:-1])
-        if len(dup):
-            i = order[dup[0] + 1]
-            raise DataError(f"{field}: {self.path} row {int(i)}: duplicate pair ({ex[i]!r} -> {tg[i]!r})")
+            raise table._missing_error(missing, total, *first)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -125,11 +132,20 @@ class TableFunction(InfluenceFunction):
         if not ok.all():
             bad = np.flatnonzero(~ok)
             k = int(bad[0])
-            raise DataError(
-                f"{self.field}: {self.path} has no value for {len(bad):,} of {len(keys):,} pairs needed, e.g. "
-                f"example_id={example_ids[k]!r} -> target_id={target_ids[k]!r} (ids must be the run's data ids)"
-            )
+            raise self._missing_error(len(bad), len(keys), example_ids[k], target_ids[k])
         return self.values[pos]
+
+    def _found(self, e: np.ndarray, e_ok: np.ndarray, t: np.ndarray, t_ok: np.ndarray) -> np.ndarray:
+        """Whether each aligned (example, target) pair of vocabulary codes (:meth:`_codes`) is in the table."""
+        keys = e * len(self.vocab) + t
+        pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        return e_ok & t_ok & (self.keys[pos] == keys)
+
+    def _missing_error(self, missing: int, needed: int, example_id: str, target_id: str) -> DataError:
+        return DataError(
+            f"{self.field}: {self.path} has no value for {missing:,} of {needed:,} pairs needed, e.g. "
+            f"example_id={example_id!r} -> target_id={target_id!r} (ids must be the run's data ids)"
+        )
 
     def covers(self, example_ids: list[str], target_ids: list[str]) -> bool:
         """Whether every aligned pair is in the table."""
@@ -152,6 +168,55 @@ class TableFunction(InfluenceFunction):
         if not len(examples):
             return np.zeros(0, np.float32)
         return self.lookup(examples.ids, targets.ids)
+
+
+def _str_ids(ids: Any) -> list[str]:
+    """Row ids (an Arrow array or column, or a sequence) as a list of str."""
+    if isinstance(ids, pa.ChunkedArray | pa.Array):
+        ids = ids.to_pylist()
+    return [str(x) for x in ids]
+
+
+@functools.lru_cache(maxsize=2)
+def _read_table(path: str, field: str, size: int, mtime_ns: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(vocab (V,) str, sorted pair keys (P,) int64, their values (P,) float32) of a table file, checked;
+    cached per file version (``size``, ``mtime_ns``), so the driver's check and a worker of the same process
+    parse the file once. The arrays are read-only."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except Exception as exc:  # pyarrow raises several types for a non-Parquet file
+        raise DataError(f"{field}: {path} is not a Parquet file ({exc})") from None
+    missing = [c for c in TABLE_COLUMNS if c not in schema.names]
+    if missing:
+        raise DataError(f"{field}: {path} has no column '{missing[0]}' (needs {', '.join(TABLE_COLUMNS)})")
+    t = pq.read_table(path, columns=list(TABLE_COLUMNS))
+    if t.num_rows == 0:
+        raise DataError(f"{field}: {path} is empty")
+    for c in ("example_id", "target_id"):
+        if t.column(c).null_count:
+            raise DataError(f"{field}: {path} column '{c}' has {t.column(c).null_count} null ids")
+    values = t.column("value").cast("float64").to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero(~np.isfinite(values))
+    if len(bad):
+        raise DataError(f"{field}: {path} row {int(bad[0])}: value is {values[bad[0]]} (not finite)")
+    ex = pc.cast(t.column("example_id"), "string").to_numpy(zero_copy_only=False).astype(object)
+    tg = pc.cast(t.column("target_id"), "string").to_numpy(zero_copy_only=False).astype(object)
+    vocab, codes = np.unique(np.concatenate([ex, tg]), return_inverse=True)
+    vocab = vocab.astype(str)
+    n = len(ex)
+    keys = codes[:n].astype(np.int64) * len(vocab) + codes[n:].astype(np.int64)
+    order = np.argsort(keys, kind="stable")
+    keys, values = keys[order], values[order].astype(np.float32)
+    dup = np.flatnonzero(keys[1:] == keys[:-1])
+    if len(dup):
+        i = order[dup[0] + 1]
+        raise DataError(f"{field}: {path} row {int(i)}: duplicate pair ({ex[i]!r} -> {tg[i]!r})")
+    for a in (vocab, keys, values):
+        a.flags.writeable = False
+    return vocab, keys, values
 
 
 def labels_to_table(labels: pa.Table) -> pa.Table:

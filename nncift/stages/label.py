@@ -227,6 +227,8 @@ def run_label_blocks(
         "sets": [s.to_dict() for s in sets],
         "out_dir": str(block_dir),
     }
+    if todo:  # pairs the teacher cannot label (a table without them) are refused here, before any worker starts
+        ctx.teacher().check_pairs(kwargs, worker_kwargs["sets"], pool.column("id"), target.column("id"))
     ctx.executor.map_blocks(
         LabelWorker, worker_kwargs, todo, desc=desc, concurrency=c.concurrency, num_cpus=c.num_cpus, num_gpus=c.num_gpus
     )
