@@ -11,7 +11,6 @@ User errors (bad input, bad config, refused resume) print one line and exit with
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
@@ -62,18 +61,27 @@ def make_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--overwrite", action="store_true", help="recompute finished stages whose configuration changed")
         p.add_argument("-q", "--quiet", action="store_true", help="warnings only")
+        p.add_argument(
+            "-v", "--verbose", action="store_true",
+            help="every log line, Ray Data's progress and the workers' logs on the console (always in logs/run.log)",
+        )  # fmt: skip
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = make_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        force=True,  # a fresh handler on this call's stderr (main() may run several times in one process)
-    )
+    from nncift import console
+
+    console.setup(-1 if args.quiet else (1 if args.verbose else 0))  # a fresh console handler on each call
+    run_log = console.attach_run_log(args.run_dir)
+    try:
+        return _main(args, argv)
+    finally:
+        console.detach(run_log)
+
+
+def _main(args: argparse.Namespace, argv: list[str]) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from nncift.config import load_config

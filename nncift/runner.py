@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from nncift.config import RunConfig
+from nncift.console import CONSOLE
 from nncift.errors import DataError, NnciftError, RunDirBusyError
 from nncift.executors import make_executor
 from nncift.stages import PIPELINE, STAGES
@@ -187,7 +188,7 @@ class Runner:
         fp, prov = self.identity(stage, **params)
         done = None if st.always_run else self.store.done_info(folder)
         if done is not None and done.get("fingerprint") == fp:
-            log.info("stage %-8s already done, skipping", label)
+            log.info("stage %-8s already done, skipping", label, extra=CONSOLE)
             self.skipped.add(folder)
             self._visited.add(folder)
             if stage == "data":
@@ -200,7 +201,7 @@ class Runner:
         st.validate(self.ctx, **params)  # inputs checked before anything of the stage is written
         self.store.begin(folder, fp, prov, overwrite=self.overwrite or st.always_run)
         self.skipped.discard(folder)
-        log.info("stage %-8s running", label)
+        log.info("stage %-8s running", label, extra=CONSOLE)
         info = st.run(self.ctx, **params) or {}
         seconds = time.perf_counter() - t0
         info.setdefault("peak_rss_mib", peak_rss_mib())
@@ -209,7 +210,7 @@ class Runner:
             write_text(self.store.root / "config.yaml", self.cfg.to_yaml())
         self._visited.add(folder)
         log.info("stage %-8s done in %.1f s (driver peak RSS %.0f MiB, now %.0f MiB)", label, seconds,
-                 info["peak_rss_mib"], rss_now_mib())  # fmt: skip
+                 info["peak_rss_mib"], rss_now_mib(), extra=CONSOLE)  # fmt: skip
         return {**info, "seconds": seconds}
 
     # ------------------------------------------------------------------ conveniences

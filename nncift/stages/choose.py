@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from nncift.console import CONSOLE
 from nncift.devices import local_device
 from nncift.stages.base import Context, Stage
 from nncift.store import done_blocks, read_safetensors, write_json, write_parquet, write_safetensors
@@ -339,7 +340,7 @@ class ChooseStage(Stage):
             chosen = c.mode if c.mode in names else "surrogate"
             write_json(ctx.path("choose", "choice.json"), {"chosen": chosen, "mode": c.mode, "candidates": names,
                                                            "teacher_pairs": 0, "scores": None})  # fmt: skip
-            log.info("choose: %s (choose.mode=%s; no held-out labels)", chosen, c.mode)
+            log.info("choose: %s (choose.mode=%s; no held-out labels)", chosen, c.mode, extra=CONSOLE)
             return {**info, "chosen": chosen, "teacher_pairs": 0}
         if sc.objective == "topk":
             from nncift.stages.choose_items import choose_topk
@@ -380,7 +381,7 @@ class ChooseStage(Stage):
         s = dec["scores"]
         log.info("choose: %s (%d held-out rows, %d teacher pairs); coverage / neighbour scores: %s", dec["chosen"],
                  n_rows, cost, ", ".join(f"{k} {v['fl']['mean']:.4f}/{v['near']['mean']:.4f}"
-                                         for k, v in sorted(s.items(), key=lambda kv: -kv[1]["fl"]["mean"])))  # fmt: skip
+                                         for k, v in sorted(s.items(), key=lambda kv: -kv[1]["fl"]["mean"])), extra=CONSOLE)  # fmt: skip
         return {**info, "chosen": dec["chosen"], "teacher_pairs": cost, "teacher_seconds": teacher_s, "rows": n_rows}
 
     @staticmethod

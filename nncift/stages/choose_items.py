@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from nncift.choose import ITEM_CANDIDATES as ITEM_PREFERENCE  # free first
+from nncift.console import CONSOLE
 from nncift.stages.base import Context
 from nncift.store import write_json, write_parquet
 
@@ -90,7 +91,7 @@ def _record(ctx: Context, dec: dict, names: list[str], cost: int, rows: np.ndarr
     )  # fmt: skip
     log.info("choose: %s (%d held-out items, %d teacher %s); held-out top-k values: %s", dec["chosen"], len(rows),
              cost, unit, ", ".join(f"{k} {v['fl']['mean']:.4f}" for k, v in
-                                   sorted(dec["scores"].items(), key=lambda kv: -kv[1]["fl"]["mean"])))  # fmt: skip
+                                   sorted(dec["scores"].items(), key=lambda kv: -kv[1]["fl"]["mean"])), extra=CONSOLE)  # fmt: skip
     return {"chosen": dec["chosen"], "teacher_pairs": cost, "teacher_seconds": seconds, "rows": len(rows)}
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from nncift.console import CONSOLE
 from nncift.stages.base import Context, Stage
 from nncift.store import write_json
 
@@ -156,6 +157,7 @@ class ReportStage(Stage):
                 fid["gap_closed"] if fid["gap_closed"] is not None else float("nan"),
                 z if z is not None else float("nan"),
                 fid["jaccard"],
+                extra=CONSOLE,
             )
         else:
             log.info("fidelity: not measured (%s)", fid["reason"])
