@@ -541,6 +541,12 @@ def _train_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
     results = {}
+    beat = config.get("epochs_file") if rank == 0 else None
+
+    def on_epoch(rec: dict) -> None:  # the driver's stall watch counts these lines
+        with open(beat, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(rec) + "\n")
+
     for name, task in config["tasks"].items():
         results[name] = fit_loop(
             config["fit"],
@@ -551,6 +557,7 @@ def _train_worker(config: dict) -> None:
             rank=rank,
             world_size=world,
             wrap=ray.train.torch.prepare_model,
+            on_epoch=on_epoch if beat else None,
         )
     metrics = {f"{n}_best_val_mse": min(h["val_mse"] for h in hist) for n, (_, hist) in results.items()}
     if rank == 0:
@@ -583,8 +590,13 @@ def fit_ray(
     use_gpu: bool,
     storage: Path,
     name: str,
+    stall_seconds: float | None = None,
 ) -> dict[str, tuple[dict, list[dict]]]:
     """Fit one InfluenceNetwork per task in a single Ray Train ``TorchTrainer`` run (DDP; gloo on CPU).
+
+    Rank 0 appends each finished epoch to ``<storage>/<name>.epochs.jsonl``; when none lands for
+    ``stall_seconds`` (e.g. the workers' placement group waits for CPUs or GPUs), one warning line says what
+    the workers wait for.
 
     Args:
         fit_cfg: see :func:`~nncift.train.fit_loop`.
@@ -610,14 +622,20 @@ def fit_ray(
             for n, (ec, tr, va) in tasks.items()
         },
         "threads": max(1, cpus // num_workers),
+        "epochs_file": str(storage.resolve() / f"{name}.epochs.jsonl"),
     }
+    beat = Path(config["epochs_file"])
+    beat.parent.mkdir(parents=True, exist_ok=True)
+    beat.unlink(missing_ok=True)
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config=share_arrays(config),  # the controller and workers hold references, not copies
         scaling_config=scaling_config(num_workers, use_gpu),
         run_config=ray.train.RunConfig(storage_path=str(storage.resolve()), name=name),
     )
-    result = trainer.fit()
+    epochs = lambda: len(beat.read_text().splitlines()) if beat.is_file() else 0  # noqa: E731
+    with watching(_pool_watch("TorchTrainer workers", epochs, stall_seconds, num_workers, 1.0, float(use_gpu))):
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train fit '{name}' returned no checkpoint: {result.error}")
     out = {}
@@ -770,7 +788,7 @@ class RayExecutor:
 
     def fit(self, fit_cfg: dict, e_rows: np.ndarray, tasks: dict[str, Any], **kw: Any) -> dict:
         self.start()
-        return fit_ray(fit_cfg, e_rows, tasks, **kw)
+        return fit_ray(fit_cfg, e_rows, tasks, stall_seconds=getattr(self.cfg, "stall_seconds", None), **kw)
 
     def greedi(self, kern: Any, parts: list[np.ndarray], budget: int) -> tuple[np.ndarray, np.ndarray]:
         self.start()

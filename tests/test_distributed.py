@@ -1,5 +1,7 @@
 """Every Ray fan-out against its local twin (identical artifacts), and the Ray Train fit."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -99,6 +101,9 @@ def test_torchtrainer_fit_reduces_loss(ray_session, tmp_path):
     state, history = out["a"]
     assert out["b"][1] == history  # same task and seed in one run: the loop is deterministic
     assert len(history) == 6
+    # rank 0's epoch heartbeat, which the driver's stall watch counts: one line per epoch of each task
+    beats = (tmp_path / "t.epochs.jsonl").read_text().splitlines()
+    assert len(beats) == 12 and json.loads(beats[-1])["epoch"] == history[-1]["epoch"]
     assert history[-1]["val_mse"] < 0.5 * history[0]["val_mse"]
     assert set(state) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
 
@@ -211,6 +216,7 @@ def test_ray_fit_equals_the_local_fit_on_any_worker_count(ray_session, tmp_path,
     remote = fit_ray(cfg, e, {"a": task}, num_workers=workers, use_gpu=False, storage=tmp_path, name="t1")
     state, hist = remote["a"]
     assert set(state) == set(local_state)
+    assert len((tmp_path / "t1.epochs.jsonl").read_text().splitlines()) == len(hist)  # the stall watch's heartbeat
     # fit.batch_size is the global batch: 2 DDP workers take the same optimizer steps as one process
     # (equal up to float summation order)
     for k in state:
