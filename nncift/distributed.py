@@ -69,7 +69,7 @@ def private_temp_dir() -> Path:
 HEAD_PORTS = frozenset({6379, 8265, 52365, 52366, 10001, 8080})  # Ray's and cluster/local_head.sh's defaults
 
 
-def _free_port() -> int:
+def free_port() -> int:
     """A port free now, never one of :data:`HEAD_PORTS` (52365/52366 lie in Linux's ephemeral range)."""
     while True:
         with socket.socket() as s:
@@ -103,7 +103,7 @@ def start_private_ray(**init_kwargs: Any) -> None:
     import ray._private.parameter as ray_parameter
 
     temp_dir = private_temp_dir()
-    gcs_port = _free_port()
+    gcs_port = free_port()
     env = {"RAY_GCS_SERVER_PORT": str(gcs_port), "RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{gcs_port}"}
     saved_env = {k: os.environ.get(k) for k in env}
     params_cls = ray_parameter.RayParams
@@ -123,7 +123,7 @@ def start_private_ray(**init_kwargs: Any) -> None:
         ray.init(
             address="local",  # never attach by accident to a head started with `ray start`
             dashboard_host="127.0.0.1",
-            dashboard_port=_free_port(),
+            dashboard_port=free_port(),
             _temp_dir=str(temp_dir),
             **init_kwargs,
         )

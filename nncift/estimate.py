@@ -99,6 +99,16 @@ def _write_diagonal(out: torch.Tensor, diag: torch.Tensor, r0: int, r1: int, c0:
         out[i - r0, i - c0] = diag[lo:hi]
 
 
+def _diag_kept(vals: torch.Tensor, cols: torch.Tensor, diag: torch.Tensor | None, r0: int) -> torch.Tensor:
+    """Kept entries (R, k) of rows [r0, r0 + R) with the exact diagonal value wherever a kept column is the row's
+    own (raw units)."""
+    if diag is None:
+        return vals
+    rows = torch.arange(r0, r0 + len(cols), device=cols.device)[:, None]
+    hit = (cols == rows) & (rows < len(diag))
+    return torch.where(hit, diag[rows.clamp(max=len(diag) - 1)], vals)
+
+
 def _chunk_topk(chunk: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row top-k of an (R, C) chunk, and its minimum and maximum: (vals (R, k) descending, column offsets
     (R, k) int64, min, max).
@@ -378,12 +388,7 @@ class EstimateWorker:
             c = cols[a : a + step].clamp_min(0)
             p = t["p"][r0 + a : r0 + a + len(c)]
             out[a : a + len(c)] = (t["q"][c] * p[:, None, :]).sum(-1)
-        out.mul_(scale).add_(lo0)
-        diag = t["diag"]
-        if diag is not None:
-            rows = torch.arange(r0, r0 + len(cols), device=cols.device)[:, None]
-            hit = (cols == rows) & (rows < len(diag))
-            out = torch.where(hit, diag[rows.clamp(max=len(diag) - 1)], out)
+        out = _diag_kept(out.mul_(scale).add_(lo0), cols, t["diag"], r0)
         out = torch.where(cols >= 0, out, torch.full_like(out, -np.inf))
         return _ordered(out, cols)
 
@@ -456,11 +461,7 @@ class EstimateWorker:
         if self.precision != "fp32" and h["type"] == "dot":
             vals, cols = self._rescore(kernel, block.r0, vals, cols)  # exact float32 raw values, exact diagonal
         else:
-            vals = vals.mul_(a).add_(b) if deferred else vals
-            if t["diag"] is not None:
-                rows = torch.arange(block.r0, block.r1, device=dev)[:, None]
-                hit = (cols == rows) & (rows < len(t["diag"]))
-                vals = torch.where(hit, t["diag"][rows.clamp(max=len(t["diag"]) - 1)], vals)
+            vals = _diag_kept(vals.mul_(a).add_(b) if deferred else vals, cols, t["diag"], block.r0)
             vals, cols = _ordered(vals, cols)
         if t["diag"] is not None:  # the exact diagonal values of the stripe count in the extent as they are
             d_lo, d_hi = max(block.r0, block.c0), min(block.r1, block.c1, len(t["diag"]))

@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -453,12 +452,6 @@ def _export(engine, tok, dest: Path, lora: bool, rank: int, ft: dict) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def finetune_local(ft: dict, rows: dict[str, list[str]], out_dir: str, **kw: Any) -> dict:
     """Local twin of the Ray fan-out: one process whose gradient accumulation covers the whole global batch.
 
@@ -468,13 +461,15 @@ def finetune_local(ft: dict, rows: dict[str, list[str]], out_dir: str, **kw: Any
     import deepspeed
     import torch.distributed as dist
 
+    from nncift.distributed import free_port
+
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not kw.get("use_gpu") else "cuda")
     if not dist.is_initialized():
         # a world of one, kept for the life of the process (DeepSpeed caches its groups)
         env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
         for k, v in env.items():
             os.environ[k] = v
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     elif dist.get_world_size() != 1:
         raise RuntimeError("finetune_local needs a process without a multi-rank process group")

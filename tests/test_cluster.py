@@ -14,15 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from nncift.distributed import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "cluster" / "local_head.sh"
 RAY_DEFAULT_PORTS = {"GCS_PORT": 6379, "DASHBOARD_PORT": 8265, "AGENT_PORT": 52365, "CLIENT_PORT": 10001}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _is_free(port: int) -> bool:
@@ -49,7 +45,7 @@ def test_local_head_names_the_process_holding_a_port_in_one_line_and_starts_noth
             held.bind(("127.0.0.1", 0))
             held.listen()
             port = held.getsockname()[1]
-            others = {k: _free_port() for k in ("GCS_PORT", "AGENT_PORT", "CLIENT_PORT")}
+            others = {k: free_port() for k in ("GCS_PORT", "AGENT_PORT", "CLIENT_PORT")}
             env = _head_env(temp_dir, DASHBOARD_PORT=port, **others)
             res = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
         assert res.returncode == 1
@@ -94,8 +90,8 @@ def test_a_head_started_during_a_pipeline_run_works_and_a_submitted_job_lands_on
         assert not set(info["ports"]) & set(RAY_DEFAULT_PORTS.values()), info
         assert info["temp"].startswith("/tmp/nncift-ray-") and Path(info["temp"]).is_dir()
         # Ray's default ports for the head (the reported case), unless something else on this machine holds one
-        ports = {k: p if _is_free(p) else _free_port() for k, p in RAY_DEFAULT_PORTS.items()}
-        ports["AGENT_PORT"] = _free_port()  # the script's default (52366) may be another head's
+        ports = {k: p if _is_free(p) else free_port() for k, p in RAY_DEFAULT_PORTS.items()}
+        ports["AGENT_PORT"] = free_port()  # the script's default (52366) may be another head's
         head_env = _head_env(head_dir, **ports)
         res = subprocess.run(["bash", str(SCRIPT)], env=head_env, capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stdout + res.stderr

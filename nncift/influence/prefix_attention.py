@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 ATTN_NAME = "nncift_shared_prefix"
 _state = threading.local()
 _fallback_logged: set[str] = set()
+_registered: list[bool] = []
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
@@ -130,7 +131,10 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
 
 
 def register() -> None:
-    """Register :data:`ATTN_NAME` with transformers' attention interface (idempotent)."""
+    """Register :data:`ATTN_NAME` with transformers' attention interface (once per process)."""
+    if _registered:
+        return
+    _registered.append(True)
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTN_NAME, _attention_forward)
@@ -154,7 +158,10 @@ def use_shared_prefix_attention(model) -> Iterator[None]:
     applies the causal structure itself.
     """
     register()
-    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
+    configs = getattr(model, "_nncift_attn_configs", None)
+    if configs is None:  # every distinct config object of the model's modules, found once per model
+        configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
+        model._nncift_attn_configs = configs
     old = {k: c._attn_implementation for k, c in configs.items()}
     try:
         for c in configs.values():
