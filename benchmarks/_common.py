@@ -36,7 +36,7 @@ def sharegpt_rows(n: int) -> list[dict]:
             raise SystemExit(f"{os.environ['NNCIFT_BENCH_ROWS']}: {len(rows)} rows, {n} needed")
         return rows[:n]
     from nncift.config import DataConfig
-    from nncift.data import read_corpus, split_pool_target
+    from nncift.corpus.readers import read_corpus, split_pool_target
 
     cfg = DataConfig(pool_size=max(n, 500), target_size=50)
     pool, _ = split_pool_target(read_corpus(None, DataConfig()), None, cfg, 0)
@@ -66,7 +66,7 @@ def random_lm(shape: str, device: str, dtype: str = "auto"):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from nncift.models import embedded_lm_dir
+    from nncift.lm.models import embedded_lm_dir
 
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"

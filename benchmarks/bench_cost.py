@@ -81,7 +81,7 @@ def teacher_rate(pipe, n_examples: int = 3, n_targets: int = 30) -> float:
 
 def estimate_rate(pipe) -> float:
     """All-pairs rate (pairs/s) of the fitted K_FF surrogate's factors on a 4096 x 4096 block."""
-    from nncift.estimate import EstimateWorker
+    from nncift.kernels.blocks import EstimateWorker
     from nncift.stages.estimate import estimator_heads
 
     head = estimator_heads(pipe.ctx)["ff"]
@@ -99,7 +99,7 @@ def estimate_rate(pipe) -> float:
 
 def select_rate(m: int = 50_000, k: int = 32) -> float:
     """Items/s of the sparse lazy greedy (budget 0.3 M) on a random top-k kernel of m items."""
-    from nncift.select_sparse import SparseKernel, sparse_lazy_greedy
+    from nncift.selection.sparse import SparseKernel, sparse_lazy_greedy
 
     rng = np.random.default_rng(0)
     cols = rng.integers(0, m, size=(m, k))

@@ -3,11 +3,11 @@
 Side by side in one run, on the paper's network (mlp, hidden 100, embeddings 384):
   (1) the reference-style per-pair loop (concatenate [e_i; 0; e_j], one forward per pair);
   (2) a batched GEMM over concatenated pair features (the pair tensor is built for a block);
-  (3) the factorised torch tile kernel (nncift.estimate.predict_block);
-  (4) ours: the factorised compiled kernel (nncift.kernels.predict_block_np);
+  (3) the factorised torch tile kernel (nncift.kernels.blocks.predict_block);
+  (4) ours: the factorised compiled kernel (nncift.surrogate.numba_kernels.predict_block_np);
 and the bilinear kind (--rank, default 256) with and without the cosine prior:
-  (5) one BLAS GEMM of the augmented per-item factors (nncift.estimate.predict_factors);
-and the estimates the choose stage can keep (nncift.choose), through the estimate worker (raw units, the
+  (5) one BLAS GEMM of the augmented per-item factors (nncift.kernels.blocks.predict_factors);
+and the estimates the choose stage can keep (nncift.surrogate.candidates), through the estimate worker (raw units, the
 exact diagonal written over the tile):
   (6) a bilinear form on [e, 1] (diag_cosine, shrink_<l>: k = d + 1) and with per-item effects (additive: k = d + 3).
 End to end through EstimateWorker.run_block (Parquet write included), on rank --rank factors of --sparse-m items:
@@ -65,11 +65,11 @@ def main() -> None:
         sparse_cases(args)
         return
 
-    from nncift.estimate import EstimateWorker, predict_block
-    from nncift.kernels import predict_block_np
-    from nncift.network import InfluenceNetwork
-    from nncift.pairs import Block
-    from nncift.synthetic import clustered_embeddings
+    from nncift.corpus.synthetic import clustered_embeddings
+    from nncift.kernels.blocks import EstimateWorker, predict_block
+    from nncift.labels.plan import Block
+    from nncift.surrogate.network import InfluenceNetwork
+    from nncift.surrogate.numba_kernels import predict_block_np
 
     torch.manual_seed(0)
     d, h, b = args.dim, args.hidden, args.block
@@ -105,8 +105,8 @@ def main() -> None:
     pn = np.ascontiguousarray(p.numpy()[:1024])
     results.append(("(4) ours: factorised compiled kernel", rate(lambda: predict_block_np(pn, q_t, w2, b2), 1024 * b)))
     # the bilinear surrogates: one BLAS GEMM of the augmented per-item factors per block
-    from nncift.estimate import predict_factors
-    from nncift.network import BilinearNetwork
+    from nncift.kernels.blocks import predict_factors
+    from nncift.surrogate.network import BilinearNetwork
 
     for rank, prior in ((args.rank, False), (args.rank, True)):
         bil = BilinearNetwork(d, rank=rank, symmetric=False, cosine_prior=prior).eval()
@@ -114,7 +114,7 @@ def main() -> None:
         name = f"(5) bilinear r={rank}{' + cosine prior' if prior else ''} GEMM (k={f['p'].shape[1]})"
         results.append((name, rate(lambda f=f: predict_factors(f), 1024 * b)))
     # the chosen estimates of the choose stage: [e, 1] W against [e, 1] (+ effects), through the estimate worker
-    from nncift.choose import Recipe, dot_factors
+    from nncift.surrogate.candidates import Recipe, dot_factors
 
     rng = np.random.default_rng(0)
     w = rng.normal(size=(d + 1, d + 1)).astype(np.float32)
@@ -166,8 +166,8 @@ def main() -> None:
 
 def sparse_cases(args) -> None:
     """(7) sparse top-k stripes and (8) dense tiles, end to end through the worker (see the module doc)."""
-    from nncift.estimate import EstimateWorker
-    from nncift.pairs import Block
+    from nncift.kernels.blocks import EstimateWorker
+    from nncift.labels.plan import Block
 
     m, f, stripe = args.sparse_m, args.rank, args.stripe
     rng = np.random.default_rng(0)

@@ -2,9 +2,9 @@
 kernel is known, swept over variant x labeled fraction x seed.
 
 Every configuration runs the pipeline's own pieces on the teacher's values: the label plan
-(``nncift.pairs.plan_labels``), the fit (``nncift.train.fit_loop``, the local twin of the Ray fit), and for
-``default`` the choose stage's pieces (``nncift.choose``: the candidate estimates, the held-out rows, the
-teacher labels they need, the decision), then greedy selection and :func:`nncift.fidelity.selection_fidelity`.
+(``nncift.labels.plan.plan_labels``), the fit (``nncift.surrogate.fitting.fit_loop``, the local twin of the Ray fit), and for
+``default`` the choose stage's pieces (``nncift.surrogate.candidates``: the candidate estimates, the held-out rows, the
+teacher labels they need, the decision), then greedy selection and :func:`nncift.selection.fidelity.selection_fidelity`.
 Every candidate's own gap closed is measured too, and a placebo of the additive candidate (its per-item
 effects shuffled across items). Printed side by side: the chosen estimate, every candidate, the best free
 one (no network), and random subsets (gap closed 0 by definition).
@@ -83,8 +83,8 @@ def bm25(queries: list[str], docs: list[str], k1: float = 1.5, b: float = 0.75) 
 def teacher(name: str, work: Path) -> dict:
     """Embeddings, texts, true kernels and a label for one teacher: {e_pool, e_target, texts_pool, texts_target,
     ff, ft, name, symmetric}."""
-    from nncift import fidelity as fid
     from nncift.influence import build_influence_function
+    from nncift.selection import fidelity as fid
 
     if name == "se":
         pipe = _pipeline(str(ROOT / "jobs/configs/demo.yaml"), work / "se", [])
@@ -121,7 +121,7 @@ def teacher(name: str, work: Path) -> dict:
         ft = (x @ vec[len(pool) :].T).toarray().astype(np.float32)
     else:
         raise SystemExit(f"unknown teacher {name!r}")
-    from nncift.views import item_texts
+    from nncift.surrogate.views import item_texts
 
     return {"name": name, "e_pool": pool.embeddings, "e_target": target.embeddings, "ff": ff, "ft": ft,
             "texts_pool": item_texts(pool.prompts, pool.responses),
@@ -166,7 +166,7 @@ CHOOSING = ("default", "default-noprior")  # variants that run the choose stage'
 
 def lexical_view(t: dict, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The lexical view of a teacher's items, as the choose stage fits it (cached per teacher and seed)."""
-    from nncift.views import LexicalView
+    from nncift.surrogate.views import LexicalView
 
     key = f"_lexical_{seed}"
     if key not in t:
@@ -178,8 +178,8 @@ def lexical_view(t: dict, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def lm_views(t: dict, cfg) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Teacher-LM hidden-state views (``choose.teacher_features``) of a DELIFT table's items, as the choose stage
     computes them with the embedded SmolLM2 (the LM the tables were built with; cached per teacher)."""
-    from nncift.models import embedded_lm_dir
-    from nncift.views import LMView
+    from nncift.lm.models import embedded_lm_dir
+    from nncift.surrogate.views import LMView
 
     if "_lm" not in t:
         c = cfg.choose
@@ -196,7 +196,7 @@ def choose_on_truth(t: dict, cfg, labels: dict, nets: dict, diag, seed: int, ker
                     probes: dict | None = None) -> dict:  # fmt: skip
     """The choose stage on the teacher's values: candidates, held-out rows, the pairs they need (looked up in the
     full kernel, as the teacher would label them), the decision; and every candidate's dense kernels."""
-    from nncift import choose as ch
+    from nncift.surrogate import candidates as ch
 
     c, sc = cfg.choose, cfg.select
     m = len(t["ff"])
@@ -251,12 +251,12 @@ def run_one(t: dict, cfg, variant: str, fraction: float, seed: int, kernels: tup
     """Label (from the true kernels) -> fit -> [choose] -> estimate -> select -> fidelity, for one configuration."""
     import torch
 
-    from nncift import fidelity as fid
-    from nncift.estimate import overwrite_diagonal, predict_factors
-    from nncift.metrics import spearman, topk_recall
-    from nncift.network import Scaler, network_from_config
-    from nncift.pairs import plan_labels
-    from nncift.train import PairLabels, fit_loop, split_train_val
+    from nncift.kernels.blocks import overwrite_diagonal, predict_factors
+    from nncift.labels.plan import plan_labels
+    from nncift.selection import fidelity as fid
+    from nncift.surrogate.fitting import PairLabels, fit_loop, split_train_val
+    from nncift.surrogate.metrics import spearman, topk_recall
+    from nncift.surrogate.network import Scaler, network_from_config
 
     cfg = variant_config(cfg, variant)
     lb, nw, sc = cfg.label, cfg.fit, cfg.select
@@ -281,7 +281,7 @@ def run_one(t: dict, cfg, variant: str, fraction: float, seed: int, kernels: tup
             keep = rows != cols
             rows, cols = rows[keep], cols[keep]
         if design == "active":  # the second round, exactly as the label stage plans it
-            from nncift.active import second_round
+            from nncift.labels.active import second_round
 
             col_l = plan.pool_labeled if kernel == "ff" else plan.target_labeled
             r2, c2 = second_round(fit_cfg, t["e_pool"], e_cols, (rows, cols, true[rows, cols]), plan.pool_labeled,
@@ -342,7 +342,8 @@ def run_one(t: dict, cfg, variant: str, fraction: float, seed: int, kernels: tup
     res = fid.selection_fidelity(t["ff"], t["ft"], subsets, budget, sc.objective, sc.eta, sc.nu,
                                  cfg.fidelity.random_subsets, seed)  # fmt: skip
     out.update(teacher_pairs=int(pairs), gap_closed=res["subsets"]["est"]["gap_closed"],
-               jaccard=res["subsets"]["est"]["jaccard"], seconds=time.perf_counter() - t0)  # fmt: skip
+               jaccard=res["subsets"]["est"]["jaccard"], seconds=time.perf_counter() - t0,
+               selected=sorted(int(i) for i in subsets["est"]))  # fmt: skip
     if variant in CHOOSING:
         out["candidates"] = {k: v["gap_closed"] for k, v in res["subsets"].items() if k != "est"}
     return out
@@ -350,7 +351,7 @@ def run_one(t: dict, cfg, variant: str, fraction: float, seed: int, kernels: tup
 
 def baselines(t: dict, cfg) -> dict:
     """Zero-label (embedding cosine) and exact-diagonal-only selections under the teacher's kernel."""
-    from nncift import fidelity as fid
+    from nncift.selection import fidelity as fid
 
     sc = cfg.select
     m = t["ff"].shape[0]

@@ -1,7 +1,7 @@
 """Check: DeepSpeed fine-tuning steps out of the box (the default optimizer builds no op), one config per process.
 
 Saves a random-weight Llama of a real shape (``--shape``, SmolLM2's tokenizer) to a temporary folder, then runs
-:func:`nncift.finetune.finetune_local` (the local executor's fine-tune) for ``--steps`` optimizer steps on
+:func:`nncift.lm.trainer.finetune_local` (the local executor's fine-tune) for ``--steps`` optimizer steps on
 ShareGPT rows and prints steps, seconds, first and last loss and the parameter dtype. ``TORCH_CUDA_ARCH_LIST``
 is set to a Hopper list containing ``9.0a`` first, the one that breaks DeepSpeed's FusedAdam JIT build.
 
@@ -37,7 +37,7 @@ def main() -> None:
     use_gpu = torch.cuda.is_available()
 
     from nncift.config import FinetuneConfig
-    from nncift.finetune import finetune_local
+    from nncift.lm.trainer import finetune_local
 
     tmp = tempfile.mkdtemp(prefix="nncift_ft_")
     model, tok = random_lm(args.shape, "cpu", "float32")

@@ -1,4 +1,4 @@
-"""Benchmark: the local surrogate fit (:func:`nncift.train.fit_loop`) on the CPU and on ``--device``, same data.
+"""Benchmark: the local surrogate fit (:func:`nncift.surrogate.fitting.fit_loop`) on the CPU and on ``--device``, same data.
 
 Random embeddings and labels of the default fit's sizes (d = 384, bilinear rank 256 and the paper's MLP), a
 fixed number of epochs (no early stopping); prints seconds per epoch on each device, the speed-up, and the
@@ -29,8 +29,8 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from nncift.network import network_from_config
-    from nncift.train import PairLabels, fit_loop, predict_pairs
+    from nncift.surrogate.fitting import PairLabels, fit_loop, predict_pairs
+    from nncift.surrogate.network import network_from_config
 
     rng = np.random.default_rng(0)
     e = rng.standard_normal((args.items, 384)).astype(np.float32)

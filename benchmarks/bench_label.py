@@ -42,7 +42,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from nncift.influence.delift_icl import DeliftICL, pairs_per_second
-    from nncift.models import load_causal_lm
+    from nncift.lm.models import load_causal_lm
 
     rows = sharegpt_rows(args.examples + args.targets)
     ex, tg = rows[: args.examples], rows[args.examples : args.examples + args.targets]

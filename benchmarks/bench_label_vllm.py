@@ -28,7 +28,7 @@ def main() -> None:
 
     from nncift.influence import build_influence_function
     from nncift.influence.delift_icl import pairs_per_second
-    from nncift.models import embedded_lm_dir
+    from nncift.lm.models import embedded_lm_dir
 
     torch.set_num_threads(args.threads)
     n = args.examples + args.targets

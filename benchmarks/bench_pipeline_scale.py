@@ -1,6 +1,6 @@
 """Benchmark: the whole pipeline on a generated million-row corpus on one machine, stage seconds and peak RSS.
 
-A corpus of ``--rows`` rows with an embedding column (:func:`nncift.synthetic.write_corpus`) runs through
+A corpus of ``--rows`` rows with an embedding column (:func:`nncift.corpus.synthetic.write_corpus`) runs through
 data -> embed (the column) -> label (DELIFT-SE, only the labeled pairs, capped by ``label.max_pairs``) -> fit
 (bilinear) -> estimate (sparse top-k by IVF candidate search) -> select (GreeDi) -> report, as one ``Runner``.
 
@@ -69,9 +69,9 @@ def exhaustive_baseline(run_dir: Path, stripes: int = 2) -> float:
     import tempfile
 
     from nncift.config import load_config
-    from nncift.estimate import EstimateWorker
-    from nncift.executors import LocalExecutor
-    from nncift.pairs import Block
+    from nncift.exec.local import LocalExecutor
+    from nncift.kernels.blocks import EstimateWorker
+    from nncift.labels.plan import Block
     from nncift.runner import Runner
     from nncift.stages.estimate import estimator_heads
 
@@ -135,8 +135,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%X")
 
     from nncift.config import load_config
+    from nncift.corpus.synthetic import scale_overrides, write_corpus
     from nncift.runner import Runner
-    from nncift.synthetic import scale_overrides, write_corpus
 
     work = Path(args.work)
     corpus = work / f"corpus_{args.rows + args.targets}_{args.dim}.parquet"

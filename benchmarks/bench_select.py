@@ -20,8 +20,8 @@ import numpy as np
 
 def sparse_kernel(m: int, k: int, dim: int = 64, clusters: int = 200, seed: int = 0):
     """Per-row top-k kernel: k random same-cluster neighbours per item, valued by embedding cosine."""
-    from nncift.select_sparse import SparseKernel
-    from nncift.synthetic import clustered_embeddings
+    from nncift.corpus.synthetic import clustered_embeddings
+    from nncift.selection.sparse import SparseKernel
 
     emb, labels = clustered_embeddings(m, dim, clusters, seed=seed)
     order = np.argsort(labels, kind="stable")
@@ -50,8 +50,9 @@ def main() -> None:
     ap.add_argument("--greedi-size", type=int, default=100_000)
     args = ap.parse_args()
 
-    from nncift.select import lazy_greedy, minmax_scale, naive_greedy
-    from nncift.select_sparse import (
+    from nncift.corpus.synthetic import clustered_embeddings
+    from nncift.selection.greedy import lazy_greedy, minmax_scale, naive_greedy
+    from nncift.selection.sparse import (
         greedi_local_round,
         greedi_merge,
         partition_items,
@@ -59,7 +60,6 @@ def main() -> None:
         sparse_objective,
         stochastic_greedy,
     )
-    from nncift.synthetic import clustered_embeddings
 
     print("== 1. dense FL, 3,000 items, budget 300 ==")
     x, _ = clustered_embeddings(3000, 64, 30, seed=0)

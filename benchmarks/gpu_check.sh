@@ -48,7 +48,7 @@ finetune() {
   done
 }
 tests() {
-  timeout 120 $PY -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/test_fit_device.py tests/test_estimate.py \
+  timeout 120 $PY -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/surrogate/test_fitting.py tests/kernels/test_blocks.py \
       tests/influence/test_prefix_attention.py 2>&1 | tail -n 15 | tee "$OUT/tests.log"
 }
 for part in $PARTS; do  # in the order given; the table is rewritten after each part (a cut-off run keeps it)

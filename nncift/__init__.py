@@ -5,9 +5,9 @@ Public API: :class:`RunConfig` / :func:`load_config`, :class:`Runner` (runs the 
 """
 
 from nncift.config import RunConfig, load_config
-from nncift.network import InfluenceNetwork
 from nncift.runner import Runner
-from nncift.select import select_subset
+from nncift.selection.greedy import select_subset
+from nncift.surrogate.network import InfluenceNetwork
 
 __version__ = "0.1.0"
 __all__ = ["InfluenceNetwork", "RunConfig", "Runner", "__version__", "load_config", "select_subset"]

@@ -154,14 +154,16 @@ class FitConfig:
 
 @dataclass
 class ChooseConfig:
-    """Stage ``choose``: which estimate the run keeps, decided on its own held-out labels (nncift.choose)."""
+    """Stage ``choose``: which estimate the run keeps, decided on its own held-out labels (nncift.surrogate.candidates)."""
 
     mode: str = _f(
         "held_out",
         "held_out (candidates scored on held-out rows, the best kept within noise, free first) | surrogate (always "
         "the fitted network, no extra labels: the paper's behaviour) | a candidate name (forced, e.g. diag_cosine)",
     )
-    candidates: str = _f("auto", "auto (every applicable one) | comma-separated names of nncift.choose.CANDIDATES")
+    candidates: str = _f(
+        "auto", "auto (every applicable one) | comma-separated names of nncift.surrogate.candidates.CANDIDATES"
+    )
     views: str = _f("lexical", "extra item views offered as free candidates: lexical | none")
     teacher_features: str = _f(
         "auto",
@@ -432,7 +434,7 @@ class RunConfig:
         _check_fit_device(n, self.ray.executor, need)
         need(e.block_size > 0, "estimate.block_size", "must be positive")
         ch = self.choose
-        from nncift.choose import CANDIDATES, ITEM_CANDIDATES
+        from nncift.surrogate.candidates import CANDIDATES, ITEM_CANDIDATES
 
         lm_member = ch.mode.startswith("additive_lm") and ch.mode[len("additive_lm") :].isdigit()
         need(ch.mode in {"held_out", "surrogate", *CANDIDATES, *ITEM_CANDIDATES} or lm_member, "choose.mode",

@@ -154,7 +154,7 @@ LOGICAL_GPUS = 2
 def ray_session():
     """One local Ray for the whole session, with 4 logical CPUs so actors never starve 2 real cores. Without
     CUDA it also declares 2 logical GPUs, so that GPU scheduling (``num_gpus`` per actor) is tested on CPU
-    machines (tests/test_devices.py); actors that ask for no GPU are unaffected."""
+    machines (tests/exec/test_devices.py); actors that ask for no GPU are unaffected."""
     ray = pytest.importorskip("ray")
     import torch
 

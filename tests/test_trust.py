@@ -5,8 +5,8 @@ import pytest
 
 from nncift import select_subset
 from nncift.errors import DataError, TeacherError
-from nncift.network import Scaler
-from nncift.select import greedy_select, lazy_greedy
+from nncift.selection.greedy import greedy_select, lazy_greedy
+from nncift.surrogate.network import Scaler
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -50,7 +50,7 @@ def test_non_finite_teacher_value_stops_the_label_stage(tmp_path, corpus, tiny_o
 
 def test_non_utf8_and_bom(tmp_path):
     from nncift.config import DataConfig
-    from nncift.data import read_corpus
+    from nncift.corpus.readers import read_corpus
 
     bad = tmp_path / "latin1.jsonl"
     bad.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n')
@@ -84,11 +84,11 @@ def test_worker_error_reaches_the_driver_as_one_line_under_ray(ray_session, tmp_
 
 
 class _Recorded:
-    """A :class:`~nncift.label.LabelWorker` that records each construction and each block call in a file, and
+    """A :class:`~nncift.labels.worker.LabelWorker` that records each construction and each block call in a file, and
     raises a user error on block ``fail_block`` (its teacher's constructor may raise one too)."""
 
     def __init__(self, record: str, fail_block: int = -1, **kw):
-        from nncift.label import LabelWorker
+        from nncift.labels.worker import LabelWorker
 
         self.record, self.fail_block = record, fail_block
         self._note("init")
@@ -116,8 +116,8 @@ def test_worker_user_errors_on_ray_are_one_line_and_never_retried(ray_session, t
     import pyarrow.parquet as pq
 
     from nncift.config import RayConfig
-    from nncift.distributed import RayExecutor
-    from nncift.executors import LocalExecutor
+    from nncift.exec.local import LocalExecutor
+    from nncift.exec.ray_executor import RayExecutor
 
     table = tmp_path / "t.parquet"
     pq.write_table(pa.table({"example_id": ["x"], "target_id": ["y"], "value": [float("nan")]}), table)
@@ -159,7 +159,7 @@ def test_worker_user_errors_on_ray_are_one_line_and_never_retried(ray_session, t
 
 
 def test_label_blocks_are_sized_by_teacher_cost():
-    from nncift.label import block_side
+    from nncift.labels.worker import block_side
 
     assert block_side(128, 120.0, 5.0) == 24  # DELIFT ICL on 2 cores: ~600 pairs, about 2 minutes a block
     assert block_side(128, 120.0, 1e6) == 128  # a cheap teacher keeps the configured side
@@ -181,7 +181,7 @@ def test_pipeline_uses_the_cost_sized_side(tmp_path, corpus, tiny_overrides):
 def test_ray_data_never_times_out_long_blocks(ray_session):
     import ray
 
-    from nncift.distributed import configure_data_context
+    from nncift.exec.ray_executor import configure_data_context
 
     configure_data_context()
     assert ray.data.DataContext.get_current().execution_no_progress_timeout_s == -1
@@ -259,8 +259,8 @@ class _Dying:
     """A worker whose actor process dies (os._exit) in the middle of block 2, once (a marker file)."""
 
     def __init__(self, marker: str, worker: str, **kw):
-        from nncift.estimate import EstimateWorker
-        from nncift.label import LabelWorker
+        from nncift.kernels.blocks import EstimateWorker
+        from nncift.labels.worker import LabelWorker
 
         self.inner = {"label": LabelWorker, "estimate": EstimateWorker}[worker](**kw)
         self.marker = marker
@@ -279,9 +279,9 @@ class _Dying:
 @pytest.mark.timeout(600)
 def test_a_killed_actor_is_retried_and_the_labels_are_identical(ray_session, tmp_path):
     from nncift.config import RayConfig
-    from nncift.distributed import RayExecutor
-    from nncift.executors import LocalExecutor
-    from nncift.label import LabelWorker, gather_labels
+    from nncift.exec.local import LocalExecutor
+    from nncift.exec.ray_executor import RayExecutor
+    from nncift.labels.worker import LabelWorker, gather_labels
 
     side, plan, specs = _label_setup()
     kw = {"function": "delift_se", "function_kwargs": {}, "pool": side(0, 40), "target": side(40, 60),
@@ -298,11 +298,11 @@ def test_a_killed_actor_is_retried_and_the_labels_are_identical(ray_session, tmp
 @pytest.mark.timeout(600)
 def test_a_killed_estimate_actor_is_retried_and_the_tiles_are_identical(ray_session, tmp_path):
     from nncift.config import RayConfig
-    from nncift.distributed import RayExecutor
-    from nncift.estimate import EstimateWorker, assemble_dense
-    from nncift.executors import LocalExecutor
-    from nncift.pairs import block_grid
-    from tests.test_estimate import _heads
+    from nncift.exec.local import LocalExecutor
+    from nncift.exec.ray_executor import RayExecutor
+    from nncift.kernels.blocks import EstimateWorker, assemble_dense
+    from nncift.labels.plan import block_grid
+    from tests.kernels.test_blocks import _heads
 
     heads, _ = _heads()
     specs = [b.to_dict() for b in block_grid("ff", 37, 37, 10) + block_grid("ft", 37, 11, 10, start_id=50)]
@@ -319,8 +319,8 @@ def test_a_killed_estimate_actor_is_retried_and_the_tiles_are_identical(ray_sess
 def _label_setup():
     """60 unit embeddings as a 40-item pool and a 20-item target (``side(lo, hi)``: a worker's side kwargs),
     a block-design label plan over them and its blocks."""
-    from nncift.label import plan_blocks
-    from nncift.pairs import plan_labels
+    from nncift.labels.plan import plan_labels
+    from nncift.labels.worker import plan_blocks
 
     e = np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32)
     e /= np.linalg.norm(e, axis=1, keepdims=True)

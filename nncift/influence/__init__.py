@@ -15,7 +15,7 @@ import importlib
 import logging
 from typing import Any
 
-from nncift.influence.base import InfluenceFunction, Items, PointwiseInfluenceFunction
+from nncift.influence.interface import InfluenceFunction, Items, PointwiseInfluenceFunction
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ import torch
 
 from nncift.config import ConfigError, _f
 from nncift.influence import register
-from nncift.influence.base import InfluenceFunction, Items
+from nncift.influence.interface import InfluenceFunction, Items
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class DeliftICL(InfluenceFunction):
 
     @classmethod
     def resolve(cls, section: DeliftICLConfig, device: str) -> dict[str, Any]:
-        from nncift.models import check_model_dir, embedded_lm_dir
+        from nncift.lm.models import check_model_dir, embedded_lm_dir
 
         if section.model is not None:
             check_model_dir(section.model, "delift_icl.model")
@@ -478,7 +478,7 @@ def build_delift_icl(
     threads: int | None = None,
 ) -> DeliftICL:
     """Load the LM (a local path, or the embedded SmolLM2 when None) and wrap it as :class:`DeliftICL`."""
-    from nncift.models import load_causal_lm
+    from nncift.lm.models import load_causal_lm
 
     if threads:
         torch.set_num_threads(threads)

@@ -16,8 +16,8 @@ import logging
 import numpy as np
 
 from nncift.errors import MissingDependencyError
-from nncift.influence.base import Items
 from nncift.influence.delift_icl import HEAD_ICL, HEAD_NOICL, MID_ICL, SEP_ICL, TAIL, DeliftICL
+from nncift.influence.interface import Items
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def build_delift_icl_vllm(
     from transformers import AutoTokenizer
 
     if model is None:
-        from nncift.models import embedded_lm_dir
+        from nncift.lm.models import embedded_lm_dir
 
         model = str(embedded_lm_dir())
     tok = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)

@@ -6,7 +6,7 @@ Definition (checked against ``princeton-nlp/LESS``: ``less/data_selection/get_in
     U(e -> t) = sum_i  w_i * cos( P Gamma_i(e),  P g_i(t) ),      w_i = lr_i / sum_j lr_j
 
 1. Warm-up: a LoRA fine-tune on a seeded random ``warmup_fraction`` of D_F (LESS: 5%) for ``warmup_epochs``
-   epochs (LESS: 4), with our DeepSpeed fine-tune (:func:`nncift.finetune.sft_train`), which exports the LoRA
+   epochs (LESS: 4), with our DeepSpeed fine-tune (:func:`nncift.lm.trainer.sft_train`), which exports the LoRA
    weights and their AdamW moments after the last step of every epoch (``export_states_at``). Checkpoint i is
    the end of epoch i.
 2. Gradients, at each checkpoint, on the LoRA parameters only (flattened in ``named_parameters`` order), of
@@ -39,7 +39,7 @@ Deviations from LESS (all deliberate):
   subtasks); here every (example, target) pair is one value, and aggregation is the selection's business.
 - Precision: warm-up in fp32 (LESS: bf16) so the exported moments are the exact fp32 AdamW state; gradients
   in ``dtype`` (default float32; LESS: bfloat16) and projected in float32 (LESS: float16 inputs).
-- Prompt format: our SFT formatting (:class:`nncift.sft.PromptFormatter`: the tokenizer's chat template, or
+- Prompt format: our SFT formatting (:class:`nncift.lm.sft.PromptFormatter`: the tokenizer's chat template, or
   ``template``), not LESS's tulu ``<|user|>``/``<|assistant|>`` format; the warm-up and the gradients use the
   same one.
 - Schedule: our fine-tune's linear warmup (its first step already trains at ``1/warmup`` of the peak) and
@@ -87,7 +87,7 @@ import numpy as np
 from nncift.config import _f
 from nncift.errors import ConfigError, DataError, run_worker_batch
 from nncift.influence import register
-from nncift.influence.base import InfluenceFunction, Items
+from nncift.influence.interface import InfluenceFunction, Items
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ def adam_direction(g: Any, m: Any, v: Any, betas: tuple[float, float], eps: floa
 
 # ---------------------------------------------------------------------------------------------------- model
 def lora_targets(spec: str) -> str | list[str]:
-    """peft ``target_modules`` from ``less.lora_target`` (as :mod:`nncift.finetune` parses it)."""
+    """peft ``target_modules`` from ``less.lora_target`` (as :mod:`nncift.lm.trainer` parses it)."""
     return spec if spec == "all-linear" else [t.strip() for t in spec.split(",") if t.strip()]
 
 
@@ -313,8 +313,8 @@ class LessFeatureWorker:
 
     Args:
         model, lora_r, lora_alpha, lora_target, dtype, device, trust_remote_code: see :func:`load_lora_model`.
-        states: exported optimizer states (:func:`nncift.finetune.read_state` files), one per checkpoint.
-        template, max_prompt_tokens, max_seq_len: the warm-up's formatting (:class:`nncift.sft.PromptFormatter`).
+        states: exported optimizer states (:func:`nncift.lm.trainer.read_state` files), one per checkpoint.
+        template, max_prompt_tokens, max_seq_len: the warm-up's formatting (:class:`nncift.lm.sft.PromptFormatter`).
         proj_dim, seed: the projection. adam_transform: ``less`` | ``paper`` (:func:`adam_direction`).
         items: ``{"pool": {"ids", "prompts", "responses"}, "target": {...}}`` (the labeled items of each side).
         out_dir: the feature folder. threads: torch threads (None: unchanged).
@@ -342,8 +342,8 @@ class LessFeatureWorker:
     ):
         import torch
 
-        from nncift.finetune import read_state
-        from nncift.sft import PromptFormatter
+        from nncift.lm.sft import PromptFormatter
+        from nncift.lm.trainer import read_state
 
         if threads:
             torch.set_num_threads(int(threads))
@@ -502,8 +502,8 @@ class Less(InfluenceFunction):
 
     @classmethod
     def resolve(cls, section: LessConfig, device: str) -> dict[str, Any]:
-        from nncift.finetune import load_deepspeed_config
-        from nncift.models import check_model_dir, embedded_lm_dir
+        from nncift.lm.models import check_model_dir, embedded_lm_dir
+        from nncift.lm.trainer import load_deepspeed_config
 
         section.validate()
         if section.model is not None:
@@ -683,10 +683,10 @@ def _check_settings(work: Path, kw: dict[str, Any], warm_ids: list[str]) -> None
 
 
 def warmup_ft(kw: dict[str, Any], n_rows: int, use_gpu: bool) -> dict[str, Any]:
-    """The ``ft`` dict of the warm-up fine-tune (:func:`nncift.finetune.sft_train`), with a state export
+    """The ``ft`` dict of the warm-up fine-tune (:func:`nncift.lm.trainer.sft_train`), with a state export
     at the end of every epoch. The global batch is clamped to the rows (and to a multiple of the workers)."""
     from nncift.config import FinetuneConfig
-    from nncift.finetune import plan_steps
+    from nncift.lm.trainer import plan_steps
 
     workers = int(kw["num_workers"])
     bs = min(int(kw["batch_size"]), n_rows)
@@ -718,7 +718,7 @@ def _warmup(
     kw: dict[str, Any], pool: Items, idx: np.ndarray, out: Path, executor: Any
 ) -> tuple[list[str], list[float]]:
     """Run (or reuse) the warm-up; returns the state files of its epochs and their average learning rates."""
-    from nncift.finetune import state_path
+    from nncift.lm.trainer import state_path
 
     use_gpu = str(kw["device"]).startswith("cuda")
     ft = warmup_ft(kw, len(idx), use_gpu)

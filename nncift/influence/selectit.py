@@ -59,7 +59,7 @@ import torch
 from nncift.config import _f
 from nncift.errors import ConfigError
 from nncift.influence import register
-from nncift.influence.base import Items, PointwiseInfluenceFunction
+from nncift.influence.interface import Items, PointwiseInfluenceFunction
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ class SelectIT(PointwiseInfluenceFunction):
 
     @classmethod
     def resolve(cls, section: SelectITConfig, device: str) -> dict[str, Any]:
-        from nncift.models import check_model_dir, embedded_lm_dir
+        from nncift.lm.models import check_model_dir, embedded_lm_dir
 
         section.validate()
         paths = section.model_list()
@@ -437,7 +437,7 @@ def build_selectit(
     batch_size: int = 16,
 ) -> SelectIT:
     """Load the LMs (local folders; None or empty = the embedded SmolLM2) and wrap them as :class:`SelectIT`."""
-    from nncift.models import load_causal_lm
+    from nncift.lm.models import load_causal_lm
 
     if isinstance(models, str):
         models = [m.strip() for m in models.split(",") if m.strip()]

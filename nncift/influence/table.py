@@ -25,7 +25,7 @@ import pyarrow as pa
 from nncift.config import _f
 from nncift.errors import ConfigError, DataError
 from nncift.influence import register
-from nncift.influence.base import InfluenceFunction, Items
+from nncift.influence.interface import InfluenceFunction, Items
 
 TABLE_COLUMNS = ("example_id", "target_id", "value")
 

@@ -78,7 +78,7 @@ class Context:
     Args:
         cfg: the validated configuration.
         store: the run directory.
-        executor: :class:`~nncift.executors.LocalExecutor` or :class:`~nncift.distributed.RayExecutor`.
+        executor: :class:`~nncift.exec.local.LocalExecutor` or :class:`~nncift.exec.ray_executor.RayExecutor`.
         runner: the runner (``require`` runs a stage it depends on, or skips it when finished).
     """
 

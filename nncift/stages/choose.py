@@ -1,10 +1,10 @@
-"""Stage ``choose``: the estimate the run keeps, decided on its own held-out labels (:mod:`nncift.choose`).
+"""Stage ``choose``: the estimate the run keeps, decided on its own held-out labels (:mod:`nncift.surrogate.candidates`).
 
 Builds the candidate estimates of each kernel (the fitted network, the zero-label cosines, the exact
 diagonal with a constant or calibrated-cosine off-diagonal, the network shrunk toward the calibrated cosine,
 additive per-item effects), scores them with the held-out facility-location criterion (a second, small round
 of teacher labels on held-out rows), and keeps one (``choose.mode``). Pointwise teachers and the top-k
-objective use the same idea on held-out items (:func:`nncift.choose.score_items`).
+objective use the same idea on held-out items (:func:`nncift.surrogate.candidates.score_items`).
 
 Reads: ``embed/embeddings.safetensors``, ``fit/network_*``, ``label/labels.parquet``, ``data/*.parquet``.
 Writes: ``choose/views.safetensors`` (+ ``choose/lexical.safetensors``, the fitted lexical transform),
@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nncift.console import CONSOLE
-from nncift.devices import local_device
+from nncift.exec.devices import local_device
 from nncift.stages.base import Context, Stage
 from nncift.store import done_blocks, read_safetensors, write_json, write_parquet, write_safetensors
 
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 def wanted(ctx: Context) -> tuple[str, ...]:
     """The candidate names this run builds (``choose.candidates``; a forced ``choose.mode`` is always built)."""
-    from nncift.choose import CANDIDATES
+    from nncift.surrogate.candidates import CANDIDATES
 
     c = ctx.cfg.choose
     names = [x.strip() for x in c.candidates.split(",") if x.strip()]
@@ -59,13 +59,13 @@ def teacher_lm(ctx: Context) -> str | None:
         return c.lm_model
     if ctx.cfg.label.function == "delift_icl" and ctx.cfg.delift_icl.model:
         return ctx.cfg.delift_icl.model
-    from nncift.models import embedded_lm_dir
+    from nncift.lm.models import embedded_lm_dir
 
     return str(embedded_lm_dir())
 
 
 def _lm_view(ctx: Context, model: str):
-    from nncift.views import LMView
+    from nncift.surrogate.views import LMView
 
     c = ctx.cfg.choose
     view = LMView(model, [], max_tokens=c.lm_tokens, device=local_device(ctx.cfg.label.device))
@@ -85,7 +85,7 @@ def item_views(ctx: Context) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         return out
     path = ctx.path("choose", "views.safetensors")
     if not path.is_file():
-        from nncift.views import LexicalView, item_texts
+        from nncift.surrogate.views import LexicalView, item_texts
 
         pool, target = ctx.tables(["prompt", "response"])
         cols = [(t.column("prompt").to_pylist(), t.column("response").to_pylist()) for t in (pool, target)]
@@ -120,12 +120,12 @@ def new_item_views(ctx: Context, e_new: np.ndarray, prompts: list[str] | None, r
         return out
     lex = ctx.path("choose", "lexical.safetensors")
     if lex.is_file():
-        from nncift.views import LexicalView, item_texts
+        from nncift.surrogate.views import LexicalView, item_texts
 
         out["lexical"] = LexicalView.load(lex).transform(item_texts(prompts, responses))
     lm = ctx.path("choose", "lm.json")
     if lm.is_file():
-        from nncift.views import LMView
+        from nncift.surrogate.views import LMView
 
         meta = json.loads(lm.read_text())
         view = LMView(meta["model"], meta["layers"], meta["tokens"], device=local_device(ctx.cfg.label.device))
@@ -138,7 +138,7 @@ def network_head(ctx: Context, kernel: str, e_cols: np.ndarray) -> tuple[Any, An
     """(network, scaler, estimator head with ``lo`` / ``hi``) of the fitted surrogate of ``kernel``."""
     import torch
 
-    from nncift.network import load_network
+    from nncift.surrogate.network import load_network
 
     e_pool, _ = ctx.embeddings()
     net, scaler, _ = load_network(ctx.path("fit", f"network_{kernel}"))
@@ -159,8 +159,8 @@ def save_recipes(ctx: Context, recipes: dict[str, list]) -> None:
 
 
 def load_recipes(ctx: Context) -> dict[str, dict[str, Any]]:
-    """kernel -> name -> :class:`~nncift.choose.Recipe` of every candidate the choose stage built."""
-    from nncift.choose import Recipe
+    """kernel -> name -> :class:`~nncift.surrogate.candidates.Recipe` of every candidate the choose stage built."""
+    from nncift.surrogate.candidates import Recipe
 
     meta = json.loads(ctx.path("choose", "recipes.json").read_text())
     arrays = read_safetensors(ctx.path("choose", "recipes.safetensors"))
@@ -175,17 +175,17 @@ def load_recipes(ctx: Context) -> dict[str, dict[str, Any]]:
 
 
 def chosen_recipes(ctx: Context) -> dict[str, Any]:
-    """kernel -> the chosen :class:`~nncift.choose.Recipe` (``choose/choice.json``)."""
+    """kernel -> the chosen :class:`~nncift.surrogate.candidates.Recipe` (``choose/choice.json``)."""
     choice = json.loads(ctx.path("choose", "choice.json").read_text())
     recs = load_recipes(ctx)
     return {k: recs[k][choice["chosen"]] for k in recs}
 
 
 def candidate_heads(ctx: Context, recipe, kernel: str, new: dict | None = None, views: dict | None = None) -> dict:
-    """The :class:`~nncift.estimate.EstimateWorker` head of one candidate over the run's items (pool rows;
+    """The :class:`~nncift.kernels.blocks.EstimateWorker` head of one candidate over the run's items (pool rows;
     pool or target columns), optionally extended by new items (``new``: their view vectors; rows of both
     kernels and columns of K_FF grow by M')."""
-    from nncift.choose import dot_factors, effects_for
+    from nncift.surrogate.candidates import dot_factors, effects_for
 
     diag = ctx.diagonal() if kernel == "ff" else None
     if recipe.network:
@@ -224,7 +224,7 @@ def label_sets(ctx: Context, sets: list, extra_pool: np.ndarray, extra_target: n
     """
     import time
 
-    from nncift.label import LABEL_SCHEMA, gather_labels, plan_blocks
+    from nncift.labels.worker import LABEL_SCHEMA, gather_labels, plan_blocks
     from nncift.stages.label import label_block_side, run_label_blocks, teacher_kwargs_for
 
     if not sets:
@@ -250,7 +250,7 @@ def candidate_kernels(ctx: Context, name: str, recipes: dict | None = None, view
     """A candidate's dense estimated K_FF (M, M) and K_FT (M, N) float32 (raw units, its diagonal applied): for the
     fidelity report, where the teacher's full kernel fits in memory too (``recipes``: :func:`load_recipes`, read
     and ``views``: :func:`item_views`, read once by a caller looping over candidates)."""
-    from nncift.estimate import overwrite_diagonal, predict_factors
+    from nncift.kernels.blocks import overwrite_diagonal, predict_factors
 
     recs = load_recipes(ctx) if recipes is None else recipes
     out = []
@@ -277,8 +277,8 @@ class ChooseStage(Stage):
 
     def validate(self, ctx: Context, **params: Any) -> None:
         """A forced ``choose.mode`` must be a candidate this run builds (checked before anything is written)."""
-        from nncift.choose import ITEM_CANDIDATES
         from nncift.errors import ConfigError
+        from nncift.surrogate.candidates import ITEM_CANDIDATES
 
         c, mode = ctx.cfg.choose, ctx.cfg.choose.mode
         if mode in ("held_out", "surrogate"):
@@ -311,8 +311,8 @@ class ChooseStage(Stage):
             from nncift.stages.choose_items import choose_items
 
             return choose_items(ctx)
-        from nncift import choose as ch
-        from nncift.pairs import LabelSet
+        from nncift.labels.plan import LabelSet
+        from nncift.surrogate import candidates as ch
 
         c, sc = ctx.cfg.choose, ctx.cfg.select
         m, n = ctx.size()
@@ -388,7 +388,7 @@ class ChooseStage(Stage):
     def _known(ctx: Context, labels: dict, diag: np.ndarray | None, m: int, n: int) -> dict[str, Any]:
         """Per kernel, the teacher values the criterion may read: training labels, probe columns and the exact
         diagonal (never the Q2-Q4 rectangles of the report)."""
-        from nncift import choose as ch
+        from nncift.surrogate import candidates as ch
 
         out = {}
         for kernel, n_cols in (("ff", m), ("ft", n)):

@@ -6,7 +6,7 @@ the pool. So the criterion is the selection itself on held-out items: ``choose.r
 teacher score (pointwise: the teacher's score; top-k: their mean over ``choose.targets`` seeded targets, one
 dense rectangle), each candidate picks the ``select.fraction`` of them it scores highest, and its value is
 the mean teacher score of its picks. The held-out items' pairwise order (:func:`concordance`) is the second,
-smoother score; :func:`nncift.choose.decide` keeps the candidates within ``choose.z`` paired standard errors of
+smoother score; :func:`nncift.surrogate.candidates.decide` keeps the candidates within ``choose.z`` paired standard errors of
 the best top-k value, then the best order, or the first free candidate within ``choose.z_near`` of it.
 
 Pointwise candidates (:func:`item_candidates`): ``surrogate`` (the pointwise network), ``ridge`` (ridge on the
@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from nncift.choose import ITEM_CANDIDATES as ITEM_PREFERENCE  # free first
 from nncift.console import CONSOLE
 from nncift.stages.base import Context
 from nncift.store import write_json, write_parquet
+from nncift.surrogate.candidates import ITEM_CANDIDATES as ITEM_PREFERENCE  # free first
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +99,10 @@ def _record(ctx: Context, dec: dict, names: list[str], cost: int, rows: np.ndarr
 def choose_topk(ctx: Context, recipes: dict, views: dict, nets: dict, diag) -> dict[str, Any]:
     """The top-k objective of a pairwise teacher: candidates are the K_FT recipes; each held-out item's truth is
     its mean teacher value over ``choose.targets`` seeded targets."""
-    from nncift import choose as ch
-    from nncift.pairs import LabelSet
+    from nncift.labels.plan import LabelSet
     from nncift.stages.choose import label_sets
     from nncift.stages.label import label_plan, used_items
+    from nncift.surrogate import candidates as ch
 
     c, sc = ctx.cfg.choose, ctx.cfg.select
     m, n = ctx.size()
@@ -142,11 +142,11 @@ def topk_out_of_fold(ctx: Context, views: dict, names: list[str], folds: int = 5
     """
     import torch
 
-    from nncift import choose as ch
-    from nncift.network import Scaler, network_from_config
     from nncift.stages.choose import wanted
     from nncift.stages.fit import fit_config
-    from nncift.train import PairLabels, fit_loop, split_train_val
+    from nncift.surrogate import candidates as ch
+    from nncift.surrogate.fitting import PairLabels, fit_loop, split_train_val
+    from nncift.surrogate.network import Scaler, network_from_config
 
     (rc, y) = ctx.labels()["ft"]["q1"]
     r, c = rc
@@ -186,7 +186,7 @@ def item_candidates(ctx: Context) -> tuple[dict[str, np.ndarray], dict[str, bool
     Returns:
         (name -> (M,) float64 scores, name -> free, name -> what new items need: the ridge weights, the signs)
     """
-    from nncift.network import load_network
+    from nncift.surrogate.network import load_network
 
     e_pool, lens = _item_features(ctx)
     (rc, y) = ctx.labels()["item"]["q1"]
@@ -204,7 +204,7 @@ def _item_features(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
 def _item_scores(e_pool: np.ndarray, lens: np.ndarray, lab: np.ndarray, y: np.ndarray, surrogate: np.ndarray
                  ) -> tuple[dict[str, np.ndarray], dict[str, bool], dict[str, Any]]:  # fmt: skip
     """The candidates' scores from training labels ``(lab, y)`` and a surrogate's scores."""
-    from nncift import choose as ch
+    from nncift.surrogate import candidates as ch
 
     scores, free, params = {"surrogate": surrogate}, {"surrogate": False}, {}
     feats = np.concatenate([e_pool, lens], axis=1)
@@ -225,9 +225,9 @@ def out_of_fold(ctx: Context, folds: int = 5) -> tuple[np.ndarray, np.ndarray, d
     Returns:
         (items (L,) int64, their teacher labels (L,), name -> (L,) out-of-fold scores)
     """
-    from nncift.network import Scaler, network_from_config
     from nncift.stages.fit import fit_config
-    from nncift.train import PairLabels, fit_loop, split_train_val
+    from nncift.surrogate.fitting import PairLabels, fit_loop, split_train_val
+    from nncift.surrogate.network import Scaler, network_from_config
 
     e_pool, lens = _item_features(ctx)
     (rc, y) = ctx.labels()["item"]["q1"]
@@ -260,8 +260,8 @@ def new_item_scores(ctx: Context, name: str, e_new: np.ndarray, prompts: list[st
     """The chosen pointwise candidate's scores of new items (``nncift score``): (M',) float32."""
     import json
 
-    from nncift import choose as ch
-    from nncift.network import load_network
+    from nncift.surrogate import candidates as ch
+    from nncift.surrogate.network import load_network
 
     params = json.loads(ctx.path("choose", "item_params.json").read_text())
     lens = item_lengths(prompts, responses)
@@ -284,10 +284,10 @@ def item_lengths(prompts: list[str], responses: list[str]) -> np.ndarray:
 def choose_items(ctx: Context) -> dict[str, Any]:
     """Pointwise teacher: label ``choose.rows`` held-out items, keep the best candidate within noise (free
     first), write every candidate's scores (``choose/item_scores.parquet``) for the estimate stage."""
-    from nncift import choose as ch
-    from nncift.pairs import LabelSet
+    from nncift.labels.plan import LabelSet
     from nncift.stages.choose import label_sets
     from nncift.stages.label import label_plan
+    from nncift.surrogate import candidates as ch
 
     c, sc = ctx.cfg.choose, ctx.cfg.select
     m, _ = ctx.size()

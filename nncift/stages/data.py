@@ -1,7 +1,7 @@
 """Stage ``data``: read, validate, deduplicate and split the inputs into D_F, D_T and the test split, streaming.
 
 Reads: ``data.input`` (and ``data.target`` / ``data.test`` when set): each a file, a directory of shards or a
-glob, any supported format (see :mod:`nncift.ingest`).
+glob, any supported format (see :mod:`nncift.corpus.ingest`).
 Writes: ``data/pool.parquet`` (M rows), ``data/target.parquet`` (N rows), ``data/test.parquet``; each with
 ``id``, ``prompt``, ``response`` [+ ``embedding``] and ``idx`` (the row's index in K_FF / K_FT), in row groups of
 1024 rows.
@@ -9,12 +9,12 @@ Writes: ``data/pool.parquet`` (M rows), ``data/target.parquet`` (N rows), ``data
 The driver never holds the corpus, only per-task facts and index arrays:
 
 1. plan read tasks from sizes and footers (in :meth:`DataStage.validate`: a missing, empty, binary or
-   unreadable file leaves nothing behind), number the lines of JSONL ranges (:class:`~nncift.ingest.LineCountWorker`);
-2. read and canonicalise every task in a worker (:class:`~nncift.ingest.ReadWorker`) into
+   unreadable file leaves nothing behind), number the lines of JSONL ranges (:class:`~nncift.corpus.ingest.LineCountWorker`);
+2. read and canonicalise every task in a worker (:class:`~nncift.corpus.ingest.ReadWorker`) into
    ``data/parts/<task>.parquet``;
-3. deduplicate exactly per hash bucket of ids (:class:`~nncift.ingest.DedupWorker`) into ``data/dedup/``;
-4. draw the split from the kept-row counts alone (:func:`nncift.data.split_indices`, the same draws as the
-   in-memory :func:`nncift.data.load_pool_target`, so the outputs are identical), then stream the chosen rows
+3. deduplicate exactly per hash bucket of ids (:class:`~nncift.corpus.ingest.DedupWorker`) into ``data/dedup/``;
+4. draw the split from the kept-row counts alone (:func:`nncift.corpus.readers.split_indices`, the same draws as the
+   in-memory :func:`nncift.corpus.readers.load_pool_target`, so the outputs are identical), then stream the chosen rows
    of each part, in order, into the three files (one ``pq.ParquetWriter`` each, written atomically).
 
 The staging folders ``data/parts/`` (with ``plan.json``) and ``data/dedup/`` make an interrupted stage
@@ -36,8 +36,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nncift import ingest
-from nncift.data import split_indices
+from nncift.corpus import ingest
+from nncift.corpus.readers import split_indices
 from nncift.errors import DataError
 from nncift.stages.base import Context, Stage
 from nncift.store import atomic_path, done_blocks, read_parquet_metadata, write_json

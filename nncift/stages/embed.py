@@ -30,7 +30,7 @@ def embed_sources(ctx: Context, sources: dict[str, Path], parts: Path) -> tuple[
     Returns:
         (name -> (rows, d) float32 unit-norm embeddings, the model label recorded in the safetensors metadata).
     """
-    from nncift.models import resolve_embedding_model
+    from nncift.lm.models import resolve_embedding_model
 
     c = ctx.cfg.embed
     if c.source == "column":

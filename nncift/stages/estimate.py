@@ -39,7 +39,7 @@ def layout(ctx: Context) -> str:
 def estimator_heads(ctx: Context, e_new: np.ndarray | None = None, new_texts: tuple[list, list] | None = None
                     ) -> dict[str, dict]:  # fmt: skip
     """Per kernel, the chosen estimate's factors (the choose stage's choice: the fitted network, or a free or
-    blended candidate of :mod:`nncift.choose`) with ``lo`` / ``hi`` and the exact K_FF diagonal where it uses it.
+    blended candidate of :mod:`nncift.surrogate.candidates`) with ``lo`` / ``hi`` and the exact K_FF diagonal where it uses it.
 
     Args:
         e_new: (M', d) float32 embeddings of scored new items (``nncift score``), or None. When given, the rows
@@ -49,7 +49,7 @@ def estimator_heads(ctx: Context, e_new: np.ndarray | None = None, new_texts: tu
         new_texts: (prompts, responses) of the new items (the lexical view reads them).
 
     Returns:
-        ``{"ff": head, "ft": head}`` as :class:`nncift.estimate.EstimateWorker` takes them: ``type``, ``p``
+        ``{"ff": head, "ft": head}`` as :class:`nncift.kernels.blocks.EstimateWorker` takes them: ``type``, ``p``
         (M[+M'], k), ``q`` (M[+M'] or N, k), the scaler's ``lo`` / ``hi`` and ``diag`` ((M,) float32 or None).
     """
     from nncift.stages.choose import candidate_heads, chosen_recipes, new_item_views
@@ -81,8 +81,8 @@ def factor_file(ctx: Context, heads: dict[str, dict]) -> dict[str, dict]:
 def candidate_indexes(ctx: Context, heads: dict[str, dict], lay: str) -> dict[str, Any]:
     """``estimate.candidates=ivf``: per kernel with at least ``candidates_min_cols`` columns, the path of a MIPS
     index over its column factors (built once, in ``estimate/index_<kernel>.faiss``; reused on resume)."""
-    from nncift import mips
     from nncift.errors import ConfigError
+    from nncift.surrogate import mips
 
     c = ctx.cfg.estimate
     if c.candidates != "ivf":
@@ -108,8 +108,8 @@ def candidate_indexes(ctx: Context, heads: dict[str, dict], lay: str) -> dict[st
 
 def candidate_recall(ctx: Context, head: dict, block_dir, kernel: str, sample: int) -> float:
     """Top-k recall of the written candidate stripes against exhaustive estimation on a seeded row sample."""
-    from nncift.estimate import EstimateWorker, read_sparse_rows
-    from nncift.mips import topk_recall
+    from nncift.kernels.blocks import EstimateWorker, read_sparse_rows
+    from nncift.surrogate.mips import topk_recall
 
     n_rows = len(head["p"])
     if sample == 0:
@@ -122,7 +122,7 @@ def candidate_recall(ctx: Context, head: dict, block_dir, kernel: str, sample: i
 
 def dense_kernels(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
     """The dense estimated kernels (K_FF (M, M), K_FT (M, N)) float32 of a dense-layout run."""
-    from nncift.estimate import assemble_dense
+    from nncift.kernels.blocks import assemble_dense
 
     meta = json.loads(ctx.path("estimate", "kernels.json").read_text())
     block_dir = ctx.path("estimate", "blocks")
@@ -164,8 +164,8 @@ class EstimateStage(Stage):
     def run(self, ctx: Context, **params: Any) -> dict[str, Any]:
         if ctx.pointwise():
             return self._pointwise(ctx)
-        from nncift.estimate import EstimateWorker
-        from nncift.pairs import block_grid
+        from nncift.kernels.blocks import EstimateWorker
+        from nncift.labels.plan import block_grid
 
         c = ctx.cfg.estimate
         m, n = ctx.size()

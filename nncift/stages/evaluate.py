@@ -59,9 +59,9 @@ class EvaluateStage(Stage):
         return json.loads((ctx.store.root / self.folder(subset) / "eval.json").read_text())
 
     def run(self, ctx: Context, subset: str = "nncift", **params: Any) -> dict[str, Any]:
-        from nncift.embed import Embedder
-        from nncift.evaluate import EvalWorker, score
-        from nncift.models import resolve_embedding_model
+        from nncift.corpus.embedder import Embedder
+        from nncift.lm.eval_worker import EvalWorker, score
+        from nncift.lm.models import resolve_embedding_model
 
         adapter = None if subset == "base" else str(ctx.store.root / f"finetune/{subset}" / "model")
         out = ctx.store.root / self.folder(subset)

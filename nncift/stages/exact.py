@@ -49,9 +49,9 @@ class ExactSelectStage(Stage):
             )
 
     def run(self, ctx: Context, **params: Any) -> dict[str, Any]:
-        from nncift.label import plan_blocks
-        from nncift.pairs import LabelSet
-        from nncift.select import greedy_select
+        from nncift.labels.plan import LabelSet
+        from nncift.labels.worker import plan_blocks
+        from nncift.selection.greedy import greedy_select
         from nncift.stages.label import label_block_side, run_label_blocks, teacher_kwargs_for
 
         m, n = ctx.size()
@@ -83,7 +83,7 @@ class ExactSelectStage(Stage):
 
 
 def _exact_table(ctx: Context, n_blocks: int | None = None):
-    from nncift.label import gather_labels
+    from nncift.labels.worker import gather_labels
 
     if n_blocks is None:
         n_blocks = int(ctx.store.done_info("exact")["blocks"])

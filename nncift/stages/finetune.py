@@ -39,7 +39,7 @@ def check_subset(subset: str) -> None:
 
 def base_model(ctx: Context) -> str:
     """The base LM folder (``finetune.model``; None = the embedded SmolLM2)."""
-    from nncift.models import embedded_lm_dir
+    from nncift.lm.models import embedded_lm_dir
 
     c = ctx.cfg.finetune
     if c.model is None:
@@ -105,7 +105,7 @@ class FinetuneStage(Stage):
         return json.loads((ctx.store.root / self.folder(subset) / "train_summary.json").read_text())
 
     def run(self, ctx: Context, subset: str = "nncift", stop_after: int | None = None, **params: Any) -> dict:
-        from nncift.finetune import check_resume, loss_curve, summarise
+        from nncift.lm.trainer import check_resume, loss_curve, summarise
 
         out = ctx.store.root / self.folder(subset)
         idx = subset_indices(ctx, subset)

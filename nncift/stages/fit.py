@@ -33,7 +33,7 @@ def symmetric(ctx: Context) -> bool:
 
 
 def fit_config(ctx: Context) -> dict[str, Any]:
-    """The surrogate's fit configuration (:func:`nncift.train.fit_loop`)."""
+    """The surrogate's fit configuration (:func:`nncift.surrogate.fitting.fit_loop`)."""
     c = ctx.cfg.fit
     return {
         "kind": "pointwise" if ctx.pointwise() else c.kind,
@@ -69,9 +69,9 @@ class FitStage(Stage):
     def run(self, ctx: Context, **params: Any) -> dict[str, Any]:
         import torch
 
-        from nncift.metrics import quadrant_report
-        from nncift.network import Scaler, network_from_config
-        from nncift.train import PairLabels, predict_pairs, split_train_val
+        from nncift.surrogate.fitting import PairLabels, predict_pairs, split_train_val
+        from nncift.surrogate.metrics import quadrant_report
+        from nncift.surrogate.network import Scaler, network_from_config
 
         c = ctx.cfg.fit
         e_pool, _ = ctx.embeddings()
@@ -140,7 +140,7 @@ class FitStage(Stage):
             net.save(ctx.path("fit", f"network_{kernel}"), scaler, extra={"kernel": kernel, "history": history})
         if preds:
             write_parquet(ctx.path("fit", "eval_predictions.parquet"), pa.concat_tables(preds))
-        from nncift.report import clean_json
+        from nncift.reporting import clean_json
 
         write_json(ctx.path("fit", "metrics.json"), clean_json(metrics))
         shutil.rmtree(ctx.path("fit", "ray_train"), ignore_errors=True)

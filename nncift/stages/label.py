@@ -45,7 +45,7 @@ class LabelStage(Stage):
         self._kwargs = ctx.teacher_kwargs()  # model folders and table files checked before anything is written
 
     def run(self, ctx: Context, **params: Any) -> dict[str, Any]:
-        from nncift.label import gather_labels, plan_blocks
+        from nncift.labels.worker import gather_labels, plan_blocks
 
         c = ctx.cfg.label
         m, n = ctx.size()
@@ -121,9 +121,9 @@ def _items_touched(plan) -> dict[str, int]:
 
 
 def label_plan(ctx: Context):
-    """The run's label plan (:func:`nncift.pairs.plan_labels` or ``plan_items``, capped by ``label.max_pairs``):
+    """The run's label plan (:func:`nncift.labels.plan.plan_labels` or ``plan_items``, capped by ``label.max_pairs``):
     deterministic in the configuration, so later stages recompute it instead of reading it back."""
-    from nncift.pairs import cap_plan, plan_items, plan_labels
+    from nncift.labels.plan import cap_plan, plan_items, plan_labels
 
     c = ctx.cfg.label
     m, n = ctx.size()
@@ -165,7 +165,7 @@ def used_items(plan) -> tuple[np.ndarray, np.ndarray]:
 def prepare_teacher(ctx: Context, used_pool: np.ndarray, used_target: np.ndarray, kwargs: dict | None = None) -> dict:
     """The teacher's driver-side preparation (:meth:`InfluenceFunction.prepare`) over the given items;
     resumable in ``label/teacher/``. Returns the keyword arguments label workers build the teacher with."""
-    from nncift.influence.base import InfluenceFunction
+    from nncift.influence.interface import InfluenceFunction
 
     kwargs = ctx.teacher_kwargs() if kwargs is None else kwargs
     cls = ctx.teacher()
@@ -197,7 +197,7 @@ def teacher_kwargs_for(ctx: Context, extra_pool: np.ndarray | None = None, extra
 
 def label_block_side(ctx: Context) -> int:
     """Label blocks sized by cost: ``label.block_seconds`` at the teacher's pairs/s, capped by ``block_size``."""
-    from nncift.label import block_side
+    from nncift.labels.worker import block_side
 
     c = ctx.cfg.label
     pps = c.pairs_per_second or ctx.teacher().pairs_per_second
@@ -209,7 +209,7 @@ def run_label_blocks(
 ) -> None:
     """Label the ``todo`` blocks of ``sets`` (LabelSet-like) with the teacher, on the run's executor; each
     block lands in ``block_dir`` as one Parquet file as soon as it finishes."""
-    from nncift.label import LabelWorker
+    from nncift.labels.worker import LabelWorker
 
     c = ctx.cfg.label
     pool, target = ctx.tables(["id", "prompt", "response"])
@@ -237,13 +237,13 @@ def run_label_blocks(
 def active_round(ctx: Context, plan, labels: pa.Table) -> list:
     """Second round of ``label.design=active``: fit a surrogate on round 1 (the local fit loop, the run's fit
     configuration), then choose, for every labeled row, the ``partners - partners // 2`` labeled columns it
-    predicts highest that round 1 did not label (:func:`nncift.active.top_predicted_pairs`).
+    predicts highest that round 1 did not label (:func:`nncift.labels.active.top_predicted_pairs`).
 
     The chosen pairs are saved in ``label/active_pairs.parquet`` before any is labeled, so a resumed run
-    labels the same pairs. Returns paired :class:`~nncift.pairs.LabelSet` (quadrant q1), one per kernel.
+    labels the same pairs. Returns paired :class:`~nncift.labels.plan.LabelSet` (quadrant q1), one per kernel.
     """
-    from nncift.active import second_round
-    from nncift.pairs import LabelSet
+    from nncift.labels.active import second_round
+    from nncift.labels.plan import LabelSet
     from nncift.stages.fit import fit_config
 
     path = ctx.path("label", "active_pairs.parquet")
@@ -317,7 +317,7 @@ def export_table(ctx: Context, out: str | Path) -> dict:
     }
     if lab["function"] == "delift_icl":
         from nncift.influence import delift_icl as icl
-        from nncift.models import EMBEDDED_LM
+        from nncift.lm.models import EMBEDDED_LM
 
         prov["template"] = {k: getattr(icl, k) for k in ("HEAD_NOICL", "HEAD_ICL", "SEP_ICL", "MID_ICL", "TAIL")}
         pkg = EMBEDDED_LM[2].split()[0]

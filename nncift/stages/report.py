@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def truth_function(ctx: Context):
     """(teacher whose full kernel is the fidelity ground truth, None) or (None, why not)."""
-    from nncift.devices import local_gpu_ids, resolve_worker_kwargs
+    from nncift.exec.devices import local_gpu_ids, resolve_worker_kwargs
     from nncift.influence import build_influence_function
 
     fd, lb = ctx.cfg.fidelity, ctx.cfg.label
@@ -44,12 +44,12 @@ def truth_function(ctx: Context):
 
 
 def fidelity(ctx: Context) -> dict[str, Any]:
-    """Selection fidelity of this run under the teacher's full kernel (see :mod:`nncift.fidelity`).
+    """Selection fidelity of this run under the teacher's full kernel (see :mod:`nncift.selection.fidelity`).
 
     Returns ``{"measured": False, "reason": ...}`` when the full kernel is unknown or too large.
     """
-    from nncift import fidelity as fid
     from nncift.errors import DataError
+    from nncift.selection import fidelity as fid
 
     fd, sc = ctx.cfg.fidelity, ctx.cfg.select
     m, n = ctx.size()
@@ -101,7 +101,7 @@ def item_fidelity(ctx: Context) -> dict[str, Any]:
     every candidate of the choose stage, the zero-label baseline (response length) and random subsets."""
     import pyarrow.parquet as pq_
 
-    from nncift import fidelity as fid
+    from nncift.selection import fidelity as fid
     from nncift.stages.exact import exact_scores
 
     ctx.require("exact")
@@ -124,7 +124,7 @@ def item_fidelity(ctx: Context) -> dict[str, Any]:
 
 def candidate_fidelity(ctx: Context, true_ff, true_ft, budget: int, exact: list[int]) -> dict[str, Any]:
     """Gap closed of every candidate estimate of the choose stage (each selected on its own dense kernels)."""
-    from nncift import fidelity as fid
+    from nncift.selection import fidelity as fid
     from nncift.stages.choose import candidate_kernels, item_views, load_recipes
 
     sc, fd = ctx.cfg.select, ctx.cfg.fidelity
@@ -146,7 +146,7 @@ class ReportStage(Stage):
     writes = ("report/fidelity.json", "report/report.json", "report/report.md", "report/*.png")
 
     def run(self, ctx: Context, **params: Any) -> dict[str, Any]:
-        from nncift.report import clean_json, write_report
+        from nncift.reporting import clean_json, write_report
 
         fid = fidelity(ctx)
         write_json(ctx.path("report", "fidelity.json"), clean_json(fid))

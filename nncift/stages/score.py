@@ -38,7 +38,7 @@ from nncift.stages.base import Context, Stage
 from nncift.store import atomic_path, done_blocks, read_parquet_metadata, valid_parquet, write_json, write_parquet
 
 if TYPE_CHECKING:
-    from nncift.pairs import Block
+    from nncift.labels.plan import Block
     from nncift.runner import Runner
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ class ScoreStage(Stage):
     def validate(self, ctx: Context, **params: Any) -> None:
         """Read the new rows with the run's data config; refuse ids of the pool or target, or a wrong
         embedding dimension, before anything is written."""
-        from nncift.data import read_corpus
+        from nncift.corpus.readers import read_corpus
 
         path = Path(params["input"])
         new = read_corpus(path, ctx.cfg.data)
@@ -243,9 +243,9 @@ class ScoreStage(Stage):
         self, ctx: Context, folder: Path, meta: dict[str, Any], e_new: np.ndarray, texts: tuple[list, list]
     ) -> dict[str, Any]:
         """K_FF / K_FT of the combined items: the run's own blocks linked, the new blocks estimated through the
-        run's executor (:class:`~nncift.estimate.ExtendWorker`)."""
-        from nncift.estimate import ExtendWorker
-        from nncift.pairs import Block, block_grid
+        run's executor (:class:`~nncift.kernels.blocks.ExtendWorker`)."""
+        from nncift.kernels.blocks import ExtendWorker
+        from nncift.labels.plan import Block, block_grid
         from nncift.stages.estimate import estimator_heads
 
         c = ctx.cfg.estimate

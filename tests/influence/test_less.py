@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nncift.errors import ConfigError, DataError
-from nncift.executors import LocalExecutor
+from nncift.exec.local import LocalExecutor
 from nncift.influence import Items
 from nncift.influence.less import (
     TILE_ROWS,
@@ -143,7 +143,7 @@ def _by_hand(
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nncift.sft import PromptFormatter
+    from nncift.lm.sft import PromptFormatter
 
     tok = AutoTokenizer.from_pretrained(model)
     base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
@@ -282,7 +282,7 @@ def test_registration_traits_and_warmup_subset():
 @pytest.mark.timeout(1800)
 def test_smollm2_end_to_end_on_8_items(tmp_path):
     """The embedded SmolLM2: warm-up, features and the hand computation agree on a real model."""
-    from nncift.models import embedded_lm_dir
+    from nncift.lm.models import embedded_lm_dir
 
     rows = make_rows(12, seed=5)
     pool, target = _items(rows[:8], "p"), _items(rows[8:], "t")
@@ -312,7 +312,7 @@ def test_feature_fan_out_on_ray_equals_local(prepared, ray_session, tmp_path):
     from safetensors.numpy import load_file
 
     from nncift.config import RayConfig
-    from nncift.distributed import RayExecutor
+    from nncift.exec.ray_executor import RayExecutor
 
     work = tmp_path / "teacher"
     shutil.copytree(prepared["work"], work)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nncift.errors import ConfigError
-from nncift.influence.base import Items
+from nncift.influence.interface import Items
 from nncift.influence.selectit import (
     ANSWER_CUE,
     CHAT_ANSWER_PREFIX,
@@ -23,7 +23,7 @@ from nncift.influence.selectit import (
     sentence_level,
     token_level,
 )
-from nncift.models import load_causal_lm
+from nncift.lm.models import load_causal_lm
 
 
 def _items(n: int = 5) -> Items:
@@ -242,7 +242,7 @@ def test_resolve(tiny_lm, peaked, tmp_path, monkeypatch):
     kw = SelectIT.resolve(SelectITConfig(models=f" {tiny_lm} , {peaked_lm}", num_prompts=2), "cpu")
     assert kw["models"] == [tiny_lm, peaked_lm] and kw["device"] == "cpu" and kw["num_prompts"] == 2
     assert all(isinstance(v, str | int | float | bool | list) for v in kw.values())
-    monkeypatch.setattr("nncift.models.embedded_lm_dir", lambda: tmp_path / "smol")
+    monkeypatch.setattr("nncift.lm.models.embedded_lm_dir", lambda: tmp_path / "smol")
     assert SelectIT.resolve(SelectITConfig(), "cpu")["models"] == [str(tmp_path / "smol")]
 
 
@@ -262,7 +262,7 @@ def test_registered_and_built_from_resolve(tiny_lm):
 @pytest.mark.slow
 def test_embedded_smollm2_scores_real_items():
     from nncift.errors import MissingDependencyError
-    from nncift.models import embedded_lm_dir
+    from nncift.lm.models import embedded_lm_dir
 
     try:
         embedded_lm_dir()

@@ -1,0 +1,1 @@
+"""The corpus: readers, streaming ingest, filesystems, the sentence embedder and synthetic corpora."""

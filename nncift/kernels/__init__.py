@@ -1,0 +1,1 @@
+"""The estimated kernels: the block / stripe store and the estimate worker."""

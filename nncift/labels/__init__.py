@@ -1,0 +1,1 @@
+"""Teacher labels: the pair plan (quadrants, blocks), the label worker and the active design."""

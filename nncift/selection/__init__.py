@@ -1,0 +1,1 @@
+"""Subset selection: dense and sparse greedy (FL, FLMI, FLCG, top-k) and selection fidelity."""

@@ -1,0 +1,553 @@
+"""Choosing the estimate on the run's own held-out labels: candidate estimates and a criterion that reads what
+selection reads.
+
+A learned surrogate is not always better than estimates that need no network: on a text-similarity teacher
+the plain embedding cosine can beat it, and on DELIFT's in-context utility the exact self-utilities with a
+near-constant off-diagonal can. So every run builds a small family of **candidate estimates** of each kernel
+and keeps the one its own held-out labels prove best.
+
+Candidates (raw teacher units; the K_FF diagonal is the teacher's exact self-utility where labeled):
+
+==================  =====  ======================================================================
+name                free   estimate off the diagonal
+==================  =====  ======================================================================
+``cosine``          yes    the embedding cosine (zero teacher labels; diagonal 1, not the teacher's); only
+                           without the exact diagonal, which ``diag_cosine`` then adds to it
+``lexical``         yes    the cosine of the lexical view (:mod:`nncift.surrogate.views`), zero labels; likewise
+``diag_const``      yes    the training labels' mean (only when the exact diagonal is labeled)
+``diag_cosine``     yes    ``a cos + b``, the cosine calibrated on the training labels (least squares)
+``diag_lexical``    yes    the lexical cosine calibrated likewise
+``surrogate``       no     the fitted network
+``shrink_<l>``      no     ``(1 - l) surrogate + l (a cos + b)``: the network shrunk toward the calibrated
+                           cosine (bilinear networks; ``l`` in 0.25, 0.5, 0.75)
+``additive``        no     ``a cos + b + r_i + c_j``: per-target and per-example effects measured on the
+                           labeled items and predicted by ridge from the item features elsewhere
+``additive_lm<L>``  no     the same, the effects predicted from the teacher LM's layer-L hidden states
+                           (``choose.teacher_features``; the held-out choice picks the layer)
+==================  =====  ======================================================================
+
+"Free" means no network: the calibrated ones read the training labels only through two numbers. K_FT has
+no diagonal: its candidates carry the same names (``diag_cosine`` of K_FT is the calibrated cosine), and
+without ``label.diagonal`` neither kernel has one.
+
+Every candidate except a paper MLP is a bilinear form on a view's item vectors, ``[v_i, 1] W [v_j, 1]^T`` (+
+effects), so blends are sums of ``W`` and the chosen estimate stays one GEMM per block (factors ``[v, 1] W``
+and ``[v, 1]``: the estimation speed of the default bilinear network).
+
+**The criterion** (:func:`probe_fl` / :func:`score_probes`): a sample of held-out rows R (``choose.rows``)
+is covered, for each candidate, by the greedy facility-location selection the pipeline would run, restricted
+to those rows but over *every* column of the pool, with the budget scaled to ``select.fraction x |R|``. The
+teacher then labels, for every row, the ``choose.top`` columns each candidate thinks cover it best among its
+picks (the union over candidates; pairs already known are not labeled again), and each candidate's picks
+are scored under the teacher's values: per row the best true coverage among its picks. Rows keep their full
+set of potential coverers (unlike a random sub-square of the kernel, whose items rarely resemble each other),
+every candidate is scored on the same rows (paired), and the values are the objective the selection
+maximises, not an MSE. Row sampling resolves large differences of coverage (a cosine that ignores DELIFT's self-utilities) but
+not the small ones that still separate a good neighbour structure from a poor one, so a second, more
+sensitive score reads the same rows: each candidate's ``choose.top`` best columns over the whole pool (the
+row's own excluded) and their mean teacher value. :func:`decide` keeps the candidates within ``choose.z``
+standard errors of the best coverage, then among them the best neighbour quality, or the best free one
+within ``choose.z_near`` standard errors of it: a learned estimate must *prove* it is better.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SHRINK = (0.75, 0.5, 0.25)
+# preference order among candidates tied within noise: free before learned, simpler before richer
+PREFERENCE = ("diag_cosine", "diag_lexical", "cosine", "lexical", "diag_const",
+              *(f"shrink_{x:g}" for x in SHRINK), "surrogate", "additive", "additive_lm")  # fmt: skip
+ITEM_CANDIDATES = ("response_length", "prompt_length", "ridge", "surrogate")  # pointwise teachers
+FREE = ("diag_cosine", "diag_lexical", "cosine", "lexical", "diag_const", "response_length", "prompt_length")
+CANDIDATES = PREFERENCE  # families: ``additive_lm`` builds one ``additive_lm<layer>`` per teacher-LM layer
+
+
+@dataclass
+class Recipe:
+    """How one candidate estimates one kernel (``ff`` or ``ft``), in raw teacher units.
+
+    ``K[i, j] = [v_i, 1] W [v_j, 1]^T + r_i + c_j`` on the item vectors of ``view``; or, for ``network``, the
+    fitted surrogate's own output. With ``diag``, K_FF[i, i] is the teacher's exact self-utility.
+
+    Attributes:
+        r, c: (M,) / (C,) float32 per-row / per-column effects (or None); ``r_w``, ``c_w``: (D + 1,) ridge weights
+            on ``[v, 1]`` that predict them for new items.
+    """
+
+    name: str
+    kernel: str
+    free: bool
+    view: str | None = None
+    W: np.ndarray | None = None
+    r: np.ndarray | None = None
+    c: np.ndarray | None = None
+    r_w: np.ndarray | None = None
+    c_w: np.ndarray | None = None
+    diag: bool = False
+    network: bool = False
+    effect_view: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def factor_width(self) -> int | None:
+        """Columns of the per-item factors (estimation cost per pair), None for a network candidate."""
+        if self.W is None:
+            return None
+        return self.W.shape[1] + (self.r is not None) + (self.c is not None)
+
+    # ------------------------------------------------------------------ persistence (safetensors + JSON)
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            k: np.asarray(v, np.float32) for k in ("W", "r", "c", "r_w", "c_w") if (v := getattr(self, k)) is not None
+        }
+
+    def meta(self) -> dict[str, Any]:
+        return {"name": self.name, "kernel": self.kernel, "free": self.free, "view": self.view, "diag": self.diag,
+                "network": self.network, "effect_view": self.effect_view, "info": self.info}  # fmt: skip
+
+    @classmethod
+    def from_parts(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Recipe:
+        return cls(**meta, **{k: arrays.get(k) for k in ("W", "r", "c", "r_w", "c_w")})
+
+
+# ------------------------------------------------------------------------------------------ factors
+def _aug(v: np.ndarray) -> np.ndarray:
+    """``[v, 1]``: (n, d) -> (n, d + 1) float32."""
+    return np.concatenate([np.asarray(v, np.float32), np.ones((len(v), 1), np.float32)], axis=1)
+
+
+def dot_factors(recipe: Recipe, rows_v: np.ndarray, cols_v: np.ndarray, r: np.ndarray | None = None,
+                c: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Per-item factors ``(P, Q)`` with ``P @ Q.T`` = the recipe's estimate (raw units, no diagonal).
+
+    Args:
+        rows_v: (R, d) view vectors of the rows. cols_v: (C, d) of the columns.
+        r, c: the rows' / columns' effects (default: the recipe's own, which must then match R / C).
+
+    Returns:
+        P (R, k), Q (C, k) float32.
+    """
+    p = _aug(rows_v) @ recipe.W
+    q = _aug(cols_v)
+    r = recipe.r if r is None and recipe.r is not None else r
+    c = recipe.c if c is None and recipe.c is not None else c
+    ones_p, ones_q = np.ones((len(p), 1), np.float32), np.ones((len(q), 1), np.float32)
+    if r is not None:
+        p, q = np.concatenate([p, np.asarray(r, np.float32)[:, None]], 1), np.concatenate([q, ones_q], 1)
+    if c is not None:
+        p, q = np.concatenate([p, ones_p], 1), np.concatenate([q, np.asarray(c, np.float32)[:, None]], 1)
+    return np.ascontiguousarray(p, np.float32), np.ascontiguousarray(q, np.float32)
+
+
+def effects_for(recipe: Recipe, v_new: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Ridge-predicted (row, column) effects of new items from their view vectors ((M', d) -> (M',) each)."""
+    a = _aug(v_new)
+    return (None if recipe.r_w is None else a @ recipe.r_w, None if recipe.c_w is None else a @ recipe.c_w)
+
+
+def bilinear_form(net) -> np.ndarray:
+    """A :class:`~nncift.surrogate.network.BilinearNetwork` as ``W`` (d + 1, d + 1) float32 on ``[e, 1]`` (scaled label units):
+    ``s(i, j) = [e_i, 1] W [e_j, 1]^T``."""
+    import torch
+
+    with torch.no_grad():
+        row_t, row_b = net.row_tower.weight, net.row_bias.weight
+        col_t, col_b = (net.row_tower.weight, net.row_bias.weight) if net.symmetric else (
+            net.col_tower.weight, net.col_bias.weight)  # fmt: skip
+        form = row_t.T @ col_t
+        if net.cosine_prior:
+            form = form + net.alpha * torch.eye(net.dim)
+        d = net.dim
+        w = torch.zeros(d + 1, d + 1)
+        w[:d, :d] = form
+        w[:d, d] = row_b[0]
+        w[d, :d] = col_b[0]
+        w[d, d] = net.bias
+    return w.numpy().astype(np.float32)
+
+
+def affine_form(d: int, a: float, b: float) -> np.ndarray:
+    """``W`` of ``a <v_i, v_j> + b`` on ``[v, 1]``: (d + 1, d + 1) float32."""
+    w = np.zeros((d + 1, d + 1), np.float32)
+    w[np.arange(d), np.arange(d)] = a
+    w[d, d] = b
+    return w
+
+
+# ------------------------------------------------------------------------------------------ fitting helpers
+def calibrate(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Least-squares ``y ~ a x + b`` (a = 0, b = mean y when x is constant)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if len(x) < 2 or np.ptp(x) == 0:
+        return 0.0, float(y.mean()) if len(y) else 0.0
+    a, b = np.polyfit(x, y, 1)
+    return float(a), float(b)
+
+
+def ridge_gcv(x: np.ndarray, y: np.ndarray, lambdas=(1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3)) -> np.ndarray:
+    """Ridge regression of ``y`` on ``[x, 1]`` (intercept not penalised), the penalty chosen by generalised
+    cross-validation; returns (d + 1,) float32 weights on ``[x, 1]`` (constant prediction for < 3 samples)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    d = x.shape[1]
+    w = np.zeros(d + 1)
+    if len(y) < 3:
+        w[d] = y.mean() if len(y) else 0.0
+        return w.astype(np.float32)
+    xm, ym = x.mean(0), y.mean()
+    u, s, vt = np.linalg.svd(x - xm, full_matrices=False)
+    uty = u.T @ (y - ym)
+    best, best_gcv = None, np.inf
+    for lam in lambdas:
+        f = s**2 / (s**2 + lam)
+        resid = (y - ym) - u @ (f * uty)
+        gcv = float(np.mean(resid**2) / max(1e-12, (1 - f.sum() / len(y))) ** 2)
+        if gcv < best_gcv:
+            best, best_gcv = lam, gcv
+    beta = vt.T @ (s / (s**2 + best) * uty)
+    w[:d], w[d] = beta, ym - xm @ beta
+    return w.astype(np.float32)
+
+
+def additive_effects(rows: np.ndarray, cols: np.ndarray, resid: np.ndarray, n_rows: int, n_cols: int,
+                     feat_rows: np.ndarray, feat_cols: np.ndarray, prior: float = 5.0, rounds: int = 10
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """Per-row and per-column effects of residual labels: ``resid[k] ~ r[rows[k]] + c[cols[k]]``.
+
+    Effects are measured on the labeled items (each a mean of its own residuals, shrunk toward its ridge
+    prediction with ``prior`` pseudo-labels) and predicted by ridge from the item features elsewhere.
+
+    Args:
+        rows, cols: (P,) indices of the labeled pairs; resid: (P,) their residual values.
+        feat_rows: (n_rows, d) and feat_cols: (n_cols, d) item features.
+
+    Returns:
+        r (n_rows,), c (n_cols,) float32 and the ridge weights r_w, c_w ((d + 1,) on ``[v, 1]``).
+    """
+    rows, cols, resid = np.asarray(rows), np.asarray(cols), np.asarray(resid, np.float64)
+    n_r, n_c = np.bincount(rows, minlength=n_rows), np.bincount(cols, minlength=n_cols)
+    lab_r, lab_c = np.flatnonzero(n_r), np.flatnonzero(n_c)
+    r, c = np.zeros(n_rows), np.zeros(n_cols)
+    pr, pc = np.zeros(n_rows), np.zeros(n_cols)
+    r_w = c_w = np.zeros(feat_rows.shape[1] + 1, np.float32)
+    for it in range(rounds):
+        c = pc + np.bincount(cols, resid - r[rows] - pc[cols], n_cols) / (n_c + prior)
+        r = pr + np.bincount(rows, resid - c[cols] - pr[rows], n_rows) / (n_r + prior)
+        if it in (rounds // 2, rounds - 1):  # refresh the ridge priors from the measured effects
+            c_w = ridge_gcv(feat_cols[lab_c], c[lab_c])
+            r_w = ridge_gcv(feat_rows[lab_r], r[lab_r])
+            pc, pr = _aug(feat_cols) @ c_w, _aug(feat_rows) @ r_w
+    c = pc + np.bincount(cols, resid - r[rows] - pc[cols], n_cols) / (n_c + prior)
+    r = pr + np.bincount(rows, resid - c[cols] - pr[rows], n_rows) / (n_r + prior)
+    return r.astype(np.float32), c.astype(np.float32), r_w, c_w
+
+
+# ------------------------------------------------------------------------------------------ candidates
+def build_recipes(kernel: str, labels: tuple[np.ndarray, np.ndarray, np.ndarray], views: dict[str, tuple],
+                  network: Any, scaler: Any, diag: bool, kinds: tuple[str, ...] = CANDIDATES,
+                  probes: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> list[Recipe]:  # fmt: skip
+    """The candidate recipes of one kernel.
+
+    Args:
+        kernel: "ff" or "ft".
+        labels: (rows, cols, raw values) of the kernel's training pairs (Q1, self pairs excluded).
+        probes: (rows, cols, raw values) of the probe columns (``label.probes``), or None: the additive estimate
+            measures every row's effect from them (the network never trains on them).
+        views: name -> (row vectors (M, d), column vectors (M or N, d)); ``embedding`` is required; views named
+            ``lm<L>`` (teacher-LM hidden states of layer L) feed the ``additive_lm`` family.
+        network: the fitted surrogate of this kernel (eval mode); scaler: its label scaler.
+        diag: the exact K_FF diagonal is known (K_FF only).
+        kinds: the candidate names to build (others, and those that do not apply, are skipped).
+    """
+    from nncift.surrogate.network import BilinearNetwork
+
+    rows, cols, y = labels
+    has_diag = diag and kernel == "ff"  # K_FT has no diagonal: its candidates carry the K_FF names
+    out: list[Recipe] = []
+    cal: dict[str, tuple[float, float]] = {}
+    for view in ("embedding", "lexical"):  # the views whose cosine is a candidate (not the teacher-LM features)
+        if view in views:
+            vr, vc = views[view]
+            cal[view] = calibrate(np.einsum("pd,pd->p", vr[rows], vc[cols]), y)
+    d_emb = views["embedding"][0].shape[1]
+    mu = float(np.mean(y)) if len(y) else 0.0
+
+    def add(name: str, **kw: Any) -> None:
+        if name in kinds:
+            out.append(Recipe(name, kernel, **kw))
+
+    if not diag:  # with the exact diagonal, diag_cosine / diag_lexical dominate the plain zero-label cosines
+        add("cosine", free=True, view="embedding", W=affine_form(d_emb, 1.0, 0.0), info={"zero_label": True})
+        if "lexical" in views:
+            add("lexical", free=True, view="lexical", W=affine_form(views["lexical"][0].shape[1], 1.0, 0.0),
+                info={"zero_label": True})  # fmt: skip
+    else:
+        add("diag_const", free=True, view="embedding", W=affine_form(d_emb, 0.0, mu), diag=has_diag)
+    a, b = cal["embedding"]
+    add("diag_cosine", free=True, view="embedding", W=affine_form(d_emb, a, b), diag=has_diag, info={"a": a, "b": b})
+    if "lexical" in views:
+        al, bl = cal["lexical"]
+        add("diag_lexical", free=True, view="lexical", W=affine_form(views["lexical"][0].shape[1], al, bl),
+            diag=has_diag, info={"a": al, "b": bl})  # fmt: skip
+    add("surrogate", free=False, network=True, diag=has_diag, info={"kind": getattr(network, "kind", None)})
+    if isinstance(network, BilinearNetwork):
+        s = np.float32(scaler.hi - scaler.lo)
+        w_net = bilinear_form(network) * s
+        w_net[-1, -1] += np.float32(scaler.lo)
+        w_cos = affine_form(d_emb, a, b)
+        for lam in SHRINK:
+            add(f"shrink_{lam:g}", free=False, view="embedding", W=((1 - lam) * w_net + lam * w_cos).astype(np.float32),
+                diag=has_diag, info={"lambda": lam})  # fmt: skip
+    if {"additive", "additive_lm"} & set(kinds) and len(y):
+        vr, vc = views["embedding"]
+        if probes is not None and len(probes[0]):
+            rows, cols, y = (np.concatenate([x, p]) for x, p in zip((rows, cols, y), probes, strict=True))
+        resid = y - (a * np.einsum("pd,pd->p", vr[rows], vc[cols]) + b)
+        feats = {"additive": "embedding"} if "additive" in kinds else {}
+        if "additive_lm" in kinds:
+            feats.update({f"additive_{v}": v for v in views if v.startswith("lm")})
+        for name, view in feats.items():
+            fr, fc = views[view]
+            r, c, r_w, c_w = additive_effects(rows, cols, resid, len(vr), len(vc), fr, fc)
+            out.append(Recipe(name, kernel, free=False, view="embedding", W=affine_form(d_emb, a, b), r=r, c=c,
+                              r_w=r_w, c_w=c_w, diag=has_diag, effect_view=view, info={"a": a, "b": b}))  # fmt: skip
+    return out
+
+
+class Estimates:
+    """Rows of each candidate's estimate of one kernel, computed from its recipe (nothing of size M x M).
+
+    Args:
+        recipes: the kernel's candidates.
+        views: name -> (row vectors (M, d), column vectors (C, d)).
+        network_head: the surrogate's estimator factors (``Surrogate.estimator`` output) + ``lo`` / ``hi``.
+        diag: (M,) float32 exact K_FF diagonal (or None).
+    """
+
+    def __init__(self, recipes: list[Recipe], views: dict[str, tuple], network_head: dict | None,
+                 diag: np.ndarray | None):  # fmt: skip
+        self.recipes = {r.name: r for r in recipes}
+        self.views, self.net, self.diag = views, network_head, diag
+
+    def rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), C) float32 raw estimate of the given rows over every column (exact diagonal included)."""
+        from nncift.kernels.blocks import predict_factors
+
+        rec = self.recipes[name]
+        rows = np.asarray(rows, np.int64)
+        if rec.network:
+            h = self.net
+            sub = {**h, "p": np.asarray(h["p"])[rows]}
+            out = predict_factors(sub) * np.float32(h["hi"] - h["lo"]) + np.float32(h["lo"])
+        else:
+            vr, vc = self.views[rec.view]
+            p, q = dot_factors(rec, vr[rows], vc, None if rec.r is None else rec.r[rows], rec.c)
+            out = p @ q.T
+        out = np.asarray(out, np.float32)
+        if rec.diag and self.diag is not None:
+            out[np.arange(len(rows)), rows] = self.diag[rows]
+        return out
+
+
+# ------------------------------------------------------------------------------------------ the criterion
+@dataclass
+class Probe:
+    """What one candidate picked for the held-out rows: ``picks`` (b,) column indices; ``top`` (R, L) the columns of
+    its picks it ranks best for each row; ``near`` (R, L) its best columns of each row over the whole pool, the
+    row's own column excluded; ``cap_top`` (R, L) its best K_FT columns per row (FLMI / FLCG caps), or None.
+    These are the pairs the teacher labels."""
+
+    picks: np.ndarray
+    top: np.ndarray
+    near: np.ndarray
+    cap_top: np.ndarray | None = None
+
+
+def probe_fl(ff: Estimates, ft: Estimates | None, rows: np.ndarray, budget: int, top: int, objective: str,
+             eta: float = 1.0, nu: float = 1.0) -> dict[str, Probe]:  # fmt: skip
+    """Each candidate's greedy selection for the held-out ``rows`` over every column, and the pairs to label.
+
+    The rows' objective is the run's (FL, FLMI, FLCG) on each candidate's own estimate, min-max scaled over
+    the rows' rectangle, with ``budget`` picks.
+
+    Returns:
+        name -> :class:`Probe`.
+    """
+    from nncift.selection.greedy import lazy_greedy, minmax_scale
+
+    out = {}
+    for name in ff.recipes:
+        e = ff.rows(name, rows)
+        k, floor, cap_top = minmax_scale(e), None, None
+        if objective in ("flmi", "flcg"):
+            ef = ft.rows(name, rows)
+            cap = minmax_scale(ef).max(axis=1)
+            cap_top = np.argsort(-ef, axis=1, kind="stable")[:, :top]
+            if objective == "flmi":
+                k = np.minimum(k, (eta * cap)[:, None])
+            else:
+                floor = nu * cap
+        picks, _ = lazy_greedy(k, min(budget, k.shape[1]), floor)
+        sub = e[:, picks]
+        order = np.argsort(-sub, axis=1, kind="stable")[:, : min(top, len(picks))]
+        off = e.copy()
+        off[np.arange(len(rows)), rows] = -np.inf  # K_FF: the row's own column is not a neighbour
+        near = np.argsort(-off, axis=1, kind="stable")[:, : min(top, e.shape[1] - 1)]
+        out[name] = Probe(np.asarray(picks, np.int64), picks[order], near, cap_top)
+    return out
+
+
+def probe_pairs(probes: dict[str, Probe], rows: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The distinct (row, col) pairs the probes need labeled, per kernel: ``{"ff": (rows, cols), "ft": ...}``."""
+    out = {}
+    for kernel, attrs in (("ff", ("top", "near")), ("ft", ("cap_top",))):
+        parts = [getattr(p, a) for p in probes.values() for a in attrs if getattr(p, a) is not None]
+        if not parts:
+            continue
+        r = np.concatenate([np.repeat(rows, x.shape[1]) for x in parts])
+        c = np.concatenate([x.reshape(-1) for x in parts])
+        pairs = np.unique(np.stack([r, c], 1), axis=0)
+        out[kernel] = (pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64))
+    return out
+
+
+class Known:
+    """Teacher values known for (row, col) pairs of one kernel (training, evaluation, diagonal, choose labels):
+    vectorised lookup by sorted int64 keys."""
+
+    def __init__(self, rows: np.ndarray, cols: np.ndarray, values: np.ndarray, n_cols: int):
+        keys = np.asarray(rows, np.int64) * n_cols + np.asarray(cols, np.int64)
+        keys, first = np.unique(keys, return_index=True)
+        self.keys, self.values, self.n_cols = keys, np.asarray(values, np.float64)[first], n_cols
+
+    def extended(self, rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> Known:
+        """A lookup over these values and the new ones (a pair known twice keeps its first value)."""
+        r, c = np.divmod(self.keys, self.n_cols)
+        return Known(np.concatenate([r, rows]), np.concatenate([c, cols]), np.concatenate([self.values, values]),
+                     self.n_cols)  # fmt: skip
+
+    def lookup(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(values, found) for broadcastable ``rows`` x ``cols`` index arrays (values NaN where unknown)."""
+        keys = np.asarray(rows, np.int64) * self.n_cols + np.asarray(cols, np.int64)
+        at = np.clip(np.searchsorted(self.keys, keys), 0, max(0, len(self.keys) - 1))
+        found = (self.keys[at] == keys) if len(self.keys) else np.zeros(keys.shape, bool)
+        return np.where(found, self.values[at] if len(self.keys) else np.nan, np.nan), found
+
+
+def score_probes(probes: dict[str, Probe], rows: np.ndarray, known_ff: Known, known_ft: Known | None,
+                 objective: str, eta: float = 1.0, nu: float = 1.0) -> dict[str, np.ndarray]:  # fmt: skip
+    """Per-row objective contributions of each candidate's picks under the teacher's values.
+
+    For row i, ``m_i`` = the best teacher value among the candidate's picks whose pair with i is known (its own
+    top-L, the other candidates', the diagonal and any earlier label): FL ``m_i``; FLMI ``min(m_i, eta c_i)``;
+    FLCG ``max(m_i - nu c_i, 0)``, with ``c_i`` the best known K_FT value of the row, both kernels min-max
+    scaled over their known values as the selection scales the full kernels.
+
+    Returns:
+        name -> (R,) float64 per-row contributions (their mean is the candidate's held-out score).
+    """
+    lo, hi = float(known_ff.values.min()), float(known_ff.values.max())
+    span = hi - lo if hi > lo else 1.0
+    cap = None
+    if objective in ("flmi", "flcg"):
+        vals, ok = known_ft.lookup(rows[:, None], np.arange(known_ft.n_cols)[None, :])
+        lo_t, hi_t = float(known_ft.values.min()), float(known_ft.values.max())
+        cap = (np.where(ok, vals, -np.inf).max(axis=1) - lo_t) / (hi_t - lo_t if hi_t > lo_t else 1.0)
+        cap = np.where(np.isfinite(cap), cap, 0.0)
+    out = {}
+    for name, p in probes.items():
+        vals, ok = known_ff.lookup(rows[:, None], p.picks[None, :])
+        m = (np.where(ok, vals, -np.inf).max(axis=1) - lo) / span
+        m = np.where(np.isfinite(m), m, 0.0)
+        if objective == "flmi":
+            m = np.minimum(m, eta * cap)
+        elif objective == "flcg":
+            m = np.maximum(m - nu * cap, 0.0)
+        out[name] = m
+    return out
+
+
+def score_near(probes: dict[str, Probe], rows: np.ndarray, known_ff: Known) -> dict[str, np.ndarray]:
+    """Per-row neighbour quality of each candidate: the mean teacher value (min-max scaled over the known values)
+    of the ``L`` columns it ranks best for the row over the whole pool, the row's own column excluded.
+
+    Returns:
+        name -> (R,) float64.
+    """
+    lo, hi = float(known_ff.values.min()), float(known_ff.values.max())
+    span = hi - lo if hi > lo else 1.0
+    out = {}
+    for name, p in probes.items():
+        vals, ok = known_ff.lookup(rows[:, None], p.near)
+        out[name] = np.nanmean(np.where(ok, (vals - lo) / span, np.nan), axis=1)
+        out[name] = np.where(np.isfinite(out[name]), out[name], 0.0)
+    return out
+
+
+def _compare(per_row: dict[str, np.ndarray], names: list[str], z: float, rank: dict[str, int]) -> dict[str, dict]:
+    """Paired comparison of ``names`` with the best mean: mean, difference, its standard error, within noise."""
+    means = {n: float(np.mean(per_row[n])) for n in names}
+    best = max(names, key=lambda n: (means[n], -rank[n]))
+    n_rows = len(per_row[best])
+    out = {}
+    for n in names:
+        diff = per_row[best] - per_row[n]
+        se = float(diff.std(ddof=1) / np.sqrt(n_rows)) if n_rows > 1 else 0.0
+        out[n] = {"mean": means[n], "diff_to_best": means[best] - means[n], "se": se,
+                  "within_noise": bool(means[best] - means[n] <= z * se + 1e-12)}  # fmt: skip
+    return out
+
+
+def _rank(name: str, order: tuple[str, ...]) -> float:
+    """Position of a candidate in the preference order (a family member, e.g. ``additive_lm12``, ranks with its
+    family, deeper layers after shallower ones)."""
+    if name in order:
+        return float(order.index(name))
+    fam = next((f for f in order if name.startswith(f)), None)
+    if fam is None:
+        return float(len(order))
+    tail = name[len(fam) :].lstrip("_lm")
+    return order.index(fam) + (int(tail) if tail.isdigit() else 0) / 1e4
+
+
+def decide(fl: dict[str, np.ndarray], near: dict[str, np.ndarray], z: float = 1.0, z_near: float = 1.0,
+           order: tuple[str, ...] = PREFERENCE, free: dict[str, bool] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The choice among candidates from their per-row held-out scores.
+
+    1. The facility-location score filters: a candidate more than ``z`` paired standard errors below the best
+       is out (it provably covers the held-out rows worse, e.g. the plain cosine on DELIFT's kernel, whose
+       self-utilities it does not know).
+    2. Among the rest, neighbour quality decides (it tells apart estimates whose coverage differs by less than
+       row sampling can resolve, e.g. a lexical view on a text-similarity teacher): of the candidates within
+       ``z_near`` standard errors of the best, the best free one when there is one (a learned estimate must
+       *prove* it is better: the one-standard-error rule with ``z_near = 1``), else the best.
+
+    Args:
+        fl, near: name -> (R,) per-row scores (:func:`score_probes`, :func:`score_near`).
+        order: breaks exact ties. free: name -> needs no network (default: the names of :data:`FREE`).
+
+    Returns:
+        ``{"chosen", "best_fl", "best_near", "scores": {name: {"fl": {...}, "near": {...}, "eligible"}}}``.
+    """
+    free = {n: n in FREE for n in fl} if free is None else free
+    names = list(fl)
+    rank = {n: _rank(n, order) for n in names}
+    c_fl = _compare(fl, names, z, rank)
+    eligible = [n for n in names if c_fl[n]["within_noise"]]
+    c_near = _compare(near, eligible, z_near, rank)
+    tied = [n for n in eligible if c_near[n]["within_noise"]]
+    # within noise of the best: the best free candidate if there is one (free before learned), else the best
+    pool = [n for n in tied if free.get(n)] or tied
+    chosen = max(pool, key=lambda n: (c_near[n]["mean"], c_fl[n]["mean"], -rank[n]))
+    best_fl = max(names, key=lambda n: (c_fl[n]["mean"], -rank[n]))
+    best_near = max(eligible, key=lambda n: (c_near[n]["mean"], -rank[n]))
+    scores = {n: {"fl": c_fl[n], "near": c_near.get(n, {"mean": float(np.mean(near[n]))}), "eligible": n in eligible}
+              for n in names}  # fmt: skip
+    return {"chosen": chosen, "best_fl": best_fl, "best_near": best_near, "scores": scores,
+            "rows": len(next(iter(fl.values()))), "z": z, "z_near": z_near}  # fmt: skip

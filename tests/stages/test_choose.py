@@ -1,0 +1,315 @@
+"""The held-out choice of the estimate (nncift.surrogate.candidates): candidates, the criterion, the decision, and the
+guarantee that a run never keeps an estimate worse than the best free one beyond noise."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nncift.surrogate import candidates as ch
+from nncift.surrogate.network import BilinearNetwork
+
+
+def _unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("prior", [False, True])
+@pytest.mark.parametrize("sym", [False, True])
+def test_bilinear_form_equals_the_networks_own_scores(prior, sym):
+    torch.manual_seed(0)
+    net = BilinearNetwork(6, rank=3, symmetric=sym, cosine_prior=prior)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_()
+    a, b = _unit(np.random.default_rng(1).normal(size=(5, 6))), _unit(np.random.default_rng(2).normal(size=(4, 6)))
+    w = ch.bilinear_form(net)
+    aug = lambda v: np.concatenate([v, np.ones((len(v), 1), np.float32)], 1)  # noqa: E731
+    want = net.score_all(torch.as_tensor(a), torch.as_tensor(b)).numpy()
+    np.testing.assert_allclose(aug(a) @ w @ aug(b).T, want, rtol=1e-5, atol=1e-5)
+
+
+def test_dot_factors_with_effects_and_new_items():
+    rng = np.random.default_rng(0)
+    v, u = rng.normal(size=(5, 3)).astype(np.float32), rng.normal(size=(4, 3)).astype(np.float32)
+    w = rng.normal(size=(4, 4)).astype(np.float32)
+    r, c = rng.normal(size=5).astype(np.float32), rng.normal(size=4).astype(np.float32)
+    rec = ch.Recipe("x", "ft", free=False, view="embedding", W=w, r=r, c=c, r_w=np.ones(4, np.float32),
+                    c_w=np.zeros(4, np.float32))  # fmt: skip
+    p, q = ch.dot_factors(rec, v, u)
+    aug = lambda x: np.concatenate([x, np.ones((len(x), 1), np.float32)], 1)  # noqa: E731
+    np.testing.assert_allclose(p @ q.T, aug(v) @ w @ aug(u).T + r[:, None] + c[None, :], rtol=1e-5, atol=1e-5)
+    assert rec.factor_width == p.shape[1] == 4 + 2
+    r_new, c_new = ch.effects_for(rec, v[:2])
+    np.testing.assert_allclose(r_new, v[:2].sum(1) + 1, rtol=1e-6)
+    np.testing.assert_allclose(c_new, 0, atol=0)
+
+
+def test_calibrate_and_ridge_recover_linear_truth():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=200)
+    assert ch.calibrate(x, 3 * x - 2) == pytest.approx((3.0, -2.0))
+    assert ch.calibrate(np.ones(5), np.arange(5.0)) == (0.0, 2.0)  # constant input: the mean
+    feats = rng.normal(size=(300, 4))
+    y = feats @ np.array([1.0, -2.0, 0.5, 0.0]) + 0.7
+    w = ch.ridge_gcv(feats, y)
+    np.testing.assert_allclose(w, [1.0, -2.0, 0.5, 0.0, 0.7], atol=0.02)
+
+
+def test_additive_effects_measured_on_labeled_items_and_predicted_elsewhere():
+    rng = np.random.default_rng(0)
+    n = 200
+    feats = rng.normal(size=(n, 3)).astype(np.float32)
+    r_true = feats @ np.array([0.5, 0.0, -0.3])
+    c_true = feats @ np.array([0.0, 1.0, 0.2])
+    lab = np.arange(80)  # items 0..79 labeled, 40 partners each
+    rows = np.repeat(lab, 40)
+    cols = rng.choice(lab, size=len(rows))
+    resid = r_true[rows] + c_true[cols] + 0.01 * rng.normal(size=len(rows))
+    r, c, _, _ = ch.additive_effects(rows, cols, resid, n, n, feats, feats)
+    # an additive matrix is identified up to a constant shift between r and c: compare centred effects
+    for est, true in ((r, r_true), (c, c_true)):
+        shift = (est - true)[lab].mean()
+        np.testing.assert_allclose(est[lab] - shift, true[lab], atol=0.05)
+    unl = np.arange(80, n)  # never labeled: the ridge prediction from the features
+    assert np.corrcoef(c[unl], c_true[unl])[0, 1] > 0.99 and np.corrcoef(r[unl], r_true[unl])[0, 1] > 0.99
+
+
+def _estimates(kernels: dict[str, np.ndarray], diag: np.ndarray | None = None):
+    """Estimates over explicit dense kernels: one 'view' per candidate whose vectors are the kernel's rows and
+    columns of the identity, so ``[v_i, 1] W [v_j, 1]`` reads the kernel entry."""
+    m = next(iter(kernels.values())).shape[0]
+    eye = np.eye(m, dtype=np.float32)
+    recs, views = [], {}
+    for name, k in kernels.items():
+        w = np.zeros((m + 1, m + 1), np.float32)
+        w[:m, :m] = k
+        views[name] = (eye, eye)
+        recs.append(ch.Recipe(name, "ff", free=name != "learned", view=name, W=w, diag=diag is not None))
+    return ch.Estimates(recs, views, None, diag)
+
+
+def test_the_criterion_prefers_the_truth_and_rejects_a_poor_estimate():
+    """Held-out rows covered by each candidate's picks, scored under the teacher's values."""
+    rng = np.random.default_rng(0)
+    m = 120
+    centers = rng.normal(size=(8, 5))
+    e = _unit(centers[np.arange(m) % 8] + 0.4 * rng.normal(size=(m, 5)))
+    truth = (e @ e.T).astype(np.float32)
+    noise = rng.random((m, m)).astype(np.float32)
+    est = _estimates({"diag_cosine": truth, "cosine": noise})
+    rows = np.arange(0, m, 3)
+    probes = ch.probe_fl(est, None, rows, budget=8, top=4, objective="fl")
+    pairs = ch.probe_pairs(probes, rows)["ff"]
+    known = ch.Known(pairs[0], pairs[1], truth[pairs], m)
+    fl = ch.score_probes(probes, rows, known, None, "fl")
+    near = ch.score_near(probes, rows, known)
+    assert fl["diag_cosine"].mean() > fl["cosine"].mean() and near["diag_cosine"].mean() > near["cosine"].mean()
+    dec = ch.decide(fl, near)
+    assert dec["chosen"] == "diag_cosine" and not dec["scores"]["cosine"]["eligible"]
+    # a pair labeled once is looked up, anything else is unknown
+    v, ok = known.lookup(pairs[0][:3], pairs[1][:3])
+    np.testing.assert_allclose(v, truth[pairs[0][:3], pairs[1][:3]], rtol=1e-6) and ok.all()
+    assert not known.lookup(np.array([0]), np.array([0]))[1].any() or (0, 0) in set(zip(*pairs, strict=True))
+    more = known.extended(np.array([m - 1]), np.array([m - 2]), np.array([7.0]))
+    assert more.lookup(np.array([m - 1]), np.array([m - 2]))[0][0] == 7.0 or (m - 1, m - 2) in set(
+        zip(*pairs, strict=True)
+    )
+    np.testing.assert_allclose(more.lookup(pairs[0], pairs[1])[0], truth[pairs], rtol=1e-6)  # the old values kept
+
+
+def test_decide_keeps_the_free_estimate_unless_a_learned_one_proves_better():
+    rng = np.random.default_rng(0)
+    base = rng.random(64)
+    tied = {"diag_cosine": base, "surrogate": base + 0.001 * rng.normal(size=64)}
+    assert ch.decide(tied, tied)["chosen"] == "diag_cosine"  # within noise: free first
+    better = {"diag_cosine": base, "surrogate": base + 0.2}
+    dec = ch.decide(better, better)
+    assert dec["chosen"] == "surrogate" and dec["scores"]["diag_cosine"]["fl"]["diff_to_best"] == pytest.approx(0.2)
+    # coverage filters first: a candidate with the best neighbours but provably worse coverage is out
+    fl = {"diag_cosine": base, "lexical": base - 0.3}
+    near = {"diag_cosine": base, "lexical": base + 0.5}
+    assert ch.decide(fl, near)["chosen"] == "diag_cosine"
+    # among the eligible, the neighbour quality decides
+    fl = {"diag_cosine": base, "lexical": base + 0.001 * rng.normal(size=64)}
+    assert ch.decide(fl, near)["chosen"] == "lexical"
+
+
+def test_flmi_and_flcg_read_the_target_caps():
+    rng = np.random.default_rng(1)
+    m, n = 60, 10
+    k_ff = rng.random((m, m)).astype(np.float32)
+    k_ft = rng.random((m, n)).astype(np.float32)
+    est_ff = _estimates({"diag_cosine": k_ff})
+    eye_t = np.eye(n, dtype=np.float32)
+    w = np.zeros((m + 1, n + 1), np.float32)
+    w[:m, :n] = k_ft
+    rec = ch.Recipe("diag_cosine", "ft", free=True, view="t", W=w)
+    est_ft = ch.Estimates([rec], {"t": (np.eye(m, dtype=np.float32), eye_t)}, None, None)
+    rows = np.arange(0, m, 2)
+    for objective in ("flmi", "flcg"):
+        probes = ch.probe_fl(est_ff, est_ft, rows, budget=5, top=3, objective=objective)
+        assert probes["diag_cosine"].cap_top.shape == (len(rows), 3)
+        pairs = ch.probe_pairs(probes, rows)
+        # the caps: each row's best target under the estimate is among the pairs to label
+        best_t = np.argmax(k_ft[rows], axis=1)
+        got = set(zip(*pairs["ft"], strict=True))
+        assert all((int(r), int(t)) in got for r, t in zip(rows, best_t, strict=True))
+
+
+# ------------------------------------------------------------------------------------------ the guarantee
+TEACHERS = {
+    # an embedding-cosine teacher: the zero-label cosine is exact
+    "cosine": lambda e, w: e @ e.T,
+    # DELIFT-like: item-specific self-utilities dominate, the off-diagonal is small noise the embeddings ignore
+    "selfutil": lambda e, w: 0.05 * w["noise"] + np.diag(0.3 + 0.6 * w["self"]),
+    # a bilinear teacher the network can learn and no cosine reads
+    "bilinear": lambda e, w: (e @ w["A"]) @ e.T,
+}
+
+
+@pytest.mark.parametrize("teacher", list(TEACHERS))
+def test_a_default_run_is_never_worse_than_the_best_free_estimate(tmp_path, teacher):
+    """On teachers of very different structure, the run's chosen estimate closes (within noise) at least the gap
+    of the best free candidate, measured on the teacher's full kernel; the chosen one is recomputed here from
+    the run's own selection."""
+    from nncift.config import load_config
+    from nncift.influence.table import TABLE_COLUMNS
+    from nncift.runner import Runner
+    from nncift.selection import fidelity as fid
+    from tests.conftest import make_rows, write_jsonl
+
+    rng = np.random.default_rng(5)
+    m, n, d = 150, 30, 8
+    rows = make_rows(m + n, seed=3, topics=6)
+    centers = rng.normal(size=(6, d))
+    emb = _unit(centers[np.arange(m + n) % 6] + 0.8 * rng.normal(size=(m + n, d)))
+    for i, r in enumerate(rows):
+        r["emb"] = emb[i].tolist()
+    parts = {"noise": rng.random((m + n, m + n)), "self": rng.random(m + n), "A": rng.normal(size=(d, d))}
+    full = TEACHERS[teacher](emb, parts).astype(np.float32)  # (M+N, M+N); K[i, j] = U(j -> i)
+    ids = [r["id"] for r in rows]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ex, tg = np.meshgrid(np.arange(m + n), np.arange(m + n), indexing="ij")
+    table = pa.table({"example_id": [ids[i] for i in ex.ravel()], "target_id": [ids[j] for j in tg.ravel()],
+                      "value": full.T.ravel()})  # fmt: skip
+    assert table.column_names == list(TABLE_COLUMNS)
+    pq.write_table(table, tmp_path / "teacher.parquet")
+    pool = write_jsonl(tmp_path / "pool.jsonl", rows[:m])
+    target = write_jsonl(tmp_path / "target.jsonl", rows[m:])
+    over = [f"data.input={pool}", f"data.target={target}", "data.test_size=0", "data.embedding_field=emb",
+            "embed.source=column", "label.function=table", f"table.path={tmp_path / 'teacher.parquet'}",
+            "label.fraction=0.3", "label.eval_pairs=400", "fit.rank=8", "fit.epochs=100", "fit.lr=1e-2",
+            "fit.patience=10", "ray.executor=local",
+            "select.fraction=0.3"]  # fmt: skip
+    runner = Runner(load_config(None, over), tmp_path / "run")
+    runner.run("report")
+    run = tmp_path / "run"
+    rep = json.loads((run / "report" / "report.json").read_text())
+    cands = rep["fidelity"]["candidates"]
+    free = rep["choice"]["free"]
+    chosen = rep["choice"]["chosen"]
+    best_free = max(v["gap_closed"] for k, v in cands.items() if free[k])
+    # the run's own selection, scored independently on the teacher's kernels
+    idx = pq.read_table(run / "select" / "selection.parquet").column("index").to_numpy()
+    pool_ids = pq.read_table(run / "data" / "pool.parquet").column("id").to_pylist()
+    order = np.array([ids.index(x) for x in pool_ids])
+    true_ff = full[np.ix_(order, order)]
+    res = fid.selection_fidelity(true_ff, None, {"run": idx}, len(idx), "fl", random_count=10, seed=0)
+    g_run = res["subsets"]["run"]["gap_closed"]
+    assert g_run == pytest.approx(rep["fidelity"]["gap_closed"], abs=1e-6)
+    assert g_run >= best_free - 0.1, (teacher, chosen, g_run, {k: v["gap_closed"] for k, v in cands.items()})
+    if teacher == "bilinear":  # no free estimate reads this teacher: the run must have proved a learned one better
+        assert not free[chosen] and g_run > best_free + 0.1
+
+
+def test_lm_view_pools_each_item_alone_as_in_a_padded_batch(tiny_lm):
+    """Mean-pooled hidden states of DELIFT's no-example sequence: a padded batch gives each item's own values."""
+    from nncift.surrogate.views import LMView
+
+    prompts, responses = ["a short one", "a much longer prompt with more words in it", "x"], ["ok", "fine then", "y z"]
+    batched = LMView(tiny_lm, [1, 2], max_tokens=32, batch_size=3).raw(prompts, responses)
+    single = LMView(tiny_lm, [1, 2], max_tokens=32, batch_size=1).raw(prompts, responses)
+    for layer in (1, 2):
+        assert batched[layer].shape == (3, 32)
+        np.testing.assert_allclose(batched[layer], single[layer], rtol=1e-4, atol=1e-5)
+    view = LMView(tiny_lm, [2], max_tokens=32)
+    feats = view.fit_transform(prompts, responses)[2]
+    np.testing.assert_allclose(feats.mean(0), 0, atol=1e-5)
+    again = LMView(tiny_lm, [2], max_tokens=32).load_state(view.state()).transform(prompts[:1], responses[:1])[2]
+    np.testing.assert_allclose(again, feats[:1], rtol=1e-4, atol=1e-4)
+
+
+def test_probe_columns_are_planned_and_never_training_pairs():
+    from nncift.labels.plan import plan_labels
+
+    plan = plan_labels(50, 10, 0.3, 2, 100, seed=0, design="spread", partners=5, diagonal=True, probes=2)
+    probes = [s for s in plan.sets if s.quadrant == "probe"]
+    assert len(probes) == 2 and plan.probe_pairs == 2 * 49
+    for s in probes:
+        assert s.kernel == "ff" and len(s.cols) == 1 and s.cols[0] in plan.pool_labeled and s.cols[0] not in s.rows
+    assert plan.train_pairs == sum(s.num_pairs for s in plan.sets if s.quadrant == "q1")
+    assert plan_labels(50, 10, 0.3, 2, 100, seed=0, design="spread", partners=5).probe_pairs == 0
+
+
+def test_teacher_lm_features_give_one_additive_candidate_per_layer_and_score_new_rows(tmp_path, tiny_lm):
+    """``choose.teacher_features=lm``: additive_lm<L> candidates; a run forced onto one scores new rows with the
+    LM features of those rows standardised as the run's were."""
+    from nncift.cli import main
+    from nncift.config import load_config
+    from nncift.kernels.blocks import assemble_dense
+    from nncift.runner import Runner
+    from nncift.stages.choose import chosen_recipes, new_item_views
+    from tests.conftest import make_rows, write_jsonl
+
+    rng = np.random.default_rng(0)
+    rows = make_rows(110, seed=2)
+    for r in rows:
+        r["emb"] = rng.normal(size=8).tolist()
+    pool = write_jsonl(tmp_path / "pool.jsonl", rows[:80])
+    target = write_jsonl(tmp_path / "target.jsonl", rows[80:100])
+    new = write_jsonl(tmp_path / "new.jsonl", [{**r, "id": f"n{i}"} for i, r in enumerate(rows[100:])])
+    over = [f"data.input={pool}", f"data.target={target}", "data.test_size=0", "data.embedding_field=emb",
+            "embed.source=column", "label.fraction=0.3", "label.eval_pairs=100", "label.probes=1", "fit.rank=4",
+            "fit.epochs=3", "ray.executor=local", "choose.teacher_features=lm", f"choose.lm_model={tiny_lm}",
+            "choose.lm_layers=1,2", "choose.lm_tokens=24", "choose.mode=additive_lm2"]  # fmt: skip
+    runner = Runner(load_config(None, over), tmp_path / "run")
+    runner.run("select")
+    choice = json.loads((tmp_path / "run" / "choose" / "choice.json").read_text())
+    assert {"additive_lm1", "additive_lm2", "additive"} <= set(choice["candidates"])
+    assert choice["chosen"] == "additive_lm2"
+    rec = chosen_recipes(runner.ctx)["ff"]
+    assert rec.effect_view == "lm2" and rec.r.shape == (80,)
+    assert main(["score", "-q", "--run-dir", str(tmp_path / "run"), "--input", str(new)]) == 0
+    out = tmp_path / "run" / "score" / "new"
+    k_ft = assemble_dense(out / "blocks", "ft", (90, 20))
+    scored = __import__("pyarrow.parquet", fromlist=["_"]).read_table(out / "rows.parquet")
+    from nncift.store import read_safetensors
+
+    e_new = read_safetensors(out / "embeddings.safetensors")["new"]
+    views = new_item_views(
+        runner.ctx, e_new, scored.column("prompt").to_pylist(), scored.column("response").to_pylist()
+    )
+    rft = chosen_recipes(runner.ctx)["ft"]
+    aug = lambda x: np.concatenate([x, np.ones((len(x), 1), np.float32)], 1)  # noqa: E731
+    _, e_t = runner.ctx.embeddings()
+    want = aug(e_new) @ rft.W @ aug(e_t).T + (aug(views["lm2"]) @ rft.r_w)[:, None] + rft.c[None, :]
+    np.testing.assert_allclose(k_ft[80:], want, rtol=1e-4, atol=1e-4)
+
+
+def test_item_criteria_by_hand():
+    from nncift.stages.choose_items import concordance, topk_values
+
+    truth = np.array([0.1, 0.5, 0.2, 0.9])
+    scores = {"a": np.array([3.0, 2.0, 1.0, 0.0]), "flat": np.ones(4)}
+    v = topk_values(scores, truth, 0.5)
+    np.testing.assert_allclose(v["a"], [0.1, 0.5, 0.0, 0.0])  # its two highest: items 0 and 1
+    np.testing.assert_allclose(v["flat"], [0.1, 0.5, 0.0, 0.0])  # ties by index
+    c = concordance(scores, truth)
+    np.testing.assert_allclose(c["a"], [0.0, 1 / 3, 1 / 3, 0.0])
+    np.testing.assert_allclose(c["flat"], [0.5] * 4)  # no order: half of every pair
