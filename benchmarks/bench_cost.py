@@ -81,8 +81,8 @@ def teacher_rate(pipe, n_examples: int = 3, n_targets: int = 30) -> float:
 
 def estimate_rate(pipe) -> float:
     """All-pairs rate (pairs/s) of the fitted K_FF surrogate's factors on a 4096 x 4096 block."""
-    from nncift.kernels.blocks import EstimateWorker
-    from nncift.stages.estimate import estimator_heads
+    from nncift.kernels.estimate_worker import EstimateWorker
+    from nncift.surrogate.recipes import estimator_heads
 
     head = estimator_heads(pipe.ctx)["ff"]
     reps = -(-4096 // len(head["p"]))

@@ -3,10 +3,10 @@
 Side by side in one run, on the paper's network (mlp, hidden 100, embeddings 384):
   (1) the reference-style per-pair loop (concatenate [e_i; 0; e_j], one forward per pair);
   (2) a batched GEMM over concatenated pair features (the pair tensor is built for a block);
-  (3) the factorised torch tile kernel (nncift.kernels.blocks.predict_block);
+  (3) the factorised torch tile kernel (nncift.kernels.estimate_worker.predict_block);
   (4) ours: the factorised compiled kernel (nncift.surrogate.numba_kernels.predict_block_np);
 and the bilinear kind (--rank, default 256) with and without the cosine prior:
-  (5) one BLAS GEMM of the augmented per-item factors (nncift.kernels.blocks.predict_factors);
+  (5) one BLAS GEMM of the augmented per-item factors (nncift.kernels.estimate_worker.predict_factors);
 and the estimates the choose stage can keep (nncift.surrogate.candidates), through the estimate worker (raw units, the
 exact diagonal written over the tile):
   (6) a bilinear form on [e, 1] (diag_cosine, shrink_<l>: k = d + 1) and with per-item effects (additive: k = d + 3).
@@ -66,10 +66,11 @@ def main() -> None:
         return
 
     from nncift.corpus.synthetic import clustered_embeddings
-    from nncift.kernels.blocks import EstimateWorker, predict_block
+    from nncift.kernels.estimate_worker import EstimateWorker
     from nncift.labels.plan import Block
     from nncift.surrogate.network import InfluenceNetwork
     from nncift.surrogate.numba_kernels import predict_block_np
+    from nncift.surrogate.predict import predict_block
 
     torch.manual_seed(0)
     d, h, b = args.dim, args.hidden, args.block
@@ -105,8 +106,8 @@ def main() -> None:
     pn = np.ascontiguousarray(p.numpy()[:1024])
     results.append(("(4) ours: factorised compiled kernel", rate(lambda: predict_block_np(pn, q_t, w2, b2), 1024 * b)))
     # the bilinear surrogates: one BLAS GEMM of the augmented per-item factors per block
-    from nncift.kernels.blocks import predict_factors
     from nncift.surrogate.network import BilinearNetwork
+    from nncift.surrogate.predict import predict_factors
 
     for rank, prior in ((args.rank, False), (args.rank, True)):
         bil = BilinearNetwork(d, rank=rank, symmetric=False, cosine_prior=prior).eval()
@@ -166,7 +167,7 @@ def main() -> None:
 
 def sparse_cases(args) -> None:
     """(7) sparse top-k stripes and (8) dense tiles, end to end through the worker (see the module doc)."""
-    from nncift.kernels.blocks import EstimateWorker
+    from nncift.kernels.estimate_worker import EstimateWorker
     from nncift.labels.plan import Block
 
     m, f, stripe = args.sparse_m, args.rank, args.stripe

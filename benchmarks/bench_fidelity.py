@@ -251,12 +251,13 @@ def run_one(t: dict, cfg, variant: str, fraction: float, seed: int, kernels: tup
     """Label (from the true kernels) -> fit -> [choose] -> estimate -> select -> fidelity, for one configuration."""
     import torch
 
-    from nncift.kernels.blocks import overwrite_diagonal, predict_factors
+    from nncift.kernels.estimate_worker import overwrite_diagonal
     from nncift.labels.plan import plan_labels
     from nncift.selection import fidelity as fid
     from nncift.surrogate.fitting import PairLabels, fit_loop, split_train_val
     from nncift.surrogate.metrics import spearman, topk_recall
     from nncift.surrogate.network import Scaler, network_from_config
+    from nncift.surrogate.predict import predict_factors
 
     cfg = variant_config(cfg, variant)
     lb, nw, sc = cfg.label, cfg.fit, cfg.select

@@ -70,10 +70,10 @@ def exhaustive_baseline(run_dir: Path, stripes: int = 2) -> float:
 
     from nncift.config import load_config
     from nncift.exec.local import LocalExecutor
-    from nncift.kernels.blocks import EstimateWorker
+    from nncift.kernels.estimate_worker import EstimateWorker
     from nncift.labels.plan import Block
     from nncift.runner import Runner
-    from nncift.stages.estimate import estimator_heads
+    from nncift.surrogate.recipes import estimator_heads
 
     cfg = load_config(str(run_dir / "config.yaml"), [])
     runner = Runner(cfg, run_dir, executor=LocalExecutor())

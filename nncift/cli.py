@@ -138,7 +138,8 @@ def _subset_command(args: argparse.Namespace, runner, argv: list[str]) -> int:
     import json
     import shlex
 
-    from nncift.stages.finetune import check_subset, finetune
+    from nncift.selection.subsets import check_subset
+    from nncift.stages.finetune import finetune
 
     if args.command == "finetune":
         check_subset(args.subset)

@@ -9,16 +9,16 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from nncift.config import RunConfig
-from nncift.store import RunDir, atomic_path, write_json, write_text
+from nncift.store import RunDir, atomic_path, clean_json, write_json, write_text
 
 log = logging.getLogger(__name__)
 
 
 def build_report(store: RunDir) -> dict:
-    """Collect the stage markers and metrics of a finished run into one dict (see README for keys)."""
-    from nncift.stages import PIPELINE
+    """Collect the stage markers and metrics of a finished run into one dict (keys: docs/outputs.md).
 
-    STAGES = [s.name for s in PIPELINE]
+    ``store.order`` (the pipeline's stage names, set by the runner) says which stages to collect, in order."""
+    STAGES = list(store.order)
     done = {s: store.done_info(s) or {} for s in STAGES}
     metrics = json.loads(store.path("fit", "metrics.json").read_text())
     lab = done["label"]
@@ -334,17 +334,6 @@ def _choice_markdown(choice: dict | None, fid: dict | None) -> list[str]:
         "",
     ]
     return lines
-
-
-def clean_json(obj):
-    """Replace NaN/inf with None so the JSON is standard."""
-    if isinstance(obj, dict):
-        return {k: clean_json(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [clean_json(v) for v in obj]
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
 
 
 def _kernels(rep: dict) -> list[str]:

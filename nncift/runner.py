@@ -170,6 +170,12 @@ class Runner:
                 if self._depth == 0:
                     self._visited.clear()  # another process may change the run directory between sessions
 
+    def finished_result(self, stage: str, **params: Any) -> Any:
+        """Run ``stage`` for ``params`` unless finished, then return what its finished run holds
+        (:meth:`Stage.skipped_result`: the same whether it ran now or earlier)."""
+        self.run_stage(stage, **params)
+        return STAGES[stage].skipped_result(self.ctx, **params)
+
     def run_stage(self, stage: str, **params: Any) -> Any:
         """Run ``stage`` for ``params`` (its upstream stages first), or skip it when finished.
 
@@ -216,6 +222,6 @@ class Runner:
     # ------------------------------------------------------------------ conveniences
     def export_table(self, out: str | Path) -> dict:
         """Write the finished label stage as a table-teacher file (see :func:`nncift.stages.label.export_table`)."""
-        from nncift.stages.label import export_table
+        from nncift.labels.tables import export_table
 
         return export_table(self.ctx, out)

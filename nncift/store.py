@@ -125,6 +125,17 @@ def done_blocks(block_dir: Path, expected: dict[str, int | None]) -> set[str]:
     return done
 
 
+def clean_json(obj: Any) -> Any:
+    """``obj`` with NaN/inf floats replaced by None (nested dicts, lists and tuples), so the JSON is standard."""
+    if isinstance(obj, dict):
+        return {k: clean_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [clean_json(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")

@@ -197,7 +197,7 @@ def _icl(tiny_lm):
 
 
 def test_icl_label_resume_recomputes_only_missing_blocks(tmp_path, corpus, tiny_overrides, tiny_lm, monkeypatch):
-    from nncift.labels.worker import LabelWorker
+    from nncift.labels.label_worker import LabelWorker
 
     run = tmp_path / "run"
     cfg = load_config(None, [f"data.input={corpus}", *tiny_overrides, *LOCAL, *_icl(tiny_lm)])
@@ -346,7 +346,7 @@ def test_active_design_labels_a_second_round_and_resumes_it(tmp_path, corpus, ti
 def test_sparse_layout_scales_like_dense_and_topk_uses_full_row_means(tmp_path, corpus, tiny_overrides):
     # with only 8 of 120 columns kept per row, the sparse kernel must still be scaled by the whole kernel's
     # extent (not by its kept values' minimum), and the top-k objective must use each row's full mean
-    from nncift.kernels.blocks import assemble_dense, read_row_means, sparse_extent
+    from nncift.kernels.kernel_io import assemble_dense, read_row_means, sparse_extent
 
     dense, sparse = tmp_path / "dense", tmp_path / "sparse"
     _run(dense, corpus, [*tiny_overrides, *LOCAL, "select.objective=topk"])

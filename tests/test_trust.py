@@ -84,11 +84,11 @@ def test_worker_error_reaches_the_driver_as_one_line_under_ray(ray_session, tmp_
 
 
 class _Recorded:
-    """A :class:`~nncift.labels.worker.LabelWorker` that records each construction and each block call in a file, and
+    """A :class:`~nncift.labels.label_worker.LabelWorker` that records each construction and each block call in a file, and
     raises a user error on block ``fail_block`` (its teacher's constructor may raise one too)."""
 
     def __init__(self, record: str, fail_block: int = -1, **kw):
-        from nncift.labels.worker import LabelWorker
+        from nncift.labels.label_worker import LabelWorker
 
         self.record, self.fail_block = record, fail_block
         self._note("init")
@@ -159,7 +159,7 @@ def test_worker_user_errors_on_ray_are_one_line_and_never_retried(ray_session, t
 
 
 def test_label_blocks_are_sized_by_teacher_cost():
-    from nncift.labels.worker import block_side
+    from nncift.labels.label_worker import block_side
 
     assert block_side(128, 120.0, 5.0) == 24  # DELIFT ICL on 2 cores: ~600 pairs, about 2 minutes a block
     assert block_side(128, 120.0, 1e6) == 128  # a cheap teacher keeps the configured side
@@ -171,7 +171,7 @@ def test_pipeline_uses_the_cost_sized_side(tmp_path, corpus, tiny_overrides):
     from nncift.runner import Runner
 
     over = [f"data.input={corpus}", *tiny_overrides, "label.function=delift_icl", "label.block_size=128"]
-    from nncift.stages.label import label_block_side
+    from nncift.labels.fanout import label_block_side
 
     assert label_block_side(Runner(load_config(None, over), tmp_path).ctx) == 24
     assert label_block_side(Runner(load_config(None, [*over, "label.pairs_per_second=50"]), tmp_path).ctx) == 77
@@ -259,8 +259,8 @@ class _Dying:
     """A worker whose actor process dies (os._exit) in the middle of block 2, once (a marker file)."""
 
     def __init__(self, marker: str, worker: str, **kw):
-        from nncift.kernels.blocks import EstimateWorker
-        from nncift.labels.worker import LabelWorker
+        from nncift.kernels.estimate_worker import EstimateWorker
+        from nncift.labels.label_worker import LabelWorker
 
         self.inner = {"label": LabelWorker, "estimate": EstimateWorker}[worker](**kw)
         self.marker = marker
@@ -281,7 +281,8 @@ def test_a_killed_actor_is_retried_and_the_labels_are_identical(ray_session, tmp
     from nncift.config import RayConfig
     from nncift.exec.local import LocalExecutor
     from nncift.exec.ray_executor import RayExecutor
-    from nncift.labels.worker import LabelWorker, gather_labels
+    from nncift.labels.label_worker import LabelWorker
+    from nncift.labels.tables import gather_labels
 
     side, plan, specs = _label_setup()
     kw = {"function": "delift_se", "function_kwargs": {}, "pool": side(0, 40), "target": side(40, 60),
@@ -300,9 +301,10 @@ def test_a_killed_estimate_actor_is_retried_and_the_tiles_are_identical(ray_sess
     from nncift.config import RayConfig
     from nncift.exec.local import LocalExecutor
     from nncift.exec.ray_executor import RayExecutor
-    from nncift.kernels.blocks import EstimateWorker, assemble_dense
+    from nncift.kernels.estimate_worker import EstimateWorker
+    from nncift.kernels.kernel_io import assemble_dense
     from nncift.labels.plan import block_grid
-    from tests.kernels.test_blocks import _heads
+    from tests.kernels.test_estimate_worker import _heads
 
     heads, _ = _heads()
     specs = [b.to_dict() for b in block_grid("ff", 37, 37, 10) + block_grid("ft", 37, 11, 10, start_id=50)]
@@ -319,8 +321,8 @@ def test_a_killed_estimate_actor_is_retried_and_the_tiles_are_identical(ray_sess
 def _label_setup():
     """60 unit embeddings as a 40-item pool and a 20-item target (``side(lo, hi)``: a worker's side kwargs),
     a block-design label plan over them and its blocks."""
+    from nncift.labels.label_worker import plan_blocks
     from nncift.labels.plan import plan_labels
-    from nncift.labels.worker import plan_blocks
 
     e = np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32)
     e /= np.linalg.norm(e, axis=1, keepdims=True)

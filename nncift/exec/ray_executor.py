@@ -13,7 +13,6 @@ import functools
 import logging
 import os
 import shutil
-import socket
 import tempfile
 import threading
 import uuid
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from nncift.config import RayConfig
+from nncift.exec.ports import free_port
 from nncift.exec.stall import StallWatch, actors_that_fit, describe_wait, watching
 
 log = logging.getLogger(__name__)
@@ -64,19 +64,6 @@ def private_temp_dir() -> Path:
     """``/tmp/nncift-ray-<pid>``: this process's own Ray temp dir, short because Ray's unix sockets live under
     it (107-byte path limit)."""
     return Path("/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir(), f"{PRIVATE_TEMP_PREFIX}{os.getpid()}")
-
-
-HEAD_PORTS = frozenset({6379, 8265, 52365, 52366, 10001, 8080})  # Ray's and cluster/local_head.sh's defaults
-
-
-def free_port() -> int:
-    """A port free now, never one of :data:`HEAD_PORTS` (52365/52366 lie in Linux's ephemeral range)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        if port not in HEAD_PORTS:
-            return port
 
 
 _CLEANUP_REGISTERED: set[str] = set()

@@ -24,6 +24,7 @@ Only the hidden states of scored positions go through the LM head (log-softmax a
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from dataclasses import dataclass
@@ -33,8 +34,8 @@ import numpy as np
 import torch
 
 from nncift.config import ConfigError, _f
-from nncift.influence import register
 from nncift.influence.interface import InfluenceFunction, Items
+from nncift.influence.registry import register
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ SEP_ICL = "\n"
 MID_ICL = "\n\n\nQuery:\n"
 TAIL = "\n"
 MODES = ("auto", "prefix", "batched", "single")
+# model-loading constructors of the backends other than "hf" (this module), as "module:function"
+BACKENDS = {"vllm": "nncift.influence.delift_icl_vllm:build_delift_icl_vllm"}
 LOGIT_BYTES = 256 << 20  # float32 logits held at once by the gold-token log-probs
 PAD_WASTE = 0.1  # a batch closes when padding would exceed this share of its real tokens ...
 MIN_BATCH_TOKENS = 8192  # ... and it already holds this many padded tokens (matrix products stay large)
@@ -155,11 +158,11 @@ class DeliftICL(InfluenceFunction):
     @classmethod
     def build(cls, **kwargs: Any) -> InfluenceFunction:
         """The model-loading constructor: :func:`build_delift_icl`, or the vLLM backend's."""
-        if kwargs.pop("backend", "hf") == "vllm":
-            from nncift.influence.delift_icl_vllm import build_delift_icl_vllm
-
-            return build_delift_icl_vllm(**kwargs)
-        return build_delift_icl(**kwargs)
+        backend = kwargs.pop("backend", "hf")
+        if backend == "hf":
+            return build_delift_icl(**kwargs)
+        module, _, func = BACKENDS[backend].partition(":")  # by name: the backend module imports this one
+        return getattr(importlib.import_module(module), func)(**kwargs)
 
     def __init__(
         self,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from nncift.influence import register
 from nncift.influence.interface import InfluenceFunction, Items
+from nncift.influence.registry import register
 
 
 @register

@@ -86,8 +86,8 @@ import numpy as np
 
 from nncift.config import _f
 from nncift.errors import ConfigError, DataError, run_worker_batch
-from nncift.influence import register
 from nncift.influence.interface import InfluenceFunction, Items
+from nncift.influence.registry import register
 
 log = logging.getLogger(__name__)
 

@@ -58,8 +58,8 @@ import torch
 
 from nncift.config import _f
 from nncift.errors import ConfigError
-from nncift.influence import register
 from nncift.influence.interface import Items, PointwiseInfluenceFunction
+from nncift.influence.registry import register
 
 log = logging.getLogger(__name__)
 

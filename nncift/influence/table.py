@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from nncift.config import _f
 from nncift.errors import ConfigError, DataError
-from nncift.influence import register
 from nncift.influence.interface import InfluenceFunction, Items
+from nncift.influence.registry import register
 
 TABLE_COLUMNS = ("example_id", "target_id", "value")
 
@@ -183,7 +184,6 @@ def _read_table(path: str, field: str, size: int, mtime_ns: int) -> tuple[np.nda
     cached per file version (``size``, ``mtime_ns``), so the driver's check and a worker of the same process
     parse the file once. The arrays are read-only."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     try:
         schema = pq.read_schema(path)
@@ -242,3 +242,15 @@ def labels_to_table(labels: pa.Table) -> pa.Table:
             "value": pa.array(vals[first], pa.float32()),
         }
     )
+
+
+def write_table_file(out: str | Path, labels: pa.Table, provenance: dict) -> int:
+    """Write label-stage ``labels`` as a table file (:func:`labels_to_table`), its provenance in the Parquet
+    metadata (``nncift_table``) and beside it in ``<out>.json``; returns the number of pairs written."""
+    from nncift.store import write_json, write_parquet
+
+    table = labels_to_table(labels)
+    out = Path(out)
+    write_parquet(out, table, metadata={"nncift_table": {"pairs": table.num_rows, **provenance}})
+    write_json(out.with_suffix(".json"), {"pairs": table.num_rows, **provenance})
+    return table.num_rows

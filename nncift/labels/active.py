@@ -9,10 +9,19 @@ of each labeled row that the first round did not label. Pure numpy over explicit
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
 
-from nncift.kernels.blocks import predict_factors
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute
+import pyarrow.parquet as pq
+
+from nncift.store import write_parquet
 from nncift.surrogate.numba_kernels import TopK
+from nncift.surrogate.predict import predict_factors
+
+if TYPE_CHECKING:
+    from nncift.stages.base import Context
 
 
 def top_predicted_pairs(
@@ -113,3 +122,47 @@ def second_round(
     net.eval()
     factors = net.estimator(torch.as_tensor(e_rows), torch.as_tensor(e_cols))
     return top_predicted_pairs(factors, rows, cols, labeled, per_row, exclude_self)
+
+
+def active_round(ctx: Context, plan, labels: pa.Table) -> list:
+    """Second round of ``label.design=active``: fit a surrogate on round 1 (the local fit loop, the run's fit
+    configuration), then choose, for every labeled row, the ``partners - partners // 2`` labeled columns it
+    predicts highest that round 1 did not label (:func:`nncift.labels.active.top_predicted_pairs`).
+
+    The chosen pairs are saved in ``label/active_pairs.parquet`` before any is labeled, so a resumed run
+    labels the same pairs. Returns paired :class:`~nncift.labels.plan.LabelSet` (quadrant q1), one per kernel.
+    """
+    from nncift.labels.plan import LabelSet
+    from nncift.surrogate.fitting import fit_config
+
+    path = ctx.path("label", "active_pairs.parquet")
+    if path.is_file():
+        t = pq.read_table(path)
+        kern = np.asarray(t.column("kernel").to_pylist())
+        rows, cols = t.column("row").to_numpy(), t.column("col").to_numpy()
+        return [LabelSet(k, "q1", rows[kern == k], cols[kern == k], paired=True) for k in ("ff", "ft")]
+    c = ctx.cfg.label
+    per_row = c.partners - c.partners // 2
+    e_pool, e_target = ctx.embeddings()
+    lab = ctx.labels(labels)
+    out, parts = [], []
+    for kernel, e_cols, col_l in (("ff", e_pool, plan.pool_labeled), ("ft", e_target, plan.target_labeled)):
+        rc, y_raw = lab[kernel]["q1"]
+        every = labels.filter(pa.compute.equal(labels.column("kernel"), kernel))
+        done = (every.column("row").to_numpy(), every.column("col").to_numpy())
+        rows, cols = second_round(
+            fit_config(ctx),
+            e_pool,
+            e_cols,
+            (rc[0], rc[1], y_raw),
+            plan.pool_labeled,
+            col_l,
+            done,
+            per_row,
+            kernel == "ff",
+            ctx.cfg.fit.val_fraction,
+        )
+        out.append(LabelSet(kernel, "q1", rows, cols, paired=True))
+        parts.append(pa.table({"kernel": [kernel] * len(rows), "row": rows, "col": cols}))
+    write_parquet(path, pa.concat_tables(parts))
+    return out

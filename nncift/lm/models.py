@@ -5,8 +5,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nncift.errors import ConfigError, MissingDependencyError
+
+if TYPE_CHECKING:
+    from nncift.stages.base import Context
 
 log = logging.getLogger(__name__)
 
@@ -122,3 +126,15 @@ def load_causal_lm(path: str | None, device: str = "cpu", dtype: str = "float32"
     model = AutoModelForCausalLM.from_pretrained(p, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
     model.to(device).eval()
     return model, tok
+
+
+def base_model(ctx: Context) -> str:
+    """The base LM folder (``finetune.model``; None = the embedded SmolLM2)."""
+    from nncift.lm.models import embedded_lm_dir
+
+    c = ctx.cfg.finetune
+    if c.model is None:
+        return str(embedded_lm_dir())
+    if not Path(c.model).expanduser().is_dir():
+        raise ConfigError(f"config field 'finetune.model': {c.model!r} is not a local model directory")
+    return str(Path(c.model).expanduser())

@@ -461,7 +461,7 @@ def finetune_local(ft: dict, rows: dict[str, list[str]], out_dir: str, **kw: Any
     import deepspeed
     import torch.distributed as dist
 
-    from nncift.exec.ray_executor import free_port
+    from nncift.exec.ports import free_port
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not kw.get("use_gpu") else "cuda")
     if not dist.is_initialized():

@@ -231,7 +231,7 @@ def stripe_kernel(
         (kernel, ids): ``ids`` maps a renumbered index to its item (``items`` sorted), or None (global ids).
         The kernel equals :func:`fl_kernel_from_topk` (restricted) on the gathered stripes, entry for entry.
     """
-    from nncift.kernels.blocks import iter_sparse, sparse_extent
+    from nncift.kernels.kernel_io import iter_sparse, sparse_extent
 
     m = src.m
     row_keep = np.ones(m, bool)

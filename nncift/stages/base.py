@@ -168,18 +168,10 @@ class Context:
         K_FF self pairs are dropped from q1..q4 when ``fit.exclude_self_pairs``. Pointwise labels are kernel
         ``item`` with quadrants q1 (training) and q2 (held out); their col index is 0.
         """
-        t = pq.read_table(self.store.path("label", "labels.parquet")) if table is None else table
-        kern = np.asarray(t.column("kernel").to_pylist())
-        quad = np.asarray(t.column("quadrant").to_pylist())
-        rows, cols = t.column("row").to_numpy(), t.column("col").to_numpy()
-        vals = t.column("value").to_numpy()
-        out: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
-        self_pair = (kern == "ff") & (rows == cols) & self.cfg.fit.exclude_self_pairs
-        for k in ("item",) if self.pointwise() else ("ff", "ft"):
-            for q in ("q1", "q2", "q3", "q4", "diag", "probe"):
-                sel = (kern == k) & (quad == q) & (~self_pair if q != "diag" else True)
-                out.setdefault(k, {})[q] = np.stack([rows[sel], cols[sel]]), vals[sel]
-        return out
+        from nncift.labels.tables import read_labels, split_labels
+
+        t = read_labels(self.store) if table is None else table
+        return split_labels(t, self.pointwise(), self.cfg.fit.exclude_self_pairs)
 
     def diagonal(self) -> np.ndarray | None:
         """(M,) float32 exact K_FF self-utilities from the label stage (``label.diagonal``; never for a teacher that

@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from nncift.config import _split
+from nncift.selection.subsets import check_subset
 from nncift.stages.base import Context, Stage
-from nncift.stages.finetune import check_subset, finetune
 from nncift.store import atomic_path, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class CompareStage(Stage):
         results, skipped = [], {}
         for s in _split(ctx.cfg.eval.subsets):
             try:
-                train = {} if s == "base" else finetune(ctx, s)
+                train = {} if s == "base" else ctx.runner.finished_result("finetune", subset=s)
                 ev = ctx.require("evaluate", subset=s)
             except NotImplementedError as exc:
                 log.warning("subset '%s' skipped: %s", s, exc)

@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
+from nncift.kernels.kernel_io import write_item_scores, write_meta
 from nncift.stages.base import Context, Stage
-from nncift.store import done_blocks, write_json, write_parquet
+from nncift.store import done_blocks
+from nncift.surrogate.recipes import estimator_heads
 
 log = logging.getLogger(__name__)
 
@@ -34,31 +34,6 @@ def layout(ctx: Context) -> str:
         return "sparse"
     m, _ = ctx.size()
     return "dense" if m * m <= c.dense_max_pairs else "sparse"
-
-
-def estimator_heads(ctx: Context, e_new: np.ndarray | None = None, new_texts: tuple[list, list] | None = None
-                    ) -> dict[str, dict]:  # fmt: skip
-    """Per kernel, the chosen estimate's factors (the choose stage's choice: the fitted network, or a free or
-    blended candidate of :mod:`nncift.surrogate.candidates`) with ``lo`` / ``hi`` and the exact K_FF diagonal where it uses it.
-
-    Args:
-        e_new: (M', d) float32 embeddings of scored new items (``nncift score``), or None. When given, the rows
-            of both kernels and the columns of K_FF are the M pool items followed by the M' new ones: the
-            new items' factors are computed on their own and appended, so the pool's factors are exactly the
-            estimate stage's. The exact diagonal stays (M,): the new items' diagonal is the estimate's own.
-        new_texts: (prompts, responses) of the new items (the lexical view reads them).
-
-    Returns:
-        ``{"ff": head, "ft": head}`` as :class:`nncift.kernels.blocks.EstimateWorker` takes them: ``type``, ``p``
-        (M[+M'], k), ``q`` (M[+M'] or N, k), the scaler's ``lo`` / ``hi`` and ``diag`` ((M,) float32 or None).
-    """
-    from nncift.stages.choose import candidate_heads, chosen_recipes, new_item_views
-
-    new = None
-    if e_new is not None:
-        prompts, responses = new_texts if new_texts is not None else (None, None)
-        new = new_item_views(ctx, e_new, prompts, responses)
-    return {kernel: candidate_heads(ctx, recipe, kernel, new) for kernel, recipe in chosen_recipes(ctx).items()}
 
 
 def factor_file(ctx: Context, heads: dict[str, dict]) -> dict[str, dict]:
@@ -108,7 +83,8 @@ def candidate_indexes(ctx: Context, heads: dict[str, dict], lay: str) -> dict[st
 
 def candidate_recall(ctx: Context, head: dict, block_dir, kernel: str, sample: int) -> float:
     """Top-k recall of the written candidate stripes against exhaustive estimation on a seeded row sample."""
-    from nncift.kernels.blocks import EstimateWorker, read_sparse_rows
+    from nncift.kernels.estimate_worker import EstimateWorker
+    from nncift.kernels.kernel_io import read_sparse_rows
     from nncift.surrogate.mips import topk_recall
 
     n_rows = len(head["p"])
@@ -118,33 +94,6 @@ def candidate_recall(ctx: Context, head: dict, block_dir, kernel: str, sample: i
     rows = np.sort(rng.choice(n_rows, min(sample, n_rows), replace=False))
     exact = EstimateWorker({kernel: head}, str(block_dir), layout="sparse", topk=ctx.cfg.estimate.topk)
     return topk_recall(read_sparse_rows(block_dir, kernel, rows), exact.exact_topk(kernel, rows)[0])
-
-
-def dense_kernels(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
-    """The dense estimated kernels (K_FF (M, M), K_FT (M, N)) float32 of a dense-layout run."""
-    from nncift.kernels.blocks import assemble_dense
-
-    meta = json.loads(ctx.path("estimate", "kernels.json").read_text())
-    block_dir = ctx.path("estimate", "blocks")
-    return (
-        assemble_dense(block_dir, "ff", tuple(meta["ff"]["shape"])),
-        assemble_dense(block_dir, "ft", tuple(meta["ft"]["shape"])),
-    )
-
-
-def item_scores(ctx: Context) -> np.ndarray:
-    """(M,) float32 estimated scores of a pointwise run (teacher scale)."""
-    return read_item_scores(ctx.path("estimate", "scores.parquet"))
-
-
-def read_item_scores(path: Path, m: int | None = None) -> np.ndarray:
-    """(m,) float32 scores from a ``scores.parquet`` (``idx``, ``score``), placed by ``idx`` (m: its rows)."""
-    import pyarrow.parquet as pq
-
-    t = pq.read_table(path)
-    out = np.empty(t.num_rows if m is None else m, np.float32)
-    out[t.column("idx").to_numpy()] = t.column("score").to_numpy()
-    return out
 
 
 class EstimateStage(Stage):
@@ -164,7 +113,7 @@ class EstimateStage(Stage):
     def run(self, ctx: Context, **params: Any) -> dict[str, Any]:
         if ctx.pointwise():
             return self._pointwise(ctx)
-        from nncift.kernels.blocks import EstimateWorker
+        from nncift.kernels.estimate_worker import EstimateWorker
         from nncift.labels.plan import block_grid
 
         c = ctx.cfg.estimate
@@ -201,8 +150,8 @@ class EstimateStage(Stage):
         for k, r in recall.items():
             log.info("estimate: kernel %s candidate top-%d recall %.4f vs exhaustive (%d sampled rows)",
                      k, c.topk, r, min(c.recall_sample, m))  # fmt: skip
-        write_json(
-            ctx.path("estimate", "kernels.json"),
+        write_meta(
+            ctx.store.stage_dir("estimate"),
             {
                 "ff": {"shape": [m, m]},
                 "ft": {"shape": [m, n]},
@@ -233,12 +182,7 @@ class EstimateStage(Stage):
         scores = pq.read_table(ctx.path("choose", "item_scores.parquet"), columns=[chosen]).column(0).to_numpy()
         scores = scores.astype(np.float32)
         dt = time.perf_counter() - t0
-        write_parquet(
-            ctx.path("estimate", "scores.parquet"),
-            pa.table({"idx": np.arange(len(scores), dtype=np.int64), "score": scores}),
-        )
-        write_json(ctx.path("estimate", "kernels.json"), {"item": {"shape": [len(scores)]}, "layout": "items",
-                                                          "estimate": chosen})  # fmt: skip
+        write_item_scores(ctx.store.stage_dir("estimate"), scores, estimate=chosen)
         return {
             "pairs": len(scores),
             "blocks": 1,

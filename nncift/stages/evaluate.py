@@ -18,8 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nncift.errors import DataError
+from nncift.lm.models import base_model
+from nncift.selection.subsets import check_subset
 from nncift.stages.base import Context, Stage
-from nncift.stages.finetune import base_model, check_subset
 from nncift.store import done_blocks, write_json, write_parquet
 
 log = logging.getLogger(__name__)

@@ -19,63 +19,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from nncift.errors import ConfigError
+from nncift.lm.models import base_model
+from nncift.selection.subsets import check_subset, subset_indices, upstream
 from nncift.stages.base import Context, Stage
 from nncift.store import write_json, write_parquet
 
 log = logging.getLogger(__name__)
-
-SUBSETS = ("base", "random", "nncift", "exact", "full")
-
-
-def check_subset(subset: str) -> None:
-    if subset not in SUBSETS:
-        raise ConfigError(f"unknown subset {subset!r} (known: {', '.join(SUBSETS)})")
-
-
-def base_model(ctx: Context) -> str:
-    """The base LM folder (``finetune.model``; None = the embedded SmolLM2)."""
-    from nncift.lm.models import embedded_lm_dir
-
-    c = ctx.cfg.finetune
-    if c.model is None:
-        return str(embedded_lm_dir())
-    if not Path(c.model).expanduser().is_dir():
-        raise ConfigError(f"config field 'finetune.model': {c.model!r} is not a local model directory")
-    return str(Path(c.model).expanduser())
-
-
-def subset_indices(ctx: Context, subset: str) -> np.ndarray:
-    """(k,) int64 indices into D_F of the rows ``subset`` trains on (runs the stages it needs)."""
-    from nncift.stages.exact import budget, exact_indices
-
-    m, _ = ctx.size()
-    if subset == "full":
-        return np.arange(m, dtype=np.int64)
-    if subset == "random":
-        rng = np.random.default_rng([ctx.cfg.seed, 7])
-        return np.sort(rng.choice(m, budget(ctx), replace=False)).astype(np.int64)
-    if subset == "nncift":
-        ctx.require("select")
-        return pq.read_table(ctx.path("select", "selection.parquet")).column("index").to_numpy().astype(np.int64)
-    if subset == "exact":
-        return exact_indices(ctx)
-    raise ValueError(f"subset {subset!r} has no training rows")
-
-
-def upstream(ctx: Context, subset: str) -> dict[str, Any]:
-    """What a subset's rows depend on (part of the fine-tune's fingerprint)."""
-    if subset == "nncift":
-        return {"selection": ctx.runner.identity("select")[0]}
-    if subset == "exact":
-        return {"exact": ctx.runner.identity("exact")[0]}
-    if subset == "random":
-        return {"random": [ctx.cfg.seed, ctx.cfg.select.fraction]}
-    return {}
 
 
 class FinetuneStage(Stage):
@@ -134,9 +86,6 @@ class FinetuneStage(Stage):
         return {k: v for k, v in summary.items() if k != "seconds"}
 
 
-STAGE = FinetuneStage()
-
-
 class _Stopped(Exception):
     """A fine-tune stopped on purpose (``stop_after``, to test resumption): no completion marker."""
 
@@ -150,7 +99,6 @@ def finetune(ctx: Context, subset: str, stop_after: int | None = None) -> dict:
     (``{"stopped_at": step}`` when ``stop_after`` stopped it)."""
     check_subset(subset)
     try:
-        ctx.require("finetune", subset=subset, stop_after=stop_after)
+        return ctx.runner.finished_result("finetune", subset=subset, stop_after=stop_after)  # train_summary.json
     except _Stopped as stop:
         return stop.summary
-    return STAGE.skipped_result(ctx, subset)  # train_summary.json, whether just computed or found finished

@@ -18,36 +18,9 @@ import pyarrow as pa
 from nncift.errors import NnciftError
 from nncift.stages.base import Context, Stage
 from nncift.store import write_json, write_parquet
+from nncift.surrogate.fitting import fit_config
 
 log = logging.getLogger(__name__)
-
-
-def symmetric(ctx: Context) -> bool:
-    """Whether the surrogate shares one tower (``fit.symmetric``; auto = the teacher's own trait)."""
-    c = ctx.cfg.fit
-    if c.symmetric != "auto":
-        return c.symmetric == "true"
-    cls = ctx.teacher()
-    section = getattr(ctx.cfg, cls.name) if cls.config is not None else None
-    return bool(getattr(section, "symmetric", cls.symmetric))  # a table declares its own symmetry
-
-
-def fit_config(ctx: Context) -> dict[str, Any]:
-    """The surrogate's fit configuration (:func:`nncift.surrogate.fitting.fit_loop`)."""
-    c = ctx.cfg.fit
-    return {
-        "kind": "pointwise" if ctx.pointwise() else c.kind,
-        "hidden": c.hidden,
-        "rank": c.rank,
-        "symmetric": symmetric(ctx),
-        "cosine_prior": c.cosine_prior,
-        "lr": c.lr,
-        "weight_decay": c.weight_decay,
-        "epochs": c.epochs,
-        "batch_size": c.batch_size,
-        "patience": c.patience,
-        "seed": c.seed,
-    }
 
 
 def kernels(ctx: Context) -> tuple[tuple[str, np.ndarray], ...]:
@@ -140,7 +113,7 @@ class FitStage(Stage):
             net.save(ctx.path("fit", f"network_{kernel}"), scaler, extra={"kernel": kernel, "history": history})
         if preds:
             write_parquet(ctx.path("fit", "eval_predictions.parquet"), pa.concat_tables(preds))
-        from nncift.reporting import clean_json
+        from nncift.store import clean_json
 
         write_json(ctx.path("fit", "metrics.json"), clean_json(metrics))
         shutil.rmtree(ctx.path("fit", "ray_train"), ignore_errors=True)

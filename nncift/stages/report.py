@@ -60,7 +60,7 @@ def fidelity(ctx: Context) -> dict[str, Any]:
     fn, reason = truth_function(ctx)
     pool, target = ctx.items()
     if fn is None and fd.exact:
-        from nncift.stages.exact import exact_kernels
+        from nncift.labels.tables import exact_kernels
 
         ctx.require("exact")
         true_ff, true_ft = exact_kernels(ctx)
@@ -101,8 +101,8 @@ def item_fidelity(ctx: Context) -> dict[str, Any]:
     every candidate of the choose stage, the zero-label baseline (response length) and random subsets."""
     import pyarrow.parquet as pq_
 
+    from nncift.labels.tables import exact_scores
     from nncift.selection import fidelity as fid
-    from nncift.stages.exact import exact_scores
 
     ctx.require("exact")
     s = exact_scores(ctx).astype(np.float32)[:, None]  # (M, 1): the top-k objective reads row means
@@ -125,7 +125,7 @@ def item_fidelity(ctx: Context) -> dict[str, Any]:
 def candidate_fidelity(ctx: Context, true_ff, true_ft, budget: int, exact: list[int]) -> dict[str, Any]:
     """Gap closed of every candidate estimate of the choose stage (each selected on its own dense kernels)."""
     from nncift.selection import fidelity as fid
-    from nncift.stages.choose import candidate_kernels, item_views, load_recipes
+    from nncift.surrogate.recipes import candidate_kernels, item_views, load_recipes
 
     sc, fd = ctx.cfg.select, ctx.cfg.fidelity
     subsets = {}
@@ -146,7 +146,8 @@ class ReportStage(Stage):
     writes = ("report/fidelity.json", "report/report.json", "report/report.md", "report/*.png")
 
     def run(self, ctx: Context, **params: Any) -> dict[str, Any]:
-        from nncift.reporting import clean_json, write_report
+        from nncift.reporting import write_report
+        from nncift.store import clean_json
 
         fid = fidelity(ctx)
         write_json(ctx.path("report", "fidelity.json"), clean_json(fid))

@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nncift.errors import ConfigError, DataError, NnciftError, ProvenanceError, RunDirBusyError
+from nncift.kernels.kernel_io import write_meta
 from nncift.stages.base import Context, Stage
 from nncift.store import atomic_path, done_blocks, read_parquet_metadata, valid_parquet, write_json, write_parquet
 
@@ -89,7 +90,9 @@ def _estimate_meta(ctx: Context) -> dict[str, Any]:
             f"{ctx.store.root}: the run has no finished estimate stage; run "
             f"`nncift estimate --run-dir {ctx.store.root}` before scoring new data"
         )
-    return json.loads(ctx.path("estimate", "kernels.json").read_text())
+    from nncift.kernels.kernel_io import read_meta
+
+    return read_meta(ctx.store.stage_dir("estimate"))
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -173,7 +176,7 @@ class ScoreStage(Stage):
         self._rows = new.select(pool.column_names).cast(pool.schema)
 
     def run(self, ctx: Context, **params: Any) -> dict[str, Any]:
-        from nncift.stages.embed import embed_sources
+        from nncift.corpus.embedder import embed_sources
         from nncift.store import write_safetensors
 
         rows = self._rows
@@ -220,33 +223,26 @@ class ScoreStage(Stage):
 
     def _items(self, ctx: Context, folder: Path, e_new: np.ndarray, rows: pa.Table) -> dict[str, Any]:
         """Pointwise run: the new items' scores from the chosen candidate, after the pool's estimated ones."""
-        from nncift.stages.choose_items import new_item_scores
-        from nncift.stages.estimate import item_scores
+        from nncift.kernels.kernel_io import item_scores, write_item_scores
+        from nncift.surrogate.item_choice import new_item_scores
 
-        old = item_scores(ctx)
+        old = item_scores(ctx.store.stage_dir("estimate"))
         chosen = json.loads(ctx.path("choose", "choice.json").read_text())["chosen"]
         new = new_item_scores(
             ctx, chosen, e_new, rows.column("prompt").to_pylist(), rows.column("response").to_pylist()
         )
         scores = np.concatenate([old, new])
-        write_parquet(
-            folder / "scores.parquet",
-            pa.table({"idx": np.arange(len(scores), dtype=np.int64), "score": scores}),
-        )
-        write_json(
-            folder / "kernels.json",
-            {"item": {"shape": [len(scores)]}, "layout": "items", "pool": len(old), "new": len(new)},
-        )
+        write_item_scores(folder, scores, pool=len(old), new=len(new))
         return {"pairs": len(new), "blocks": 1}
 
     def _pairs(
         self, ctx: Context, folder: Path, meta: dict[str, Any], e_new: np.ndarray, texts: tuple[list, list]
     ) -> dict[str, Any]:
         """K_FF / K_FT of the combined items: the run's own blocks linked, the new blocks estimated through the
-        run's executor (:class:`~nncift.kernels.blocks.ExtendWorker`)."""
-        from nncift.kernels.blocks import ExtendWorker
+        run's executor (:class:`~nncift.kernels.estimate_worker.ExtendWorker`)."""
+        from nncift.kernels.estimate_worker import ExtendWorker
         from nncift.labels.plan import Block, block_grid
-        from nncift.stages.estimate import estimator_heads
+        from nncift.surrogate.recipes import estimator_heads
 
         c = ctx.cfg.estimate
         m, n = ctx.size()
@@ -292,8 +288,8 @@ class ScoreStage(Stage):
             "precision": c.precision,
         }
         ctx.fan_out(ExtendWorker, worker_kwargs, todo, "score", c)
-        write_json(
-            folder / "kernels.json",
+        write_meta(
+            folder,
             {
                 "ff": {"shape": [total, total]},
                 "ft": {"shape": [total, n]},
@@ -332,7 +328,7 @@ class ScoredSelectStage(Stage):
         return {"score": done["fingerprint"]}
 
     def run(self, ctx: Context, **params: Any) -> dict[str, Any]:
-        from nncift.stages.select import select_on
+        from nncift.selection.from_kernels import select_on
 
         folder = ctx.store.root / "score" / params["name"]
         pool, _ = ctx.tables()

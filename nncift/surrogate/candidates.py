@@ -337,7 +337,7 @@ class Estimates:
 
     def rows(self, name: str, rows: np.ndarray) -> np.ndarray:
         """(len(rows), C) float32 raw estimate of the given rows over every column (exact diagonal included)."""
-        from nncift.kernels.blocks import predict_factors
+        from nncift.surrogate.predict import predict_factors
 
         rec = self.recipes[name]
         rows = np.asarray(rows, np.int64)

@@ -12,12 +12,16 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from nncift.surrogate.network import network_from_config
+
+if TYPE_CHECKING:
+    from nncift.stages.base import Context
 
 log = logging.getLogger(__name__)
 
@@ -185,3 +189,31 @@ def fit_loop(
                 log.info("early stop at epoch %d (best val MSE %.5f)", epoch, best)
                 break
     return best_state, history
+
+
+def fit_config(ctx: Context) -> dict[str, Any]:
+    """The surrogate's fit configuration (:func:`nncift.surrogate.fitting.fit_loop`)."""
+    c = ctx.cfg.fit
+    return {
+        "kind": "pointwise" if ctx.pointwise() else c.kind,
+        "hidden": c.hidden,
+        "rank": c.rank,
+        "symmetric": symmetric(ctx),
+        "cosine_prior": c.cosine_prior,
+        "lr": c.lr,
+        "weight_decay": c.weight_decay,
+        "epochs": c.epochs,
+        "batch_size": c.batch_size,
+        "patience": c.patience,
+        "seed": c.seed,
+    }
+
+
+def symmetric(ctx: Context) -> bool:
+    """Whether the surrogate shares one tower (``fit.symmetric``; auto = the teacher's own trait)."""
+    c = ctx.cfg.fit
+    if c.symmetric != "auto":
+        return c.symmetric == "true"
+    cls = ctx.teacher()
+    section = getattr(ctx.cfg, cls.name) if cls.config is not None else None
+    return bool(getattr(section, "symmetric", cls.symmetric))  # a table declares its own symmetry

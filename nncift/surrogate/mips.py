@@ -7,7 +7,7 @@ query: ``|p' - q'_j|^2 = |p|^2 + R^2 - 2 p.q_j``, so the nearest columns are the
 the norms. The L2 search is a faiss inverted-file index (IVF-Flat): k-means cells over the columns, and a query
 scans the ``nprobe`` nearest cells; with ``nprobe = nlist`` it is exhaustive and exact.
 
-Candidates are then re-scored exactly by the caller (:class:`nncift.kernels.blocks.EstimateWorker`), so only the
+Candidates are then re-scored exactly by the caller (:class:`nncift.kernels.estimate_worker.EstimateWorker`), so only the
 *set* is approximate; :func:`topk_recall` measures it against exhaustive estimation.
 """
 

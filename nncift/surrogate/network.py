@@ -72,13 +72,13 @@ class Surrogate(nn.Module):
 
     @torch.no_grad()
     def estimator(self, e_rows: torch.Tensor, e_cols: torch.Tensor) -> dict[str, Any]:  # pragma: no cover
-        """Per-item factors of the estimation kernels (see :class:`nncift.kernels.blocks.EstimateWorker`)."""
+        """Per-item factors of the estimation kernels (see :class:`nncift.kernels.estimate_worker.EstimateWorker`)."""
         raise NotImplementedError
 
     @torch.no_grad()
     def score_all(self, e_rows: torch.Tensor, e_cols: torch.Tensor) -> torch.Tensor:
         """Every pair: (R, d), (C, d) -> (R, C) float32 (small inputs; estimation uses the block kernels)."""
-        from nncift.kernels.blocks import predict_factors
+        from nncift.surrogate.predict import predict_factors
 
         return torch.as_tensor(predict_factors(_to_numpy(self.estimator(e_rows, e_cols))))
 

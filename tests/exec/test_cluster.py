@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from nncift.exec.ray_executor import free_port
+from nncift.exec.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "cluster" / "local_head.sh"

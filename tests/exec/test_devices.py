@@ -179,9 +179,10 @@ def test_each_actor_gets_its_own_logical_gpu_and_auto_falls_back_to_cpu(ray_gpus
 def test_estimate_on_logical_gpus_equals_local(ray_gpus, tmp_path):
     from nncift.exec.local import LocalExecutor
     from nncift.exec.ray_executor import RayExecutor
-    from nncift.kernels.blocks import EstimateWorker, assemble_dense
+    from nncift.kernels.estimate_worker import EstimateWorker
+    from nncift.kernels.kernel_io import assemble_dense
     from nncift.labels.plan import block_grid
-    from tests.kernels.test_blocks import _heads
+    from tests.kernels.test_estimate_worker import _heads
 
     heads, _ = _heads()
     specs = [b.to_dict() for b in block_grid("ff", 37, 37, 10) + block_grid("ft", 37, 11, 10, start_id=50)]
@@ -202,8 +203,9 @@ def test_label_with_an_lm_teacher_on_logical_gpus_equals_local(ray_gpus, tiny_lm
     """label.device=auto reaches the teacher (``function_kwargs.device``) and is resolved in the actor."""
     from nncift.exec.local import LocalExecutor
     from nncift.exec.ray_executor import RayExecutor
+    from nncift.labels.label_worker import LabelWorker, plan_blocks
     from nncift.labels.plan import plan_labels
-    from nncift.labels.worker import LabelWorker, gather_labels, plan_blocks
+    from nncift.labels.tables import gather_labels
 
     rng = np.random.default_rng(0)
     e = rng.normal(size=(18, 4)).astype(np.float32)

@@ -72,8 +72,8 @@ def slow_blocks():
     """Worker setup hook: every label and estimate block takes 50 ms longer (the same bytes), so that a node dies
     while its fan-out still has work."""
     import time
-    from nncift.kernels.blocks import EstimateWorker
-    from nncift.labels.worker import LabelWorker
+    from nncift.kernels.estimate_worker import EstimateWorker
+    from nncift.labels.label_worker import LabelWorker
 
     for cls in (LabelWorker, EstimateWorker):
         def run_block(self, spec, _orig=cls.run_block):

@@ -7,11 +7,13 @@ import pytest
 
 from nncift.exec.local import LocalExecutor
 from nncift.exec.ray_executor import embed_ray, fit_ray, map_ray
-from nncift.kernels.blocks import EstimateWorker, assemble_dense
+from nncift.kernels.estimate_worker import EstimateWorker
+from nncift.kernels.kernel_io import assemble_dense
+from nncift.labels.label_worker import LabelWorker, plan_blocks
 from nncift.labels.plan import block_grid, plan_labels
-from nncift.labels.worker import LabelWorker, gather_labels, plan_blocks
+from nncift.labels.tables import gather_labels
 from nncift.surrogate.fitting import PairLabels, split_train_val
-from tests.kernels.test_blocks import _heads
+from tests.kernels.test_estimate_worker import _heads
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -153,7 +155,7 @@ def _bilinear_heads(m=37, n=11, d=6):
 
 @pytest.mark.parametrize("layout", ["dense", "sparse"])
 def test_estimate_ray_equals_local_for_the_bilinear_kind(ray_session, tmp_path, layout):
-    from nncift.kernels.blocks import read_sparse
+    from nncift.kernels.kernel_io import read_sparse
 
     heads = _bilinear_heads()
     sparse = layout == "sparse"

@@ -92,7 +92,7 @@ def test_unknown_design_is_refused():
 def test_label_blocks_cover_every_planned_pair_exactly_once():
     from collections import Counter
 
-    from nncift.labels.worker import plan_blocks
+    from nncift.labels.label_worker import plan_blocks
 
     plan = plan_labels(90, 30, 0.6, 4, 64, seed=0, design="spread", partners=5, diagonal=True)
     plan.sets.append(plan_labels(90, 30, 0.2, 4, 0, seed=1).sets[0])  # plus one large dense rectangle

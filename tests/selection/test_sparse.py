@@ -67,7 +67,7 @@ def test_budget_error():
 
 def _write_stripes(tmp_path, kd, k, kernel="ff", stripe=64):
     """Per-row top-k stripes of a dense kernel, as the estimate stage writes them."""
-    from nncift.kernels.blocks import write_sparse_block
+    from nncift.kernels.kernel_io import write_sparse_block
     from nncift.labels.plan import Block
     from nncift.surrogate.numba_kernels import TopK
 
@@ -85,7 +85,7 @@ def _write_stripes(tmp_path, kd, k, kernel="ff", stripe=64):
 def test_greedi_from_stripes_equals_greedi_on_the_gathered_kernel(tmp_path, objective):
     """GreeDi whose parts read their sub-kernels from the Parquet stripes picks exactly what GreeDi on the
     whole gathered kernel picks (same entries, same order), and the merge kernel holds only the union."""
-    from nncift.kernels.blocks import read_sparse, sparse_extent
+    from nncift.kernels.kernel_io import read_sparse, sparse_extent
     from nncift.selection.sparse import StripeSource, fl_kernel_from_topk, restrict, stripe_kernel
 
     m = 330

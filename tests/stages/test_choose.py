@@ -262,9 +262,9 @@ def test_teacher_lm_features_give_one_additive_candidate_per_layer_and_score_new
     LM features of those rows standardised as the run's were."""
     from nncift.cli import main
     from nncift.config import load_config
-    from nncift.kernels.blocks import assemble_dense
+    from nncift.kernels.kernel_io import assemble_dense
     from nncift.runner import Runner
-    from nncift.stages.choose import chosen_recipes, new_item_views
+    from nncift.surrogate.recipes import chosen_recipes, new_item_views
     from tests.conftest import make_rows, write_jsonl
 
     rng = np.random.default_rng(0)
@@ -303,7 +303,7 @@ def test_teacher_lm_features_give_one_additive_candidate_per_layer_and_score_new
 
 
 def test_item_criteria_by_hand():
-    from nncift.stages.choose_items import concordance, topk_values
+    from nncift.surrogate.item_choice import concordance, topk_values
 
     truth = np.array([0.1, 0.5, 0.2, 0.9])
     scores = {"a": np.array([3.0, 2.0, 1.0, 0.0]), "flat": np.ones(4)}

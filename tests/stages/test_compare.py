@@ -92,8 +92,7 @@ def test_exact_subset_is_the_selection_on_the_true_kernels(tmp_path, ft_override
     from nncift.config import load_config
     from nncift.runner import Runner
     from nncift.selection.greedy import greedy_select
-    from nncift.stages.exact import budget
-    from nncift.stages.finetune import subset_indices
+    from nncift.selection.subsets import budget, subset_indices
 
     cfg = load_config(None, ft_overrides)
     runner = Runner(cfg, tmp_path / "run")

@@ -18,11 +18,11 @@ import pytest
 
 from nncift.cli import main
 from nncift.config import load_config
-from nncift.kernels.blocks import assemble_dense, predict_factors, read_row_means, read_sparse, sparse_extent
+from nncift.kernels.kernel_io import assemble_dense, dense_kernels, read_row_means, read_sparse, sparse_extent
 from nncift.runner import Runner
 from nncift.stages.base import Context
-from nncift.stages.estimate import dense_kernels
 from nncift.store import RunDir
+from nncift.surrogate.predict import predict_factors
 from tests.conftest import make_rows, write_jsonl
 
 M, N, NEW = 90, 30, 24
@@ -115,7 +115,7 @@ def test_dense_score_keeps_the_estimate_and_adds_the_surrogates_rows(dense_run):
     assert meta["layout"] == "dense" and meta["ff"]["shape"] == [M + NEW] * 2 and meta["ft"]["shape"] == [M + NEW, N]
     k_ff = assemble_dense(out / "blocks", "ff", (M + NEW, M + NEW))
     k_ft = assemble_dense(out / "blocks", "ft", (M + NEW, N))
-    old_ff, old_ft = dense_kernels(runner.ctx)
+    old_ff, old_ft = dense_kernels(runner.ctx.store.stage_dir("estimate"))
     # the rows that were in the pool all along: the estimate stage's values (its teacher diagonal included)
     np.testing.assert_allclose(k_ff[:M, :M], old_ff, rtol=1e-5)
     np.testing.assert_allclose(k_ft[:M], old_ft, rtol=1e-5)
@@ -265,8 +265,8 @@ def test_score_equals_a_fresh_estimate_over_pool_plus_new(dense_run, sparse_run,
 def test_score_with_a_free_or_additive_estimate_extends_it_to_new_rows(tmp_path, mode):
     """A chosen estimate that is not the network: new rows get its bilinear form on their own view vectors (the
     lexical view through the run's fitted transform) and, for per-item effects, their ridge predictions."""
-    from nncift.stages.choose import chosen_recipes
     from nncift.store import read_safetensors
+    from nncift.surrogate.recipes import chosen_recipes
     from nncift.surrogate.views import LexicalView, item_texts
 
     runner, files = _run(tmp_path, [*COLUMN, f"choose.mode={mode}"])
@@ -276,7 +276,7 @@ def test_score_with_a_free_or_additive_estimate_extends_it_to_new_rows(tmp_path,
     out = run / "score" / "new"
     k_ff = assemble_dense(out / "blocks", "ff", (M + NEW, M + NEW))
     k_ft = assemble_dense(out / "blocks", "ft", (M + NEW, N))
-    old_ff, old_ft = dense_kernels(runner.ctx)
+    old_ff, old_ft = dense_kernels(runner.ctx.store.stage_dir("estimate"))
     np.testing.assert_allclose(k_ff[:M, :M], old_ff, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(k_ft[:M], old_ft, rtol=1e-5, atol=1e-6)
     rec = chosen_recipes(runner.ctx)
@@ -410,7 +410,7 @@ def test_rerun_is_skipped_and_a_changed_input_is_refused_without_overwrite(dense
 def test_pointwise_run_scores_new_items_with_the_pointwise_network(tmp_path):
     import torch  # noqa: F401 -- the network
 
-    from nncift.stages.estimate import item_scores
+    from nncift.kernels.kernel_io import item_scores
     from nncift.store import read_safetensors
     from nncift.surrogate.network import load_network
     from tests.stages.test_stages import ProbeScore  # noqa: F401 -- registers the pointwise test teacher
@@ -423,7 +423,7 @@ def test_pointwise_run_scores_new_items_with_the_pointwise_network(tmp_path):
     t = pq.read_table(out / "scores.parquet")
     np.testing.assert_array_equal(t.column("idx").to_numpy(), np.arange(M + NEW))
     scores = t.column("score").to_numpy()
-    np.testing.assert_array_equal(scores[:M], item_scores(runner.ctx))
+    np.testing.assert_array_equal(scores[:M], item_scores(runner.ctx.store.stage_dir("estimate")))
     net, scaler, _ = load_network(run / "fit" / "network_item")
     e_new = read_safetensors(out / "embeddings.safetensors")["new"]
     np.testing.assert_allclose(scores[M:], scaler.inverse(net.score_items(e_new)), rtol=1e-5, atol=1e-6)

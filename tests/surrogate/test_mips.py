@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from nncift.kernels.blocks import EstimateWorker, read_row_means, read_sparse, read_sparse_rows, sparse_extent
+from nncift.kernels.estimate_worker import EstimateWorker
+from nncift.kernels.kernel_io import read_row_means, read_sparse, read_sparse_rows, sparse_extent
 from nncift.labels.plan import block_grid
 from nncift.surrogate import mips
 
@@ -126,7 +127,7 @@ def test_candidate_search_at_production_settings_reports_its_true_recall_and_ext
 
     from nncift.config import load_config
     from nncift.runner import Runner
-    from nncift.stages.estimate import estimator_heads
+    from nncift.surrogate.recipes import estimator_heads
 
     nlist, nprobe, sample, topk = 8, 2, 4, 8
     over = [f"data.input={corpus}", *tiny_overrides, "ray.executor=local", "estimate.candidates=ivf",

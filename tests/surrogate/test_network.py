@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from nncift.kernels.blocks import predict_block
 from nncift.surrogate.network import BilinearNetwork, InfluenceNetwork, Scaler, build_network, load_network
+from nncift.surrogate.predict import predict_block
 
 
 def _net(d=12, h=7, seed=0):
@@ -31,15 +31,12 @@ def test_projected_block_equals_plain_forward_on_all_pairs():
     torch.testing.assert_close(block, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_tiled_prediction_matches_untiled(monkeypatch):
-    import nncift.kernels.blocks as est
-
+def test_tiled_prediction_matches_untiled():
     net = _net(d=8, h=5)
     p, q = net.project(torch.randn(40, 8), torch.randn(30, 8))
     w2 = torch.as_tensor(net.head()[0])
     full = predict_block(p, q, w2, 0.3)
-    monkeypatch.setattr(est, "TILE_BYTES", 5 * 30 * 4 * 3)  # 3 rows per tile
-    torch.testing.assert_close(est.predict_block(p, q, w2, 0.3), full)
+    torch.testing.assert_close(predict_block(p, q, w2, 0.3, tile_bytes=5 * 30 * 4 * 3), full)  # 3 rows per tile
 
 
 def test_parameter_count_matches_paper_layout():

@@ -9,66 +9,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from nncift.kernels.kernel_io import write_block, write_sparse_block
 from nncift.labels.plan import Block
-from nncift.store import memmap_safetensors, read_parquet_metadata, write_parquet
-from nncift.surrogate.numba_kernels import TopK, predict_block_np
+from nncift.store import memmap_safetensors, read_parquet_metadata
+from nncift.surrogate.numba_kernels import TopK
+from nncift.surrogate.predict import TILE_BYTES, predict_block, predict_factors
 
 log = logging.getLogger(__name__)
 
-TILE_BYTES = 8 << 20  # activation tile (rows x cols x hidden float32) kept around cache size
 DEVICE_TILE_BYTES = 256 << 20  # the same on an accelerator: large enough that kernel launches do not dominate
 DEVICE_CHUNK_PAIRS = 1 << 27  # sparse stripes off the CPU: at least this many pairs (512 MiB float32) per chunk
 TOPK_GROUP = 32  # columns per group of the two-step chunk top-k (:func:`_chunk_topk`)
 ENGINES = ("auto", "numpy", "torch")
 PRECISIONS = ("fp32", "tf32", "bf16")
 _MM_OUT_DTYPE = True  # torch.mm(..., out_dtype=float32) for bf16 inputs, until a build refuses it
-
-
-@torch.no_grad()
-def predict_block(
-    p: torch.Tensor, q: torch.Tensor, w2: torch.Tensor, b2: float, tile_bytes: int = TILE_BYTES
-) -> torch.Tensor:
-    """Network output for every pair of a block from the projected halves.
-
-    Args:
-        p: (R, h) float32, row projections ``e_i A^T + b1``.
-        q: (C, h) float32, column projections ``e_j B^T``.
-        w2: (h,) float32 second-layer weights.
-        b2: second-layer bias.
-        tile_bytes: size of one (rows, C, h) float32 activation tile.
-
-    Returns:
-        (R, C) float32 with ``out[r, c] = w2 . relu(p[r] + q[c]) + b2``.
-    """
-    r, h = p.shape
-    c = q.shape[0]
-    out = torch.empty((r, c), dtype=torch.float32, device=p.device)
-    rows_per_tile = max(1, tile_bytes // max(1, c * h * 4))
-    for r0 in range(0, r, rows_per_tile):
-        r1 = min(r, r0 + rows_per_tile)
-        act = torch.relu(p[r0:r1, None, :] + q[None, :, :])
-        out[r0:r1] = act @ w2 + b2
-    return out
-
-
-def predict_factors(f: dict, r0: int = 0, r1: int | None = None, c0: int = 0, c1: int | None = None) -> np.ndarray:
-    """Scores of rows [r0, r1) x columns [c0, c1) from a surrogate's factors (numpy, CPU).
-
-    Args:
-        f: :meth:`nncift.surrogate.network.Surrogate.estimator` output: ``{"type": "mlp", "p", "q" | "q_t", "w2", "b2"}``
-            or ``{"type": "dot", "p" (R, k), "q" (C, k)}``.
-
-    Returns:
-        (r1-r0, c1-c0) float32 in the scaled label space.
-    """
-    if f["type"] == "dot":
-        return np.matmul(f["p"][r0:r1], f["q"][c0:c1].T).astype(np.float32, copy=False)
-    q_t = f["q_t"] if "q_t" in f else np.ascontiguousarray(np.asarray(f["q"]).T)
-    return predict_block_np(f["p"][r0:r1], q_t[:, c0:c1], f["w2"], f["b2"])
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -601,142 +558,3 @@ def overwrite_diagonal(vals: np.ndarray, diag: np.ndarray, r0: int, r1: int, c0:
     if hi > lo:
         i = np.arange(lo, hi)
         vals[i - r0, i - c0] = diag[lo:hi]
-
-
-def write_sparse_block(
-    path: Path,
-    block: Block,
-    cols: np.ndarray,
-    vals: np.ndarray,
-    k: int,
-    extent: tuple[float, float] | None = None,
-    row_means: np.ndarray | None = None,
-) -> None:
-    """Sparse row stripe as Parquet: ``row``, ``cols`` list<int64>, ``values`` list<float32> (top-k per row),
-    optionally ``row_mean`` (each row's mean over every column); ``extent`` = (min, max) of every estimated
-    value of the stripe, kept ones or not, in the metadata."""
-    n, kk = cols.shape
-    offsets = pa.array(np.arange(0, n * kk + 1, kk, dtype=np.int32))
-    table = pa.table(
-        {
-            "row": pa.array(np.arange(block.r0, block.r1, dtype=np.int64)),
-            "cols": pa.ListArray.from_arrays(offsets, pa.array(cols.reshape(-1).astype(np.int64))),
-            "values": pa.ListArray.from_arrays(offsets, pa.array(vals.reshape(-1).astype(np.float32))),
-        }
-    )
-    if row_means is not None:
-        table = table.append_column("row_mean", pa.array(np.asarray(row_means, np.float64)))
-    meta = {"block": block.to_dict(), "layout": "sparse", "topk": k}
-    if extent is not None:
-        meta["extent"] = [float(extent[0]), float(extent[1])]
-    write_parquet(path, table, metadata=meta, use_dictionary=False)  # distinct values: dictionaries only cost
-
-
-def _as_matrix(col: pa.ChunkedArray, n: int, dtype) -> np.ndarray:
-    """A list<...> column of ``n`` equal-length lists as an (n, k) array."""
-    flat = col.combine_chunks().flatten()
-    return flat.to_numpy().astype(dtype, copy=False).reshape(n, len(flat) // n if n else 0)
-
-
-def iter_sparse(block_dir: Path, kernel: str, rows: np.ndarray | None = None, values: bool = True):
-    """The sparse stripes of ``kernel``, one at a time in file order: (rows (R,) int64, cols (R, k) int64,
-    vals (R, k) float32 or None). With ``rows``, only the stripes holding some of them are read (from each
-    stripe's recorded row range) and only those rows are yielded."""
-    for path in sorted(block_dir.glob(f"{kernel}_*.parquet")):
-        if rows is not None:
-            b = read_parquet_metadata(path)["block"]
-            if not ((rows >= b["r0"]) & (rows < b["r1"])).any():
-                continue
-        t = pq.read_table(path, columns=["row", "cols", "values"] if values else ["row", "cols"])
-        r = t.column("row").to_numpy()
-        cols = _as_matrix(t.column("cols"), len(r), np.int64)
-        vals = _as_matrix(t.column("values"), len(r), np.float32) if values else None
-        if rows is not None:
-            keep = np.isin(r, rows)
-            r, cols, vals = r[keep], cols[keep], None if vals is None else vals[keep]
-        yield r, cols, vals
-
-
-def read_sparse(block_dir: Path, kernel: str, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Gather the sparse stripes of ``kernel``: (cols (n_rows, k) int64, vals (n_rows, k) float32), rows checked."""
-    cols, vals, seen = None, None, np.zeros(n_rows, bool)
-    for rows, cc, vv in iter_sparse(block_dir, kernel):
-        if cols is None:
-            cols = np.full((n_rows, cc.shape[1]), -1, np.int64)
-            vals = np.zeros((n_rows, cc.shape[1]), np.float32)
-        cols[rows], vals[rows], seen[rows] = cc, vv, True
-    if cols is None or not seen.all():
-        raise RuntimeError(f"{block_dir}: kernel '{kernel}' has {int((~seen).sum())} rows without a finished stripe")
-    return cols, vals
-
-
-def read_sparse_rows(block_dir: Path, kernel: str, rows: np.ndarray) -> np.ndarray:
-    """(len(rows), k) int64 top-k columns of the given rows (sorted, unique), reading only the stripes that hold
-    them."""
-    rows = np.asarray(rows, np.int64)
-    out: np.ndarray | None = None
-    seen = np.zeros(len(rows), bool)
-    for r, cols, _ in iter_sparse(block_dir, kernel, rows=rows, values=False):
-        if out is None:
-            out = np.full((len(rows), cols.shape[1]), -1, np.int64)
-        at = np.searchsorted(rows, r)
-        out[at], seen[at] = cols, True
-    if out is None or not seen.all():
-        raise RuntimeError(f"{block_dir}: kernel '{kernel}' lacks stripes for {int((~seen).sum())} sampled rows")
-    return out
-
-
-def read_row_means(block_dir: Path, kernel: str, n_rows: int) -> np.ndarray:
-    """(n_rows,) float64 mean of each row over every column, from the sparse stripes of ``kernel``."""
-    out = np.full(n_rows, np.nan)
-    for path in sorted(block_dir.glob(f"{kernel}_*.parquet")):
-        t = pq.read_table(path, columns=["row", "row_mean"])
-        out[t.column("row").to_numpy()] = t.column("row_mean").to_numpy()
-    if np.isnan(out).any():
-        raise RuntimeError(f"{block_dir}: kernel '{kernel}' has {int(np.isnan(out).sum())} rows without a row mean")
-    return out
-
-
-def sparse_extent(block_dir: Path, kernel: str) -> tuple[float, float]:
-    """(min, max) of every estimated value of ``kernel`` (all stripes), the dense layout's min-max scaling."""
-    lo, hi = np.inf, -np.inf
-    for path in sorted(block_dir.glob(f"{kernel}_*.parquet")):
-        ext = read_parquet_metadata(path).get("extent")
-        if ext is None:
-            raise RuntimeError(f"{path}: a sparse stripe without its value extent (written by an older nncift)")
-        lo, hi = min(lo, ext[0]), max(hi, ext[1])
-    return float(lo), float(hi)
-
-
-def write_block(path: Path, block: Block, values: np.ndarray) -> None:
-    """Dense tile as Parquet: one row per kernel row (``row``, ``values`` list<float32>), ranges in metadata."""
-    flat = pa.array(np.ascontiguousarray(values, dtype=np.float32).reshape(-1))
-    offsets = pa.array(np.arange(0, values.size + 1, values.shape[1], dtype=np.int32))
-    table = pa.table(
-        {
-            "row": pa.array(np.arange(block.r0, block.r1, dtype=np.int64)),
-            "values": pa.ListArray.from_arrays(offsets, flat),
-        }
-    )
-    write_parquet(path, table, metadata={"block": block.to_dict(), "layout": "dense"}, use_dictionary=False)
-
-
-def read_block(path: Path) -> tuple[Block, np.ndarray]:
-    """Inverse of :func:`write_block`: (block, (r1-r0, c1-c0) float32)."""
-    meta = read_parquet_metadata(path)
-    block = Block(**meta["block"])
-    col = pq.read_table(path, columns=["values"]).column("values").combine_chunks()
-    vals = col.flatten().to_numpy().reshape(block.r1 - block.r0, block.c1 - block.c0)
-    return block, vals
-
-
-def assemble_dense(block_dir: Path, kernel: str, shape: tuple[int, int]) -> np.ndarray:
-    """Gather the dense tiles of ``kernel`` into one (rows, cols) float32 matrix, checking full coverage."""
-    out = np.full(shape, np.nan, dtype=np.float32)
-    for path in sorted(block_dir.glob(f"{kernel}_*.parquet")):
-        block, vals = read_block(path)
-        out[block.r0 : block.r1, block.c0 : block.c1] = vals
-    missing = int(np.isnan(out).sum())
-    if missing:
-        raise RuntimeError(f"{block_dir}: kernel '{kernel}' has {missing} pairs without a finished block")
-    return out

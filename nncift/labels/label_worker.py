@@ -9,26 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from nncift.errors import TeacherError, run_worker_batch
 from nncift.influence import Items, build_influence_function
 from nncift.labels.plan import LabelPlan, ranges
-from nncift.store import write_parquet
+from nncift.labels.tables import LABEL_SCHEMA, write_block
 
 log = logging.getLogger(__name__)
-
-LABEL_SCHEMA = pa.schema(
-    [
-        ("kernel", pa.string()),
-        ("quadrant", pa.string()),
-        ("row_id", pa.string()),
-        ("col_id", pa.string()),
-        ("row", pa.int64()),
-        ("col", pa.int64()),
-        ("value", pa.float32()),
-    ]
-)
 
 
 def block_side(block_size: int, block_seconds: float, pairs_per_second: float) -> int:
@@ -179,7 +166,7 @@ class LabelWorker:
             table = pa.concat_tables(parts)
         else:
             table = self._label_set(self.sets[first], spec["r0"], spec["r1"], spec["c0"], spec["c1"])
-        write_parquet(self.out_dir / f"{int(spec['block_id']):06d}.parquet", table)
+        write_block(self.out_dir, spec["block_id"], table)
         return table.num_rows
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -194,12 +181,3 @@ def _arrow(x) -> pa.Array:
     if isinstance(x, pa.ChunkedArray):
         x = x.combine_chunks()
     return (x if isinstance(x, pa.Array) else pa.array(list(x), pa.string())).cast(pa.string())
-
-
-def gather_labels(block_dir: Path, n_blocks: int) -> pa.Table:
-    """Concatenate the label blocks in block order, checking that all ``n_blocks`` are present."""
-    paths = [block_dir / f"{i:06d}.parquet" for i in range(n_blocks)]
-    missing = [p.name for p in paths if not p.is_file()]
-    if missing:
-        raise RuntimeError(f"{block_dir}: {len(missing)} label blocks missing (first: {missing[0]})")
-    return pa.concat_tables([pq.read_table(p) for p in paths]) if paths else LABEL_SCHEMA.empty_table()

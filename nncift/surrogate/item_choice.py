@@ -19,15 +19,17 @@ included, refitted on the other folds), which multiplies the criterion's items a
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from nncift.console import CONSOLE
-from nncift.stages.base import Context
 from nncift.store import write_json, write_parquet
 from nncift.surrogate.candidates import ITEM_CANDIDATES as ITEM_PREFERENCE  # free first
+
+if TYPE_CHECKING:
+    from nncift.stages.base import Context
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +101,8 @@ def _record(ctx: Context, dec: dict, names: list[str], cost: int, rows: np.ndarr
 def choose_topk(ctx: Context, recipes: dict, views: dict, nets: dict, diag) -> dict[str, Any]:
     """The top-k objective of a pairwise teacher: candidates are the K_FT recipes; each held-out item's truth is
     its mean teacher value over ``choose.targets`` seeded targets."""
+    from nncift.labels.fanout import label_plan, label_sets, used_items
     from nncift.labels.plan import LabelSet
-    from nncift.stages.choose import label_sets
-    from nncift.stages.label import label_plan, used_items
     from nncift.surrogate import candidates as ch
 
     c, sc = ctx.cfg.choose, ctx.cfg.select
@@ -142,11 +143,10 @@ def topk_out_of_fold(ctx: Context, views: dict, names: list[str], folds: int = 5
     """
     import torch
 
-    from nncift.stages.choose import wanted
-    from nncift.stages.fit import fit_config
     from nncift.surrogate import candidates as ch
-    from nncift.surrogate.fitting import PairLabels, fit_loop, split_train_val
+    from nncift.surrogate.fitting import PairLabels, fit_config, fit_loop, split_train_val
     from nncift.surrogate.network import Scaler, network_from_config
+    from nncift.surrogate.recipes import wanted
 
     (rc, y) = ctx.labels()["ft"]["q1"]
     r, c = rc
@@ -225,8 +225,7 @@ def out_of_fold(ctx: Context, folds: int = 5) -> tuple[np.ndarray, np.ndarray, d
     Returns:
         (items (L,) int64, their teacher labels (L,), name -> (L,) out-of-fold scores)
     """
-    from nncift.stages.fit import fit_config
-    from nncift.surrogate.fitting import PairLabels, fit_loop, split_train_val
+    from nncift.surrogate.fitting import PairLabels, fit_config, fit_loop, split_train_val
     from nncift.surrogate.network import Scaler, network_from_config
 
     e_pool, lens = _item_features(ctx)
@@ -284,9 +283,8 @@ def item_lengths(prompts: list[str], responses: list[str]) -> np.ndarray:
 def choose_items(ctx: Context) -> dict[str, Any]:
     """Pointwise teacher: label ``choose.rows`` held-out items, keep the best candidate within noise (free
     first), write every candidate's scores (``choose/item_scores.parquet``) for the estimate stage."""
+    from nncift.labels.fanout import label_plan, label_sets
     from nncift.labels.plan import LabelSet
-    from nncift.stages.choose import label_sets
-    from nncift.stages.label import label_plan
     from nncift.surrogate import candidates as ch
 
     c, sc = ctx.cfg.choose, ctx.cfg.select

@@ -2,14 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from nncift.kernels.blocks import (
-    EstimateWorker,
-    assemble_dense,
-    read_block,
-    read_row_means,
-    read_sparse,
-    sparse_extent,
-)
+from nncift.kernels.estimate_worker import EstimateWorker
+from nncift.kernels.kernel_io import assemble_dense, read_block, read_row_means, read_sparse, sparse_extent
 from nncift.labels.plan import Block, block_grid
 from nncift.surrogate.network import InfluenceNetwork
 
@@ -183,7 +177,7 @@ def test_estimate_precision_and_engine_are_validated(override, needle):
 
 @pytest.mark.parametrize("engine", ["numpy", "torch"])
 def test_extend_worker_merges_new_columns_on_either_engine(tmp_path, engine):
-    from nncift.kernels.blocks import ExtendWorker
+    from nncift.kernels.estimate_worker import ExtendWorker
 
     heads = _factor_heads("dot", m=40, n=11)
     ff = {**heads["ff"], "diag": heads["ff"]["diag"][:30]}  # 30 pool items, 10 new ones (their own estimate)
