@@ -45,7 +45,7 @@ from nncift.store import write_json
 
 log = logging.getLogger(__name__)
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "cluster" / "deepspeed"
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "cluster" / "deepspeed"
 
 
 def load_deepspeed_config(name: str) -> dict:
