@@ -1,8 +1,16 @@
 """One typed configuration for the whole pipeline.
 
 A :class:`RunConfig` groups one dataclass per stage. It is filled from YAML and ``--set key=value``
-overrides (:func:`load_config`), validated at the boundary (:meth:`RunConfig.validate`), saved next to the
-outputs, and fingerprinted per stage so that a resumed run can refuse a changed configuration.
+overrides (:func:`load_config`), validated at the boundary (:meth:`RunConfig.validate`: each section checks
+its own fields, the run the rules between sections), saved next to the outputs, and fingerprinted per stage
+so that a resumed run can refuse a changed configuration.
+
+The names a choice accepts come from the registry of the code it selects (as scikit-learn's
+``_parameter_constraints``): ``data.format`` from :data:`nncift.corpus.readers.FORMATS`, ``label.design`` from
+:data:`nncift.labels.plan.DESIGNS`, ``fit.kind`` from :data:`nncift.surrogate.network.NETWORKS`,
+``estimate.layout`` / ``select.algorithm`` from :mod:`nncift.selection.from_kernels`, ``select.objective``
+from :data:`nncift.selection.greedy.OBJECTIVES` (imported when validating, not with this module). The actor
+settings (``concurrency``, ``num_cpus``, ``num_gpus``, ``device``) are defined once, in :class:`Resources`.
 
 Fields whose ``metadata`` holds ``provenance=False`` (parallelism, devices) do not change results and are
 left out of the fingerprints: a run may be resumed with more actors or on a GPU.
@@ -13,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -29,6 +38,68 @@ def _f(default: Any, help: str, runtime: bool = False) -> Any:
     if runtime:
         meta.update(RUNTIME)
     return field(default=default, metadata=meta)
+
+
+Need = Callable[[bool, str, str], None]
+"""``need(condition, field, message)``: a ConfigError naming the field unless the condition holds."""
+
+
+def _need(prefix: str) -> Need:
+    """A :data:`Need` for the fields of one section (``prefix`` "label." -> "config field 'label.fraction'")."""
+
+    def need(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"config field '{prefix}{key}': {msg}")
+
+    return need
+
+
+def _is_device(dev: str) -> bool:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto``."""
+    return dev in {"auto", "cpu", "cuda"} or (dev.startswith("cuda:") and dev[len("cuda:") :].isdigit())
+
+
+@dataclass
+class Resources:
+    """What the actors of one stage (a Ray Data actor pool) ask for and run on, defined once: the help, the
+    runtime metadata (out of the fingerprints) and the checks of each field.
+
+    A section running actors takes the fields it has, with its own default, by :meth:`field`; they stay the
+    section's own YAML keys (``label.concurrency``, ``embed.device``, ...) in the section's own order, so saved
+    configurations read and fingerprint as before::
+
+        concurrency: int = Resources.field("concurrency", 2)
+
+    and its ``validate`` calls :meth:`check`, which names the section's field (``label.concurrency``).
+    """
+
+    concurrency: int = _f(1, "Ray Data actors", runtime=True)
+    num_cpus: float = _f(1.0, "CPUs per actor", runtime=True)
+    num_gpus: float = _f(0.0, "GPUs per actor", runtime=True)
+    device: str = _f("cpu", "cpu | cuda | cuda:N | auto (cuda where num_gpus gave a GPU, else cpu)", runtime=True)
+
+    @staticmethod
+    def field(name: str, default: Any = None) -> Any:
+        """The field ``name`` of :class:`Resources` for a section: the same help and metadata, ``default``
+        (None: the one here). The section annotates it with the same type (tests/test_registry.py checks)."""
+        f = {f.name: f for f in dataclasses.fields(Resources)}[name]
+        return dataclasses.field(default=f.default if default is None else default, metadata=f.metadata)
+
+    @staticmethod
+    def check(section: Any, need: Need) -> None:
+        """Check the :class:`Resources` fields that ``section`` has (``need`` names them in the section)."""
+        have = {f.name for f in dataclasses.fields(section)}
+        if "concurrency" in have:
+            need(section.concurrency >= 1, "concurrency", f"must be >= 1, got {section.concurrency}")
+        if "num_cpus" in have:
+            need(section.num_cpus > 0, "num_cpus", f"must be positive, got {section.num_cpus}")
+        if "num_gpus" in have:
+            need(section.num_gpus >= 0, "num_gpus", f"must be >= 0, got {section.num_gpus}")
+        if "device" in have:
+            need(_is_device(section.device), "device", f"got {section.device!r} (cpu | cuda | cuda:N | auto)")
+
+    def validate(self, need: Need) -> None:
+        Resources.check(self, need)
 
 
 @dataclass
@@ -67,7 +138,24 @@ class DataConfig:
         "not depend on it",
         runtime=True,
     )
-    concurrency: int = _f(2, "Ray Data actors reading and deduplicating the inputs", runtime=True)
+    concurrency: int = Resources.field("concurrency", 2)
+
+    def validate(self, need: Need) -> None:
+        from nncift.corpus.readers import FORMATS
+
+        need(self.format == "auto" or self.format in FORMATS, "format", f"got {self.format!r}")
+        for k in ("pool_size", "target_size"):
+            v = getattr(self, k)
+            need(v is None or v > 0, k, f"must be positive or null, got {v}")
+        need(self.max_chars >= 0, "max_chars", "must be >= 0")
+        need(self.test_size >= 0, "test_size", "must be >= 0")
+        need(self.read_block_bytes >= 1, "read_block_bytes", f"must be >= 1, got {self.read_block_bytes}")
+        need(
+            self.partitions is None or self.partitions >= 1,
+            "partitions",
+            f"must be >= 1 or null, got {self.partitions}",
+        )
+        Resources.check(self, need)
 
 
 @dataclass
@@ -79,10 +167,15 @@ class EmbedConfig:
     template: str = _f("{prompt}\n{response}", "text embedded for each row")
     batch_size: int = _f(64, "rows per encoder batch")
     max_seq_length: int = _f(128, "encoder token limit (all-MiniLM-L6-v2 was trained with 128)")
-    device: str = _f("cpu", "cpu | cuda | cuda:N | auto (cuda where num_gpus gave a GPU, else cpu)", runtime=True)
-    concurrency: int = _f(2, "Ray Data actors (each uses num_cpus threads)", runtime=True)
-    num_cpus: float = _f(1.0, "CPUs per actor", runtime=True)
-    num_gpus: float = _f(0.0, "GPUs per actor", runtime=True)
+    device: str = Resources.field("device")
+    concurrency: int = Resources.field("concurrency", 2)
+    num_cpus: float = Resources.field("num_cpus")
+    num_gpus: float = Resources.field("num_gpus")
+
+    def validate(self, need: Need) -> None:
+        need(self.batch_size > 0, "batch_size", "must be positive")
+        need(self.source in {"model", "column"}, "source", f"got {self.source!r} (model | column)")
+        Resources.check(self, need)
 
 
 @dataclass
@@ -117,12 +210,33 @@ class LabelConfig:
     pairs_per_second: float | None = _f(
         None, "teacher pairs/s used to size blocks; None = the function's default (delift_icl 5 on 2 CPU cores)"
     )
-    concurrency: int = _f(1, "Ray Data actors", runtime=True)
-    num_cpus: float = _f(1.0, "CPUs per actor", runtime=True)
-    num_gpus: float = _f(0.0, "GPUs per actor", runtime=True)
-    device: str = _f(
-        "cpu", "teacher device: cpu | cuda | cuda:N | auto (cuda where num_gpus gave a GPU, else cpu)", runtime=True
-    )
+    concurrency: int = Resources.field("concurrency")
+    num_cpus: float = Resources.field("num_cpus")
+    num_gpus: float = Resources.field("num_gpus")
+    device: str = Resources.field("device")  # the teacher's
+
+    def validate(self, need: Need) -> None:
+        from nncift.labels.plan import DESIGNS
+
+        known = _plain_teachers()
+        need(self.function in known, "function",
+             f"unknown function {self.function!r} (known: {', '.join(sorted(known))})")  # fmt: skip
+        need(self.design in DESIGNS, "design", f"got {self.design!r} ({' | '.join(DESIGNS)})")
+        need(self.partners >= 1, "partners", "must be >= 1")
+        need(self.probes >= 0, "probes", "must be >= 0")
+        need(0.0 < self.fraction <= 1.0, "fraction", f"must be in (0, 1], got {self.fraction}")
+        need(self.min_count >= 2, "min_count", "must be >= 2")
+        need(self.block_size > 0, "block_size", "must be positive")
+        need(self.block_seconds > 0, "block_seconds", "must be positive")
+        need(self.pairs_per_second is None or self.pairs_per_second > 0, "pairs_per_second", "must be positive")
+        need(self.eval_pairs >= 0, "eval_pairs", "must be >= 0")
+        need(self.max_pairs is None or self.max_pairs > 0, "max_pairs", "must be positive or null")
+        need(
+            self.max_pairs is None or not DESIGNS.get(self.design).second_round,
+            "max_pairs",
+            f"is not supported with label.design={self.design} yet (its second round is planned after the first fit)",
+        )
+        Resources.check(self, need)
 
 
 @dataclass
@@ -150,6 +264,22 @@ class FitConfig:
         "cuda | cuda:N; the Ray executor places its workers by use_gpu",
         runtime=True,
     )
+
+    def validate(self, need: Need) -> None:
+        from nncift.surrogate.network import NETWORKS
+
+        kinds = [name for name, net in NETWORKS.items() if not net.pointwise]  # pointwise: set by the teacher
+        need(self.kind in kinds, "kind", f"got {self.kind!r} ({' | '.join(kinds)})")
+        need(self.rank >= 1, "rank", "must be >= 1")
+        need(self.symmetric in {"auto", "true", "false"}, "symmetric", f"got {self.symmetric!r} (auto | true | false)")
+        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(self.hidden > 0, "hidden", "must be positive")
+        need(self.epochs > 0, "epochs", "must be positive")
+        need(self.lr > 0, "lr", "must be positive")
+        need(self.batch_size > 0, "batch_size", "must be positive")
+        need(0.0 < self.val_fraction < 0.5, "val_fraction", "must be in (0, 0.5)")
+        need(self.num_workers >= 1, "num_workers", "must be >= 1")
+        need(_is_device(self.device), "device", f"got {self.device!r} (auto | cpu | cuda | cuda:N)")
 
 
 @dataclass
@@ -183,6 +313,29 @@ class ChooseConfig:
     )
     targets: int = _f(16, "objective topk: targets labeled per held-out row to measure its mean")
 
+    def validate(self, need: Need) -> None:
+        from nncift.surrogate.candidates import CANDIDATES, ITEM_CANDIDATES
+
+        mode = self.mode
+        lm_member = mode.startswith("additive_lm") and mode[len("additive_lm") :].isdigit()
+        need(mode in {"held_out", "surrogate", *CANDIDATES, *ITEM_CANDIDATES} or lm_member, "mode",
+             f"got {mode!r} (held_out | surrogate | one of {', '.join(CANDIDATES)}, additive_lm<layer>; "
+             f"pointwise teachers: {', '.join(ITEM_CANDIDATES)})")  # fmt: skip
+        bad = sorted(set(_split(self.candidates)) - {"auto", *CANDIDATES})
+        need(not bad and bool(_split(self.candidates)), "candidates",
+             f"unknown candidate {bad[0] if bad else '(none)'} (known: {', '.join(CANDIDATES)})")  # fmt: skip
+        need(self.views in {"lexical", "none"}, "views", f"got {self.views!r} (lexical | none)")
+        need(self.teacher_features in {"auto", "lm", "none"}, "teacher_features",
+             f"got {self.teacher_features!r} (auto | lm | none)")  # fmt: skip
+        need(self.lm_layers == "auto" or all(x.strip().isdigit() for x in self.lm_layers.split(",")), "lm_layers",
+             f"got {self.lm_layers!r} (auto or comma-separated layer numbers)")  # fmt: skip
+        need(self.lm_tokens >= 1, "lm_tokens", "must be >= 1")
+        need(self.rows >= 2, "rows", "must be >= 2")
+        need(self.top >= 1, "top", "must be >= 1")
+        need(self.z >= 0, "z", "must be >= 0")
+        need(self.z_near >= 0, "z_near", "must be >= 0")
+        need(self.targets >= 1, "targets", "must be >= 1")
+
 
 @dataclass
 class EstimateConfig:
@@ -199,10 +352,10 @@ class EstimateConfig:
     precision: str = _f("fp32", "matmul precision of factorised (dot) surrogates on the torch engine: fp32 | tf32 "
                         "(CUDA TensorFloat-32; fp32 on the CPU) | bf16 (bfloat16 factors, float32 output); the "
                         "kept top-k entries are re-scored in fp32")  # fmt: skip
-    device: str = _f("cpu", "cpu | cuda | auto (cuda where num_gpus gave a GPU, else cpu)", runtime=True)
-    concurrency: int = _f(1, "Ray Data actors", runtime=True)
-    num_cpus: float = _f(1.0, "CPUs per actor", runtime=True)
-    num_gpus: float = _f(0.0, "GPUs per actor", runtime=True)
+    device: str = Resources.field("device")
+    concurrency: int = Resources.field("concurrency")
+    num_cpus: float = Resources.field("num_cpus")
+    num_gpus: float = Resources.field("num_gpus")
     candidates: str = _f("exhaustive", "sparse layout: exhaustive (score every column) | ivf (each row's top-k by "
                          "an inverted-file maximum-inner-product search, faiss; fit.kind=bilinear)")  # fmt: skip
     nlist: int = _f(0, "candidates=ivf: index cells (0 = about 4 sqrt(columns))")
@@ -211,6 +364,30 @@ class EstimateConfig:
     extent_sample: int = _f(4096, "candidates=ivf: columns scored exhaustively per stripe for the value extent")
     recall_sample: int = _f(256, "candidates=ivf: rows whose top-k is checked against exhaustive estimation",
                             runtime=True)  # fmt: skip
+
+    def validate(self, need: Need) -> None:
+        from nncift.kernels.estimate_worker import ENGINES, PRECISIONS
+        from nncift.selection.from_kernels import LAYOUTS
+
+        layouts = {"auto", *(name for name, lay in LAYOUTS.items() if not lay.pointwise)}  # items: by the teacher
+        need(self.block_size > 0, "block_size", "must be positive")
+        need(self.layout in layouts, "layout", f"got {self.layout!r}")
+        need(self.topk >= 1, "topk", "must be >= 1")
+        need(self.col_chunk >= 1, "col_chunk", "must be >= 1")
+        need(self.engine in ENGINES, "engine", f"got {self.engine!r} ({' | '.join(ENGINES)})")
+        need(self.precision in PRECISIONS, "precision", f"got {self.precision!r} ({' | '.join(PRECISIONS)})")
+        need(self.engine != "numpy" or (self.device == "cpu" and self.precision != "bf16"), "engine",
+             "numpy runs float32 on the CPU: needs estimate.device=cpu and precision fp32 or tf32 (or engine=torch)")  # fmt: skip
+        need(self.candidates in {"exhaustive", "ivf"}, "candidates", f"got {self.candidates!r} (exhaustive | ivf)")
+        need(self.nlist >= 0, "nlist", "must be >= 0 (0 = auto)")
+        need(self.nprobe >= 1, "nprobe", "must be >= 1")
+        need(self.candidates_min_cols >= 1, "candidates_min_cols", "must be >= 1")
+        need(self.extent_sample >= 1, "extent_sample", "must be >= 1")
+        need(self.recall_sample >= 0, "recall_sample", "must be >= 0")
+        if self.candidates == "ivf":
+            need(self.layout != "dense", "candidates", "ivf keeps each row's top-k: needs estimate.layout=sparse")
+            need(self.device == "cpu", "candidates", "ivf runs on the CPU (faiss-cpu): set estimate.device=cpu")
+        Resources.check(self, need)
 
 
 @dataclass
@@ -224,6 +401,18 @@ class SelectConfig:
     parts: int = _f(4, "greedi: number of partitions (Ray tasks)")
     eta: float = _f(1.0, "FLMI magnification")
     nu: float = _f(1.0, "FLCG privacy hardness")
+
+    def validate(self, need: Need) -> None:
+        from nncift.selection.from_kernels import ALGORITHMS
+        from nncift.selection.greedy import OBJECTIVES
+
+        need(0.0 < self.fraction <= 1.0, "fraction", f"must be in (0, 1], got {self.fraction}")
+        need(self.objective in OBJECTIVES, "objective", f"got {self.objective!r}")
+        need(self.eta > 0, "eta", "must be positive")
+        need(self.algorithm in ALGORITHMS, "algorithm", f"got {self.algorithm!r}")
+        need(0 < self.eps < 1, "eps", "must be in (0, 1)")
+        need(self.parts >= 1, "parts", "must be >= 1")
+        need(self.nu >= 0, "nu", "must be >= 0")
 
 
 @dataclass
@@ -241,6 +430,10 @@ class FidelityConfig:
     random_subsets: int = _f(10, "seeded random subsets of the same budget (their mean f is the 0 of gap closed)")
     max_pairs: int = _f(20_000_000, "compute fidelity only while M*M + M*N <= this (the full kernel is dense)")
     topk: int = _f(10, "per-row top-k recall on unseen x unseen pairs (Q4)")
+
+    def validate(self, need: Need) -> None:
+        need(self.random_subsets >= 1, "random_subsets", "must be >= 1")
+        need(self.topk >= 1, "topk", "must be >= 1")
 
 
 @dataclass
@@ -278,6 +471,33 @@ class FinetuneConfig:
     save_every: int = _f(50, "checkpoint every this many optimizer steps", runtime=True)
     keep_checkpoints: int = _f(2, "completed checkpoints kept", runtime=True)
 
+    def validate(self, need: Need) -> None:
+        need(self.method in {"lora", "full"}, "method", f"got {self.method!r}")
+        need(self.precision in {"auto", "fp32", "bf16"}, "precision", f"got {self.precision!r}")
+        for k in ("lora_r", "lora_alpha", "epochs", "batch_size", "micro_batch_size", "num_workers", "save_every"):
+            need(getattr(self, k) >= 1, k, "must be >= 1")
+        need(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        need(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+        need(self.optimizer in FINETUNE_OPTIMIZERS, "optimizer",
+             f"got {self.optimizer!r} ({' | '.join(FINETUNE_OPTIMIZERS)})")  # fmt: skip
+        need(self.optimizer != "fused_adam" or self.use_gpu, "optimizer",
+             "fused_adam is a CUDA kernel: it needs finetune.use_gpu=true (use torch_adamw on the CPU)")  # fmt: skip
+        need(self.lr > 0, "lr", "must be positive")
+        need(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        need(self.max_seq_len >= 8, "max_seq_len", "must be >= 8")
+        need(0 < self.max_prompt_tokens < self.max_seq_len, "max_prompt_tokens", "must be in (0, max_seq_len)")
+        need(
+            self.batch_size % (self.micro_batch_size * self.num_workers) == 0,
+            "batch_size",
+            f"{self.batch_size} must be a multiple of micro_batch_size x num_workers "
+            f"({self.micro_batch_size} x {self.num_workers})",
+        )
+        need(
+            self.template in {"auto", "chat"} or "{prompt}" in self.template,
+            "template",
+            f"must be auto, chat or a format string containing {{prompt}}, got {self.template!r}",
+        )
+
 
 @dataclass
 class EvalConfig:
@@ -291,10 +511,19 @@ class EvalConfig:
         20_000_000, "compare: the exact-function subset only when M*M + M*N <= this", runtime=True
     )
     batch_size: int = _f(8, "prompts per generation batch", runtime=True)
-    device: str = _f("cpu", "cpu | cuda | auto (cuda where num_gpus gave a GPU, else cpu)", runtime=True)
-    concurrency: int = _f(1, "Ray Data actors", runtime=True)
-    num_cpus: float = _f(1.0, "CPUs per actor", runtime=True)
-    num_gpus: float = _f(0.0, "GPUs per actor", runtime=True)
+    device: str = Resources.field("device")
+    concurrency: int = Resources.field("concurrency")
+    num_cpus: float = Resources.field("num_cpus")
+    num_gpus: float = Resources.field("num_gpus")
+
+    def validate(self, need: Need) -> None:
+        from nncift.selection.subsets import SUBSETS
+
+        need(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        need(self.batch_size >= 1, "batch_size", "must be >= 1")
+        bad = sorted(set(_split(self.subsets)) - set(SUBSETS))
+        need(not bad and bool(_split(self.subsets)), "subsets", f"unknown subset {bad[0] if bad else '(none)'}")
+        Resources.check(self, need)
 
 
 @dataclass
@@ -310,6 +539,10 @@ class RayConfig:
         "vs free, pending actors, nodes), at most once per this period",
         runtime=True,
     )
+
+    def validate(self, need: Need) -> None:
+        need(self.executor in {"ray", "local"}, "executor", f"got {self.executor!r}")
+        need(self.stall_seconds > 0, "stall_seconds", f"must be positive, got {self.stall_seconds}")
 
 
 @dataclass
@@ -369,153 +602,27 @@ class RunConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the first offending field."""
-
-        def need(cond: bool, key: str, msg: str) -> None:
-            if not cond:
-                raise ConfigError(f"config field '{key}': {msg}")
-
-        d, lb, n, e, s = self.data, self.label, self.fit, self.estimate, self.select
-        need(
-            d.format in {"auto", "jsonl", "json", "parquet", "hf", "sharegpt"},
-            "data.format",
-            f"got {d.format!r}",
-        )
-        for k in ("pool_size", "target_size"):
-            v = getattr(d, k)
-            need(v is None or v > 0, f"data.{k}", f"must be positive or null, got {v}")
-        need(d.max_chars >= 0, "data.max_chars", "must be >= 0")
-        need(self.embed.batch_size > 0, "embed.batch_size", "must be positive")
-        need(self.embed.source in {"model", "column"}, "embed.source", f"got {self.embed.source!r} (model | column)")
-        need(
-            self.embed.source != "column" or bool(d.embedding_field),
-            "embed.source",
-            "column needs data.embedding_field (the input field holding each row's embedding)",
-        )
-        need(
-            lb.function in _plain_teachers(),
-            "label.function",
-            f"unknown function {lb.function!r} (known: {', '.join(sorted(_plain_teachers()))})",
-        )
+        """Raise :class:`ConfigError` naming the first offending field: each section's own checks (its
+        ``validate``), the registered teachers' sections, then the rules between sections."""
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section):
+                section.validate(_need(f"{f.name}."))
         for sec in self.teachers.values():
             if hasattr(sec, "validate"):
                 sec.validate()
-        selected = self.teachers.get(lb.function)
+        selected = self.teachers.get(self.label.function)
         if hasattr(selected, "validate_selected"):  # checks that apply only to the chosen teacher
             selected.validate_selected()
-        need(lb.design in {"block", "spread", "active"}, "label.design", f"got {lb.design!r} (block | spread | active)")
-        need(lb.partners >= 1, "label.partners", "must be >= 1")
-        need(lb.probes >= 0, "label.probes", "must be >= 0")
-        need(n.kind in {"mlp", "bilinear"}, "fit.kind", f"got {n.kind!r} (mlp | bilinear)")
-        need(n.rank >= 1, "fit.rank", "must be >= 1")
-        need(n.symmetric in {"auto", "true", "false"}, "fit.symmetric", f"got {n.symmetric!r} (auto | true | false)")
-        need(n.weight_decay >= 0, "fit.weight_decay", "must be >= 0")
-        fd = self.fidelity
-        need(fd.random_subsets >= 1, "fidelity.random_subsets", "must be >= 1")
-        need(fd.topk >= 1, "fidelity.topk", "must be >= 1")
-        need(0.0 < lb.fraction <= 1.0, "label.fraction", f"must be in (0, 1], got {lb.fraction}")
-        need(lb.min_count >= 2, "label.min_count", "must be >= 2")
-        need(lb.block_size > 0, "label.block_size", "must be positive")
-        need(lb.block_seconds > 0, "label.block_seconds", "must be positive")
-        need(lb.pairs_per_second is None or lb.pairs_per_second > 0, "label.pairs_per_second", "must be positive")
-        need(lb.eval_pairs >= 0, "label.eval_pairs", "must be >= 0")
-        need(lb.max_pairs is None or lb.max_pairs > 0, "label.max_pairs", "must be positive or null")
+        need = _need("")
         need(
-            lb.max_pairs is None or lb.design != "active",
-            "label.max_pairs",
-            "is not supported with label.design=active yet (its second round is planned after the first fit)",
+            self.embed.source != "column" or bool(self.data.embedding_field),
+            "embed.source",
+            "column needs data.embedding_field (the input field holding each row's embedding)",
         )
-        need(n.hidden > 0, "fit.hidden", "must be positive")
-        need(n.epochs > 0, "fit.epochs", "must be positive")
-        need(n.lr > 0, "fit.lr", "must be positive")
-        need(n.batch_size > 0, "fit.batch_size", "must be positive")
-        need(0.0 < n.val_fraction < 0.5, "fit.val_fraction", "must be in (0, 0.5)")
-        need(n.num_workers >= 1, "fit.num_workers", "must be >= 1")
-        _check_fit_device(n, self.ray.executor, need)
-        need(e.block_size > 0, "estimate.block_size", "must be positive")
-        ch = self.choose
-        from nncift.surrogate.candidates import CANDIDATES, ITEM_CANDIDATES
-
-        lm_member = ch.mode.startswith("additive_lm") and ch.mode[len("additive_lm") :].isdigit()
-        need(ch.mode in {"held_out", "surrogate", *CANDIDATES, *ITEM_CANDIDATES} or lm_member, "choose.mode",
-             f"got {ch.mode!r} (held_out | surrogate | one of {', '.join(CANDIDATES)}, additive_lm<layer>; "
-             f"pointwise teachers: {', '.join(ITEM_CANDIDATES)})")  # fmt: skip
-        bad = sorted(set(_split(ch.candidates)) - {"auto", *CANDIDATES})
-        need(not bad and bool(_split(ch.candidates)), "choose.candidates",
-             f"unknown candidate {bad[0] if bad else '(none)'} (known: {', '.join(CANDIDATES)})")  # fmt: skip
-        need(ch.views in {"lexical", "none"}, "choose.views", f"got {ch.views!r} (lexical | none)")
-        need(ch.teacher_features in {"auto", "lm", "none"}, "choose.teacher_features",
-             f"got {ch.teacher_features!r} (auto | lm | none)")  # fmt: skip
-        need(ch.lm_layers == "auto" or all(x.strip().isdigit() for x in ch.lm_layers.split(",")), "choose.lm_layers",
-             f"got {ch.lm_layers!r} (auto or comma-separated layer numbers)")  # fmt: skip
-        need(ch.lm_tokens >= 1, "choose.lm_tokens", "must be >= 1")
-        need(ch.rows >= 2, "choose.rows", "must be >= 2")
-        need(ch.top >= 1, "choose.top", "must be >= 1")
-        need(ch.z >= 0, "choose.z", "must be >= 0")
-        need(ch.z_near >= 0, "choose.z_near", "must be >= 0")
-        need(ch.targets >= 1, "choose.targets", "must be >= 1")
-        need(0.0 < s.fraction <= 1.0, "select.fraction", f"must be in (0, 1], got {s.fraction}")
-        need(s.objective in {"fl", "flmi", "flcg", "topk"}, "select.objective", f"got {s.objective!r}")
-        need(s.eta > 0, "select.eta", "must be positive")
-        need(s.algorithm in {"lazy", "stochastic", "greedi"}, "select.algorithm", f"got {s.algorithm!r}")
-        need(0 < s.eps < 1, "select.eps", "must be in (0, 1)")
-        need(s.parts >= 1, "select.parts", "must be >= 1")
-        need(e.layout in {"auto", "dense", "sparse"}, "estimate.layout", f"got {e.layout!r}")
-        need(e.topk >= 1, "estimate.topk", "must be >= 1")
-        need(e.col_chunk >= 1, "estimate.col_chunk", "must be >= 1")
-        need(e.engine in {"auto", "numpy", "torch"}, "estimate.engine", f"got {e.engine!r} (auto | numpy | torch)")
-        need(e.precision in {"fp32", "tf32", "bf16"}, "estimate.precision", f"got {e.precision!r} (fp32 | tf32 | bf16)")
-        need(e.engine != "numpy" or (e.device == "cpu" and e.precision != "bf16"), "estimate.engine",
-             "numpy runs float32 on the CPU: needs estimate.device=cpu and precision fp32 or tf32 (or engine=torch)")  # fmt: skip
-        need(e.candidates in {"exhaustive", "ivf"}, "estimate.candidates", f"got {e.candidates!r} (exhaustive | ivf)")
-        need(e.nlist >= 0, "estimate.nlist", "must be >= 0 (0 = auto)")
-        need(e.nprobe >= 1, "estimate.nprobe", "must be >= 1")
-        need(e.candidates_min_cols >= 1, "estimate.candidates_min_cols", "must be >= 1")
-        need(e.extent_sample >= 1, "estimate.extent_sample", "must be >= 1")
-        need(e.recall_sample >= 0, "estimate.recall_sample", "must be >= 0")
-        if e.candidates == "ivf":
-            need(e.layout != "dense", "estimate.candidates", "ivf keeps each row's top-k: needs estimate.layout=sparse")
-            need(e.device == "cpu", "estimate.candidates", "ivf runs on the CPU (faiss-cpu): set estimate.device=cpu")
-            need(n.kind == "bilinear", "estimate.candidates",
-                 "ivf needs a factorised surrogate (fit.kind=bilinear); the MLP's top-k is not an inner-product search")  # fmt: skip
-        need(s.nu >= 0, "select.nu", "must be >= 0")
-        need(d.test_size >= 0, "data.test_size", "must be >= 0")
-        need(d.read_block_bytes >= 1, "data.read_block_bytes", f"must be >= 1, got {d.read_block_bytes}")
-        need(d.partitions is None or d.partitions >= 1, "data.partitions", f"must be >= 1 or null, got {d.partitions}")
-        ft, ev = self.finetune, self.eval
-        need(ft.method in {"lora", "full"}, "finetune.method", f"got {ft.method!r}")
-        need(ft.precision in {"auto", "fp32", "bf16"}, "finetune.precision", f"got {ft.precision!r}")
-        for k in ("lora_r", "lora_alpha", "epochs", "batch_size", "micro_batch_size", "num_workers", "save_every"):
-            need(getattr(ft, k) >= 1, f"finetune.{k}", "must be >= 1")
-        need(ft.keep_checkpoints >= 1, "finetune.keep_checkpoints", "must be >= 1")
-        need(0 <= ft.lora_dropout < 1, "finetune.lora_dropout", "must be in [0, 1)")
-        need(ft.optimizer in FINETUNE_OPTIMIZERS, "finetune.optimizer",
-             f"got {ft.optimizer!r} ({' | '.join(FINETUNE_OPTIMIZERS)})")  # fmt: skip
-        need(ft.optimizer != "fused_adam" or ft.use_gpu, "finetune.optimizer",
-             "fused_adam is a CUDA kernel: it needs finetune.use_gpu=true (use torch_adamw on the CPU)")  # fmt: skip
-        need(ft.lr > 0, "finetune.lr", "must be positive")
-        need(0 <= ft.warmup_ratio < 1, "finetune.warmup_ratio", "must be in [0, 1)")
-        need(ft.max_seq_len >= 8, "finetune.max_seq_len", "must be >= 8")
-        need(0 < ft.max_prompt_tokens < ft.max_seq_len, "finetune.max_prompt_tokens", "must be in (0, max_seq_len)")
-        need(
-            ft.batch_size % (ft.micro_batch_size * ft.num_workers) == 0,
-            "finetune.batch_size",
-            f"{ft.batch_size} must be a multiple of micro_batch_size x num_workers "
-            f"({ft.micro_batch_size} x {ft.num_workers})",
-        )
-        need(
-            ft.template in {"auto", "chat"} or "{prompt}" in ft.template,
-            "finetune.template",
-            f"must be auto, chat or a format string containing {{prompt}}, got {ft.template!r}",
-        )
-        need(ev.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
-        need(ev.batch_size >= 1, "eval.batch_size", "must be >= 1")
-        bad = sorted(set(_split(ev.subsets)) - {"base", "random", "nncift", "exact", "full"})
-        need(not bad and bool(_split(ev.subsets)), "eval.subsets", f"unknown subset {bad[0] if bad else '(none)'}")
-        need(self.ray.executor in {"ray", "local"}, "ray.executor", f"got {self.ray.executor!r}")
-        need(self.ray.stall_seconds > 0, "ray.stall_seconds", f"must be positive, got {self.ray.stall_seconds}")
-        for sec in (d, self.embed, lb, e, ev):
-            need(sec.concurrency >= 1, "concurrency", "must be >= 1")
+        _check_fit_device(self.fit, self.ray.executor, need)
+        need(self.estimate.candidates != "ivf" or self.fit.kind == "bilinear", "estimate.candidates",
+             "ivf needs a factorised surrogate (fit.kind=bilinear); the MLP's top-k is not an inner-product search")  # fmt: skip
 
     # ------------------------------------------------------------------ provenance
     def fingerprint(self, *sections: str) -> str:
@@ -534,13 +641,12 @@ class RunConfig:
 FINETUNE_OPTIMIZERS = ("torch_adamw", "fused_adam")
 
 
-def _check_fit_device(fit: FitConfig, executor: str, need: Any) -> None:
-    """``fit.device``: a known device; with the local executor an explicit CUDA device must exist here (torch is
-    imported only then); the Ray executor places its workers by ``fit.use_gpu``, which a CUDA device needs."""
+def _check_fit_device(fit: FitConfig, executor: str, need: Need) -> None:
+    """``fit.device`` (its syntax checked by :meth:`FitConfig.validate`): with the local executor an explicit CUDA
+    device must exist here (torch is imported only then); the Ray executor places its workers by
+    ``fit.use_gpu``, which a CUDA device needs."""
     dev = fit.device
     index = dev[len("cuda:") :] if dev.startswith("cuda:") else None
-    need(dev in {"auto", "cpu", "cuda"} or (index is not None and index.isdigit()), "fit.device",
-         f"got {dev!r} (auto | cpu | cuda | cuda:N)")  # fmt: skip
     if not dev.startswith("cuda"):
         return
     if executor != "local":

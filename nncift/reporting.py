@@ -40,7 +40,7 @@ def build_report(store: RunDir) -> dict:
             "fraction_of_pairs_labeled": (lab.get("pairs_labeled") or 0) / max(1, lab.get("total_pairs") or 1),
         },
         "network": {
-            "kind": done["fit"].get("kind", "mlp"),
+            "kind": done["fit"].get("kind"),
             "symmetric": done["fit"].get("symmetric", False),
             "parameters": done["fit"].get("parameters_per_network"),
             **{

@@ -25,7 +25,7 @@ from typing import Any
 from nncift.config import RunConfig
 from nncift.console import CONSOLE
 from nncift.errors import DataError, NnciftError, RunDirBusyError
-from nncift.exec.local import make_executor
+from nncift.exec import make_executor
 from nncift.stages import PIPELINE, STAGES
 from nncift.stages.base import Context, Stage
 from nncift.store import RunDir, run_lock, write_text

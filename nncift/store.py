@@ -125,6 +125,18 @@ def done_blocks(block_dir: Path, expected: dict[str, int | None]) -> set[str]:
     return done
 
 
+def todo_blocks(block_dir: Path, specs: list, key: Any) -> list:
+    """The specs whose block is not complete in ``block_dir`` (the resumable fan-out: finished blocks are
+    skipped, damaged ones removed and redone; see :func:`done_blocks`), in spec order.
+
+    Args:
+        specs: block specs of any type. key: ``spec -> (file name, expected rows or None)``.
+    """
+    keys = [key(s) for s in specs]
+    ok = done_blocks(block_dir, dict(keys))
+    return [s for s, (name, _) in zip(specs, keys, strict=True) if name not in ok]
+
+
 def clean_json(obj: Any) -> Any:
     """``obj`` with NaN/inf floats replaced by None (nested dicts, lists and tuples), so the JSON is standard."""
     if isinstance(obj, dict):

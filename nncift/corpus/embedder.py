@@ -103,11 +103,14 @@ def embed_sources(ctx: Context, sources: dict[str, Path], parts: Path) -> tuple[
         "max_seq_length": c.max_seq_length,
         "template": c.template,
     }
-    emb = ctx.executor.embed(
+    emb = ctx.executor.map_rows(
+        Embedder,
+        kwargs,
         {name: str(path) for name, path in sources.items()},
         parts,
-        kwargs,
         c.batch_size,
+        "embedding",
+        desc="embed",
         concurrency=c.concurrency,
         num_cpus=c.num_cpus,
         num_gpus=c.num_gpus,

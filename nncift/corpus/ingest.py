@@ -39,10 +39,9 @@ import pyarrow.parquet as pq
 from nncift.config import DataConfig
 from nncift.corpus import fsio
 from nncift.corpus.readers import (
+    FORMATS,
     Record,
     _detect_format,
-    _read_hf,
-    _read_json,
     _refuse_binary,
     canonical_rows,
     embedded_sharegpt_path,
@@ -50,7 +49,6 @@ from nncift.corpus.readers import (
     hf_not_local,
     parquet_records,
     parse_jsonl,
-    recover_json_list,
     resolve_duplicates,
     resolve_fields,
 )
@@ -371,16 +369,7 @@ class ReadWorker:
                     raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
             records = parquet_records(path, rows, spec["line"])
             return records, (head or records[0]) if records else None
-        if f.fmt == "json":
-            records = _read_json(path)
-        elif f.fmt == "sharegpt":
-            records, truncated = recover_json_list(path)
-            if truncated:
-                log.warning("%s is truncated: recovered %d complete records", path, len(records))
-        elif f.fmt == "hf":
-            records = _read_hf(path, self.cfg.split)
-        else:  # pragma: no cover - validated in config
-            raise DataError(f"unknown format {f.fmt!r}")
+        records = FORMATS.get(f.fmt).read(path, self.cfg)  # json, sharegpt, hf: one whole file per task
         return records, records[0] if records else None
 
     def run_block(self, spec: dict[str, int]) -> int:

@@ -15,17 +15,21 @@ import importlib.util
 import itertools
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from nncift.config import DataConfig
 from nncift.corpus import fsio
 from nncift.errors import DataError, MissingDependencyError
+from nncift.registry import Registry
+
+if TYPE_CHECKING:
+    from nncift.config import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -224,23 +228,66 @@ def embedded_sharegpt_path() -> Path:
     return path
 
 
-# ----------------------------------------------------------------------------------------- field mapping
+def _read_sharegpt(path: Source, cfg: DataConfig) -> list[Record]:
+    """A ShareGPT JSON list; the complete records of a truncated file are kept (with a warning)."""
+    records, truncated = recover_json_list(path)
+    if truncated:
+        log.warning("%s is truncated: recovered %d complete records", path, len(records))
+    return records
+
+
+# ----------------------------------------------------------------------------------------- input formats
+@dataclass(frozen=True)
+class Format:
+    """One input format (``data.format``): how a whole file is read, and how ``auto`` recognises it.
+
+    Attributes:
+        read: ``(path, data config) -> records`` of one whole file.
+        suffixes: ``auto`` takes a file ending so for this format ...
+        sniff: ... and, if given, only when ``sniff(the file's first 4096 characters)`` holds; formats that sniff
+            are tried before the others of their suffix.
+        directory: ``auto`` takes a local directory for this format.
+        conversations: its records are ShareGPT conversations (their first human -> assistant turn is the row);
+            records without one are skipped, not errors.
+    """
+
+    read: Callable[[Source, DataConfig], list[Record]]
+    suffixes: tuple[str, ...] = ()
+    sniff: Callable[[str], bool] | None = None
+    directory: bool = False
+    conversations: bool = False
+
+
+FORMATS: Registry[Format] = Registry("format")
+FORMATS.register("jsonl")(Format(lambda path, cfg: _read_jsonl(path), (".jsonl", ".ndjson")))
+FORMATS.register("json")(Format(lambda path, cfg: _read_json(path), (".json",)))
+FORMATS.register("parquet")(Format(lambda path, cfg: _read_parquet(path), (".parquet",)))
+FORMATS.register("hf")(Format(lambda path, cfg: _read_hf(path, cfg.split), directory=True))
+FORMATS.register("sharegpt")(
+    Format(_read_sharegpt, (".json",), sniff=lambda head: '"conversations"' in head, conversations=True)
+)
+
+
 def _detect_format(path: Source) -> str:
-    """The format of ``path`` from its suffix (a ``.json`` file: ``sharegpt`` when its first 4096 characters
-    name ``"conversations"``); a local directory is ``hf``."""
+    """The :data:`FORMATS` name of ``path`` from its suffix (a ``.json`` file: ``sharegpt`` when its first 4096
+    characters name ``"conversations"``); a local directory is ``hf``."""
     if not fsio.is_uri(path) and Path(path).is_dir():
-        return "hf"
+        return next(name for name, f in FORMATS.items() if f.directory)
     suffix = fsio.suffix(path)
-    if suffix in (".jsonl", ".ndjson"):
-        return "jsonl"
-    if suffix == ".parquet":
-        return "parquet"
-    if suffix == ".json":
-        head = fsio.read_text(path, fsio.read_bytes(path, 0, 4 * 4096))[:4096]  # 4096 characters: <= 16 KiB
-        return "sharegpt" if '"conversations"' in head else "json"
+    head = None
+    for name, f in sorted(FORMATS.items(), key=lambda item: item[1].sniff is None):
+        if suffix not in f.suffixes:
+            continue
+        if f.sniff is None:
+            return name
+        if head is None:
+            head = fsio.read_text(path, fsio.read_bytes(path, 0, 4 * 4096))[:4096]  # 4096 characters: <= 16 KiB
+        if f.sniff(head):
+            return name
     raise DataError(f"{path}: cannot infer the format from the suffix '{suffix}'; set data.format")
 
 
+# ----------------------------------------------------------------------------------------- field mapping
 _HUMAN = {"human", "user"}
 _ASSISTANT = {"gpt", "assistant", "chatgpt", "bard", "bing", "model"}
 
@@ -291,7 +338,9 @@ def resolve_fields(first: Record, cfg: DataConfig, fmt: str) -> Fields:
     obj = first.obj
     if not isinstance(obj, dict):
         raise DataError(f"{first.where}: expected a JSON object per record, got {type(obj).__name__}")
-    conv = fmt == "sharegpt" or (cfg.prompt_field is None and "conversations" in obj and "instruction" not in obj)
+    conv = FORMATS.get(fmt).conversations or (
+        cfg.prompt_field is None and "conversations" in obj and "instruction" not in obj
+    )
     p_field = r_field = i_field = None
     if not conv:
         p_field = cfg.prompt_field or next((k for k in ("instruction", "prompt", "question") if k in obj), None)
@@ -380,9 +429,9 @@ def canonicalize(records: list[Record], cfg: DataConfig, fmt: str, source: str) 
     Args:
         records: raw records with their locations.
         cfg: field mapping.
-        fmt: resolved format; for ``sharegpt`` records lacking a non-empty first human->assistant turn are
-            skipped (that is a property of chat logs), for every other format a missing or empty field is
-            an error.
+        fmt: resolved format; for one of ``conversations`` (sharegpt) records lacking a non-empty first
+            human->assistant turn are skipped (that is a property of chat logs), for every other format a missing
+            or empty field is an error.
         source: file name for messages.
 
     Returns:
@@ -487,7 +536,7 @@ def read_corpus(path: Source | None, cfg: DataConfig) -> pa.Table:
         fi = fsio.info(p)
         if fi.type == pafs.FileType.NotFound:
             raise DataError(f"{p}: no such file or directory")
-        if fi.type != pafs.FileType.File or cfg.format == "hf":
+        if fi.type != pafs.FileType.File or (cfg.format in FORMATS and FORMATS.get(cfg.format).directory):
             raise hf_not_local(p)
         empty = fi.size == 0
     else:
@@ -498,20 +547,11 @@ def read_corpus(path: Source | None, cfg: DataConfig) -> pa.Table:
     fmt = cfg.format if cfg.format != "auto" else ("sharegpt" if path is None else _detect_format(p))
     if empty:
         raise DataError(f"{p}: the file is empty")
-    if fmt == "jsonl":
-        records = _read_jsonl(p)
-    elif fmt == "json":
-        records = _read_json(p)
-    elif fmt == "parquet":
-        records = _read_parquet(p)
-    elif fmt == "hf":
-        records = _read_hf(p, cfg.split)
-    elif fmt == "sharegpt":
-        records, truncated = recover_json_list(p)
-        if truncated:
-            log.warning("%s is truncated: recovered %d complete records", p, len(records))
-    else:  # pragma: no cover - validated in config
-        raise DataError(f"unknown format {fmt!r}")
+    try:
+        reader = FORMATS.get(fmt).read
+    except ValueError as exc:  # pragma: no cover - validated in config
+        raise DataError(str(exc)) from None
+    records = reader(p, cfg)
     table = canonicalize(records, cfg, fmt, str(p))
     log.info("read %d rows from %s (%s)", table.num_rows, p, fmt)
     return table

@@ -6,10 +6,12 @@ Both executors have the same small interface:
   callable ``worker_cls(**ctor_kwargs)`` once per worker and call it on each block spec (a dict of ints); the
   worker writes its own artifact. Returns one result dict per spec. A user-fixable error a worker returned
   (its ``error`` column) is raised in the driver as one line.
-- ``embed(sources, out_dir, ctor_kwargs, batch_size, ...)``: embed Parquet sources of rows.
-- ``fit(fit_cfg, e_rows, tasks, ...)``: fit one surrogate per task (data-parallel on Ray Train).
-- ``greedi(kernel, parts, budget)``: the partitioned two-round greedy.
-- ``finetune(ft, rows, out_dir, ...)``: DeepSpeed fine-tuning.
+- ``map_rows(worker_cls, ctor_kwargs, sources, out_dir, batch_size, column, ...)``: stream the rows of Parquet
+  sources through a worker (Ray Data actors on Ray: the text never passes through the driver).
+- ``train(job, ...)``: a training job of :data:`TRAIN_JOBS` (``surrogate``: one surrogate per task,
+  data-parallel on Ray Train; ``sft``: DeepSpeed fine-tuning).
+- ``map_tasks(fn, shared, tasks, desc=, num_cpus=)``: stateless tasks ``fn(shared, *task)`` (Ray tasks over one
+  object in the object store); results in task order.
 
 :class:`LocalExecutor` runs everything in this process with the same pure kernels;
 :class:`nncift.exec.ray_executor.RayExecutor` is its Ray twin and the only code that imports Ray. Every fan-out's
@@ -24,9 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from nncift.config import RayConfig
-
 log = logging.getLogger(__name__)
+
+# the training jobs of the ``train`` verb: name -> the method each executor runs it with
+TRAIN_JOBS = {
+    "surrogate": "_fit",  # fit(fit_cfg, e_rows, tasks, ...): one surrogate per task (DDP on Ray Train)
+    "sft": "_finetune",  # finetune(ft, rows, out_dir, ...): DeepSpeed fine-tuning (one worker per rank on Ray Train)
+}
 
 
 class LocalExecutor:
@@ -58,31 +64,38 @@ class LocalExecutor:
                 bar.update(int(spec["pairs"]) if weighted else 1)
         return out
 
-    def embed(
-        self, sources: dict[str, str], out_dir: Path, ctor_kwargs: dict[str, Any], batch_size: int, **_res: Any
+    def map_rows(
+        self,
+        worker_cls: type,
+        ctor_kwargs: dict[str, Any],
+        sources: dict[str, str],
+        out_dir: Path,
+        batch_size: int,
+        column: str,
+        desc: str = "",
+        **_res: Any,
     ) -> dict[str, np.ndarray]:
-        """Embed each Parquet source (``prompt``, ``response``) in row order; name -> (rows, d) float32."""
-        import pyarrow as pa
+        """Stream the rows (``idx``, ``prompt``, ``response``) of each Parquet source through
+        ``worker_cls(**ctor_kwargs)`` (called on batches of ``batch_size * 8`` rows, in row order) and keep its
+        output ``column``: name -> (rows, ...) array in row order (``out_dir``: the Ray twin's scratch folder)."""
         import pyarrow.parquet as pq
         from tqdm.auto import tqdm
 
-        from nncift.corpus.embedder import Embedder
-        from nncift.corpus.readers import texts
         from nncift.exec.devices import local_gpu_ids, resolve_worker_kwargs
 
-        enc = Embedder(**resolve_worker_kwargs(ctor_kwargs, local_gpu_ids()))
+        worker = worker_cls(**resolve_worker_kwargs(ctor_kwargs, local_gpu_ids()))
         out = {}
         for name, path in sources.items():
             pf = pq.ParquetFile(path)
-            batches = pf.iter_batches(batch_size=batch_size * 8, columns=["prompt", "response"])
+            batches = pf.iter_batches(batch_size=batch_size * 8, columns=["idx", "prompt", "response"])
             parts = [
-                enc.encode(texts(pa.Table.from_batches([b]), ctor_kwargs["template"]))
-                for b in tqdm(batches, desc=f"embed {name}")
+                worker({k: np.asarray(b.column(k).to_pylist()) for k in ("idx", "prompt", "response")})[column]
+                for b in tqdm(batches, desc=f"{desc or worker_cls.__name__} {name}")
             ]
-            out[name] = np.concatenate(parts) if parts else np.zeros((0, enc.dim), np.float32)
+            out[name] = np.concatenate(parts) if parts else np.zeros((0, getattr(worker, "dim", 0)), np.float32)
         return out
 
-    def fit(
+    def _fit(
         self,
         fit_cfg: dict,
         e_rows: np.ndarray,
@@ -105,31 +118,21 @@ class LocalExecutor:
             n: fit_loop(fit_cfg, e_rows, ec, tr, va, on_epoch=on_epoch, device=dev) for n, (ec, tr, va) in tasks.items()
         }
 
-    def greedi(self, kern: Any, parts: list[np.ndarray], budget: int) -> tuple[np.ndarray, np.ndarray]:
-        """GreeDi: a greedy per part, then a greedy over the union of the part solutions.
+    def train(self, job: str, *args: Any, **kw: Any) -> Any:
+        """Run training job ``job`` of :data:`TRAIN_JOBS` in this process (world size 1, the same global
+        batches as the Ray twin's workers together)."""
+        return getattr(self, TRAIN_JOBS[job])(*args, **kw)
 
-        Args:
-            kern: a :class:`~nncift.selection.sparse.SparseKernel`, or a :class:`~nncift.selection.sparse.StripeSource`
-                (each part then reads only its own sub-kernel from the estimate's stripes).
-            parts: the partition of the items. budget: picks.
-        """
-        from nncift.selection.sparse import greedi_local_round, greedi_merge
+    def map_tasks(self, fn: Any, shared: Any, tasks: list[tuple], desc: str = "", num_cpus: float = 1.0) -> list:
+        """``fn(shared, *task)`` for each task, in order: stateless tasks over one shared read-only object (e.g.
+        GreeDi's round 1: one greedy per part of the items over the kernel)."""
+        from tqdm.auto import tqdm
 
-        return greedi_merge(kern, [greedi_local_round(kern, p, budget) for p in parts], budget)
+        return [fn(shared, *t) for t in tqdm(tasks, desc=desc or getattr(fn, "__name__", "tasks"), leave=False)]
 
-    def finetune(self, ft: dict, rows: dict[str, list[str]], out_dir: str | Path, **kw: Any) -> dict:
+    def _finetune(self, ft: dict, rows: dict[str, list[str]], out_dir: str | Path, **kw: Any) -> dict:
         """:func:`~nncift.lm.trainer.finetune_local`: one process accumulating the whole global batch."""
         from nncift.lm.trainer import finetune_local
 
         kw.pop("num_workers", None)
         return finetune_local(ft, rows, str(out_dir), **kw)
-
-
-def make_executor(cfg: RayConfig) -> Any:
-    """The run's executor: :class:`LocalExecutor`, or :class:`nncift.exec.ray_executor.RayExecutor` (Ray starts on
-    its first fan-out)."""
-    if cfg.executor == "local":
-        return LocalExecutor()
-    from nncift.exec.ray_executor import RayExecutor
-
-    return RayExecutor(cfg)

@@ -410,32 +410,44 @@ def _shared_args_class(worker_cls: type) -> type:
     return type(worker_cls.__name__, (SharedArgsWorker,), {"__doc__": SharedArgsWorker.__doc__})
 
 
-def embed_ray(
-    sources: dict[str, str], out_dir: Path, ctor_kwargs: dict[str, Any], batch_size: int, **res: Any
+def map_rows_ray(
+    worker_cls: type,
+    ctor_kwargs: dict[str, Any],
+    sources: dict[str, str],
+    out_dir: Path,
+    batch_size: int,
+    column: str,
+    desc: str = "",
+    **res: Any,
 ) -> dict[str, np.ndarray]:
-    """Stream each Parquet source (``idx``, ``prompt``, ``response``) through Embedder actors to Parquet.
+    """Stream each Parquet source (``idx``, ``prompt``, ``response``) through ``worker_cls`` actors to Parquet.
 
-    Ray Data reads the rows, renders and embeds them on actors, and writes ``idx`` + ``embedding`` parts
-    under ``out_dir/<name>/``: the corpus text never passes through the driver. The driver then gathers
-    only the embeddings.
+    Ray Data reads the rows, runs the worker on actors (e.g. the Embedder renders and embeds them), and writes
+    ``idx`` + the worker's output columns under ``out_dir``: the corpus text never passes through the driver.
+    The driver then gathers only ``column``.
 
     Returns:
-        name -> (rows, d) float32 in ``idx`` order.
+        name -> (rows, ...) array of ``column`` in ``idx`` order.
     """
 
     shutil.rmtree(out_dir, ignore_errors=True)  # parts of an interrupted attempt
     with visibility_marker(out_dir.parent) as marker:  # beside the parts: Ray Data writes a folder of its own
-        _embed_parts(sources, out_dir, ctor_kwargs, batch_size, marker, res)
-    return _gather_embeddings(sources, out_dir)
+        _row_parts(worker_cls, sources, out_dir, ctor_kwargs, batch_size, marker, desc or worker_cls.__name__, res)
+    return _gather_column(sources, out_dir, column)
 
 
-def _embed_parts(
-    sources: dict[str, str], out_dir: Path, ctor_kwargs: dict[str, Any], batch_size: int, marker: str | None, res: dict
+def _row_parts(
+    worker_cls: type,
+    sources: dict[str, str],
+    out_dir: Path,
+    ctor_kwargs: dict[str, Any],
+    batch_size: int,
+    marker: str | None,
+    desc: str,
+    res: dict,
 ) -> None:
     import pyarrow.parquet as pq
     import ray
-
-    from nncift.corpus.embedder import Embedder
 
     conc = res.get("concurrency", 1)
     paths = list(sources.values())
@@ -448,8 +460,8 @@ def _embed_parts(
         # small files arrive as one block: re-chunk (streaming, no shuffle) so every actor gets work
         .repartition(target_num_rows_per_block=rows_per_call)
     ).map_batches(
-        _shared_args_class(Embedder),  # named Embedder; resolves device=auto in the actor
-        fn_constructor_kwargs={"worker_cls": Embedder, "kwargs": ctor_kwargs, "marker": marker},
+        _shared_args_class(worker_cls),  # named like the worker; resolves device=auto in the actor
+        fn_constructor_kwargs={"worker_cls": worker_cls, "kwargs": ctor_kwargs, "marker": marker},
         batch_size=rows_per_call,
         compute=actor_pool(conc, res.get("num_cpus", 1.0), res.get("num_gpus") or 0.0),
         num_cpus=res.get("num_cpus", 1.0),
@@ -459,8 +471,8 @@ def _embed_parts(
     cpus, gpus = res.get("num_cpus", 1.0), res.get("num_gpus") or 0.0
     parts = sum(-(-pq.ParquetFile(p).metadata.num_rows // rows_per_call) for p in paths)  # repartitioned per file
     with (
-        watching(_pool_watch("Embedder", written, res.get("stall_seconds", 120.0), conc, cpus, gpus)),
-        polled_progress(written, parts, "embed"),
+        watching(_pool_watch(worker_cls.__name__, written, res.get("stall_seconds", 120.0), conc, cpus, gpus)),
+        polled_progress(written, parts, desc),
     ):
         ds.write_parquet(str(out_dir))
 
@@ -486,13 +498,13 @@ def polled_progress(count: Any, total: int, desc: str, every: float = 1.0) -> It
         bar.close()
 
 
-def _gather_embeddings(sources: dict[str, str], out_dir: Path) -> dict[str, np.ndarray]:
-    """name -> (rows, d) float32 in ``idx`` order, from the parts :func:`_embed_parts` wrote."""
+def _gather_column(sources: dict[str, str], out_dir: Path, column: str) -> dict[str, np.ndarray]:
+    """name -> (rows, ...) float32 ``column`` in ``idx`` order, from the parts :func:`_row_parts` wrote."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(out_dir, columns=["path", "idx", "embedding"])
-    col = table.column("embedding").combine_chunks()
+    table = pq.read_table(out_dir, columns=["path", "idx", column])
+    col = table.column(column).combine_chunks()
     if isinstance(col.type, pa.ExtensionType):  # Ray's tensor extension type
         dense = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(col), -1)
     else:
@@ -634,20 +646,20 @@ def fit_ray(
     return out
 
 
-def greedi_ray(kern: Any, parts: list[np.ndarray], budget: int) -> tuple[np.ndarray, np.ndarray]:
-    """Partitioned two-round greedy (GreeDi) with round 1 fanned out as Ray tasks.
-
-    Local twin: :func:`nncift.selection.sparse.greedi_local_round` per part, then
-    :func:`~nncift.selection.sparse.greedi_merge`; the results are identical.
-    """
+def map_tasks_ray(fn: Any, shared: Any, tasks: list[tuple], desc: str = "", num_cpus: float = 1.0) -> list:
+    """``fn(shared, *task)`` per task as Ray tasks, ``shared`` put once in the object store; results in task order
+    (local twin: :meth:`nncift.exec.local.LocalExecutor.map_tasks`, identical results)."""
     import ray
 
-    from nncift.selection.sparse import greedi_local_round, greedi_merge
-
-    kern_ref = ray.put(kern)
-    task = ray.remote(num_cpus=1)(greedi_local_round)
-    local = ray.get([task.remote(kern_ref, p, budget) for p in parts])
-    return greedi_merge(kern, local, budget)
+    ref = ray.put(shared)
+    remote = ray.remote(num_cpus=num_cpus)(fn)
+    pending = [remote.remote(ref, *t) for t in tasks]
+    with progress_bar(len(pending), desc or getattr(fn, "__name__", "tasks"), weighted=False) as bar:
+        left = list(pending)
+        while left:
+            done, left = ray.wait(left, num_returns=1)
+            bar.update(len(done))
+    return ray.get(pending)
 
 
 def _finetune_worker(config: dict) -> None:
@@ -759,13 +771,22 @@ class RayExecutor:
         raise_worker_errors(sorted(out, key=lambda r: int(r.get("block_id", 0))))
         return out
 
-    def embed(
-        self, sources: dict[str, str], out_dir: Path, ctor_kwargs: dict[str, Any], batch_size: int, **res: Any
+    def map_rows(
+        self,
+        worker_cls: type,
+        ctor_kwargs: dict[str, Any],
+        sources: dict[str, str],
+        out_dir: Path,
+        batch_size: int,
+        column: str,
+        desc: str = "",
+        **res: Any,
     ) -> dict[str, np.ndarray]:
         self.start()
+        stall = getattr(self.cfg, "stall_seconds", None)
         try:
-            return embed_ray(
-                sources, out_dir, ctor_kwargs, batch_size, stall_seconds=getattr(self.cfg, "stall_seconds", None), **res
+            return map_rows_ray(
+                worker_cls, ctor_kwargs, sources, out_dir, batch_size, column, desc=desc, stall_seconds=stall, **res
             )
         except Exception as exc:  # e.g. an Embedder constructor's user-fixable error: one line
             err = user_error(exc)
@@ -773,14 +794,20 @@ class RayExecutor:
                 raise
             raise err from None
 
-    def fit(self, fit_cfg: dict, e_rows: np.ndarray, tasks: dict[str, Any], **kw: Any) -> dict:
+    def train(self, job: str, *args: Any, **kw: Any) -> Any:
+        """Run training job ``job`` (:data:`nncift.exec.local.TRAIN_JOBS`) on Ray Train."""
+        from nncift.exec.local import TRAIN_JOBS
+
+        return getattr(self, TRAIN_JOBS[job])(*args, **kw)
+
+    def _fit(self, fit_cfg: dict, e_rows: np.ndarray, tasks: dict[str, Any], **kw: Any) -> dict:
         self.start()
         return fit_ray(fit_cfg, e_rows, tasks, stall_seconds=getattr(self.cfg, "stall_seconds", None), **kw)
 
-    def greedi(self, kern: Any, parts: list[np.ndarray], budget: int) -> tuple[np.ndarray, np.ndarray]:
+    def map_tasks(self, fn: Any, shared: Any, tasks: list[tuple], desc: str = "", num_cpus: float = 1.0) -> list:
         self.start()
-        return greedi_ray(kern, parts, budget)
+        return map_tasks_ray(fn, shared, tasks, desc=desc, num_cpus=num_cpus)
 
-    def finetune(self, ft: dict, rows: dict[str, list[str]], out_dir: str | Path, **kw: Any) -> dict:
+    def _finetune(self, ft: dict, rows: dict[str, list[str]], out_dir: str | Path, **kw: Any) -> dict:
         self.start()
         return finetune_ray(ft, rows, out_dir, **kw)

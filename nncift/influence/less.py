@@ -735,7 +735,7 @@ def _warmup(
         rows = {"prompt": [pool.prompts[i] for i in idx], "response": [pool.responses[i] for i in idx]}
         log.info("less: warm-up LoRA on %d of %d pool items, %d epochs of %d steps",
                  len(idx), len(pool), ft["epochs"], ft["export_states_at"][0])  # fmt: skip
-        executor.finetune(ft, rows, out, num_workers=ft["num_workers"], use_gpu=use_gpu)
+        executor.train("sft", ft, rows, out, num_workers=ft["num_workers"], use_gpu=use_gpu)
         missing = [p.name for p in states if not p.is_file()]
         if missing:
             raise DataError(f"{out}: the warm-up wrote no optimizer state {missing[0]}")

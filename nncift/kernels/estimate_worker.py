@@ -16,7 +16,7 @@ from nncift.kernels.kernel_io import write_block, write_sparse_block
 from nncift.labels.plan import Block
 from nncift.store import memmap_safetensors, read_parquet_metadata
 from nncift.surrogate.numba_kernels import TopK
-from nncift.surrogate.predict import TILE_BYTES, predict_block, predict_factors
+from nncift.surrogate.predict import TILE_BYTES, head_of, predict_factors
 
 log = logging.getLogger(__name__)
 
@@ -25,19 +25,6 @@ DEVICE_CHUNK_PAIRS = 1 << 27  # sparse stripes off the CPU: at least this many p
 TOPK_GROUP = 32  # columns per group of the two-step chunk top-k (:func:`_chunk_topk`)
 ENGINES = ("auto", "numpy", "torch")
 PRECISIONS = ("fp32", "tf32", "bf16")
-_MM_OUT_DTYPE = True  # torch.mm(..., out_dtype=float32) for bf16 inputs, until a build refuses it
-
-
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` as float32 for bfloat16 operands: float32 output straight from the GEMM (CUDA, ``out_dtype``)
-    where the build has it, else the bfloat16 product widened."""
-    global _MM_OUT_DTYPE
-    if _MM_OUT_DTYPE and a.device.type == "cuda":
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError, NotImplementedError):
-            _MM_OUT_DTYPE = False
-    return torch.mm(a, b).float()
 
 
 def _ordered(vals: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,10 +117,10 @@ class EstimateWorker:
 
     Args:
         heads: per kernel ("ff" / "ft") the surrogate's factors (:meth:`~nncift.surrogate.network.Surrogate.estimator`,
-            or ``factors``: the path of a safetensors file holding ``<kernel>.p`` / ``<kernel>.q``, memory-mapped:
-            ``type`` "mlp" with ``p`` (M, h), ``q`` (M or N, h), ``w2`` (h,), ``b2``; or ``type`` "dot" with
-            ``p`` (M, k), ``q`` (M or N, k)), plus ``lo`` / ``hi`` (the label scaler: outputs are written in
-            raw label units) and optionally ``diag`` ((M,) float32 raw teacher values of K_FF[i, i], written
+            or ``factors``: the path of a safetensors file holding ``<kernel>.p`` / ``<kernel>.q``, memory-mapped;
+            ``type`` names its :data:`~nncift.surrogate.predict.HEADS` entry: "mlp" with ``p`` (M, h), ``q`` (M or
+            N, h), ``w2`` (h,), ``b2``; or "dot" with ``p`` (M, k), ``q`` (M or N, k)), plus ``lo`` / ``hi`` (the
+            label scaler: outputs are written in raw label units) and optionally ``diag`` ((M,) float32 raw teacher values of K_FF[i, i], written
             in place of the estimate on the diagonal).
         out_dir: folder receiving ``<kernel>_<block_id>.parquet``.
         device: torch device.
@@ -190,7 +177,7 @@ class EstimateWorker:
         )
         self._index: dict[str, Any] = {}
         for k in self.candidates:
-            if heads[k].get("type") != "dot" or self.device.type != "cpu":
+            if not head_of(heads[k]).factorised or self.device.type != "cpu":
                 raise ValueError(f"candidate search needs a factorised ('dot') surrogate on the CPU (kernel {k})")
         self.heads = {}
         self._qbar: dict[str, np.ndarray] = {}
@@ -198,15 +185,14 @@ class EstimateWorker:
             if "factors" in v:  # the factors file the estimate stage wrote: memory-mapped, shared between workers
                 mm = memmap_safetensors(v["factors"])
                 v = {**v, "p": mm[f"{k}.p"], "q": mm[f"{k}.q"]}
-            kind = v.get("type", "mlp")
-            head = {"type": kind, "lo": float(v["lo"]), "hi": float(v["hi"])}
+            head_type = head_of(v)
+            head = {"type": v["type"], "lo": float(v["lo"]), "hi": float(v["hi"])}
             head["diag"] = None if v.get("diag") is None else np.asarray(v["diag"], np.float32)
-            names = ("p", "q", "w2") if kind == "mlp" else ("p", "q")
-            if kind == "mlp":
-                head["b2"] = float(v["b2"])
+            names = ("p", "q", *head_type.arrays)
+            head.update({n: float(v[n]) for n in head_type.scalars})
             if self.device.type == "cpu":
                 head.update({n: np.ascontiguousarray(v[n], np.float32) for n in names})
-                if kind == "mlp":
+                if head_type.q_t:
                     head["q_t"] = np.ascontiguousarray(head.pop("q").T)
             else:
                 head.update({n: torch.from_numpy(np.array(v[n], np.float32)).to(self.device) for n in names})
@@ -301,15 +287,15 @@ class EstimateWorker:
                 warnings.simplefilter("ignore", UserWarning)
                 return torch.from_numpy(np.asarray(x)).to(self.device)
 
+        head_type = head_of(h)
         t = {"p": tensor(h["p"]), "q": tensor(h["q"]) if "q" in h else tensor(h["q_t"]).T}
-        if h["type"] == "mlp":
-            t["w2"] = tensor(h["w2"])
+        t.update({n: tensor(h[n]) for n in head_type.arrays})
         t["diag"] = None if h["diag"] is None else tensor(h["diag"])
         scale = float(np.float32(h["hi"] - h["lo"]))
         if h["diag"] is not None and scale > 0:  # the exact diagonal in the scaled label space (chunks kept there)
             scaled = (h["diag"].astype(np.float64) - float(np.float32(h["lo"]))) / scale
             t["diag_scaled"] = tensor(scaled.astype(np.float32))
-        if h["type"] == "dot" and self.precision == "bf16":
+        if head_type.factorised and self.precision == "bf16":  # the head's GEMMs in bfloat16 (float32 output)
             t["p16"], t["q16"] = t["p"].to(torch.bfloat16), t["q"].to(torch.bfloat16)
         self._t[kernel] = t
         return t
@@ -317,12 +303,8 @@ class EstimateWorker:
     def _scores(self, kernel: str, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
         """(r1-r0, c1-c0) float32 surrogate outputs (scaled label space) on the device."""
         h, t = self.heads[kernel], self._tensors(kernel)
-        if h["type"] == "dot":
-            if self.precision == "bf16":
-                return _mm_f32(t["p16"][r0:r1], t["q16"][c0:c1].T)
-            return t["p"][r0:r1] @ t["q"][c0:c1].T
         tile = TILE_BYTES if self.device.type == "cpu" else DEVICE_TILE_BYTES
-        return predict_block(t["p"][r0:r1], t["q"][c0:c1].contiguous(), t["w2"], h["b2"], tile)
+        return head_of(h).scores_torch(t, h, r0, r1, c0, c1, tile)
 
     def _raw(self, kernel: str, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
         """:meth:`_scores` in raw label units with the exact diagonal (as :meth:`predict_raw`), on the device."""
@@ -387,6 +369,7 @@ class EstimateWorker:
         """
         dev, n, k, kernel = self.device, block.r1 - block.r0, tk.k, block.kernel
         h, t = self.heads[kernel], self._tensors(kernel)
+        factorised = head_of(h).factorised
         scale, lo0 = np.float32(h["hi"] - h["lo"]), np.float32(h["lo"])
         deferred = bool(scale > 0)  # else: raw units in every chunk
         a, b = (float(scale), float(lo0)) if deferred else (1.0, 0.0)
@@ -404,18 +387,18 @@ class EstimateWorker:
                         _write_diagonal(chunk, t["diag_scaled"], block.r0, block.r1, c0, c1)
                 else:
                     chunk = self._raw(kernel, block.r0, block.r1, c0, c1)
-                if h["type"] != "dot":  # float32 chunk sums, accumulated in float64 (dot: from the factors)
+                if not factorised:  # float32 chunk sums, accumulated in float64 (factorised: from the factors)
                     acc += chunk.sum(1).double().mul_(a).add_(b * (c1 - c0))
                 cv, ci, mn, mx = _chunk_topk(chunk, min(k, c1 - c0))
                 ext = torch.minimum(ext, torch.stack([mn, -mx]))
                 cv, cc = _ordered(cv, ci + c0)
                 vals, cols = _merge_topk(vals, cols, cv, cc, k)
                 del chunk
-        if h["type"] == "dot":
+        if factorised:
             acc = self._dot_row_sums(kernel, block)
         ext = ext.cpu().numpy()
         ext_lo, ext_hi = (float(np.float32(v) * np.float32(a) + np.float32(b)) for v in (ext[0], -ext[1]))
-        if self.precision != "fp32" and h["type"] == "dot":
+        if self.precision != "fp32" and factorised:
             vals, cols = self._rescore(kernel, block.r0, vals, cols)  # exact float32 raw values, exact diagonal
         else:
             vals = _diag_kept(vals.mul_(a).add_(b) if deferred else vals, cols, t["diag"], block.r0)

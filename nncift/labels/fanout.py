@@ -13,10 +13,13 @@ import pyarrow as pa
 import pyarrow.compute
 
 from nncift.errors import ConfigError
-from nncift.store import done_blocks, write_parquet
+from nncift.store import write_parquet
 
 if TYPE_CHECKING:
     from nncift.stages.base import Context
+
+from nncift.labels.tables import block_key
+from nncift.store import todo_blocks
 
 log = logging.getLogger(__name__)
 
@@ -169,10 +172,9 @@ def label_sets(ctx: Context, sets: list, extra_pool: np.ndarray, extra_target: n
         return LABEL_SCHEMA.empty_table(), 0.0
     specs = plan_blocks(SimpleNamespace(sets=sets), label_block_side(ctx))
     block_dir = ctx.path("choose", "blocks")
-    ok = done_blocks(block_dir, {f"{s['block_id']:06d}.parquet": s["pairs"] for s in specs})
-    todo = [s for s in specs if f"{s['block_id']:06d}.parquet" not in ok]
+    todo = todo_blocks(block_dir, specs, block_key)
     log.info("choose: %d teacher %s for the held-out criterion (%d blocks, %d already done)",
-             sum(s.num_pairs for s in sets), "items" if ctx.pointwise() else "pairs", len(specs),
+             sum(s.num_pairs for s in sets), ctx.kind().unit, len(specs),
              len(specs) - len(todo))  # fmt: skip
     t0 = time.perf_counter()
     kwargs = teacher_kwargs_for(ctx, extra_pool, extra_target)

@@ -11,9 +11,12 @@ Quadrants (NN-CIFT §4.2), for a kernel whose rows are D_F and columns D_F (``ff
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from nncift.registry import Registry
 
 QUADRANTS = ("q1", "q2", "q3", "q4")
 
@@ -28,9 +31,6 @@ def sample_fraction(n: int, fraction: float, min_count: int, rng: np.random.Gene
     if fraction >= 1.0:
         k = n
     return np.sort(rng.choice(n, size=k, replace=False)).astype(np.int64)
-
-
-DESIGNS = ("block", "spread", "active")
 
 
 @dataclass
@@ -65,7 +65,7 @@ class LabelPlan:
             item is held out (never in a training pair), which makes Q2-Q4 honest.
         target_labeled: (pl,) int64 indices into D_T, likewise.
         sets: the Q1 training sets, the Q2-Q4 evaluation rectangles and the optional K_FF diagonal.
-        design: "block" or "spread".
+        design: a :data:`DESIGNS` name ("items" for a pointwise plan).
     """
 
     pool_labeled: np.ndarray
@@ -144,14 +144,13 @@ def plan_labels(
     touch every pool item), and every evaluation rectangle reuses one held-out pool set and one held-out target
     set of ``isqrt(eval_pairs)`` items each.
     """
-    if design not in DESIGNS:
-        raise ValueError(f"unknown label design {design!r} (known: {', '.join(DESIGNS)})")
+    planner = DESIGNS.get(design)
     if item_cost and fraction < 1.0:
         return _plan_items_cost(m, n, fraction, eval_pairs, seed)
     if fraction >= 1.0:  # every item labeled: every pair (full labeling, the cost baseline), whatever the design
-        design = "block"
+        design, planner = "block", DESIGNS.get("block")
     rng = np.random.default_rng([seed, 1])
-    floor = min_count if design == "block" else 2  # spread / active: `fraction` alone sets the held-out share
+    floor = min_count if planner.min_count else 2  # else `fraction` alone sets the held-out share
     pool_l = sample_fraction(m, fraction, min(floor, m), rng)
     targ_l = sample_fraction(n, fraction, min(floor, n), rng)
     pool_u = np.setdiff1d(np.arange(m), pool_l)
@@ -160,11 +159,7 @@ def plan_labels(
     side = max(1, math.isqrt(max(eval_pairs, 1)))
     design_rng = np.random.default_rng([seed, 4])
     for kernel, col_l, col_u in (("ff", pool_l, pool_u), ("ft", targ_l, targ_u)):
-        if design == "block":
-            plan.sets.append(LabelSet(kernel, "q1", pool_l, col_l))
-        else:  # active: this is its first round, half the partners (the pipeline plans the second round)
-            k = partners if design == "spread" else max(1, partners // 2)
-            plan.sets += spread_sets(kernel, pool_l, col_l, k, design_rng)
+        plan.sets += planner.train_sets(kernel, pool_l, col_l, partners, design_rng)
         if eval_pairs <= 0:
             continue
         for quad, rows, cols in (("q2", pool_u, col_l), ("q3", pool_l, col_u), ("q4", pool_u, col_u)):
@@ -291,6 +286,33 @@ def spread_sets(
         mates = np.sort(stream.take(k, exclude)).astype(np.int64)
         sets.append(LabelSet(kernel, "q1", mates, group) if kernel == "ff" else LabelSet(kernel, "q1", group, mates))
     return sets
+
+
+@dataclass(frozen=True)
+class Design:
+    """One ``label.design``: the training pairs (Q1) of a kernel over its labeled items (see :func:`plan_labels`).
+
+    Attributes:
+        train_sets: ``(kernel, pool_labeled, col_labeled, partners, rng) -> [LabelSet]``; ``rng`` is the design's
+            own seeded generator (the other draws of the plan do not depend on it).
+        min_count: ``label.min_count`` floors the labeled items of each side (else ``fraction`` alone sets them).
+        second_round: more training pairs are chosen after a first fit (:mod:`nncift.labels.active`), so the
+            whole plan is not known up front (``label.max_pairs`` cannot cap it yet).
+    """
+
+    train_sets: Callable[[str, np.ndarray, np.ndarray, int, np.random.Generator], list[LabelSet]]
+    min_count: bool = False
+    second_round: bool = False
+
+
+DESIGNS: Registry[Design] = Registry("label design")
+DESIGNS.register("block")(Design(lambda kernel, rows, cols, partners, rng: [LabelSet(kernel, "q1", rows, cols)],
+                                 min_count=True))  # fmt: skip
+DESIGNS.register("spread")(Design(spread_sets))
+# active: its first round is spread with half the partners; the pipeline plans the second (nncift.labels.active)
+DESIGNS.register("active")(Design(lambda kernel, rows, cols, partners, rng:
+                                  spread_sets(kernel, rows, cols, max(1, partners // 2), rng),
+                                  second_round=True))  # fmt: skip
 
 
 class _PermutationStream:

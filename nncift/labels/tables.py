@@ -24,6 +24,11 @@ def block_path(block_dir: str | Path, block_id: int) -> Path:
     return Path(block_dir) / f"{int(block_id):06d}.parquet"
 
 
+def block_key(spec: dict) -> tuple[str, int]:
+    """(file name, rows) of a label block spec, for :func:`nncift.store.todo_blocks`."""
+    return block_path("", spec["block_id"]).name, spec["pairs"]
+
+
 def write_block(block_dir: str | Path, block_id: int, table: pa.Table) -> None:
     """Land one finished label block (a :data:`LABEL_SCHEMA` table), atomically."""
     write_parquet(block_path(block_dir, block_id), table)
@@ -39,12 +44,11 @@ def read_labels(store) -> pa.Table:
     return pq.read_table(store.path(*LABELS))
 
 
-def split_labels(
-    t: pa.Table, pointwise: bool, exclude_self_pairs: bool
-) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+def split_labels(t: pa.Table, kind, exclude_self_pairs: bool) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Per kernel and quadrant (q1..q4, and "diag" / "probe" for K_FF): ((2, P) row/col indices, (P,) raw values).
 
-    K_FF self pairs are dropped from q1..q4 when ``exclude_self_pairs``. Pointwise labels are kernel ``item``
+    ``kind``: the teacher's :class:`~nncift.labels.kinds.TeacherKind` (its kernels). K_FF self pairs are dropped
+    from q1..q4 when ``exclude_self_pairs``. Pointwise labels are kernel ``item``
     with quadrants q1 (training) and q2 (held out); their col index is 0.
     """
     kern = np.asarray(t.column("kernel").to_pylist())
@@ -53,7 +57,7 @@ def split_labels(
     vals = t.column("value").to_numpy()
     out: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
     self_pair = (kern == "ff") & (rows == cols) & exclude_self_pairs
-    for k in ("item",) if pointwise else ("ff", "ft"):
+    for k in kind.kernels:
         for q in ("q1", "q2", "q3", "q4", "diag", "probe"):
             sel = (kern == k) & (quad == q) & (~self_pair if q != "diag" else True)
             out.setdefault(k, {})[q] = np.stack([rows[sel], cols[sel]]), vals[sel]

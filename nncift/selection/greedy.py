@@ -7,14 +7,47 @@ max_{j in A} K_FF[i, j]`` (0 for the empty set) and ``c_i = max_q K_FT[i, q]``:
 - FLMI: f(A) = sum_i min(m_i(A), eta c_i)          -> FL on ``min(K_FF, eta c)``   (submodlib's FLMI)
 - FLCG: f(A) = sum_i max(m_i(A) - nu c_i, 0)        -> FL started from ``cur = nu c`` (submodlib's FLCG)
 
-so one greedy serves all of them. ``K_FF[i, j]`` is how well candidate j represents (or helps) item i.
+so one greedy serves all of them. ``K_FF[i, j]`` is how well candidate j represents (or helps) item i. Each
+objective is an :class:`Objective` of :data:`OBJECTIVES` (``select.objective``): its per-row cap or floor,
+which the dense greedy here and the sparse one (:mod:`nncift.selection.sparse`) both apply.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 
-OBJECTIVES = ("fl", "flmi", "flcg", "topk")
+from nncift.registry import Registry
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One selection objective (``select.objective``) as facility location on K_FF with a per-row cap or floor
+    made from ``c``, each row's best (scaled) K_FT value; or a modular one.
+
+    Attributes:
+        cap: ``(eta, c) -> (M,)``: each row's coverage is capped there (FL on ``min(K_FF, cap)``), or None.
+        floor: ``(nu, c) -> (M,)``: each row's initial coverage (gain only above it), or None.
+        modular: not facility location: each item's mean K_FT value, the ``budget`` best taken (top-k).
+    """
+
+    cap: Callable[[float, np.ndarray], np.ndarray] | None = None
+    floor: Callable[[float, np.ndarray], np.ndarray] | None = None
+    modular: bool = False
+
+    @property
+    def uses_ft(self) -> bool:
+        """Whether it reads K_FT."""
+        return self.modular or self.cap is not None or self.floor is not None
+
+
+OBJECTIVES: Registry[Objective] = Registry("objective")
+OBJECTIVES.register("fl")(Objective())
+OBJECTIVES.register("flmi")(Objective(cap=lambda eta, c: eta * c))
+OBJECTIVES.register("flcg")(Objective(floor=lambda nu, c: nu * c))
+OBJECTIVES.register("topk")(Objective(modular=True))
 
 
 def check_finite(k: np.ndarray, name: str) -> None:
@@ -120,18 +153,18 @@ def prepare_objective(
     k_ff: np.ndarray, objective: str, k_ft: np.ndarray | None, eta: float, nu: float
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Reduce FL / FLMI / FLCG to (kernel, floor) for :func:`lazy_greedy`."""
-    if objective == "fl":
+    obj = OBJECTIVES.get(objective)
+    if not obj.uses_ft:
         return k_ff, None
     if k_ft is None:
         raise ValueError(f"objective '{objective}' needs k_ft (the (M, N) pool x target kernel)")
     if k_ft.shape[0] != k_ff.shape[0]:
         raise ValueError(f"k_ft has {k_ft.shape[0]} rows but k_ff has {k_ff.shape[0]}; rows must be D_F")
+    if obj.modular:
+        raise ValueError(f"objective {objective!r} is modular: it has no facility-location kernel")
     c = k_ft.max(axis=1).astype(np.float32)
-    if objective == "flmi":
-        return np.minimum(k_ff, (eta * c)[:, None]), None
-    if objective == "flcg":
-        return k_ff, nu * c
-    raise ValueError(f"unknown objective {objective!r} (known: {', '.join(OBJECTIVES)})")
+    kernel = k_ff if obj.cap is None else np.minimum(k_ff, obj.cap(eta, c)[:, None])
+    return kernel, None if obj.floor is None else obj.floor(nu, c)
 
 
 def objective_value(
@@ -143,7 +176,7 @@ def objective_value(
     nu: float = 1.0,
 ) -> float:
     """f(A) of FL / FLMI / FLCG (same definitions as submodlib) on already-scaled kernels."""
-    if objective == "topk":
+    if OBJECTIVES.get(objective).modular:
         return float(k_ft.mean(axis=1)[idx].sum())
     k, floor = prepare_objective(np.asarray(k_ff, np.float32), objective, k_ft, eta, nu)
     m = k[:, idx].max(axis=1) if len(idx) else np.zeros(k.shape[0], np.float32)
@@ -168,17 +201,16 @@ def greedy_select(
     Returns:
         (indices (budget,) int64 in greedy order, gains (budget,) float64).
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r} (known: {', '.join(OBJECTIVES)})")
+    obj = OBJECTIVES.get(objective)
     for name, k in (("k_ff", k_ff), ("k_ft", k_ft)):
         if k is not None:
             check_finite(k, name)
     if scale:
         k_ff = None if k_ff is None else minmax_scale(k_ff)
         k_ft = None if k_ft is None else minmax_scale(k_ft)
-    if objective == "topk":
+    if obj.modular:
         if k_ft is None:
-            raise ValueError("objective 'topk' needs k_ft")
+            raise ValueError(f"objective '{objective}' needs k_ft")
         score = k_ft.mean(axis=1, dtype=np.float64)
         order = np.lexsort((np.arange(len(score)), -score))[:budget]
         return order.astype(np.int64), score[order]

@@ -14,6 +14,8 @@ from pathlib import Path
 import numba
 import numpy as np
 
+from nncift.selection.greedy import OBJECTIVES
+
 
 @dataclass
 class SparseKernel:
@@ -246,12 +248,15 @@ def stripe_kernel(
         col_keep = np.zeros(m, bool)
         col_keep[np.asarray(cols, np.int64)] = True
     block_dir = Path(src.block_dir)
+    obj = OBJECTIVES.get(src.objective)
+    if obj.floor is not None or obj.modular:
+        raise ValueError(f"a StripeSource builds facility-location kernels without a floor, not {src.objective!r}")
     cap = None
-    if src.objective == "flmi":  # each row's coverage capped at eta x its best scaled K_FT value
+    if obj.cap is not None:  # FLMI: each row's coverage capped at eta x its best scaled K_FT value
         best = np.full(m, -np.inf, np.float32)
         for rows, _, vals in iter_sparse(block_dir, "ft"):
             best[rows] = vals.max(axis=1)
-        cap = (src.eta * scaled_row_max(best, sparse_extent(block_dir, "ft"))).astype(np.float32)
+        cap = obj.cap(src.eta, scaled_row_max(best, sparse_extent(block_dir, "ft"))).astype(np.float32)
     rr, cc, vv = [], [], []
     for rows, cs, vals in iter_sparse(block_dir, "ff"):
         keep = (cs >= 0) & row_keep[rows][:, None]
@@ -335,9 +340,10 @@ def fl_kernel_from_topk(
     """
     m = len(ff_cols)
     kern = SparseKernel.from_topk(ff_cols, ff_vals, m).scaled(*ff_extent)
-    if objective not in ("flmi", "flcg"):
+    obj = OBJECTIVES.get(objective)
+    if obj.cap is None and obj.floor is None:  # FL (and a modular objective: K_FF as it is)
         return kern, None
     row_max = scaled_row_max(ft_vals.max(axis=1), ft_extent)
-    if objective == "flmi":
-        return kern.capped((eta * row_max).astype(np.float32)), None
-    return kern, (nu * row_max).astype(np.float32)
+    if obj.cap is not None:
+        kern = kern.capped(obj.cap(eta, row_max).astype(np.float32))
+    return kern, None if obj.floor is None else obj.floor(nu, row_max).astype(np.float32)

@@ -157,9 +157,15 @@ class Context:
         section = getattr(self.cfg, cls.name) if cls.config is not None else None
         return cls.resolve(section, self.cfg.label.device)
 
+    def kind(self):
+        """The teacher's :class:`~nncift.labels.kinds.TeacherKind` (pairwise or pointwise labels)."""
+        from nncift.labels.kinds import teacher_kind
+
+        return teacher_kind(self.teacher().kind)
+
     def pointwise(self) -> bool:
         """Whether the teacher scores items (pointwise) rather than pairs."""
-        return self.teacher().kind == "pointwise"
+        return self.kind().pointwise
 
     # ------------------------------------------------------------------ labels
     def labels(self, table: pa.Table | None = None) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
@@ -171,7 +177,7 @@ class Context:
         from nncift.labels.tables import read_labels, split_labels
 
         t = read_labels(self.store) if table is None else table
-        return split_labels(t, self.pointwise(), self.cfg.fit.exclude_self_pairs)
+        return split_labels(t, self.kind(), self.cfg.fit.exclude_self_pairs)
 
     def diagonal(self) -> np.ndarray | None:
         """(M,) float32 exact K_FF self-utilities from the label stage (``label.diagonal``; never for a teacher that

@@ -40,7 +40,7 @@ from nncift.corpus import ingest
 from nncift.corpus.readers import split_indices
 from nncift.errors import DataError
 from nncift.stages.base import Context, Stage
-from nncift.store import atomic_path, done_blocks, read_parquet_metadata, write_json
+from nncift.store import atomic_path, done_blocks, read_parquet_metadata, todo_blocks, write_json
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,7 @@ class DataStage(Stage):
         specs = _resume_plan(ctx, files, specs, parts_dir, dedup_dir, res)
         # ---- read: one canonical part per task
         names = [ingest.part_name(s) for s in specs]
-        ok = done_blocks(parts_dir, dict.fromkeys(names))
-        todo = [s for s, n in zip(specs, names, strict=True) if n not in ok]
+        todo = todo_blocks(parts_dir, specs, lambda s: (ingest.part_name(s), None))
         log.info("data: %d read tasks over %d files (%d already done)", len(specs), len(files), len(specs) - len(todo))
         if todo:
             shutil.rmtree(dedup_dir, ignore_errors=True)

@@ -18,7 +18,7 @@ import numpy as np
 
 from nncift.kernels.kernel_io import write_item_scores, write_meta
 from nncift.stages.base import Context, Stage
-from nncift.store import done_blocks
+from nncift.store import todo_blocks
 from nncift.surrogate.recipes import estimator_heads
 
 log = logging.getLogger(__name__)
@@ -125,8 +125,7 @@ class EstimateStage(Stage):
         blocks = block_grid("ff", m, m, c.block_size, col_size=m if sparse else None)
         blocks += block_grid("ft", m, n, c.block_size, start_id=len(blocks), col_size=n if sparse else None)
         block_dir = ctx.path("estimate", "blocks")
-        ok = done_blocks(block_dir, {f"{b.name}.parquet": b.r1 - b.r0 for b in blocks})
-        todo = [b.to_dict() for b in blocks if f"{b.name}.parquet" not in ok]
+        todo = [b.to_dict() for b in todo_blocks(block_dir, blocks, lambda b: (f"{b.name}.parquet", b.r1 - b.r0))]
         log.info("estimate: %d blocks (%d already done), %d pairs", len(blocks), len(blocks) - len(todo), m * m + m * n)
         t0 = time.perf_counter()
         indexes = candidate_indexes(ctx, heads, lay)

@@ -21,7 +21,7 @@ from nncift.errors import DataError
 from nncift.lm.models import base_model
 from nncift.selection.subsets import check_subset
 from nncift.stages.base import Context, Stage
-from nncift.store import done_blocks, write_json, write_parquet
+from nncift.store import todo_blocks, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,7 @@ class EvaluateStage(Stage):
             {"block_id": b, "r0": r0, "r1": min(test.num_rows, r0 + EVAL_BLOCK)}
             for b, r0 in enumerate(range(0, test.num_rows, EVAL_BLOCK))
         ]
-        ok = done_blocks(block_dir, {f"{s['block_id']:06d}.parquet": s["r1"] - s["r0"] for s in specs})
-        todo = [s for s in specs if f"{s['block_id']:06d}.parquet" not in ok]
+        todo = todo_blocks(block_dir, specs, lambda s: (f"{s['block_id']:06d}.parquet", s["r1"] - s["r0"]))
         kwargs = {
             "base": base_model(ctx),
             "adapter": adapter,

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from nncift.labels.tables import exact_kernels, exact_scores
+from nncift.labels.tables import block_key, exact_kernels, exact_scores
 from nncift.selection.subsets import budget
 from nncift.stages.base import Context, Stage
-from nncift.store import done_blocks, write_parquet
+from nncift.store import todo_blocks, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -46,28 +46,21 @@ class ExactSelectStage(Stage):
     def run(self, ctx: Context, **params: Any) -> dict[str, Any]:
         from nncift.labels.fanout import label_block_side, run_label_blocks, teacher_kwargs_for
         from nncift.labels.label_worker import plan_blocks
-        from nncift.labels.plan import LabelSet
         from nncift.selection.greedy import greedy_select
 
         m, n = ctx.size()
-        rows = np.arange(m, dtype=np.int64)
-        if ctx.pointwise():  # every item's score
-            sets = [LabelSet("item", "all", rows, np.zeros(m, np.int64), paired=True)]
-            extra = (rows, np.zeros(0, np.int64))
-        else:
-            sets = [LabelSet("ff", "all", rows, rows), LabelSet("ft", "all", rows, np.arange(n, dtype=np.int64))]
-            extra = (rows, np.arange(n, dtype=np.int64))
+        kind = ctx.kind()
+        sets, extra = kind.exact_sets(m, n)
         specs = plan_blocks(SimpleNamespace(sets=sets), label_block_side(ctx))
         block_dir = ctx.path("exact", "blocks")
-        ok = done_blocks(block_dir, {f"{s['block_id']:06d}.parquet": s["pairs"] for s in specs})
-        todo = [s for s in specs if f"{s['block_id']:06d}.parquet" not in ok]
-        total = m if ctx.pointwise() else m * m + m * n
-        log.info("exact subset: labeling %d %s in %d blocks (%d done)", total,
-                 "items" if ctx.pointwise() else "pairs", len(specs), len(specs) - len(todo))  # fmt: skip
+        todo = todo_blocks(block_dir, specs, block_key)
+        total = kind.total(m, n)
+        log.info("exact subset: labeling %d %s in %d blocks (%d done)", total, kind.unit, len(specs),
+                 len(specs) - len(todo))  # fmt: skip
         kwargs = teacher_kwargs_for(ctx, *extra)  # a per-item teacher prepares every item: the full teacher cost
         run_label_blocks(ctx, sets, specs, todo, block_dir, desc="exact labels", kwargs=kwargs)
         s = ctx.cfg.select
-        if ctx.pointwise():
+        if kind.pointwise:
             scores = exact_scores(ctx, len(specs))
             idx = np.lexsort((np.arange(m), -scores))[: budget(ctx)]
         else:

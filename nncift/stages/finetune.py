@@ -75,8 +75,8 @@ class FinetuneStage(Stage):
         if start:
             log.info("fine-tune '%s': resuming from step %d", subset, start)
         t0 = time.perf_counter()
-        summary = ctx.executor.finetune(
-            ft, data, out, num_workers=c.num_workers, use_gpu=c.use_gpu, stop_after=stop_after
+        summary = ctx.executor.train(
+            "sft", ft, data, out, num_workers=c.num_workers, use_gpu=c.use_gpu, stop_after=stop_after
         )
         if "stopped_at" in summary:
             raise _Stopped(summary)

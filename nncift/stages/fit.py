@@ -27,9 +27,8 @@ def kernels(ctx: Context) -> tuple[tuple[str, np.ndarray], ...]:
     """(name, column embeddings) of each surrogate: K_FF and K_FT, or the one pointwise ``item`` network
     (a single zero column: its labels are (item, 0) pairs)."""
     e_pool, e_target = ctx.embeddings()
-    if ctx.pointwise():
-        return (("item", np.zeros((1, e_pool.shape[1]), np.float32)),)
-    return (("ff", e_pool), ("ft", e_target))
+    cols = {"ff": e_pool, "ft": e_target, "item": np.zeros((1, e_pool.shape[1]), np.float32)}
+    return tuple((k, cols[k]) for k in ctx.kind().kernels)
 
 
 class FitStage(Stage):
@@ -62,7 +61,8 @@ class FitStage(Stage):
             tasks[kernel] = (e_cols, q1.take(tr_idx), q1.take(va_idx))
         # fit.device is the local executor's (the Ray executor's Train workers take GPUs by fit.use_gpu)
         local = {"device": c.device} if ctx.executor.name == "local" else {}
-        fitted = ctx.executor.fit(
+        fitted = ctx.executor.train(
+            "surrogate",
             cfg,
             e_pool,
             tasks,

@@ -27,8 +27,9 @@ from nncift.labels.fanout import (
     run_label_blocks,
     used_items,
 )
+from nncift.labels.tables import block_key
 from nncift.stages.base import Context, Stage
-from nncift.store import done_blocks, write_json
+from nncift.store import todo_blocks, write_json
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class LabelStage(Stage):
 
         c = ctx.cfg.label
         m, n = ctx.size()
-        pointwise = ctx.pointwise()
+        kind = ctx.kind()
         plan = label_plan(ctx)
         write_json(
             ctx.path("label", "plan.json"),
@@ -68,8 +69,7 @@ class LabelStage(Stage):
         side = label_block_side(ctx)
         specs = plan_blocks(plan, side)
         block_dir = ctx.path("label", "blocks")
-        ok = done_blocks(block_dir, {f"{s['block_id']:06d}.parquet": s["pairs"] for s in specs})
-        todo = [s for s in specs if f"{s['block_id']:06d}.parquet" not in ok]
+        todo = todo_blocks(block_dir, specs, block_key)
         log.info(
             "label (%s design): %d blocks (%d already done), %d train + %d eval + %d diagonal %s",
             plan.design,
@@ -78,7 +78,7 @@ class LabelStage(Stage):
             plan.train_pairs,
             plan.eval_pairs,
             plan.diag_pairs,
-            "items" if pointwise else "pairs",
+            kind.unit,
         )
         run_label_blocks(ctx, plan.sets, specs, todo, block_dir, desc="label", kwargs=kwargs)
         labels = gather_labels(block_dir, len(specs))
@@ -87,22 +87,21 @@ class LabelStage(Stage):
             plan.sets += second
             specs2 = plan_blocks(SimpleNamespace(sets=second), side)
             block_dir2 = ctx.path("label", "blocks_active")
-            ok2 = done_blocks(block_dir2, {f"{s['block_id']:06d}.parquet": s["pairs"] for s in specs2})
-            todo2 = [s for s in specs2 if f"{s['block_id']:06d}.parquet" not in ok2]
+            todo2 = todo_blocks(block_dir2, specs2, block_key)
             log.info("label (active round 2): %d pairs in %d blocks", sum(s.num_pairs for s in second), len(specs2))
             run_label_blocks(ctx, second, specs2, todo2, block_dir2, desc="label (active)", kwargs=kwargs)
             labels = pa.concat_tables([labels, gather_labels(block_dir2, len(specs2))])
         write_labels(ctx.store, labels)
         return {
             "function": c.function,
-            "kind": "pointwise" if pointwise else "pairwise",
+            "kind": kind.name,
             "design": plan.design,
             "pairs_labeled": int(labels.num_rows),
             "train_pairs": plan.train_pairs,
             "eval_pairs": plan.eval_pairs,
             "diag_pairs": plan.diag_pairs,
             "probe_pairs": plan.probe_pairs,
-            "total_pairs": m if pointwise else m * m + m * n,
+            "total_pairs": kind.total(m, n),
             "max_pairs": c.max_pairs,
             "cost_unit": ctx.teacher().cost_unit,
             "items_touched": items_touched(plan),

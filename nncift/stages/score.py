@@ -36,11 +36,13 @@ import pyarrow.parquet as pq
 from nncift.errors import ConfigError, DataError, NnciftError, ProvenanceError, RunDirBusyError
 from nncift.kernels.kernel_io import write_meta
 from nncift.stages.base import Context, Stage
-from nncift.store import atomic_path, done_blocks, read_parquet_metadata, valid_parquet, write_json, write_parquet
+from nncift.store import atomic_path, read_parquet_metadata, valid_parquet, write_json, write_parquet
 
 if TYPE_CHECKING:
     from nncift.labels.plan import Block
     from nncift.runner import Runner
+
+from nncift.store import todo_blocks
 
 log = logging.getLogger(__name__)
 
@@ -266,8 +268,7 @@ class ScoreStage(Stage):
         for src in keep:
             if not valid_parquet(out / src.name):
                 _link(src, out / src.name)
-        ok = done_blocks(out, {f"{b.name}.parquet": b.r1 - b.r0 for b in blocks})
-        todo = [b.to_dict() for b in blocks if f"{b.name}.parquet" not in ok]
+        todo = [b.to_dict() for b in todo_blocks(out, blocks, lambda b: (f"{b.name}.parquet", b.r1 - b.r0))]
         pairs = sum((b.r1 - b.r0) * (b.c1 - b.c0) for b in blocks)
         log.info(
             "score: %d new items, %d blocks (%d already done), %d pairs",

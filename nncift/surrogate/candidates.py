@@ -379,20 +379,21 @@ def probe_fl(ff: Estimates, ft: Estimates | None, rows: np.ndarray, budget: int,
     Returns:
         name -> :class:`Probe`.
     """
-    from nncift.selection.greedy import lazy_greedy, minmax_scale
+    from nncift.selection.greedy import OBJECTIVES, lazy_greedy, minmax_scale
 
+    obj = OBJECTIVES.get(objective)
     out = {}
     for name in ff.recipes:
         e = ff.rows(name, rows)
         k, floor, cap_top = minmax_scale(e), None, None
-        if objective in ("flmi", "flcg"):
+        if obj.cap is not None or obj.floor is not None:  # FLMI / FLCG: each row's best K_FT value bounds it
             ef = ft.rows(name, rows)
-            cap = minmax_scale(ef).max(axis=1)
+            best = minmax_scale(ef).max(axis=1)
             cap_top = np.argsort(-ef, axis=1, kind="stable")[:, :top]
-            if objective == "flmi":
-                k = np.minimum(k, (eta * cap)[:, None])
-            else:
-                floor = nu * cap
+            if obj.cap is not None:
+                k = np.minimum(k, obj.cap(eta, best)[:, None])
+            if obj.floor is not None:
+                floor = obj.floor(nu, best)
         picks, _ = lazy_greedy(k, min(budget, k.shape[1]), floor)
         sub = e[:, picks]
         order = np.argsort(-sub, axis=1, kind="stable")[:, : min(top, len(picks))]
@@ -452,23 +453,26 @@ def score_probes(probes: dict[str, Probe], rows: np.ndarray, known_ff: Known, kn
     Returns:
         name -> (R,) float64 per-row contributions (their mean is the candidate's held-out score).
     """
+    from nncift.selection.greedy import OBJECTIVES
+
+    obj = OBJECTIVES.get(objective)
     lo, hi = float(known_ff.values.min()), float(known_ff.values.max())
     span = hi - lo if hi > lo else 1.0
-    cap = None
-    if objective in ("flmi", "flcg"):
+    best = None
+    if obj.cap is not None or obj.floor is not None:
         vals, ok = known_ft.lookup(rows[:, None], np.arange(known_ft.n_cols)[None, :])
         lo_t, hi_t = float(known_ft.values.min()), float(known_ft.values.max())
-        cap = (np.where(ok, vals, -np.inf).max(axis=1) - lo_t) / (hi_t - lo_t if hi_t > lo_t else 1.0)
-        cap = np.where(np.isfinite(cap), cap, 0.0)
+        best = (np.where(ok, vals, -np.inf).max(axis=1) - lo_t) / (hi_t - lo_t if hi_t > lo_t else 1.0)
+        best = np.where(np.isfinite(best), best, 0.0)
     out = {}
     for name, p in probes.items():
         vals, ok = known_ff.lookup(rows[:, None], p.picks[None, :])
         m = (np.where(ok, vals, -np.inf).max(axis=1) - lo) / span
         m = np.where(np.isfinite(m), m, 0.0)
-        if objective == "flmi":
-            m = np.minimum(m, eta * cap)
-        elif objective == "flcg":
-            m = np.maximum(m - nu * cap, 0.0)
+        if obj.cap is not None:
+            m = np.minimum(m, obj.cap(eta, best))
+        if obj.floor is not None:
+            m = np.maximum(m - obj.floor(nu, best), 0.0)
         out[name] = m
     return out
 

@@ -143,7 +143,7 @@ def fit_loop(
     """Train with Adam (AdamW with ``weight_decay``) + MSE and early stopping on the validation MSE.
 
     Args:
-        cfg: ``kind`` (default "mlp") and its parameters (``hidden``; ``rank``, ``symmetric``,
+        cfg: ``kind`` (a :data:`~nncift.surrogate.network.NETWORKS` name) and its parameters (``hidden``; ``rank``, ``symmetric``,
             ``cosine_prior``), ``lr``, ``epochs``, ``batch_size`` (global, over all ranks), ``patience``, ``seed``.
         e_rows: (R, d) float32 row embeddings. e_cols: (C, d) float32 column embeddings.
         train, val: labeled pairs (scaled labels).
@@ -195,7 +195,7 @@ def fit_config(ctx: Context) -> dict[str, Any]:
     """The surrogate's fit configuration (:func:`nncift.surrogate.fitting.fit_loop`)."""
     c = ctx.cfg.fit
     return {
-        "kind": "pointwise" if ctx.pointwise() else c.kind,
+        "kind": ctx.kind().name if ctx.pointwise() else c.kind,
         "hidden": c.hidden,
         "rank": c.rank,
         "symmetric": symmetric(ctx),

@@ -28,9 +28,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from nncift.registry import Registry
 from nncift.store import read_safetensors, write_json, write_safetensors
 
-KINDS = ("mlp", "bilinear", "pointwise")
+LEGACY_KIND = "mlp"  # the kind of a network saved before its JSON recorded one: the paper's MLP was the only one
 
 
 @dataclass
@@ -61,6 +62,7 @@ class Surrogate(nn.Module):
     """Base class: a pair scorer with per-item factors for blockwise all-pairs estimation."""
 
     kind: str = "base"
+    pointwise: bool = False  # scores single items (pointwise teachers), chosen by the teacher, not by fit.kind
 
     def forward(self, e_i: torch.Tensor, e_j: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         """Scores of paired rows: (P, d), (P, d) -> (P,) float32."""
@@ -101,8 +103,7 @@ class Surrogate(nn.Module):
         """Load any surrogate saved by :meth:`save` (the kind is read from the JSON)."""
         path = Path(path)
         meta = json.loads(path.with_suffix(".json").read_text())
-        kind = meta.get("kind", "mlp")
-        ctor = NETWORKS[kind]
+        ctor = NETWORKS.get(meta.get("kind", LEGACY_KIND))  # an old save without a kind: LEGACY_KIND
         names = ctor.PARAMS
         net = ctor(meta["dim"], **{k: meta[k] for k in names if k in meta})
         state = {k: torch.from_numpy(v) for k, v in read_safetensors(path.with_suffix(".safetensors")).items()}
@@ -244,6 +245,7 @@ class PointwiseNetwork(Surrogate):
     """
 
     kind = "pointwise"
+    pointwise = True
     PARAMS = ("hidden",)
 
     def __init__(self, dim: int, hidden: int = 100):
@@ -272,24 +274,25 @@ class PointwiseNetwork(Surrogate):
         raise TypeError("a pointwise surrogate scores items (score_items), it has no pair kernel")
 
 
-NETWORKS: dict[str, type[Surrogate]] = {
-    "mlp": InfluenceNetwork,
-    "bilinear": BilinearNetwork,
-    "pointwise": PointwiseNetwork,
-}
+# every surrogate by its ``kind``; ``fit.kind`` offers the pairwise ones (pointwise: set by the teacher)
+NETWORKS: Registry[type[Surrogate]] = Registry("network kind")
+NETWORKS.register(InfluenceNetwork.kind)(InfluenceNetwork)
+NETWORKS.register(BilinearNetwork.kind)(BilinearNetwork)
+NETWORKS.register(PointwiseNetwork.kind)(PointwiseNetwork)
+KINDS = NETWORKS.names()
 
 
 def build_network(kind: str, dim: int, **params: Any) -> Surrogate:
-    """A fresh surrogate of ``kind`` (one of :data:`KINDS`); ``params`` not used by that kind are ignored."""
-    if kind not in NETWORKS:
-        raise ValueError(f"unknown network kind {kind!r} (known: {', '.join(KINDS)})")
-    ctor = NETWORKS[kind]
+    """A fresh surrogate of ``kind`` (one of :data:`NETWORKS`); ``params`` not used by that kind are ignored."""
+    ctor = NETWORKS.get(kind)
     return ctor(dim, **{k: v for k, v in params.items() if k in ctor.PARAMS})
 
 
 def network_from_config(cfg: dict[str, Any], dim: int) -> Surrogate:
     """A fresh surrogate from a fit configuration (``kind`` plus its parameters; other keys ignored)."""
-    return build_network(cfg.get("kind", "mlp"), dim, **{k: v for k, v in cfg.items() if k != "kind"})
+    if "kind" not in cfg:
+        raise ValueError(f"a fit configuration names its network kind ('kind': one of {', '.join(KINDS)})")
+    return build_network(cfg["kind"], dim, **{k: v for k, v in cfg.items() if k != "kind"})
 
 
 def load_network(path: str | Path) -> tuple[Surrogate, Scaler, dict]:

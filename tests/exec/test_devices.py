@@ -240,6 +240,7 @@ def test_embed_on_logical_gpus_equals_local(ray_gpus, tiny_st_model, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from nncift.corpus.embedder import Embedder
     from nncift.exec.local import LocalExecutor
     from nncift.exec.ray_executor import RayExecutor
 
@@ -253,8 +254,8 @@ def test_embed_on_logical_gpus_equals_local(ray_gpus, tiny_st_model, tmp_path):
           "device": "auto"}  # fmt: skip
     src = {"pool": str(tmp_path / "pool.parquet")}
     res = {"concurrency": 2, "num_cpus": 0.5, "num_gpus": 1.0}
-    local = LocalExecutor().embed(src, tmp_path / "local", kw, 8, **res)["pool"]
-    remote = RayExecutor(None).embed(src, tmp_path / "ray", kw, 8, **res)["pool"]
+    local = LocalExecutor().map_rows(Embedder, kw, src, tmp_path / "local", 8, "embedding", **res)["pool"]
+    remote = RayExecutor(None).map_rows(Embedder, kw, src, tmp_path / "ray", 8, "embedding", **res)["pool"]
     assert remote.shape == local.shape == (40, 32)
     np.testing.assert_allclose(remote, local, atol=1e-5)
     assert list((tmp_path / "ray").glob("*.parquet"))

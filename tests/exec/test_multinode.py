@@ -94,8 +94,8 @@ ray.init(address=cluster.address, log_to_driver=False, runtime_env=env or None)
 class Executor(RayExecutor):
     """Ray for every fan-out; the fit (Ray Train, not under test here) in this process."""
 
-    def fit(self, *a, **kw):
-        return LocalExecutor().fit(*a, **kw)
+    def _fit(self, *a, **kw):
+        return LocalExecutor()._fit(*a, **kw)
 
 
 def runner():

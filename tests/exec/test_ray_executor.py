@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from nncift.exec.local import LocalExecutor
-from nncift.exec.ray_executor import embed_ray, fit_ray, map_ray
+from nncift.exec.ray_executor import fit_ray, map_ray, map_rows_ray
 from nncift.kernels.estimate_worker import EstimateWorker
 from nncift.kernels.kernel_io import assemble_dense
 from nncift.labels.label_worker import LabelWorker, plan_blocks
@@ -70,6 +70,7 @@ def test_embed_ray_streams_parquet_and_equals_local(ray_session, tiny_st_model, 
     import pyarrow.parquet as pq
 
     from nncift.corpus.embedder import Embedder
+    from nncift.exec.local import LocalExecutor
 
     prompts = [f"explain python sort {i} " * (1 + i % 3) for i in range(50)]
     responses = [f"answer list {i}" for i in range(50)]
@@ -79,12 +80,13 @@ def test_embed_ray_streams_parquet_and_equals_local(ray_session, tiny_st_model, 
         row_group_size=7,
     )
     kw = {"model_path": tiny_st_model, "batch_size": 8, "max_seq_length": 64, "template": "{prompt}\n{response}"}
-    local = Embedder(**kw).encode([f"{p}\n{r}" for p, r in zip(prompts, responses, strict=True)])
-    remote = embed_ray({"pool": str(tmp_path / "pool.parquet")}, tmp_path / "out", kw, 8, concurrency=2, num_cpus=0.5)[
-        "pool"
-    ]
-    assert remote.shape == local.shape
+    direct = Embedder(**kw).encode([f"{p}\n{r}" for p, r in zip(prompts, responses, strict=True)])
+    src = {"pool": str(tmp_path / "pool.parquet")}
+    local = LocalExecutor().map_rows(Embedder, kw, src, tmp_path / "local", 8, "embedding")["pool"]
+    remote = map_rows_ray(Embedder, kw, src, tmp_path / "out", 8, "embedding", concurrency=2, num_cpus=0.5)["pool"]
+    assert remote.shape == local.shape == direct.shape
     np.testing.assert_allclose(remote, local, atol=1e-5)
+    np.testing.assert_array_equal(local, direct)  # the local twin encodes exactly what the Embedder does
     assert list((tmp_path / "out").glob("*.parquet"))  # written by the actors, not the driver
 
 
@@ -110,8 +112,23 @@ def test_torchtrainer_fit_reduces_loss(ray_session, tmp_path):
     assert set(state) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
 
 
+def greedi_ray(kern, parts, budget):
+    """GreeDi with round 1 as Ray tasks (the select stage's fan-out through ``map_tasks``)."""
+    from nncift.exec.ray_executor import map_tasks_ray
+    from nncift.selection.sparse import greedi_local_round, greedi_merge
+
+    return greedi_merge(kern, map_tasks_ray(greedi_local_round, kern, [(p, budget) for p in parts]), budget)
+
+
+def greedi_local(kern, parts, budget):
+    from nncift.exec.local import LocalExecutor
+    from nncift.selection.sparse import greedi_local_round, greedi_merge
+
+    local = LocalExecutor().map_tasks(greedi_local_round, kern, [(p, budget) for p in parts])
+    return greedi_merge(kern, local, budget)
+
+
 def test_greedi_ray_equals_local(ray_session):
-    from nncift.exec.ray_executor import greedi_ray
     from nncift.selection.sparse import greedi_local_round, greedi_merge, partition_items
     from tests.selection.test_sparse import _dense, _sparse
 
@@ -125,15 +142,13 @@ def test_greedi_ray_equals_local(ray_session):
 
 def test_greedi_ray_from_stripes_equals_local(ray_session, tmp_path):
     """Ray tasks that read their parts from the Parquet stripes pick what the local twin picks."""
-    from nncift.exec.local import LocalExecutor
-    from nncift.exec.ray_executor import greedi_ray
     from nncift.selection.sparse import StripeSource, partition_items
     from tests.selection.test_sparse import _dense, _write_stripes
 
     _write_stripes(tmp_path, _dense(m=300, seed=8), 16)
     src = StripeSource(str(tmp_path), 300)
     parts = partition_items(300, 3, seed=1)
-    local, remote = LocalExecutor().greedi(src, parts, 25), greedi_ray(src, parts, 25)
+    local, remote = greedi_local(src, parts, 25), greedi_ray(src, parts, 25)
     np.testing.assert_array_equal(local[0], remote[0])
     np.testing.assert_array_equal(local[1], remote[1])
 

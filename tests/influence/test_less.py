@@ -42,9 +42,10 @@ class SpyExecutor(LocalExecutor):
     def __init__(self):
         self.calls: list[tuple[str, int]] = []
 
-    def finetune(self, ft, rows, out_dir, **kw):
+    def train(self, job, ft, rows, out_dir, **kw):
         self.calls.append(("finetune", len(rows["prompt"])))
-        return super().finetune(ft, rows, out_dir, **kw)
+        assert job == "sft"
+        return super().train(job, ft, rows, out_dir, **kw)
 
     def map_blocks(self, worker_cls, ctor_kwargs, specs, desc="", **res):
         self.calls.append(("map_blocks", len(specs)))

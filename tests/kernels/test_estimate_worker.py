@@ -16,7 +16,7 @@ def _heads(m=37, n=11, d=6, h=5):
         net = InfluenceNetwork(d, h)
         p, q = net.project(er, ec)
         w2, b2 = net.head()
-        heads[kernel] = {"p": p.numpy(), "q": q.numpy(), "w2": w2, "b2": b2, "lo": -1.0, "hi": 3.0}
+        heads[kernel] = {"type": "mlp", "p": p.numpy(), "q": q.numpy(), "w2": w2, "b2": b2, "lo": -1.0, "hi": 3.0}
         with torch.no_grad():
             ii, jj = np.meshgrid(np.arange(m), np.arange(len(ec)), indexing="ij")
             dense[kernel] = net(er[ii.reshape(-1)], ec[jj.reshape(-1)]).numpy().reshape(m, len(ec)) * 4.0 - 1.0

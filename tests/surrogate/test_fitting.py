@@ -76,9 +76,11 @@ def test_the_local_executor_fits_on_the_resolved_device(monkeypatch):
     monkeypatch.setattr(nncift.surrogate.fitting, "fit_loop", spy)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     ex = LocalExecutor()
-    base = ex.fit(_cfg(), e, {"a": task})["a"]
-    _assert_same_fit(base, ex.fit(_cfg(), e, {"a": task}, use_gpu=True, device="auto", num_workers=2)["a"])
-    _assert_same_fit(base, ex.fit(_cfg(), e, {"a": task}, device="cpu")["a"])
+    base = ex.train("surrogate", _cfg(), e, {"a": task})["a"]
+    _assert_same_fit(
+        base, ex.train("surrogate", _cfg(), e, {"a": task}, use_gpu=True, device="auto", num_workers=2)["a"]
+    )
+    _assert_same_fit(base, ex.train("surrogate", _cfg(), e, {"a": task}, device="cpu")["a"])
     assert seen == ["cpu", "cpu", "cpu"]
 
 
@@ -114,13 +116,13 @@ def test_the_fit_stage_passes_fit_device_to_the_local_executor(tmp_path, corpus,
     from nncift.runner import Runner
 
     seen = []
-    real = LocalExecutor.fit
+    real = LocalExecutor._fit
 
     def spy(self, *a, **kw):
         seen.append((kw.get("device"), kw.get("use_gpu")))
         return real(self, *a, **kw)
 
-    monkeypatch.setattr(LocalExecutor, "fit", spy)
+    monkeypatch.setattr(LocalExecutor, "_fit", spy)
     over = [f"data.input={corpus}", *tiny_overrides, *LOCAL, "fit.device=cpu", "fit.use_gpu=true"]
     runner = Runner(load_config(None, over), tmp_path / "run")
     runner.run_stage("fit")
@@ -144,7 +146,7 @@ def test_a_cuda_fit_equals_the_cpu_fit(kind):
 def test_the_local_executor_fits_on_cuda_with_use_gpu():
     e, task = _task(40, 8)
     ex = LocalExecutor()
-    cpu = ex.fit(_cfg(), e, {"a": task}, device="cpu")["a"]
-    gpu = ex.fit(_cfg(), e, {"a": task}, use_gpu=True)["a"]  # fit.device=auto
+    cpu = ex.train("surrogate", _cfg(), e, {"a": task}, device="cpu")["a"]
+    gpu = ex.train("surrogate", _cfg(), e, {"a": task}, use_gpu=True)["a"]  # fit.device=auto
     _assert_same_fit(cpu, gpu, rtol=1e-4, atol=1e-4)
     assert load_config(None, [*LOCAL, "fit.device=cuda:0"]).fit.device == "cuda:0"
