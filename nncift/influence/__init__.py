@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from nncift.influence.delift_se import DeliftSE
 from nncift.influence.interface import InfluenceFunction, Items, PointwiseInfluenceFunction
-from nncift.influence.registry import (
+from nncift.influence.plugins import (
     BUILTIN,
     build_influence_function,
     function_traits,

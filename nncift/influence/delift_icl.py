@@ -35,7 +35,7 @@ import torch
 
 from nncift.config import ConfigError, _f
 from nncift.influence.interface import InfluenceFunction, Items
-from nncift.influence.registry import register
+from nncift.influence.plugins import register
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from nncift.influence.interface import InfluenceFunction, Items
-from nncift.influence.registry import register
+from nncift.influence.plugins import register
 
 
 @register

@@ -87,7 +87,7 @@ import numpy as np
 from nncift.config import _f
 from nncift.errors import ConfigError, DataError, run_worker_batch
 from nncift.influence.interface import InfluenceFunction, Items
-from nncift.influence.registry import register
+from nncift.influence.plugins import register
 
 log = logging.getLogger(__name__)
 

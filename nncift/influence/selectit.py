@@ -59,7 +59,7 @@ import torch
 from nncift.config import _f
 from nncift.errors import ConfigError
 from nncift.influence.interface import Items, PointwiseInfluenceFunction
-from nncift.influence.registry import register
+from nncift.influence.plugins import register
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from nncift.config import _f
 from nncift.errors import ConfigError, DataError
 from nncift.influence.interface import InfluenceFunction, Items
-from nncift.influence.registry import register
+from nncift.influence.plugins import register
 
 TABLE_COLUMNS = ("example_id", "target_id", "value")
 
@@ -254,3 +254,19 @@ def write_table_file(out: str | Path, labels: pa.Table, provenance: dict) -> int
     write_parquet(out, table, metadata={"nncift_table": {"pairs": table.num_rows, **provenance}})
     write_json(out.with_suffix(".json"), {"pairs": table.num_rows, **provenance})
     return table.num_rows
+
+
+def table_provenance(path: str | Path) -> dict | None:
+    """The provenance a table file carries (:func:`write_table_file`: the Parquet metadata ``nncift_table``, or
+    ``<path>.json`` beside it): ``pairs``, ``function``, ``M``, ``N``, ``label_seconds``, ...; None without one."""
+    import json
+
+    path = Path(path)
+    try:
+        meta = pq.read_metadata(path).metadata or {}
+    except (OSError, ValueError):
+        meta = {}
+    if b"nncift_table" in meta:
+        return json.loads(meta[b"nncift_table"])
+    side = path.with_suffix(".json")
+    return json.loads(side.read_text()) if side.is_file() else None

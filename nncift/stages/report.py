@@ -93,7 +93,21 @@ def fidelity(ctx: Context) -> dict[str, Any]:
     out.update(out["subsets"].pop("nncift"))
     del out["subsets"]
     out["candidates"] = candidate_fidelity(ctx, true_ff, true_ft, budget, out["exact"])
+    if fd.truth_table:
+        out["truth_cost"] = truth_cost(fd.truth_table, m, n)
     return out
+
+
+def truth_cost(path: str, m: int, n: int) -> dict[str, Any] | None:
+    """What the full teacher kernel of a truth table cost to compute (its provenance: pairs, seconds, the
+    teacher), when it was computed on this run's M x N items; None otherwise."""
+    from nncift.influence.table import table_provenance
+
+    prov = table_provenance(path)
+    if not prov or prov.get("M") != m or prov.get("N") != n or not prov.get("label_seconds"):
+        return None
+    return {"pairs": int(prov["pairs"]), "seconds": float(prov["label_seconds"]), "function": prov.get("function"),
+            "model": prov.get("model")}  # fmt: skip
 
 
 def item_fidelity(ctx: Context) -> dict[str, Any]:
@@ -162,4 +176,25 @@ class ReportStage(Stage):
             )
         else:
             log.info("fidelity: not measured (%s)", fid["reason"])
-        return write_report(ctx.store, ctx.cfg)
+        rep = write_report(ctx.store, ctx.cfg)
+        for line in versus_lines(rep):
+            log.info("%s", line, extra=CONSOLE)
+        return rep
+
+
+def versus_lines(rep: dict) -> list[str]:
+    """The console's closing comparison with the full teacher (when its cost is known): teacher pairs and
+    seconds of this run against the full kernel's, and the gap closed beside the free baselines."""
+    from nncift.reporting import versus
+
+    v = versus(rep)
+    if v is None:
+        return []
+    fmt = lambda g: "n/a" if g is None else f"{g:+.3f}"  # noqa: E731
+    return [
+        f"NN-CIFT vs full {v['function']}: {v['run_pairs']:,} of {v['full_pairs']:,} teacher pairs "
+        f"({100 * v['run_pairs'] / v['full_pairs']:.1f}%), {v['run_seconds']:.0f} s of {v['full_seconds']:,.0f} s "
+        f"({100 * v['run_seconds'] / v['full_seconds']:.1f}%)",
+        f"gap closed {fmt(v['gap_closed'])}; free baselines: zero-label cosine {fmt(v['zero_label'])} (0 pairs), "
+        f"exact diagonal + constant {fmt(v['diag_const'])} ({v['diag_pairs']:,} pairs)",
+    ]
