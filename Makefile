@@ -19,7 +19,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 install: $(BIN)/.installed
 
 demo: install
-	$(BIN)/nncift run --run-dir runs/demo
+	$(BIN)/nncift run --config jobs/configs/demo.yaml --run-dir runs/demo
 
 test: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -87,7 +87,7 @@ def teacher(name: str, work: Path) -> dict:
     from nncift.selection import fidelity as fid
 
     if name == "se":
-        pipe = _pipeline(str(ROOT / "jobs/configs/demo.yaml"), work / "se", [])
+        pipe = _pipeline(str(ROOT / "jobs/configs/delift_se_2000.yaml"), work / "se", [])
         pool, target = pipe.ctx.items()
         ff, ft = fid.teacher_kernels(build_influence_function("delift_se"), pool, target)
     elif name in ("icl", "icl2"):  # a full DELIFT ICL table: its own data settings give the run its ids
@@ -99,7 +99,7 @@ def teacher(name: str, work: Path) -> dict:
         pool, target = pipe.ctx.items()
         ff, ft = fid.teacher_kernels(build_influence_function("table", path=str(table)), pool, target)
     elif name == "bm25":
-        pipe = _pipeline(str(ROOT / "jobs/configs/demo.yaml"), work / "se", [])
+        pipe = _pipeline(str(ROOT / "jobs/configs/delift_se_2000.yaml"), work / "se", [])
         pool, target = pipe.ctx.items()
         pool, target = pool.take(np.arange(800)), target.take(np.arange(200))
         text = [p + "\n" + r for p, r in zip(pool.prompts, pool.responses, strict=True)]
@@ -109,7 +109,7 @@ def teacher(name: str, work: Path) -> dict:
     elif name == "textsim":
         from sklearn.feature_extraction.text import TfidfVectorizer
 
-        pipe = _pipeline(str(ROOT / "jobs/configs/demo.yaml"), work / "se", [])
+        pipe = _pipeline(str(ROOT / "jobs/configs/delift_se_2000.yaml"), work / "se", [])
         pool, target = pipe.ctx.items()
         pool, target = pool.take(np.arange(800)), target.take(np.arange(200))
         texts = [

@@ -129,7 +129,7 @@ Submit the demo pipeline:
   cd $REPO
   RAY_AUTH_MODE=disabled $RAY job submit --address $addr \\
     --runtime-env-json '{"working_dir": ".", "excludes": [".venv", "runs", ".git"]}' \\
-    -- $PY -m jobs run --config jobs/configs/demo.yaml --run-dir /tmp/nncift-job
+    -- $PY -m jobs run --config jobs/configs/delift_se_2000.yaml --run-dir /tmp/nncift-job
 
   (give an absolute --run-dir: a relative one lands inside the job's unpacked working_dir copy)
 

@@ -1,6 +1,6 @@
 """Ray job entrypoint: ``python -m jobs <command> [nncift options]``, e.g.
 
-    ray job submit --working-dir . -- python -m jobs run --config jobs/configs/demo.yaml --run-dir /shared/run
+    ray job submit --working-dir . -- python -m jobs run --config jobs/configs/delift_se_2000.yaml --run-dir /shared/run
 
 ``<command>`` is any ``nncift`` command (``run`` = the whole pipeline, a stage name, ``finetune``, ``evaluate``,
 ``compare``, ``export-table``, ``score``). Inside a Ray job the driver connects to the cluster that runs the job

@@ -118,7 +118,21 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         return 3
     if args.command in ("run", "report"):
         print(f"report: {os.path.join(args.run_dir, 'report', 'report.md')}")
+        _print_versus(args.run_dir)
     return 0
+
+
+def _print_versus(run_dir: str) -> None:
+    """End the console with NN-CIFT against the full teacher, when the run's report can say it."""
+    import json
+
+    from nncift.stages.report import versus_lines
+
+    path = os.path.join(run_dir, "report", "report.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            for line in versus_lines(json.load(fh)):
+                print(line)
 
 
 def _score_command(args: argparse.Namespace, runner) -> int:

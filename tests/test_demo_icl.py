@@ -1,6 +1,6 @@
 """`make demo`'s ground truth is the shipped full-DELIFT table: the live DELIFT ICL teacher must reproduce it.
 
-`jobs/configs/demo_delift.yaml` runs the DELIFT ICL teacher (embedded SmolLM2-135M-Instruct) live on the items
+`jobs/configs/demo.yaml` runs the DELIFT ICL teacher (embedded SmolLM2-135M-Instruct) live on the items
 of `benchmarks/data/delift_icl_smollm2.parquet` and scores its selection against that table
 (`fidelity.truth_table`). That comparison is only meaningful when the live labels are the table's values: same
 model, same token caps, same dtype, same joint tokenisation, same items. This test builds the items with the
@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = ROOT / "benchmarks" / "data" / "delift_icl_smollm2.parquet"
-CONFIG = ROOT / "jobs" / "configs" / "demo_delift.yaml"
+CONFIG = ROOT / "jobs" / "configs" / "demo.yaml"
 REL_TOL = 1e-4  # of the table's value spread (max - min); the table was written in float32
 
 
