@@ -116,7 +116,15 @@ def _cli(run_dir, corpus, overrides):
     ]
 
 
-@pytest.mark.parametrize("watch", ["label/blocks/*.parquet", "estimate/blocks/ff_*.parquet", "fit/_STARTED.json"])
+@pytest.mark.parametrize(
+    "watch",
+    [
+        "label/blocks/*.parquet",
+        # CI time: an estimate actor killed mid-stage and truncated estimate blocks are in CI (tests/test_trust.py)
+        pytest.param("estimate/blocks/ff_*.parquet", marks=pytest.mark.slow),
+        "fit/_STARTED.json",
+    ],
+)
 def test_kill_9_and_resume_gives_the_same_selection(tmp_path, corpus, tiny_overrides, watch):
     overrides = [*tiny_overrides, *LOCAL, "label.block_size=4", "estimate.block_size=10"]
     ref = tmp_path / "ref"
