@@ -66,6 +66,8 @@ def test_non_utf8_and_bom(tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # CI time: the table is now checked in the driver; a worker's user error on Ray is one line in
+# test_worker_user_errors_on_ray_are_one_line_and_never_retried, which stays in CI
 @pytest.mark.timeout(600)
 def test_worker_error_reaches_the_driver_as_one_line_under_ray(ray_session, tmp_path, corpus, tiny_overrides):
     import pyarrow as pa
