@@ -149,7 +149,7 @@ def main() -> None:
         n = args.scale
         emb, _ = clustered_embeddings(n, d, seed=1)
         p, q = net.project(torch.from_numpy(emb), torch.from_numpy(emb))
-        heads = {"ff": {"p": p.numpy(), "q": q.numpy(), "w2": w2, "b2": b2, "lo": 0.0, "hi": 1.0}}
+        heads = {"ff": {"type": "mlp", "p": p.numpy(), "q": q.numpy(), "w2": w2, "b2": b2, "lo": 0.0, "hi": 1.0}}
         del emb
         with tempfile.TemporaryDirectory() as tmp:
             worker = EstimateWorker(heads, tmp, layout="sparse", topk=args.topk, col_chunk=8192)

@@ -221,7 +221,7 @@ class Runner:
 
     # ------------------------------------------------------------------ conveniences
     def export_table(self, out: str | Path) -> dict:
-        """Write the finished label stage as a table-teacher file (see :func:`nncift.stages.label.export_table`)."""
+        """Write the finished label stage as a table-teacher file (see :func:`nncift.labels.tables.export_table`)."""
         from nncift.labels.tables import export_table
 
         return export_table(self.ctx, out)
