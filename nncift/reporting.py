@@ -399,4 +399,4 @@ def write_report(store: RunDir, cfg: RunConfig) -> dict:
     write_json(store.path("report", "report.json"), rep)
     write_text(store.path("report", "report.md"), _markdown(rep, plots))
     log.info("report: %s", store.path("report", "report.md"))
-    return {"plots": plots, "versus": versus(rep)}
+    return {"plots": plots}

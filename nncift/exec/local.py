@@ -89,7 +89,7 @@ class LocalExecutor:
             pf = pq.ParquetFile(path)
             batches = pf.iter_batches(batch_size=batch_size * 8, columns=["idx", "prompt", "response"])
             parts = [
-                worker({k: np.asarray(b.column(k).to_pylist()) for k in ("idx", "prompt", "response")})[column]
+                worker({k: b.column(k).to_numpy(zero_copy_only=False) for k in ("idx", "prompt", "response")})[column]
                 for b in tqdm(batches, desc=f"{desc or worker_cls.__name__} {name}")
             ]
             out[name] = np.concatenate(parts) if parts else np.zeros((0, getattr(worker, "dim", 0)), np.float32)

@@ -404,6 +404,19 @@ def user_error(exc: BaseException) -> Exception | None:
     return classes.get(name, NnciftError)(msg.strip())
 
 
+@contextlib.contextmanager
+def one_line_user_errors() -> Iterator[None]:
+    """Re-raise a user-fixable error that a Ray worker raised (buried in Ray's wrappers) as its own one-line
+    :class:`~nncift.errors.NnciftError`; anything else propagates unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        err = user_error(exc)
+        if err is None:
+            raise
+        raise err from None
+
+
 @functools.cache
 def _shared_args_class(worker_cls: type) -> type:
     """A :class:`SharedArgsWorker` subclass named like ``worker_cls`` (Ray Data names the operator after it)."""
@@ -752,6 +765,10 @@ class RayExecutor:
     def start(self) -> None:
         init_ray(self.cfg)
 
+    def _stall(self) -> float | None:
+        """``ray.stall_seconds`` (None when the executor was built without a config, as in tests)."""
+        return getattr(self.cfg, "stall_seconds", None)
+
     def map_blocks(
         self, worker_cls: type, ctor_kwargs: dict[str, Any], specs: list[dict], desc: str = "", **res: Any
     ) -> list[dict]:
@@ -760,14 +777,8 @@ class RayExecutor:
         from nncift.errors import raise_worker_errors
 
         self.start()
-        try:
-            stall = getattr(self.cfg, "stall_seconds", None)
-            out = map_ray(worker_cls, ctor_kwargs, specs, stall_seconds=stall, desc=desc, **res)
-        except Exception as exc:  # a worker raised a user-fixable error (not retried: a UDF error): one line
-            err = user_error(exc)
-            if err is None:
-                raise
-            raise err from None
+        with one_line_user_errors():  # a worker raised a user-fixable error (not retried: a UDF error)
+            out = map_ray(worker_cls, ctor_kwargs, specs, stall_seconds=self._stall(), desc=desc, **res)
         raise_worker_errors(sorted(out, key=lambda r: int(r.get("block_id", 0))))
         return out
 
@@ -783,16 +794,18 @@ class RayExecutor:
         **res: Any,
     ) -> dict[str, np.ndarray]:
         self.start()
-        stall = getattr(self.cfg, "stall_seconds", None)
-        try:
+        with one_line_user_errors():  # e.g. an Embedder constructor's user-fixable error
             return map_rows_ray(
-                worker_cls, ctor_kwargs, sources, out_dir, batch_size, column, desc=desc, stall_seconds=stall, **res
+                worker_cls,
+                ctor_kwargs,
+                sources,
+                out_dir,
+                batch_size,
+                column,
+                desc=desc,
+                stall_seconds=self._stall(),
+                **res,
             )
-        except Exception as exc:  # e.g. an Embedder constructor's user-fixable error: one line
-            err = user_error(exc)
-            if err is None:
-                raise
-            raise err from None
 
     def train(self, job: str, *args: Any, **kw: Any) -> Any:
         """Run training job ``job`` (:data:`nncift.exec.local.TRAIN_JOBS`) on Ray Train."""
@@ -802,7 +815,7 @@ class RayExecutor:
 
     def _fit(self, fit_cfg: dict, e_rows: np.ndarray, tasks: dict[str, Any], **kw: Any) -> dict:
         self.start()
-        return fit_ray(fit_cfg, e_rows, tasks, stall_seconds=getattr(self.cfg, "stall_seconds", None), **kw)
+        return fit_ray(fit_cfg, e_rows, tasks, stall_seconds=self._stall(), **kw)
 
     def map_tasks(self, fn: Any, shared: Any, tasks: list[tuple], desc: str = "", num_cpus: float = 1.0) -> list:
         self.start()

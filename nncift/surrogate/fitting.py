@@ -195,7 +195,7 @@ def fit_config(ctx: Context) -> dict[str, Any]:
     """The surrogate's fit configuration (:func:`nncift.surrogate.fitting.fit_loop`)."""
     c = ctx.cfg.fit
     return {
-        "kind": ctx.kind().name if ctx.pointwise() else c.kind,
+        "kind": "pointwise" if ctx.pointwise() else c.kind,
         "hidden": c.hidden,
         "rank": c.rank,
         "symmetric": symmetric(ctx),
