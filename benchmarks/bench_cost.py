@@ -191,6 +191,9 @@ def main() -> None:
     embed_ips = (m + n) / stage_s["embed"]
     fit_per_pair = stage_s["fit"] / max(1, lab["train_pairs"])
     lc = cfg.label
+    from nncift.labels.fanout import label_probes
+
+    n_probes = label_probes(pipe.ctx)
     nn_rate = teacher_pairs / nn_teacher_s
 
     def design_pairs(mm: float, nn_: float) -> float:
@@ -199,12 +202,12 @@ def main() -> None:
             q1 = u * mm * (min(lc.partners, max(1.0, u * mm / 2)) + min(lc.partners, u * nn_))
         else:
             q1 = (u * mm) ** 2 + (u * mm) * (u * nn_)
-        return q1 + (mm if lc.diagonal else 0) + lc.probes * mm + choose_pairs  # the held-out choice: ~constant
+        return q1 + (mm if lc.diagonal else 0) + n_probes * mm + choose_pairs  # the held-out choice: ~constant
 
     def costs(mm: float) -> tuple[float, float]:
         nn_ = mm / 3
         full = (mm * mm + mm * nn_) / rate_full
-        q1 = design_pairs(mm, nn_) - (mm if lc.diagonal else 0) - lc.probes * mm - choose_pairs
+        q1 = design_pairs(mm, nn_) - (mm if lc.diagonal else 0) - n_probes * mm - choose_pairs
         nn = (
             (mm + nn_) / embed_ips
             + design_pairs(mm, nn_) / nn_rate

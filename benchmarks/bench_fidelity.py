@@ -128,7 +128,7 @@ def teacher(name: str, work: Path) -> dict:
             "texts_target": item_texts(target.prompts, target.responses),
             "prompts_pool": pool.prompts, "responses_pool": pool.responses,
             "prompts_target": target.prompts, "responses_target": target.responses,
-            "lm": name in ("icl", "icl2"),  # DELIFT tables: teacher-LM features (choose.teacher_features=auto)
+            "lm": name in ("icl", "icl2"),  # DELIFT tables: teacher-LM features and probes (the `auto` settings)
             "symmetric": name in ("se", "textsim")}  # fmt: skip
 
 
@@ -244,7 +244,21 @@ def choose_on_truth(t: dict, cfg, labels: dict, nets: dict, diag, seed: int, ker
         if diag is not None:
             np.fill_diagonal(k, diag)
         dense["additive_placebo"] = {**dense["additive"], "ff": k.astype(np.float32)}
-    return {"decision": dec, "dense": dense, "cost": cost, "free": {r.name: r.free for r in recipes["ff"]}}
+    return {
+        "decision": dec,
+        "dense": dense,
+        "cost": cost,
+        "free": {r.name: r.free for r in recipes["ff"]},
+        "per_row": {n: {"fl": fl[n].round(6).tolist(), "near": near[n].round(6).tolist()} for n in fl},
+    }
+
+
+def probes_for(t: dict, probes: str) -> int:
+    """``label.probes`` resolved as the label stage resolves it: ``auto`` is DELIFT ICL's 4 on the DELIFT tables
+    (their provenance names delift_icl), 0 on the other teachers."""
+    from nncift.influence import teacher_class
+
+    return (teacher_class("delift_icl").auto_probes if t["lm"] else 0) if probes == "auto" else int(probes)
 
 
 def run_one(t: dict, cfg, variant: str, fraction: float, seed: int, kernels: tuple[str, ...]) -> dict:
@@ -264,7 +278,7 @@ def run_one(t: dict, cfg, variant: str, fraction: float, seed: int, kernels: tup
     kind, design = nw.kind, lb.design
     m, n = t["ff"].shape[0], t["ft"].shape[1]
     plan = plan_labels(m, n, fraction, min(lb.min_count, m), lb.eval_pairs, seed, design=design,
-                       partners=lb.partners, diagonal=lb.diagonal, probes=lb.probes)  # fmt: skip
+                       partners=lb.partners, diagonal=lb.diagonal, probes=probes_for(t, lb.probes))  # fmt: skip
     sym = {"auto": t["symmetric"], "true": True, "false": False}[nw.symmetric]
     fit_cfg = {"kind": kind, "hidden": nw.hidden, "rank": nw.rank, "symmetric": sym, "cosine_prior": nw.cosine_prior,
                "lr": nw.lr, "weight_decay": nw.weight_decay, "epochs": nw.epochs, "batch_size": nw.batch_size,
@@ -339,7 +353,7 @@ def run_one(t: dict, cfg, variant: str, fraction: float, seed: int, kernels: tup
             subsets[name] = fid.select(dense["ff"], dense.get("ft"), budget, sc.objective, sc.eta, sc.nu)
         chosen = ch["decision"]["chosen"]
         subsets["est"] = subsets[chosen]
-        out.update(chosen=chosen, choose_pairs=ch["cost"], free=ch["free"])
+        out.update(chosen=chosen, choose_pairs=ch["cost"], free=ch["free"], choice_per_row=ch["per_row"])
     res = fid.selection_fidelity(t["ff"], t["ft"], subsets, budget, sc.objective, sc.eta, sc.nu,
                                  cfg.fidelity.random_subsets, seed)  # fmt: skip
     out.update(teacher_pairs=int(pairs), gap_closed=res["subsets"]["est"]["gap_closed"],

@@ -194,10 +194,11 @@ class LabelConfig:
     min_count: int = _f(200, "design=block: floor on labeled items per side (the paper's u=0.05 is too few)")
     partners: int = _f(20, "design=spread: each labeled example is paired with this many labeled targets")
     diagonal: bool = _f(True, "label the exact K_FF self-utilities U(i -> i) of every pool item (M teacher calls)")
-    probes: int = _f(
-        0,
+    probes: str = _f(
+        "auto",
         "probe examples: each labeled as the in-context example of every pool item (probes x M "
-        "pairs, one shared prefix each), measuring every item's per-target effect (the additive estimate)",
+        "pairs, one shared prefix each), measuring every item's per-target effect (the additive estimate); "
+        "auto = 4 for DELIFT ICL (or a table of its values), 0 otherwise",
     )
     eval_pairs: int = _f(4000, "pairs sampled per quadrant Q2-Q4 and kernel for the fidelity report")
     max_pairs: int | None = _f(
@@ -223,7 +224,7 @@ class LabelConfig:
              f"unknown function {self.function!r} (known: {', '.join(sorted(known))})")  # fmt: skip
         need(self.design in DESIGNS, "design", f"got {self.design!r} ({' | '.join(DESIGNS)})")
         need(self.partners >= 1, "partners", "must be >= 1")
-        need(self.probes >= 0, "probes", "must be >= 0")
+        need(self.probes == "auto" or self.probes.isdigit(), "probes", f"got {self.probes!r} (auto or an integer >= 0)")
         need(0.0 < self.fraction <= 1.0, "fraction", f"must be in (0, 1], got {self.fraction}")
         need(self.min_count >= 2, "min_count", "must be >= 2")
         need(self.block_size > 0, "block_size", "must be positive")

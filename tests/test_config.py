@@ -33,6 +33,8 @@ def test_yaml_plus_overrides(tmp_path):
         ("select.objective=xx", "select.objective"),
         ("nosection.x=1", "nosection"),
         ("badly-formed", "key=value"),
+        ("label.probes=some", "label.probes"),
+        ("label.probes=-1", "label.probes"),
     ],
 )
 def test_bad_fields_are_named(override, needle):

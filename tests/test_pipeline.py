@@ -183,9 +183,13 @@ def test_end_to_end_delift_icl_tiny_lm(tmp_path, corpus, tiny_overrides, tiny_lm
     assert (quadrant == "q1").sum() == 6 * 6 + 6 * 6  # 6 labeled pool rows x (6 pool + 6 target) columns
     diag = labels.filter(pa.compute.equal(labels.column("quadrant"), "diag"))
     assert diag.num_rows == 120 and diag.column("row").to_pylist() == diag.column("col").to_pylist()
+    # label.probes=auto on DELIFT ICL: 4 probe examples, each the in-context example of every other pool item
+    probe = labels.filter(pa.compute.equal(labels.column("quadrant"), "probe"))
+    cols = np.asarray(probe.column("col").to_pylist())
+    assert probe.num_rows == 4 * 119 and len(np.unique(cols)) == 4
     assert np.isfinite(labels.column("value").to_numpy()).all()
     rep = json.loads((run / "report" / "report.json").read_text())
-    assert rep["label"]["function"] == "delift_icl"
+    assert rep["label"]["function"] == "delift_icl" and rep["label"]["probe_pairs"] == 4 * 119
     assert rep["selection"]["budget"] == 24
     assert rep["fidelity"]["measured"] is False and "fidelity.truth_table" in rep["fidelity"]["reason"]
     assert rep["network"]["symmetric"] is False  # the ICL utility is not symmetric: two towers

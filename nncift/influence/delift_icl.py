@@ -135,6 +135,8 @@ class DeliftICL(InfluenceFunction):
 
     name = "delift_icl"
     config = DeliftICLConfig
+    in_context = True
+    auto_probes = 4  # probe columns lift gap closed on both DELIFT tables of bench_fidelity (docs/fidelity.md)
     pairs_per_second = 5.0  # measured: SmolLM2-135M, 48/48 tokens, prefix reuse, 2 CPU cores
 
     @classmethod

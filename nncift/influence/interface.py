@@ -57,6 +57,11 @@ class InfluenceFunction(ABC):
             feature per distinct item, every pair among featurised items then nearly free, e.g. LESS's gradients;
             every pointwise teacher). Label plans of per-item teachers minimise the distinct items they touch,
             and reports count the teacher's cost in its own unit.
+        in_context: the teacher measures the in-context utility of an example with a causal LM (DELIFT ICL). Its
+            kernel carries strong per-item effects (how much a target gains from examples in general, how much
+            an example helps targets in general), so ``label.probes=auto`` labels :attr:`auto_probes` probe
+            columns to measure them, and ``choose.teacher_features=auto`` reads the LM's hidden states.
+        auto_probes: probe columns ``label.probes=auto`` labels for this teacher (M pairs each).
     """
 
     name: ClassVar[str] = "base"
@@ -66,6 +71,20 @@ class InfluenceFunction(ABC):
     exact_is_cheap: bool = False
     pairs_per_second: float = 1e6
     cost_unit: ClassVar[str] = "pair"
+    in_context: ClassVar[bool] = False
+    auto_probes: ClassVar[int] = 0
+
+    @classmethod
+    def source(cls, section: Any) -> tuple[str, dict[str, Any]]:
+        """The function whose values this teacher gives, and its settings: ``(name, settings)``.
+
+        The teacher itself here; a table of values answers with the function that built it, from its
+        provenance (:class:`~nncift.influence.table.TableFunction`), so that its ``auto`` settings follow the
+        values' nature rather than their file format.
+        """
+        import dataclasses
+
+        return cls.name, (dataclasses.asdict(section) if dataclasses.is_dataclass(section) else {})
 
     @classmethod
     def resolve(cls, section: Any, device: str) -> dict[str, Any]:

@@ -67,6 +67,18 @@ class TableFunction(InfluenceFunction):
         cls(**kwargs)  # raises the DataError a worker would; the parsed table is cached for this process
         return kwargs
 
+    @classmethod
+    def source(cls, section: TableConfig) -> tuple[str, dict[str, Any]]:
+        """The registered function the table's provenance names (``function`` and ``teacher_config``, as
+        :func:`write_table_file` and ``nncift export`` write them), else the table itself."""
+        from nncift.influence.plugins import teachers
+
+        prov = table_provenance(section.path) if section.path and Path(section.path).is_file() else None
+        name = (prov or {}).get("function")
+        if name and name != cls.name and name in teachers():
+            return name, dict(prov.get("teacher_config") or {})
+        return super().source(section)
+
     def __init__(self, path: str | Path, symmetric: bool = False, field: str | None = None):
         self.path = Path(path)
         self.symmetric = bool(symmetric)

@@ -42,6 +42,13 @@ def items_touched(plan) -> dict[str, int]:
     return {"labeled": labeled, "report": total - labeled, "total": total}
 
 
+def label_probes(ctx: Context) -> int:
+    """``label.probes`` resolved: ``auto`` is the teacher's :attr:`~nncift.influence.interface.InfluenceFunction.auto_probes`
+    (4 for DELIFT ICL and for a table of its values, 0 otherwise)."""
+    p = ctx.cfg.label.probes
+    return ctx.source_teacher()[0].auto_probes if p == "auto" else int(p)
+
+
 def label_plan(ctx: Context):
     """The run's label plan (:func:`nncift.labels.plan.plan_labels` or ``plan_items``, capped by ``label.max_pairs``):
     deterministic in the configuration, so later stages recompute it instead of reading it back."""
@@ -53,11 +60,12 @@ def label_plan(ctx: Context):
         plan = plan_items(m, c.fraction, c.min_count, c.eval_pairs, ctx.cfg.seed)
     else:
         item_cost = ctx.teacher().cost_unit == "item"
-        if item_cost and (c.diagonal or c.probes):
+        probes = label_probes(ctx)
+        if item_cost and (c.diagonal or probes):
             log.info("label: %s pays per item: no diagonal or probe columns (they would touch every pool item)",
                      c.function)  # fmt: skip
         plan = plan_labels(m, n, c.fraction, c.min_count, c.eval_pairs, ctx.cfg.seed, design=c.design,
-                           partners=c.partners, diagonal=c.diagonal and not item_cost, probes=0 if item_cost else c.probes,
+                           partners=c.partners, diagonal=c.diagonal and not item_cost, probes=0 if item_cost else probes,
                            item_cost=item_cost)  # fmt: skip
     try:
         return cap_plan(plan, c.max_pairs, ctx.cfg.seed)

@@ -157,6 +157,15 @@ class Context:
         section = getattr(self.cfg, cls.name) if cls.config is not None else None
         return cls.resolve(section, self.cfg.label.device)
 
+    def source_teacher(self) -> tuple[type[InfluenceFunction], dict[str, Any]]:
+        """The function whose values the teacher gives, and its settings (:meth:`InfluenceFunction.source`: a
+        table of DELIFT ICL values answers DELIFT ICL and the settings it was built with)."""
+        from nncift.influence import teacher_class
+
+        cls = self.teacher()
+        name, settings = cls.source(getattr(self.cfg, cls.name) if cls.config is not None else None)
+        return teacher_class(name), settings
+
     def kind(self):
         """The teacher's :class:`~nncift.labels.kinds.TeacherKind` (pairwise or pointwise labels)."""
         from nncift.labels.kinds import teacher_kind

@@ -37,15 +37,16 @@ def wanted(ctx: Context) -> tuple[str, ...]:
 def teacher_lm(ctx: Context) -> str | None:
     """``choose.teacher_features`` resolved: the LM folder whose hidden states feed ``additive_lm`` (None: off)."""
     c = ctx.cfg.choose
+    source, settings = ctx.source_teacher()  # a table of DELIFT ICL values counts as DELIFT ICL
     mode = c.teacher_features
     if mode == "auto":
-        mode = "lm" if ctx.cfg.label.function == "delift_icl" else "none"
+        mode = "lm" if source.in_context else "none"
     if mode != "lm":
         return None
     if c.lm_model:
         return c.lm_model
-    if ctx.cfg.label.function == "delift_icl" and ctx.cfg.delift_icl.model:
-        return ctx.cfg.delift_icl.model
+    if source.in_context and settings.get("model"):
+        return settings["model"]
     from nncift.lm.models import embedded_lm_dir
 
     return str(embedded_lm_dir())

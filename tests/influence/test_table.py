@@ -92,3 +92,20 @@ def test_not_parquet_and_missing_file(tmp_path):
         TableFunction(tmp_path / "t.parquet")
     with pytest.raises(DataError, match="file not found"):
         TableFunction(tmp_path / "nope.parquet")
+
+
+def test_a_table_answers_the_function_its_provenance_names(tmp_path):
+    """``auto`` settings follow the values' nature: a table of DELIFT ICL values is DELIFT ICL (probes, teacher-LM
+    features); a table without provenance, or naming no registered function, is a table."""
+    import json
+
+    from nncift.config import load_config
+
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"example_id": ["a"], "target_id": ["b"], "value": [1.0]}), path)
+    section = load_config(None, [f"table.path={path}"]).table
+    assert TableFunction.source(section) == ("table", {"path": str(path), "symmetric": False})
+    path.with_suffix(".json").write_text(json.dumps({"function": "delift_icl", "teacher_config": {"model": "/m"}}))
+    assert TableFunction.source(section) == ("delift_icl", {"model": "/m"})
+    path.with_suffix(".json").write_text(json.dumps({"function": "no_such_teacher"}))
+    assert TableFunction.source(section)[0] == "table"
