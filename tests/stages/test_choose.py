@@ -168,7 +168,11 @@ TEACHERS = {
     "selfutil": lambda e, w: 0.05 * w["noise"] + np.diag(0.3 + 0.6 * w["self"]),
     # a bilinear teacher the network can learn and no cosine reads
     "bilinear": lambda e, w: (e @ w["A"]) @ e.T,
+    # DELIFT ICL's shape: self-utilities plus a per-target effect (how much target i gains from any example) that
+    # no item feature predicts; its table's provenance names delift_icl, so label.probes=auto measures the effect
+    "icl_effects": lambda e, w: 0.4 * w["self"][:, None] + 0.05 * w["noise"] + np.diag(0.5 + 0.4 * w["self2"]),
 }
+PROVENANCE = {"icl_effects": "delift_icl"}
 
 
 @pytest.mark.parametrize("teacher", list(TEACHERS))
@@ -189,7 +193,8 @@ def test_a_default_run_is_never_worse_than_the_best_free_estimate(tmp_path, teac
     emb = _unit(centers[np.arange(m + n) % 6] + 0.8 * rng.normal(size=(m + n, d)))
     for i, r in enumerate(rows):
         r["emb"] = emb[i].tolist()
-    parts = {"noise": rng.random((m + n, m + n)), "self": rng.random(m + n), "A": rng.normal(size=(d, d))}
+    parts = {"noise": rng.random((m + n, m + n)), "self": rng.random(m + n), "A": rng.normal(size=(d, d)),
+             "self2": rng.random(m + n)}  # fmt: skip
     full = TEACHERS[teacher](emb, parts).astype(np.float32)  # (M+N, M+N); K[i, j] = U(j -> i)
     ids = [r["id"] for r in rows]
     import pyarrow as pa
@@ -200,6 +205,8 @@ def test_a_default_run_is_never_worse_than_the_best_free_estimate(tmp_path, teac
                       "value": full.T.ravel()})  # fmt: skip
     assert table.column_names == list(TABLE_COLUMNS)
     pq.write_table(table, tmp_path / "teacher.parquet")
+    if teacher in PROVENANCE:
+        (tmp_path / "teacher.json").write_text(json.dumps({"function": PROVENANCE[teacher], "teacher_config": {}}))
     pool = write_jsonl(tmp_path / "pool.jsonl", rows[:m])
     target = write_jsonl(tmp_path / "target.jsonl", rows[m:])
     over = [f"data.input={pool}", f"data.target={target}", "data.test_size=0", "data.embedding_field=emb",
@@ -207,6 +214,8 @@ def test_a_default_run_is_never_worse_than_the_best_free_estimate(tmp_path, teac
             "label.fraction=0.3", "label.eval_pairs=400", "fit.rank=8", "fit.epochs=100", "fit.lr=1e-2",
             "fit.patience=10", "ray.executor=local",
             "select.fraction=0.3"]  # fmt: skip
+    if teacher in PROVENANCE:  # the teacher-LM features (the embedded LM) would read these generated items: not here
+        over.append("choose.teacher_features=none")
     runner = Runner(load_config(None, over), tmp_path / "run")
     runner.run("report")
     run = tmp_path / "run"
@@ -226,6 +235,10 @@ def test_a_default_run_is_never_worse_than_the_best_free_estimate(tmp_path, teac
     assert g_run >= best_free - 0.1, (teacher, chosen, g_run, {k: v["gap_closed"] for k, v in cands.items()})
     if teacher == "bilinear":  # no free estimate reads this teacher: the run must have proved a learned one better
         assert not free[chosen] and g_run > best_free + 0.1
+    if teacher == "icl_effects":  # label.probes=auto labeled 4 columns; they measure every row's effect
+        assert rep["label"]["probe_pairs"] == 4 * (m - 1)
+        gaps = str({k: round(v["gap_closed"], 3) for k, v in cands.items()})
+        assert cands["additive"]["gap_closed"] > best_free + 0.1, gaps  # measured: +0.910 against +0.721
 
 
 def test_lm_view_pools_each_item_alone_as_in_a_padded_batch(tiny_lm):
