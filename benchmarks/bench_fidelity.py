@@ -14,7 +14,9 @@ Teachers:
   icl      the full DELIFT ICL table built by benchmarks/build_delift_table.py (SmolLM2, 48/48 tokens, 120 x 150)
   textsim  a TF-IDF word 1-2-gram text-similarity kernel the embeddings cannot read (M=800, N=200)
   icl2     a second full DELIFT ICL table nothing was tuned on: other items (seed 1), 32/32 tokens, 100 x 125
-           (benchmarks/data/delift_icl_smollm2_t32_s1.parquet)
+           (benchmarks/data/delift_icl_smollm2_t32_s1.parquet); since then `label.probes=auto` was set on icl and icl2
+  icl3     a third full DELIFT ICL table, built after every default was set: other items (seed 2), 64/32 tokens,
+           90 x 112 (benchmarks/data/delift_icl_smollm2_t64_s2.parquet)
   bm25     BM25 of each target's text as the query against each example's text (M=800, N=200; asymmetric),
            nothing was tuned on it
 
@@ -55,6 +57,8 @@ def _pipeline(config: str | None, run_dir: Path, overrides: list[str]):
 
 
 TABLE2 = ROOT / "benchmarks" / "data" / "delift_icl_smollm2_t32_s1.parquet"
+TABLE3 = ROOT / "benchmarks" / "data" / "delift_icl_smollm2_t64_s2.parquet"
+TABLES = {"icl": TABLE, "icl2": TABLE2, "icl3": TABLE3}
 
 
 def bm25(queries: list[str], docs: list[str], k1: float = 1.5, b: float = 0.75) -> np.ndarray:
@@ -90,8 +94,8 @@ def teacher(name: str, work: Path) -> dict:
         pipe = _pipeline(str(ROOT / "jobs/configs/delift_se_2000.yaml"), work / "se", [])
         pool, target = pipe.ctx.items()
         ff, ft = fid.teacher_kernels(build_influence_function("delift_se"), pool, target)
-    elif name in ("icl", "icl2"):  # a full DELIFT ICL table: its own data settings give the run its ids
-        table = TABLE if name == "icl" else TABLE2
+    elif name in TABLES:  # a full DELIFT ICL table: its own data settings give the run its ids
+        table = TABLES[name]
         if not table.is_file():
             sys.exit(f"{table} is missing: build it with benchmarks/build_delift_table.py (settings in its .json)")
         meta = json.loads(table.with_suffix(".json").read_text())
@@ -128,7 +132,7 @@ def teacher(name: str, work: Path) -> dict:
             "texts_target": item_texts(target.prompts, target.responses),
             "prompts_pool": pool.prompts, "responses_pool": pool.responses,
             "prompts_target": target.prompts, "responses_target": target.responses,
-            "lm": name in ("icl", "icl2"),  # DELIFT tables: teacher-LM features and probes (the `auto` settings)
+            "lm": name in TABLES,  # DELIFT tables: teacher-LM features and probes (the `auto` settings)
             "symmetric": name in ("se", "textsim")}  # fmt: skip
 
 
@@ -480,8 +484,8 @@ def plot(path: Path, results: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--teacher", default="se,icl,textsim,icl2,bm25",
-                    help="comma-separated: se | icl | textsim | icl2 | bm25")  # fmt: skip
+    ap.add_argument("--teacher", default="se,icl,textsim,icl2,bm25,icl3",
+                    help="comma-separated: se | icl | textsim | icl2 | bm25 | icl3")  # fmt: skip
     ap.add_argument("--variants", default="paper,default", help=f"comma-separated, of: {', '.join(VARIANTS)}")
     ap.add_argument("--fractions", default="0.3", help="fractions of items labeled")
     ap.add_argument("--max-train-pairs", type=int, default=700_000, help="skip block designs above this")
