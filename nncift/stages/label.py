@@ -71,14 +71,18 @@ class LabelStage(Stage):
         block_dir = ctx.path("label", "blocks")
         todo = todo_blocks(block_dir, specs, block_key)
         log.info(
-            "label (%s design): %d blocks (%d already done), %d train + %d eval + %d diagonal %s",
+            "label (%s design): %d blocks (%d already done), %d train + %d eval + %d diagonal + %d probe %s%s",
             plan.design,
             len(specs),
             len(specs) - len(todo),
             plan.train_pairs,
             plan.eval_pairs,
             plan.diag_pairs,
+            plan.probe_pairs,
             kind.unit,
+            f" (label.probes=auto: {ctx.source_teacher()[0].name}'s default)"
+            if plan.probe_pairs and c.probes == "auto"
+            else "",
         )
         run_label_blocks(ctx, plan.sets, specs, todo, block_dir, desc="label", kwargs=kwargs)
         labels = gather_labels(block_dir, len(specs))
