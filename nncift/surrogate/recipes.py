@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -45,8 +46,19 @@ def teacher_lm(ctx: Context) -> str | None:
         return None
     if c.lm_model:
         return c.lm_model
-    if source.in_context and settings.get("model"):
-        return settings["model"]
+    model = settings.get("model") if source.in_context else None
+    if model and source is not ctx.teacher() and not Path(model).is_dir():
+        # a table's provenance names the LM that built it, as a path on the machine that built it
+        if c.teacher_features == "auto":
+            log.warning("choose.teacher_features=auto: the LM %s named by the table's provenance is not on this "
+                        "machine; no teacher-LM features (set choose.lm_model=PATH to use them)", model)  # fmt: skip
+            return None
+        from nncift.errors import ConfigError
+
+        raise ConfigError(f"config field 'choose.teacher_features': the table's provenance names the LM {model!r}, "
+                          "which is not on this machine; set choose.lm_model=PATH")  # fmt: skip
+    if model:
+        return model
     from nncift.lm.models import embedded_lm_dir
 
     return str(embedded_lm_dir())
