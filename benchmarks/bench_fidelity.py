@@ -216,10 +216,12 @@ def choose_on_truth(t: dict, cfg, labels: dict, nets: dict, diag, seed: int, ker
     kv = {k: {v: (p, p if k == "ff" else q) for v, (p, q) in views.items()} for k in kernels}
     recipes, est = {}, {}
     for k in kernels:
-        net, scaler, head = nets[k]
+        net, scaler, _ = nets[k]
         recipes[k] = ch.build_recipes(k, labels[k], kv[k], net, scaler, diag is not None, kinds,
                                       probes=(probes or {}).get(k))  # fmt: skip
-        est[k] = ch.Estimates(recipes[k], kv[k], head, diag if k == "ff" else None)
+    recipes = ch.narrow_family(recipes)
+    for k in kernels:
+        est[k] = ch.Estimates(recipes[k], kv[k], nets[k][2], diag if k == "ff" else None)
     rng = np.random.default_rng([seed, 21])
     n_rows = int(min(c.rows, max(2, m // 3)))
     rows = np.sort(rng.choice(m, n_rows, replace=False)).astype(np.int64)
@@ -240,14 +242,14 @@ def choose_on_truth(t: dict, cfg, labels: dict, nets: dict, diag, seed: int, ker
     near = ch.score_near(probes, rows, known["ff"])
     dec = ch.decide(fl, near, c.z, c.z_near, free={r.name: r.free for r in recipes["ff"]})
     dense = {n: {k: est[k].rows(n, np.arange(m)) for k in kernels} for n in est["ff"].recipes}
-    add = next((r for r in recipes["ff"] if r.name == "additive"), None)
+    add = next((r for r in recipes["ff"] if r.name == "additive" or r.name.startswith("additive_lm")), None)
     if add is not None:  # placebo: the additive estimate with its per-item effects shuffled across items
         prng = np.random.default_rng([seed, 31])
-        k = dense["additive"]["ff"] - add.r[:, None] - add.c[None, :]
+        k = dense[add.name]["ff"] - add.r[:, None] - add.c[None, :]
         k = k + add.r[prng.permutation(m)][:, None] + add.c[prng.permutation(m)][None, :]
         if diag is not None:
             np.fill_diagonal(k, diag)
-        dense["additive_placebo"] = {**dense["additive"], "ff": k.astype(np.float32)}
+        dense["additive_placebo"] = {**dense[add.name], "ff": k.astype(np.float32)}
     return {
         "decision": dec,
         "dense": dense,
@@ -409,9 +411,10 @@ def summarise(rows: list[dict]) -> list[dict]:
         if "candidates" in rs[0]:
             from collections import Counter
 
-            rec["candidates"] = {c: ms([r["candidates"][c] for r in rs]) for c in rs[0]["candidates"]}
+            names = list(dict.fromkeys(c for r in rs for c in r["candidates"]))  # the additive member varies by seed
+            rec["candidates"] = {c: ms([r["candidates"].get(c) for r in rs]) for c in names}
             rec["chosen"] = dict(Counter(r["chosen"] for r in rs).most_common())
-            rec["free"] = rs[0]["free"]
+            rec["free"] = {k: v for r in rs for k, v in r["free"].items()}
             rec["best_free"] = ms([max(r["candidates"][c] for c in r["free"] if r["free"][c]) for r in rs])
             rec["choose_pairs"] = int(np.mean([r["choose_pairs"] for r in rs]))
         for k in ("ff", "ft"):

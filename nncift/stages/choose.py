@@ -96,6 +96,7 @@ class ChooseStage(Stage):
             (rc, y), (prc, py) = labels[kernel]["q1"], labels[kernel]["probe"]
             recipes[kernel] = ch.build_recipes(kernel, (rc[0], rc[1], y), kviews[kernel], net, scaler,
                                                diag is not None, kinds, probes=(prc[0], prc[1], py))  # fmt: skip
+        recipes = ch.narrow_family(recipes, keep=c.mode)
         save_recipes(ctx, recipes)
         names = [r.name for r in recipes["ff"]]
         info: dict[str, Any] = {"candidates": names, "mode": c.mode}

@@ -21,10 +21,17 @@ name                free   estimate off the diagonal
 ``shrink_<l>``      no     ``(1 - l) surrogate + l (a cos + b)``: the network shrunk toward the calibrated
                            cosine (bilinear networks; ``l`` in 0.25, 0.5, 0.75)
 ``additive``        no     ``a cos + b + r_i + c_j``: per-target and per-example effects measured on the
-                           labeled items and predicted by ridge from the item features elsewhere
+                           labeled items (and the probe columns), shrunk by empirical Bayes, and predicted
+                           by ridge from the item features elsewhere
 ``additive_lm<L>``  no     the same, the effects predicted from the teacher LM's layer-L hidden states
-                           (``choose.teacher_features``; the held-out choice picks the layer)
+                           (``choose.teacher_features``)
+``additive_lexical`` no    ``a lex + b + r_i + c_j``: the same effects on the calibrated lexical cosine
 ==================  =====  ======================================================================
+
+Of the additive family (``additive``, ``additive_lm<L>``), which differ only in the features that predict the
+effects of unlabeled items, one member takes part in the held-out choice: the one whose ridge has the least
+GCV error summed over the items it must predict (:func:`narrow_family`). Near-identical candidates add nothing
+but noise to a choice that keeps the best-scoring one.
 
 "Free" means no network: the calibrated ones read the training labels only through two numbers. K_FT has
 no diagonal: its candidates carry the same names (``diag_cosine`` of K_FT is the calibrated cosine), and
@@ -63,7 +70,7 @@ log = logging.getLogger(__name__)
 SHRINK = (0.75, 0.5, 0.25)
 # preference order among candidates tied within noise: free before learned, simpler before richer
 PREFERENCE = ("diag_cosine", "diag_lexical", "cosine", "lexical", "diag_const",
-              *(f"shrink_{x:g}" for x in SHRINK), "surrogate", "additive", "additive_lm")  # fmt: skip
+              *(f"shrink_{x:g}" for x in SHRINK), "surrogate", "additive", "additive_lexical", "additive_lm")  # fmt: skip
 ITEM_CANDIDATES = ("response_length", "prompt_length", "ridge", "surrogate")  # pointwise teachers
 FREE = ("diag_cosine", "diag_lexical", "cosine", "lexical", "diag_const", "response_length", "prompt_length")
 CANDIDATES = PREFERENCE  # families: ``additive_lm`` builds one ``additive_lm<layer>`` per teacher-LM layer
@@ -191,15 +198,18 @@ def calibrate(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return float(a), float(b)
 
 
-def ridge_gcv(x: np.ndarray, y: np.ndarray, lambdas=(1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3)) -> np.ndarray:
+def ridge_gcv(x: np.ndarray, y: np.ndarray, lambdas=(1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3),
+              score: bool = False) -> np.ndarray | tuple[np.ndarray, float]:  # fmt: skip
     """Ridge regression of ``y`` on ``[x, 1]`` (intercept not penalised), the penalty chosen by generalised
-    cross-validation; returns (d + 1,) float32 weights on ``[x, 1]`` (constant prediction for < 3 samples)."""
+    cross-validation; returns (d + 1,) float32 weights on ``[x, 1]`` (constant prediction for < 3 samples), and
+    with ``score`` also the chosen penalty's GCV error (an estimate of the squared error on new samples)."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     d = x.shape[1]
     w = np.zeros(d + 1)
     if len(y) < 3:
         w[d] = y.mean() if len(y) else 0.0
-        return w.astype(np.float32)
+        err = float(np.var(y)) if len(y) else 0.0
+        return (w.astype(np.float32), err) if score else w.astype(np.float32)
     xm, ym = x.mean(0), y.mean()
     u, s, vt = np.linalg.svd(x - xm, full_matrices=False)
     uty = u.T @ (y - ym)
@@ -212,23 +222,48 @@ def ridge_gcv(x: np.ndarray, y: np.ndarray, lambdas=(1e-3, 1e-2, 1e-1, 1.0, 10.0
             best, best_gcv = lam, gcv
     beta = vt.T @ (s / (s**2 + best) * uty)
     w[:d], w[d] = beta, ym - xm @ beta
-    return w.astype(np.float32)
+    return (w.astype(np.float32), best_gcv) if score else w.astype(np.float32)
+
+
+def shrinkage(groups: np.ndarray, x: np.ndarray, pred: np.ndarray, n: np.ndarray, cap: float = 1e4) -> float:
+    """Empirical-Bayes pseudo-label count ``sigma_e^2 / sigma_g^2`` of per-group effects (method of moments).
+
+    Args:
+        groups: (P,) group of each label; x: (P,) its value; pred: (G,) the prior mean of each group's effect;
+        n: (G,) labels per group.
+
+    Returns:
+        How many pseudo-labels at the prior mean a group's mean is shrunk with: small when the groups differ
+        far beyond their noise, ``cap`` when the data show no between-group variance at all.
+    """
+    lab = n > 0
+    if lab.sum() < 3 or len(x) <= lab.sum():
+        return cap
+    mean = np.bincount(groups, x, len(n)) / np.maximum(n, 1)
+    within = float(((x - mean[groups]) ** 2).sum() / (len(x) - lab.sum()))
+    between = float(np.mean((mean[lab] - pred[lab]) ** 2) - within * np.mean(1.0 / n[lab]))
+    return cap if between <= within / cap else within / between
 
 
 def additive_effects(rows: np.ndarray, cols: np.ndarray, resid: np.ndarray, n_rows: int, n_cols: int,
-                     feat_rows: np.ndarray, feat_cols: np.ndarray, prior: float = 5.0, rounds: int = 10
+                     feat_rows: np.ndarray, feat_cols: np.ndarray, prior: float | None = None, rounds: int = 10
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """Per-row and per-column effects of residual labels: ``resid[k] ~ r[rows[k]] + c[cols[k]]``.
 
     Effects are measured on the labeled items (each a mean of its own residuals, shrunk toward its ridge
-    prediction with ``prior`` pseudo-labels) and predicted by ridge from the item features elsewhere.
+    prediction) and predicted by ridge from the item features elsewhere. The shrinkage is ``prior``
+    pseudo-labels, or with None the empirical-Bayes count of :func:`shrinkage` (per side, re-estimated every
+    round): effects that vary little beyond their noise shrink to their prediction, so a teacher without row or
+    column effects gets none.
 
     Args:
         rows, cols: (P,) indices of the labeled pairs; resid: (P,) their residual values.
         feat_rows: (n_rows, d) and feat_cols: (n_cols, d) item features.
 
     Returns:
-        r (n_rows,), c (n_cols,) float32 and the ridge weights r_w, c_w ((d + 1,) on ``[v, 1]``).
+        r (n_rows,), c (n_cols,) float32, the ridge weights r_w, c_w ((d + 1,) on ``[v, 1]``), and the features'
+        expected squared error summed over the items whose effect is predicted, not measured (GCV error of each
+        side's ridge x its unmeasured items): how well this feature view serves the items without labels.
     """
     rows, cols, resid = np.asarray(rows), np.asarray(cols), np.asarray(resid, np.float64)
     n_r, n_c = np.bincount(rows, minlength=n_rows), np.bincount(cols, minlength=n_cols)
@@ -236,16 +271,29 @@ def additive_effects(rows: np.ndarray, cols: np.ndarray, resid: np.ndarray, n_ro
     r, c = np.zeros(n_rows), np.zeros(n_cols)
     pr, pc = np.zeros(n_rows), np.zeros(n_cols)
     r_w = c_w = np.zeros(feat_rows.shape[1] + 1, np.float32)
+
+    def step_c() -> np.ndarray:
+        x = resid - r[rows]
+        k = shrinkage(cols, x, pc, n_c) if prior is None else prior
+        return pc + np.bincount(cols, x - pc[cols], n_cols) / (n_c + k)
+
+    def step_r() -> np.ndarray:
+        x = resid - c[cols]
+        k = shrinkage(rows, x, pr, n_r) if prior is None else prior
+        return pr + np.bincount(rows, x - pr[rows], n_rows) / (n_r + k)
+
+    err = 0.0
     for it in range(rounds):
-        c = pc + np.bincount(cols, resid - r[rows] - pc[cols], n_cols) / (n_c + prior)
-        r = pr + np.bincount(rows, resid - c[cols] - pr[rows], n_rows) / (n_r + prior)
+        c = step_c()
+        r = step_r()
         if it in (rounds // 2, rounds - 1):  # refresh the ridge priors from the measured effects
-            c_w = ridge_gcv(feat_cols[lab_c], c[lab_c])
-            r_w = ridge_gcv(feat_rows[lab_r], r[lab_r])
+            c_w, err_c = ridge_gcv(feat_cols[lab_c], c[lab_c], score=True)
+            r_w, err_r = ridge_gcv(feat_rows[lab_r], r[lab_r], score=True)
             pc, pr = _aug(feat_cols) @ c_w, _aug(feat_rows) @ r_w
-    c = pc + np.bincount(cols, resid - r[rows] - pc[cols], n_cols) / (n_c + prior)
-    r = pr + np.bincount(rows, resid - c[cols] - pr[rows], n_rows) / (n_r + prior)
-    return r.astype(np.float32), c.astype(np.float32), r_w, c_w
+            err = err_c * (n_cols - len(lab_c)) + err_r * (n_rows - len(lab_r))
+    c = step_c()
+    r = step_r()
+    return r.astype(np.float32), c.astype(np.float32), r_w, c_w, float(err)
 
 
 # ------------------------------------------------------------------------------------------ candidates
@@ -304,7 +352,7 @@ def build_recipes(kernel: str, labels: tuple[np.ndarray, np.ndarray, np.ndarray]
         for lam in SHRINK:
             add(f"shrink_{lam:g}", free=False, view="embedding", W=((1 - lam) * w_net + lam * w_cos).astype(np.float32),
                 diag=has_diag, info={"lambda": lam})  # fmt: skip
-    if {"additive", "additive_lm"} & set(kinds) and len(y):
+    if {"additive", "additive_lexical", "additive_lm"} & set(kinds) and len(y):
         vr, vc = views["embedding"]
         if probes is not None and len(probes[0]):
             rows, cols, y = (np.concatenate([x, p]) for x, p in zip((rows, cols, y), probes, strict=True))
@@ -314,10 +362,57 @@ def build_recipes(kernel: str, labels: tuple[np.ndarray, np.ndarray, np.ndarray]
             feats.update({f"additive_{v}": v for v in views if v.startswith("lm")})
         for name, view in feats.items():
             fr, fc = views[view]
-            r, c, r_w, c_w = additive_effects(rows, cols, resid, len(vr), len(vc), fr, fc)
+            r, c, r_w, c_w, err = additive_effects(rows, cols, resid, len(vr), len(vc), fr, fc)
             out.append(Recipe(name, kernel, free=False, view="embedding", W=affine_form(d_emb, a, b), r=r, c=c,
-                              r_w=r_w, c_w=c_w, diag=has_diag, effect_view=view, info={"a": a, "b": b}))  # fmt: skip
+                              r_w=r_w, c_w=c_w, diag=has_diag, effect_view=view,
+                              info={"a": a, "b": b, "effect_error": err}))  # fmt: skip
+        if "lexical" in views and "additive_lexical" in kinds:  # the same effects on the lexical view's cosine
+            lr_, lc_ = views["lexical"]
+            resid_l = y - (al * np.einsum("pd,pd->p", lr_[rows], lc_[cols]) + bl)
+            r, c, r_w, c_w, _ = additive_effects(rows, cols, resid_l, len(vr), len(vc), vr, vc)
+            out.append(
+                Recipe(
+                    "additive_lexical",
+                    kernel,
+                    free=False,
+                    view="lexical",
+                    W=affine_form(lr_.shape[1], al, bl),
+                    r=r,
+                    c=c,
+                    r_w=r_w,
+                    c_w=c_w,
+                    diag=has_diag,
+                    effect_view="embedding",
+                    info={"a": al, "b": bl},
+                )
+            )
     return out
+
+
+def narrow_family(recipes: dict[str, list[Recipe]], keep: str | None = None) -> dict[str, list[Recipe]]:
+    """One member of the additive family (``additive``, ``additive_lm<L>``: the same estimate, its per-item effects
+    predicted from different features) takes part in the held-out choice: the one whose features predict the
+    measured effects best (the least summed ``effect_error`` over the kernels), plus ``keep`` (a forced
+    ``choose.mode``). Near-identical candidates only add noise to a choice that keeps the best-scoring one.
+
+    Args:
+        recipes: kernel -> its candidates (:func:`build_recipes`).
+
+    Returns:
+        The same mapping without the other members (the same names in every kernel).
+    """
+    err: dict[str, float] = {}
+    for recs in recipes.values():
+        for r in recs:
+            if "effect_error" in r.info:
+                err[r.name] = err.get(r.name, 0.0) + r.info["effect_error"]
+    if len(err) < 2:
+        return recipes
+    best = min(err, key=lambda n: (err[n], _rank(n, PREFERENCE)))
+    drop = set(err) - {best, keep}
+    log.info("choose: the additive family's effects are predicted best from %s (summed GCV error %s)",
+             best, ", ".join(f"{n} {v:.3g}" for n, v in sorted(err.items(), key=lambda kv: kv[1])))  # fmt: skip
+    return {k: [r for r in recs if r.name not in drop] for k, recs in recipes.items()}
 
 
 class Estimates:
