@@ -222,11 +222,18 @@ def choose_on_truth(t: dict, cfg, labels: dict, nets: dict, diag, seed: int, ker
     recipes = ch.narrow_family(recipes)
     for k in kernels:
         est[k] = ch.Estimates(recipes[k], kv[k], nets[k][2], diag if k == "ff" else None)
-    rng = np.random.default_rng([seed, 21])
-    n_rows = int(min(c.rows, max(2, m // 3)))
-    rows = np.sort(rng.choice(m, n_rows, replace=False)).astype(np.int64)
-    budget = max(1, round(sc.fraction * n_rows))
-    probes = ch.probe_fl(est["ff"], est.get("ft"), rows, budget, c.top, sc.objective, sc.eta, sc.nu)
+    rows, budget, whole = ch.criterion_rows(m, c.rows, c.whole_pool, sc.fraction, seed)
+    probes = ch.probe_fl(
+        est["ff"],
+        est.get("ft"),
+        rows,
+        budget,
+        c.whole_top if whole else c.top,
+        sc.objective,
+        sc.eta,
+        sc.nu,
+        near=not whole,
+    )
     need = ch.probe_pairs(probes, rows)
     known, cost = {}, 0
     for k in need:
@@ -239,8 +246,9 @@ def choose_on_truth(t: dict, cfg, labels: dict, nets: dict, diag, seed: int, ker
         cost += int((~before.lookup(*need[k])[1]).sum())
         known[k] = before.extended(need[k][0], need[k][1], t[k][need[k]])
     fl = ch.score_probes(probes, rows, known["ff"], known.get("ft"), sc.objective, sc.eta, sc.nu)
-    near = ch.score_near(probes, rows, known["ff"])
-    dec = ch.decide(fl, near, c.z, c.z_near, free={r.name: r.free for r in recipes["ff"]})
+    free = {r.name: r.free for r in recipes["ff"]}
+    near = fl if whole else ch.score_near(probes, rows, known["ff"])
+    dec = ch.decide_whole(fl, free=free) if whole else ch.decide(fl, near, c.z, c.z_near, free=free)
     dense = {n: {k: est[k].rows(n, np.arange(m)) for k in kernels} for n in est["ff"].recipes}
     add = next((r for r in recipes["ff"] if r.name == "additive" or r.name.startswith("additive_lm")), None)
     if add is not None:  # placebo: the additive estimate with its per-item effects shuffled across items

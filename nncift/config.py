@@ -305,6 +305,12 @@ class ChooseConfig:
     lm_layers: str = _f("auto", "teacher_features=lm: comma-separated hidden-state layers; auto = 1/4, 1/2, 3/4 depth")
     lm_tokens: int = _f(128, "teacher_features=lm: prompt and response tokens kept per item")
     rows: int = _f(64, "held-out rows R of the criterion (at most a third of the pool)")
+    whole_pool: int = _f(
+        400,
+        "pools of at most this many items are scored on every row instead: each candidate's own full selection, "
+        "valued under the teacher's labels of each row's top coverers (the objective itself, not a sample); 0: never",
+    )
+    whole_top: int = _f(3, "whole-pool criterion: per row and candidate, its best-ranked picks the teacher labels")
     top: int = _f(5, "per held-out row and candidate, its best-ranked picks the teacher labels")
     z: float = _f(1.0, "candidates more than z paired std errors below the best held-out coverage are out")
     z_near: float = _f(
@@ -332,6 +338,8 @@ class ChooseConfig:
              f"got {self.lm_layers!r} (auto or comma-separated layer numbers)")  # fmt: skip
         need(self.lm_tokens >= 1, "lm_tokens", "must be >= 1")
         need(self.rows >= 2, "rows", "must be >= 2")
+        need(self.whole_pool >= 0, "whole_pool", "must be >= 0")
+        need(self.whole_top >= 1, "whole_top", "must be >= 1")
         need(self.top >= 1, "top", "must be >= 1")
         need(self.z >= 0, "z", "must be >= 0")
         need(self.z_near >= 0, "z_near", "must be >= 0")

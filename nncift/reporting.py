@@ -58,7 +58,7 @@ def build_report(store: RunDir) -> dict:
     if choice_path.is_file():
         ch = json.loads(choice_path.read_text())
         rep["choice"] = {k: ch.get(k) for k in ("chosen", "mode", "candidates", "teacher_pairs", "rows", "budget",
-                                                 "objective", "scores", "z", "z_near", "factor_width", "criterion")}  # fmt: skip
+                                                 "objective", "scores", "z", "z_near", "factor_width", "criterion", "whole_pool")}  # fmt: skip
         if store.path("choose", "recipes.json").is_file():
             free = json.loads(store.path("choose", "recipes.json").read_text())
             rep["choice"]["free"] = {r["name"]: r["free"] for r in next(iter(free.values()))}
@@ -363,10 +363,25 @@ def _choice_markdown(choice: dict | None, fid: dict | None) -> list[str]:
         f"| candidate | free | held-out {first} (Δ to best ± se) | held-out {second} (Δ to best ± se) | "
         f"within noise of the best {first} | gap closed (teacher's full {'scores' if items else 'kernel'}) |"
     )
+    whole = bool(choice.get("whole_pool"))
+    if whole:  # every row of the pool: the objective of each candidate's own selection, not a sample
+        head = (
+            "| candidate | free | objective of its own selection (Δ to best ± se over rows) | – | "
+            "kept if best | gap closed (teacher's full kernel) |"
+        )
+        where = (
+            f"Every row of the pool ({choice['rows']}; `choose.whole_pool`): each candidate's own selection "
+            f"(budget {choice.get('budget')}) valued under the teacher's labels of each row's best coverers, "
+            f"{choice['teacher_pairs']:,} teacher pairs; the best value is kept. "
+        )
+    else:
+        where = (
+            f"{choice['rows']} held-out rows, {choice['teacher_pairs']:,} teacher "
+            f"{'items' if choice.get('criterion') == 'items' else 'pairs'} (criterion of `{choice.get('objective')}`, "
+            f"budget {choice.get('budget')} per held-out problem). "
+        )
     lines += [
-        f"{choice['rows']} held-out rows, {choice['teacher_pairs']:,} teacher {'items' if choice.get('criterion') == 'items' else 'pairs'} "
-        f"(criterion of `{choice.get('objective')}`, budget {choice.get('budget')} per held-out problem). "
-        f"Chosen: **{chosen}**" + (" (needs no network)." if choice.get("free", {}).get(chosen) else "."),
+        where + f"Chosen: **{chosen}**" + (" (needs no network)." if choice.get("free", {}).get(chosen) else "."),
         "",
         head,
         "|---|---|---|---|---|---|",
@@ -378,6 +393,7 @@ def _choice_markdown(choice: dict | None, fid: dict | None) -> list[str]:
         free = "yes" if choice.get("free", {}).get(n) else "no"
         cov = f"{fl['mean']:.4f} ({-fl['diff_to_best']:+.4f} ± {fl['se']:.4f})"
         nq = f"{near['mean']:.4f}" + (f" ({-near['diff_to_best']:+.4f} ± {near['se']:.4f})" if "se" in near else "")
+        nq = "–" if whole else nq
         lines.append(f"| {name} | {free} | {cov} | {nq} | {'yes' if sc['eligible'] else 'no'} | {g} |")
     lines += [
         "",

@@ -115,12 +115,20 @@ class ChooseStage(Stage):
             from nncift.surrogate.item_choice import choose_topk
 
             return {**info, **choose_topk(ctx, recipes, views, nets, diag)}
-        rng = np.random.default_rng([ctx.cfg.seed, 21])
-        n_rows = int(min(c.rows, max(2, m // 3)))
-        rows = np.sort(rng.choice(m, n_rows, replace=False)).astype(np.int64)
-        budget = max(1, round(sc.fraction * n_rows))
+        rows, budget, whole = ch.criterion_rows(m, c.rows, c.whole_pool, sc.fraction, ctx.cfg.seed)
+        n_rows = len(rows)
         est = {k: ch.Estimates(recipes[k], kviews[k], nets[k], diag if k == "ff" else None) for k in ("ff", "ft")}
-        probes = ch.probe_fl(est["ff"], est["ft"], rows, budget, c.top, sc.objective, sc.eta, sc.nu)
+        probes = ch.probe_fl(
+            est["ff"],
+            est["ft"],
+            rows,
+            budget,
+            c.whole_top if whole else c.top,
+            sc.objective,
+            sc.eta,
+            sc.nu,
+            near=not whole,
+        )
         known = self._known(ctx, labels, diag, m, n)
         pairs = self._pairs(ctx, ch.probe_pairs(probes, rows), known)
         kern = np.asarray(pairs.column("kernel").to_pylist(), dtype=object)
@@ -137,8 +145,11 @@ class ChooseStage(Stage):
             known[kernel] = known[kernel].extended(new_labels["row"][sel], new_labels["col"][sel],
                                                    new_labels["value"][sel])  # fmt: skip
         per_row = ch.score_probes(probes, rows, known["ff"], known["ft"], sc.objective, sc.eta, sc.nu)
-        near = ch.score_near(probes, rows, known["ff"])
-        dec = ch.decide(per_row, near, c.z, c.z_near, free={r.name: r.free for r in recipes["ff"]})
+        free = {r.name: r.free for r in recipes["ff"]}
+        if whole:
+            dec = ch.decide_whole(per_row, free=free)
+        else:
+            dec = ch.decide(per_row, ch.score_near(probes, rows, known["ff"]), c.z, c.z_near, free=free)
         cost = len(new_labels["row"])
         write_json(
             ctx.path("choose", "choice.json"),
@@ -148,8 +159,9 @@ class ChooseStage(Stage):
              "factor_width": {r.name: r.factor_width for r in recipes["ff"]}},
         )  # fmt: skip
         s = dec["scores"]
-        log.info("choose: %s (%d held-out rows, %d teacher pairs); coverage / neighbour scores: %s", dec["chosen"],
-                 n_rows, cost, ", ".join(f"{k} {v['fl']['mean']:.4f}/{v['near']['mean']:.4f}"
+        log.info("choose: %s (%s, %d teacher pairs); coverage / neighbour scores: %s", dec["chosen"],
+                 f"every row of the pool ({n_rows}; choose.whole_pool={c.whole_pool})" if whole
+                 else f"{n_rows} held-out rows", cost, ", ".join(f"{k} {v['fl']['mean']:.4f}/{v['near']['mean']:.4f}"
                                          for k, v in sorted(s.items(), key=lambda kv: -kv[1]["fl"]["mean"])), extra=CONSOLE)  # fmt: skip
         return {**info, "chosen": dec["chosen"], "teacher_pairs": cost, "teacher_seconds": teacher_s, "rows": n_rows}
 

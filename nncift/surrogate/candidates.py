@@ -55,6 +55,13 @@ sensitive score reads the same rows: each candidate's ``choose.top`` best column
 row's own excluded) and their mean teacher value. :func:`decide` keeps the candidates within ``choose.z``
 standard errors of the best coverage, then among them the best neighbour quality, or the best free one
 within ``choose.z_near`` standard errors of it: a learned estimate must *prove* it is better.
+
+**A small pool is read whole** (:func:`criterion_rows`, ``choose.whole_pool``): the rows are every pool item and
+the budget the selection's own, so each candidate's picks are its full selection; the teacher labels each row's
+``choose.whole_top`` best coverers among them (per candidate), and each row's best known value among the picks
+is its coverage. The mean is then the objective of the candidate's own selection (a lower bound: coverers the
+candidate ranks lower are not labeled), not a sample of it, and :func:`decide_whole` keeps the best. This reads
+what the sampled criterion cannot: a constant added to a row changes which items a selection keeps for itself.
 """
 
 from __future__ import annotations
@@ -464,12 +471,31 @@ class Probe:
     cap_top: np.ndarray | None = None
 
 
+def criterion_rows(m: int, rows: int, whole_pool: int, fraction: float, seed: int) -> tuple[np.ndarray, int, bool]:
+    """The rows the criterion reads and the selection budget over them.
+
+    A pool of at most ``whole_pool`` items is read whole: every row, the selection's own budget
+    (``fraction x M``), so each candidate's picks are its full selection and the score is the objective itself.
+    A larger pool: ``min(rows, M // 3)`` seeded rows and the budget scaled to them.
+
+    Returns:
+        (rows (R,) int64 sorted, budget, whole).
+    """
+    if m <= whole_pool:
+        return np.arange(m, dtype=np.int64), max(1, int(fraction * m)), True
+    rng = np.random.default_rng([seed, 21])
+    n_rows = int(min(rows, max(2, m // 3)))
+    picked = np.sort(rng.choice(m, n_rows, replace=False)).astype(np.int64)
+    return picked, max(1, round(fraction * n_rows)), False
+
+
 def probe_fl(ff: Estimates, ft: Estimates | None, rows: np.ndarray, budget: int, top: int, objective: str,
-             eta: float = 1.0, nu: float = 1.0) -> dict[str, Probe]:  # fmt: skip
+             eta: float = 1.0, nu: float = 1.0, near: bool = True) -> dict[str, Probe]:  # fmt: skip
     """Each candidate's greedy selection for the held-out ``rows`` over every column, and the pairs to label.
 
     The rows' objective is the run's (FL, FLMI, FLCG) on each candidate's own estimate, min-max scaled over
-    the rows' rectangle, with ``budget`` picks.
+    the rows' rectangle, with ``budget`` picks. Without ``near`` the probes ask no neighbour pairs (the
+    whole-pool criterion reads the objective alone).
 
     Returns:
         name -> :class:`Probe`.
@@ -492,10 +518,12 @@ def probe_fl(ff: Estimates, ft: Estimates | None, rows: np.ndarray, budget: int,
         picks, _ = lazy_greedy(k, min(budget, k.shape[1]), floor)
         sub = e[:, picks]
         order = np.argsort(-sub, axis=1, kind="stable")[:, : min(top, len(picks))]
-        off = e.copy()
-        off[np.arange(len(rows)), rows] = -np.inf  # K_FF: the row's own column is not a neighbour
-        near = np.argsort(-off, axis=1, kind="stable")[:, : min(top, e.shape[1] - 1)]
-        out[name] = Probe(np.asarray(picks, np.int64), picks[order], near, cap_top)
+        nb = np.zeros((len(rows), 0), np.int64)
+        if near:
+            off = e.copy()
+            off[np.arange(len(rows)), rows] = -np.inf  # K_FF: the row's own column is not a neighbour
+            nb = np.argsort(-off, axis=1, kind="stable")[:, : min(top, e.shape[1] - 1)]
+        out[name] = Probe(np.asarray(picks, np.int64), picks[order], nb, cap_top)
     return out
 
 
@@ -615,6 +643,23 @@ def _rank(name: str, order: tuple[str, ...]) -> float:
     return order.index(fam) + (int(tail) if tail.isdigit() else 0) / 1e4
 
 
+def decide_whole(fl: dict[str, np.ndarray], order: tuple[str, ...] = PREFERENCE,
+                 free: dict[str, bool] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The choice when the criterion read the whole pool: each score is (a lower bound of) the candidate's own
+    full selection's objective under the teacher's values, not a sample, so the best value is kept (exact ties:
+    a free candidate first, then the preference order). Same output as :func:`decide` (``near`` = the
+    objective).
+    """
+    free = {n: n in FREE for n in fl} if free is None else free
+    names = list(fl)
+    rank = {n: _rank(n, order) for n in names}
+    c_fl = _compare(fl, names, 0.0, rank)
+    chosen = max(names, key=lambda n: (round(c_fl[n]["mean"], 12), bool(free.get(n)), -rank[n]))
+    scores = {n: {"fl": c_fl[n], "near": {"mean": c_fl[n]["mean"]}, "eligible": True} for n in names}
+    return {"chosen": chosen, "best_fl": chosen, "best_near": chosen, "scores": scores,
+            "rows": len(next(iter(fl.values()))), "z": 0.0, "z_near": 0.0, "whole_pool": True}  # fmt: skip
+
+
 def decide(fl: dict[str, np.ndarray], near: dict[str, np.ndarray], z: float = 1.0, z_near: float = 1.0,
            order: tuple[str, ...] = PREFERENCE, free: dict[str, bool] | None = None) -> dict[str, Any]:  # fmt: skip
     """The choice among candidates from their per-row held-out scores.
@@ -649,4 +694,4 @@ def decide(fl: dict[str, np.ndarray], near: dict[str, np.ndarray], z: float = 1.
     scores = {n: {"fl": c_fl[n], "near": c_near.get(n, {"mean": float(np.mean(near[n]))}), "eligible": n in eligible}
               for n in names}  # fmt: skip
     return {"chosen": chosen, "best_fl": best_fl, "best_near": best_near, "scores": scores,
-            "rows": len(next(iter(fl.values()))), "z": z, "z_near": z_near}  # fmt: skip
+            "rows": len(next(iter(fl.values()))), "z": z, "z_near": z_near, "whole_pool": False}  # fmt: skip
