@@ -222,18 +222,9 @@ def choose_on_truth(t: dict, cfg, labels: dict, nets: dict, diag, seed: int, ker
     recipes = ch.narrow_family(recipes)
     for k in kernels:
         est[k] = ch.Estimates(recipes[k], kv[k], nets[k][2], diag if k == "ff" else None)
-    rows, budget, whole = ch.criterion_rows(m, c.rows, c.whole_pool, sc.fraction, seed)
-    probes = ch.probe_fl(
-        est["ff"],
-        est.get("ft"),
-        rows,
-        budget,
-        c.whole_top if whole else c.top,
-        sc.objective,
-        sc.eta,
-        sc.nu,
-        near=not whole,
-    )
+    crit = ch.criterion_rows(m, c.rows, c.whole_pool, sc.fraction, seed, c.top, c.whole_top)
+    rows = crit.rows
+    probes = ch.probe_criterion(est["ff"], est.get("ft"), crit, sc.objective, sc.eta, sc.nu)
     need = ch.probe_pairs(probes, rows)
     known, cost = {}, 0
     for k in need:
@@ -247,8 +238,7 @@ def choose_on_truth(t: dict, cfg, labels: dict, nets: dict, diag, seed: int, ker
         known[k] = before.extended(need[k][0], need[k][1], t[k][need[k]])
     fl = ch.score_probes(probes, rows, known["ff"], known.get("ft"), sc.objective, sc.eta, sc.nu)
     free = {r.name: r.free for r in recipes["ff"]}
-    near = fl if whole else ch.score_near(probes, rows, known["ff"])
-    dec = ch.decide_whole(fl, free=free) if whole else ch.decide(fl, near, c.z, c.z_near, free=free)
+    dec, near = ch.decide_criterion(crit, fl, probes, known["ff"], free, c.z, c.z_near)
     dense = {n: {k: est[k].rows(n, np.arange(m)) for k in kernels} for n in est["ff"].recipes}
     add = next((r for r in recipes["ff"] if r.name == "additive" or r.name.startswith("additive_lm")), None)
     if add is not None:  # placebo: the additive estimate with its per-item effects shuffled across items
@@ -262,7 +252,7 @@ def choose_on_truth(t: dict, cfg, labels: dict, nets: dict, diag, seed: int, ker
         "decision": dec,
         "dense": dense,
         "cost": cost,
-        "free": {r.name: r.free for r in recipes["ff"]},
+        "free": free,
         "per_row": {n: {"fl": fl[n].round(6).tolist(), "near": near[n].round(6).tolist()} for n in fl},
     }
 

@@ -115,20 +115,10 @@ class ChooseStage(Stage):
             from nncift.surrogate.item_choice import choose_topk
 
             return {**info, **choose_topk(ctx, recipes, views, nets, diag)}
-        rows, budget, whole = ch.criterion_rows(m, c.rows, c.whole_pool, sc.fraction, ctx.cfg.seed)
-        n_rows = len(rows)
+        crit = ch.criterion_rows(m, c.rows, c.whole_pool, sc.fraction, ctx.cfg.seed, c.top, c.whole_top)
+        rows, n_rows = crit.rows, len(crit.rows)
         est = {k: ch.Estimates(recipes[k], kviews[k], nets[k], diag if k == "ff" else None) for k in ("ff", "ft")}
-        probes = ch.probe_fl(
-            est["ff"],
-            est["ft"],
-            rows,
-            budget,
-            c.whole_top if whole else c.top,
-            sc.objective,
-            sc.eta,
-            sc.nu,
-            near=not whole,
-        )
+        probes = ch.probe_criterion(est["ff"], est["ft"], crit, sc.objective, sc.eta, sc.nu)
         known = self._known(ctx, labels, diag, m, n)
         pairs = self._pairs(ctx, ch.probe_pairs(probes, rows), known)
         kern = np.asarray(pairs.column("kernel").to_pylist(), dtype=object)
@@ -146,21 +136,18 @@ class ChooseStage(Stage):
                                                    new_labels["value"][sel])  # fmt: skip
         per_row = ch.score_probes(probes, rows, known["ff"], known["ft"], sc.objective, sc.eta, sc.nu)
         free = {r.name: r.free for r in recipes["ff"]}
-        if whole:
-            dec = ch.decide_whole(per_row, free=free)
-        else:
-            dec = ch.decide(per_row, ch.score_near(probes, rows, known["ff"]), c.z, c.z_near, free=free)
+        dec, _ = ch.decide_criterion(crit, per_row, probes, known["ff"], free, c.z, c.z_near)
         cost = len(new_labels["row"])
         write_json(
             ctx.path("choose", "choice.json"),
             {**dec, "mode": c.mode, "candidates": names, "teacher_pairs": cost, "teacher_seconds": teacher_s,
-             "budget": budget,
+             "budget": crit.budget,
              "held_out_rows": rows, "objective": sc.objective,
              "factor_width": {r.name: r.factor_width for r in recipes["ff"]}},
         )  # fmt: skip
         s = dec["scores"]
         log.info("choose: %s (%s, %d teacher pairs); coverage / neighbour scores: %s", dec["chosen"],
-                 f"every row of the pool ({n_rows}; choose.whole_pool={c.whole_pool})" if whole
+                 f"every row of the pool ({n_rows}; choose.whole_pool={c.whole_pool})" if crit.whole
                  else f"{n_rows} held-out rows", cost, ", ".join(f"{k} {v['fl']['mean']:.4f}/{v['near']['mean']:.4f}"
                                          for k, v in sorted(s.items(), key=lambda kv: -kv[1]["fl"]["mean"])), extra=CONSOLE)  # fmt: skip
         return {**info, "chosen": dec["chosen"], "teacher_pairs": cost, "teacher_seconds": teacher_s, "rows": n_rows}

@@ -254,7 +254,7 @@ def shrinkage(groups: np.ndarray, x: np.ndarray, pred: np.ndarray, n: np.ndarray
 
 def additive_effects(rows: np.ndarray, cols: np.ndarray, resid: np.ndarray, n_rows: int, n_cols: int,
                      feat_rows: np.ndarray, feat_cols: np.ndarray, prior: float | None = None, rounds: int = 10
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:  # fmt: skip
     """Per-row and per-column effects of residual labels: ``resid[k] ~ r[rows[k]] + c[cols[k]]``.
 
     Effects are measured on the labeled items (each a mean of its own residuals, shrunk toward its ridge
@@ -471,22 +471,49 @@ class Probe:
     cap_top: np.ndarray | None = None
 
 
-def criterion_rows(m: int, rows: int, whole_pool: int, fraction: float, seed: int) -> tuple[np.ndarray, int, bool]:
+@dataclass
+class Criterion:
+    """The rows the criterion reads (``rows`` (R,) int64 sorted), the selection budget over them, whether they are
+    the whole pool, and how many of each candidate's best-ranked picks per row the teacher labels (``top``)."""
+
+    rows: np.ndarray
+    budget: int
+    whole: bool
+    top: int
+
+
+def criterion_rows(m: int, rows: int, whole_pool: int, fraction: float, seed: int, top: int = 5,
+                   whole_top: int = 3) -> Criterion:  # fmt: skip
     """The rows the criterion reads and the selection budget over them.
 
     A pool of at most ``whole_pool`` items is read whole: every row, the selection's own budget
-    (``fraction x M``), so each candidate's picks are its full selection and the score is the objective itself.
-    A larger pool: ``min(rows, M // 3)`` seeded rows and the budget scaled to them.
-
-    Returns:
-        (rows (R,) int64 sorted, budget, whole).
+    (``fraction x M``), ``whole_top`` labeled picks per row, so each candidate's picks are its full selection and
+    the score is the objective itself. A larger pool: ``min(rows, M // 3)`` seeded rows, the budget scaled to
+    them, ``top`` labeled picks per row.
     """
     if m <= whole_pool:
-        return np.arange(m, dtype=np.int64), max(1, int(fraction * m)), True
+        return Criterion(np.arange(m, dtype=np.int64), max(1, int(fraction * m)), True, whole_top)
     rng = np.random.default_rng([seed, 21])
     n_rows = int(min(rows, max(2, m // 3)))
     picked = np.sort(rng.choice(m, n_rows, replace=False)).astype(np.int64)
-    return picked, max(1, round(fraction * n_rows)), False
+    return Criterion(picked, max(1, round(fraction * n_rows)), False, top)
+
+
+def probe_criterion(ff: Estimates, ft: Estimates | None, crit: Criterion, objective: str, eta: float = 1.0,
+                    nu: float = 1.0) -> dict[str, Probe]:  # fmt: skip
+    """:func:`probe_fl` on the criterion's rows (the whole-pool criterion asks no neighbour pairs)."""
+    return probe_fl(ff, ft, crit.rows, crit.budget, crit.top, objective, eta, nu, near=not crit.whole)
+
+
+def decide_criterion(crit: Criterion, fl: dict[str, np.ndarray], probes: dict[str, Probe], known_ff: Known,
+                     free: dict[str, bool], z: float = 1.0, z_near: float = 1.0
+                     ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:  # fmt: skip
+    """The decision for the criterion's mode (:func:`decide_whole` on a whole pool, else :func:`decide` with the
+    neighbour score) and the per-row second score it read (the objective itself on a whole pool)."""
+    if crit.whole:
+        return decide_whole(fl, free=free), fl
+    near = score_near(probes, crit.rows, known_ff)
+    return decide(fl, near, z, z_near, free=free), near
 
 
 def probe_fl(ff: Estimates, ft: Estimates | None, rows: np.ndarray, budget: int, top: int, objective: str,

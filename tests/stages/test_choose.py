@@ -152,11 +152,16 @@ def test_additive_lexical_reads_the_lexical_cosine_plus_the_effects():
 
 
 def test_criterion_rows_read_a_small_pool_whole_and_sample_a_large_one():
-    rows, budget, whole = ch.criterion_rows(90, 64, 400, 0.3, seed=0)
+    crit = ch.criterion_rows(90, 64, 400, 0.3, seed=0)
+    rows, budget, whole = crit.rows, crit.budget, crit.whole
     assert whole and np.array_equal(rows, np.arange(90)) and budget == 27  # the selection's own budget
-    rows, budget, whole = ch.criterion_rows(900, 64, 400, 0.3, seed=0)
+    assert crit.top == 3  # whole_top
+    crit = ch.criterion_rows(900, 64, 400, 0.3, seed=0)
+    rows, budget, whole = crit.rows, crit.budget, crit.whole
     assert not whole and len(rows) == 64 and len(np.unique(rows)) == 64 and budget == 19
-    rows, _, whole = ch.criterion_rows(90, 64, 0, 0.3, seed=0)  # whole_pool=0: always sampled (at most M / 3)
+    assert crit.top == 5  # top
+    crit = ch.criterion_rows(90, 64, 0, 0.3, seed=0)  # whole_pool=0: always sampled (at most M / 3)
+    rows, whole = crit.rows, crit.whole
     assert not whole and len(rows) == 30
 
 
