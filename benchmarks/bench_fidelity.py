@@ -17,6 +17,8 @@ Teachers:
            (benchmarks/data/delift_icl_smollm2_t32_s1.parquet); since then `label.probes=auto` was set on icl and icl2
   icl3     a third full DELIFT ICL table, built after every default was set: other items (seed 2), 64/32 tokens,
            90 x 112 (benchmarks/data/delift_icl_smollm2_t64_s2.parquet)
+  charsim  a TF-IDF character 3-5-gram cosine (M=800, N=200), as issue #17 describes its outside text teacher; the
+           lexical view's character block (choose.lexical) was added after measuring it: not an unseen teacher
   bm25     BM25 of each target's text as the query against each example's text (M=800, N=200; asymmetric),
            nothing was tuned on it
 
@@ -110,7 +112,7 @@ def teacher(name: str, work: Path) -> dict:
         text_t = [p + "\n" + r for p, r in zip(target.prompts, target.responses, strict=True)]
         ff = bm25(text, text)  # K_FF[i, j] = U(j -> i): target i's text as the query, example j as the document
         ft = bm25(text_t, text).T  # K_FT[i, j] = U(pool i -> target j)
-    elif name == "textsim":
+    elif name in ("textsim", "charsim"):
         from sklearn.feature_extraction.text import TfidfVectorizer
 
         pipe = _pipeline(str(ROOT / "jobs/configs/delift_se_2000.yaml"), work / "se", [])
@@ -119,7 +121,12 @@ def teacher(name: str, work: Path) -> dict:
         texts = [
             p + "\n" + r for p, r in zip(pool.prompts + target.prompts, pool.responses + target.responses, strict=True)
         ]
-        vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2).fit_transform(texts)
+        if name == "textsim":
+            vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2).fit_transform(texts)
+        else:  # character n-grams within word boundaries: another tokenisation than the lexical view's words
+            vec = TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True, min_df=2).fit_transform(
+                texts
+            )
         x = vec[: len(pool)]
         ff = (x @ x.T).toarray().astype(np.float32)
         ft = (x @ vec[len(pool) :].T).toarray().astype(np.float32)
@@ -133,7 +140,7 @@ def teacher(name: str, work: Path) -> dict:
             "prompts_pool": pool.prompts, "responses_pool": pool.responses,
             "prompts_target": target.prompts, "responses_target": target.responses,
             "lm": name in TABLES,  # DELIFT tables: teacher-LM features and probes (the `auto` settings)
-            "symmetric": name in ("se", "textsim")}  # fmt: skip
+            "symmetric": name in ("se", "textsim", "charsim")}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- variants
@@ -168,13 +175,13 @@ def variant_config(cfg, name: str):
 CHOOSING = ("default", "default-noprior")  # variants that run the choose stage's held-out choice
 
 
-def lexical_view(t: dict, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The lexical view of a teacher's items, as the choose stage fits it (cached per teacher and seed)."""
+def lexical_view(t: dict, seed: int, analyzers: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The lexical view of a teacher's items, as the choose stage fits it (cached per teacher, seed, blocks)."""
     from nncift.surrogate.views import LexicalView
 
-    key = f"_lexical_{seed}"
+    key = f"_lexical_{seed}_{'+'.join(analyzers)}"
     if key not in t:
-        view = LexicalView(seed=seed).fit(t["texts_pool"] + t["texts_target"])
+        view = LexicalView(analyzers=analyzers, seed=seed).fit(t["texts_pool"] + t["texts_target"])
         t[key] = (view.transform(t["texts_pool"]), view.transform(t["texts_target"]))
     return t[key]
 
@@ -201,6 +208,7 @@ def choose_on_truth(t: dict, cfg, labels: dict, nets: dict, diag, seed: int, ker
     """The choose stage on the teacher's values: candidates, held-out rows, the pairs they need (looked up in the
     full kernel, as the teacher would label them), the decision; and every candidate's dense kernels."""
     from nncift.surrogate import candidates as ch
+    from nncift.surrogate.views import LexicalView
 
     c, sc = cfg.choose, cfg.select
     m = len(t["ff"])
@@ -209,8 +217,10 @@ def choose_on_truth(t: dict, cfg, labels: dict, nets: dict, diag, seed: int, ker
     if c.views == "none":
         kinds = tuple(k for k in kinds if k not in ("lexical", "diag_lexical"))
     views = {"embedding": (t["e_pool"], t["e_target"])}
+    analyzers = tuple(x.strip() for x in c.lexical.split(",") if x.strip())
+    blocks = {"lexical": LexicalView(analyzers=analyzers).block_slices()}
     if c.views == "lexical":
-        views["lexical"] = lexical_view(t, seed)
+        views["lexical"] = lexical_view(t, seed, analyzers)
     if t.get("lm") and c.teacher_features != "none":
         views.update(lm_views(t, cfg))
     kv = {k: {v: (p, p if k == "ff" else q) for v, (p, q) in views.items()} for k in kernels}
@@ -218,7 +228,7 @@ def choose_on_truth(t: dict, cfg, labels: dict, nets: dict, diag, seed: int, ker
     for k in kernels:
         net, scaler, _ = nets[k]
         recipes[k] = ch.build_recipes(k, labels[k], kv[k], net, scaler, diag is not None, kinds,
-                                      probes=(probes or {}).get(k))  # fmt: skip
+                                      probes=(probes or {}).get(k), blocks=blocks)  # fmt: skip
     recipes = ch.narrow_family(recipes)
     for k in kernels:
         est[k] = ch.Estimates(recipes[k], kv[k], nets[k][2], diag if k == "ff" else None)
@@ -485,8 +495,8 @@ def plot(path: Path, results: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--teacher", default="se,icl,textsim,icl2,bm25,icl3",
-                    help="comma-separated: se | icl | textsim | icl2 | bm25 | icl3")  # fmt: skip
+    ap.add_argument("--teacher", default="se,icl,textsim,icl2,bm25,icl3,charsim",
+                    help="comma-separated: se | icl | textsim | icl2 | bm25 | icl3 | charsim")  # fmt: skip
     ap.add_argument("--variants", default="paper,default", help=f"comma-separated, of: {', '.join(VARIANTS)}")
     ap.add_argument("--fractions", default="0.3", help="fractions of items labeled")
     ap.add_argument("--max-train-pairs", type=int, default=700_000, help="skip block designs above this")

@@ -296,6 +296,11 @@ class ChooseConfig:
         "auto", "auto (every applicable one) | comma-separated names of nncift.surrogate.candidates.CANDIDATES"
     )
     views: str = _f("lexical", "extra item views offered as free candidates: lexical | none")
+    lexical: str = _f(
+        "word,char",
+        "the lexical view's blocks, each 256 wide and calibrated with its own weight on the run's labels: "
+        "comma-separated word (word 1-2-grams) | char (character 3-5-grams: spellings, stems, code identifiers)",
+    )
     teacher_features: str = _f(
         "auto",
         "per-item features from the teacher LM's hidden states for the additive estimate's per-item effects: lm | "
@@ -332,6 +337,9 @@ class ChooseConfig:
         need(not bad and bool(_split(self.candidates)), "candidates",
              f"unknown candidate {bad[0] if bad else '(none)'} (known: {', '.join(CANDIDATES)})")  # fmt: skip
         need(self.views in {"lexical", "none"}, "views", f"got {self.views!r} (lexical | none)")
+        lex = _split(self.lexical)
+        need(bool(lex) and len(set(lex)) == len(lex) and set(lex) <= {"word", "char"}, "lexical",
+             f"got {self.lexical!r} (comma-separated, distinct: word, char)")  # fmt: skip
         need(self.teacher_features in {"auto", "lm", "none"}, "teacher_features",
              f"got {self.teacher_features!r} (auto | lm | none)")  # fmt: skip
         need(self.lm_layers == "auto" or all(x.strip().isdigit() for x in self.lm_layers.split(",")), "lm_layers",

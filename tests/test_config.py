@@ -35,6 +35,9 @@ def test_yaml_plus_overrides(tmp_path):
         ("badly-formed", "key=value"),
         ("label.probes=some", "label.probes"),
         ("label.probes=-1", "label.probes"),
+        ("choose.lexical=word,words", "choose.lexical"),
+        ("choose.lexical=char,char", "choose.lexical"),
+        ("choose.lexical=", "choose.lexical"),
     ],
 )
 def test_bad_fields_are_named(override, needle):

@@ -26,7 +26,7 @@ from nncift.console import CONSOLE
 from nncift.labels.fanout import label_sets
 from nncift.stages.base import Context, Stage
 from nncift.store import write_json, write_parquet
-from nncift.surrogate.recipes import item_views, network_head, save_recipes, teacher_lm, wanted
+from nncift.surrogate.recipes import item_views, network_head, save_recipes, teacher_lm, view_blocks, wanted
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,8 @@ class ChooseStage(Stage):
             net, scaler, nets[kernel] = network_head(ctx, kernel, kviews[kernel]["embedding"][1])
             (rc, y), (prc, py) = labels[kernel]["q1"], labels[kernel]["probe"]
             recipes[kernel] = ch.build_recipes(kernel, (rc[0], rc[1], y), kviews[kernel], net, scaler,
-                                               diag is not None, kinds, probes=(prc[0], prc[1], py))  # fmt: skip
+                                               diag is not None, kinds, probes=(prc[0], prc[1], py),
+                                               blocks=view_blocks(ctx))  # fmt: skip
         recipes = ch.narrow_family(recipes, keep=c.mode)
         save_recipes(ctx, recipes)
         names = [r.name for r in recipes["ff"]]

@@ -16,7 +16,8 @@ name                free   estimate off the diagonal
 ``lexical``         yes    the cosine of the lexical view (:mod:`nncift.surrogate.views`), zero labels; likewise
 ``diag_const``      yes    the training labels' mean (only when the exact diagonal is labeled)
 ``diag_cosine``     yes    ``a cos + b``, the cosine calibrated on the training labels (least squares)
-``diag_lexical``    yes    the lexical cosine calibrated likewise
+``diag_lexical``    yes    the lexical view calibrated likewise, one weight per block (word, char n-grams): the mix
+                           that best orders each labeled row, scaled by least squares (:func:`calibrate_blocks`)
 ``surrogate``       no     the fitted network
 ``shrink_<l>``      no     ``(1 - l) surrogate + l (a cos + b)``: the network shrunk toward the calibrated
                            cosine (bilinear networks; ``l`` in 0.25, 0.5, 0.75)
@@ -187,10 +188,14 @@ def bilinear_form(net) -> np.ndarray:
     return w.numpy().astype(np.float32)
 
 
-def affine_form(d: int, a: float, b: float) -> np.ndarray:
-    """``W`` of ``a <v_i, v_j> + b`` on ``[v, 1]``: (d + 1, d + 1) float32."""
+def affine_form(d: int, a: float | np.ndarray, b: float, blocks: list[slice] | None = None) -> np.ndarray:
+    """``W`` of ``a <v_i, v_j> + b`` on ``[v, 1]``: (d + 1, d + 1) float32; with ``blocks`` (column slices of
+    the view) and ``a`` one weight per block, ``sum_k a_k <v_i[k], v_j[k]> + b``."""
     w = np.zeros((d + 1, d + 1), np.float32)
-    w[np.arange(d), np.arange(d)] = a
+    diag = np.zeros(d, np.float32)
+    for k, cols in enumerate(blocks or [slice(0, d)]):
+        diag[cols] = np.ravel(a)[k]
+    w[np.arange(d), np.arange(d)] = diag
     w[d, d] = b
     return w
 
@@ -203,6 +208,76 @@ def calibrate(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         return 0.0, float(y.mean()) if len(y) else 0.0
     a, b = np.polyfit(x, y, 1)
     return float(a), float(b)
+
+
+def block_dots(vr: np.ndarray, vc: np.ndarray, blocks: list[slice] | None = None) -> np.ndarray:
+    """(P, B) float64: the dot product of each labeled pair's row and column vectors ((P, d) each) over each block
+    of columns (one block: the whole vector)."""
+    return np.stack([np.einsum("pd,pd->p", vr[:, s], vc[:, s]) for s in blocks or [slice(None)]], 1).astype(np.float64)
+
+
+def within_row_spearman(groups: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
+    """Mean over groups (rows) with at least 3 labels of the Spearman correlation of ``x`` and ``y`` within the
+    group (ordinal ranks): how well ``x`` orders each row's labeled columns, what greedy selection reads.
+    NaN when no group has 3 labels."""
+    groups = np.asarray(groups)
+
+    def ranks(v: np.ndarray) -> np.ndarray:
+        order = np.lexsort((np.arange(len(v)), v, groups))
+        g = groups[order]
+        first = np.r_[0, np.flatnonzero(g[1:] != g[:-1]) + 1]
+        pos = np.arange(len(v)) - np.repeat(first, np.diff(np.r_[first, len(v)]))
+        out = np.empty(len(v))
+        out[order] = pos
+        return out
+
+    if len(groups) == 0:
+        return float("nan")
+    _, g = np.unique(groups, return_inverse=True)
+    n = np.bincount(g)
+    rx, ry = ranks(np.asarray(x, np.float64)), ranks(np.asarray(y, np.float64))
+    dx, dy = rx - (np.bincount(g, rx) / n)[g], ry - (np.bincount(g, ry) / n)[g]
+    num, den = np.bincount(g, dx * dy), np.sqrt(np.bincount(g, dx * dx) * np.bincount(g, dy * dy))
+    ok = (n >= 3) & (den > 0)
+    return float(np.mean(num[ok] / den[ok])) if ok.any() else float("nan")
+
+
+def calibrate_blocks(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None, steps: int = 8
+                     ) -> tuple[np.ndarray, float]:  # fmt: skip
+    """Calibrate (P, B) block similarities to ``y``: (B,) weights and the intercept. One block is :func:`calibrate`.
+
+    With several blocks and the labels' rows (``groups``), the mix of the blocks (a grid of ``steps + 1`` points
+    per edge of the simplex of non-negative proportions summing to 1) is the one that best orders each row's
+    labeled columns (:func:`within_row_spearman`, what selection reads: least squares over all pairs weighs
+    the many dissimilar pairs and can prefer a block that orders the near neighbours worse), and its scale and
+    intercept are least squares. Without rows of >= 3 labels, least squares over the blocks.
+    """
+    import itertools
+
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    n_b = x.shape[1]
+    if n_b == 1:
+        a, b = calibrate(x[:, 0], y)
+        return np.array([a]), b
+    if groups is not None and len(y) >= 3:
+        best, best_mix = -np.inf, None
+        for combo in itertools.product(range(steps + 1), repeat=n_b - 1):
+            if sum(combo) > steps:
+                continue
+            mix = np.array([*combo, steps - sum(combo)], np.float64) / steps
+            rho = within_row_spearman(groups, x @ mix, y)
+            if np.isfinite(rho) and rho > best:
+                best, best_mix = rho, mix
+        if best_mix is not None:
+            a, b = calibrate(x @ best_mix, y)
+            return a * best_mix, b
+    a = np.zeros(n_b)
+    live = np.flatnonzero(np.ptp(x, axis=0) > 0) if len(x) >= 2 else np.array([], int)
+    if len(live) == 0 or len(x) <= len(live) + 1:
+        return a, float(y.mean()) if len(y) else 0.0
+    coef, *_ = np.linalg.lstsq(np.column_stack([x[:, live], np.ones(len(x))]), y, rcond=None)
+    a[live] = coef[:-1]
+    return a, float(coef[-1])
 
 
 def ridge_gcv(x: np.ndarray, y: np.ndarray, lambdas=(1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3),
@@ -306,7 +381,8 @@ def additive_effects(rows: np.ndarray, cols: np.ndarray, resid: np.ndarray, n_ro
 # ------------------------------------------------------------------------------------------ candidates
 def build_recipes(kernel: str, labels: tuple[np.ndarray, np.ndarray, np.ndarray], views: dict[str, tuple],
                   network: Any, scaler: Any, diag: bool, kinds: tuple[str, ...] = CANDIDATES,
-                  probes: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> list[Recipe]:  # fmt: skip
+                  probes: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                  blocks: dict[str, list[slice]] | None = None) -> list[Recipe]:  # fmt: skip
     """The candidate recipes of one kernel.
 
     Args:
@@ -319,17 +395,27 @@ def build_recipes(kernel: str, labels: tuple[np.ndarray, np.ndarray, np.ndarray]
         network: the fitted surrogate of this kernel (eval mode); scaler: its label scaler.
         diag: the exact K_FF diagonal is known (K_FF only).
         kinds: the candidate names to build (others, and those that do not apply, are skipped).
+        blocks: view name -> the column slices of its blocks (the lexical view's analyzers,
+            :meth:`~nncift.surrogate.views.LexicalView.block_slices`): each block's similarity gets its own weight
+            when the view's cosine is calibrated. A view not named is one block.
     """
     from nncift.surrogate.network import BilinearNetwork
 
     rows, cols, y = labels
     has_diag = diag and kernel == "ff"  # K_FT has no diagonal: its candidates carry the K_FF names
     out: list[Recipe] = []
+    blocks = blocks or {}
     cal: dict[str, tuple[float, float]] = {}
     for view in ("embedding", "lexical"):  # the views whose cosine is a candidate (not the teacher-LM features)
         if view in views:
             vr, vc = views[view]
-            cal[view] = calibrate(np.einsum("pd,pd->p", vr[rows], vc[cols]), y)
+            a_, b_ = calibrate_blocks(block_dots(vr[rows], vc[cols], blocks.get(view)), y, groups=rows)
+            cal[view] = (float(a_[0]) if len(a_) == 1 else a_, b_)
+    lex_w = {}  # the calibrated lexical form and its info (one weight per block)
+    if "lexical" in views:
+        al, bl = cal["lexical"]
+        lex_w = {"W": affine_form(views["lexical"][0].shape[1], al, bl, blocks.get("lexical")),
+                 "info": {"a": np.ravel(al).tolist() if np.ndim(al) else al, "b": bl}}  # fmt: skip
     d_emb = views["embedding"][0].shape[1]
     mu = float(np.mean(y)) if len(y) else 0.0
 
@@ -347,9 +433,7 @@ def build_recipes(kernel: str, labels: tuple[np.ndarray, np.ndarray, np.ndarray]
     a, b = cal["embedding"]
     add("diag_cosine", free=True, view="embedding", W=affine_form(d_emb, a, b), diag=has_diag, info={"a": a, "b": b})
     if "lexical" in views:
-        al, bl = cal["lexical"]
-        add("diag_lexical", free=True, view="lexical", W=affine_form(views["lexical"][0].shape[1], al, bl),
-            diag=has_diag, info={"a": al, "b": bl})  # fmt: skip
+        add("diag_lexical", free=True, view="lexical", W=lex_w["W"], diag=has_diag, info=dict(lex_w["info"]))
     add("surrogate", free=False, network=True, diag=has_diag, info={"kind": getattr(network, "kind", None)})
     if isinstance(network, BilinearNetwork):
         s = np.float32(scaler.hi - scaler.lo)
@@ -375,24 +459,11 @@ def build_recipes(kernel: str, labels: tuple[np.ndarray, np.ndarray, np.ndarray]
                               info={"a": a, "b": b, "effect_error": err}))  # fmt: skip
         if "lexical" in views and "additive_lexical" in kinds:  # the same effects on the lexical view's cosine
             lr_, lc_ = views["lexical"]
-            resid_l = y - (al * np.einsum("pd,pd->p", lr_[rows], lc_[cols]) + bl)
+            w_l = lex_w["W"]
+            resid_l = y - np.einsum("pd,pd->p", _aug(lr_[rows]) @ w_l, _aug(lc_[cols]))
             r, c, r_w, c_w, _ = additive_effects(rows, cols, resid_l, len(vr), len(vc), vr, vc)
-            out.append(
-                Recipe(
-                    "additive_lexical",
-                    kernel,
-                    free=False,
-                    view="lexical",
-                    W=affine_form(lr_.shape[1], al, bl),
-                    r=r,
-                    c=c,
-                    r_w=r_w,
-                    c_w=c_w,
-                    diag=has_diag,
-                    effect_view="embedding",
-                    info={"a": al, "b": bl},
-                )
-            )
+            out.append(Recipe("additive_lexical", kernel, free=False, view="lexical", W=w_l, r=r, c=c, r_w=r_w,
+                              c_w=c_w, diag=has_diag, effect_view="embedding", info=dict(lex_w["info"])))  # fmt: skip
     return out
 
 

@@ -146,7 +146,7 @@ def topk_out_of_fold(ctx: Context, views: dict, names: list[str], folds: int = 5
     from nncift.surrogate import candidates as ch
     from nncift.surrogate.fitting import PairLabels, fit_config, fit_loop, split_train_val
     from nncift.surrogate.network import Scaler, network_from_config
-    from nncift.surrogate.recipes import wanted
+    from nncift.surrogate.recipes import view_blocks, wanted
 
     (rc, y) = ctx.labels()["ft"]["q1"]
     r, c = rc
@@ -170,7 +170,8 @@ def topk_out_of_fold(ctx: Context, views: dict, names: list[str], folds: int = 5
         net.load_state_dict(state)
         net.eval()
         head = {**net.estimator(torch.as_tensor(e_pool), torch.as_tensor(e_target)), "lo": scaler.lo, "hi": scaler.hi}
-        recs = ch.build_recipes("ft", (r[keep], c[keep], y[keep]), views, net, scaler, has_diag, wanted(ctx))
+        recs = ch.build_recipes("ft", (r[keep], c[keep], y[keep]), views, net, scaler, has_diag, wanted(ctx),
+                                blocks=view_blocks(ctx))  # fmt: skip
         est = ch.Estimates(recs, views, head, None)
         for name in names:
             if name in est.recipes:

@@ -92,9 +92,10 @@ def item_views(ctx: Context) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         arrays = {}
         if ctx.cfg.choose.views == "lexical":
             texts = [item_texts(*c) for c in cols]
-            lex = LexicalView(seed=ctx.cfg.seed).fit(texts[0] + texts[1])
+            lex = LexicalView(analyzers=lexical_analyzers(ctx), seed=ctx.cfg.seed).fit(texts[0] + texts[1])
             lex.save(ctx.path("choose", "lexical.safetensors"))
-            arrays.update({"lexical.pool": lex.transform(texts[0]), "lexical.target": lex.transform(texts[1])})
+            for side, items in zip(("pool", "target"), texts, strict=True):
+                arrays[f"lexical.{side}"] = lexical_vectors(ctx, lex, items)
         if lm is not None:
             view = _lm_view(ctx, lm)
             m = len(cols[0][0])
@@ -110,6 +111,30 @@ def item_views(ctx: Context) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         name = key.rsplit(".", 1)[0]
         out[name] = (t[f"{name}.pool"], t[f"{name}.target"])
     return out
+
+
+def lexical_vectors(ctx: Context, lex: Any, texts: list[str], chunk: int = 8192) -> np.ndarray:
+    """(len(texts), width) float32 lexical vectors, chunks of ``chunk`` texts fanned out over the executor
+    (:meth:`map_tasks`: Ray tasks on a cluster, in order in this process locally; the same vectors either way)."""
+    from nncift.surrogate.views import transform_texts
+
+    if len(texts) <= chunk:
+        return lex.transform(texts)
+    tasks = [(texts[s : s + chunk],) for s in range(0, len(texts), chunk)]
+    return np.concatenate(ctx.executor.map_tasks(transform_texts, lex, tasks, desc="lexical view"))
+
+
+def lexical_analyzers(ctx: Context) -> tuple[str, ...]:
+    """The lexical view's blocks (``choose.lexical``)."""
+    return tuple(a.strip() for a in ctx.cfg.choose.lexical.split(",") if a.strip())
+
+
+def view_blocks(ctx: Context) -> dict[str, list[slice]]:
+    """view name -> its blocks' column slices (the lexical view: one per analyzer), for
+    :func:`nncift.surrogate.candidates.build_recipes`."""
+    from nncift.surrogate.views import LexicalView
+
+    return {"lexical": LexicalView(analyzers=lexical_analyzers(ctx)).block_slices()}
 
 
 def new_item_views(ctx: Context, e_new: np.ndarray, prompts: list[str] | None, responses: list[str] | None) -> dict:

@@ -2,10 +2,11 @@
 teacher call. Each view gives a zero-label estimate (its cosine) and features for the calibrated free
 estimates of :mod:`nncift.surrogate.candidates`; the run keeps a view's estimate only when its own held-out labels say so.
 
-- ``lexical``: hashed word 1-2-gram TF-IDF (sublinear tf) reduced by a truncated SVD (latent semantic
-  analysis) to ``dim`` dimensions and L2-normalised. It reads what a sentence encoder blurs: shared words,
-  names, code tokens. Fitted on the run's own pool and target texts; the fitted transform (idf, kept hashed
-  columns, SVD components) is saved as safetensors so new rows (``nncift score``) get the same vectors.
+- ``lexical``: hashed TF-IDF n-grams (sublinear tf) reduced by a truncated SVD (latent semantic analysis) and
+  L2-normalised, one block per analyzer (``choose.lexical``: word 1-2-grams, character 3-5-grams). It reads what
+  a sentence encoder blurs: shared words, names, code tokens, spellings. Fitted on the run's own pool and target
+  texts; the fitted transform (per block: idf, kept hashed columns, SVD components) is saved as safetensors so
+  new rows (``nncift score``) get the same vectors.
 """
 
 from __future__ import annotations
@@ -20,82 +21,116 @@ from nncift.store import read_safetensors, write_safetensors
 log = logging.getLogger(__name__)
 
 VIEWS = ("lexical",)
+ANALYZERS = ("word", "char")  # the lexical view's block kinds
 
 
 class LexicalView:
-    """Hashed word 1-2-gram TF-IDF -> truncated SVD (LSA) -> unit vectors.
+    """Hashed TF-IDF n-grams -> truncated SVD (LSA) -> unit vectors, one block per analyzer.
+
+    ``word`` hashes word 1-2-grams; ``char`` hashes character 3-5-grams within word boundaries (robust to
+    inflection, spelling and code identifiers, what a text-surface teacher may read instead of words). Each block
+    is fitted on its own (idf, kept columns, SVD), L2-normalised and scaled by ``1/sqrt(B)``; the view's vector is
+    the blocks side by side, each ``dim`` wide (zero-padded when the texts give fewer components). So the dot
+    product of two items' vectors is the mean of the blocks' cosines, and a block's own cosine is the dot product
+    over its columns (:meth:`block_slices`): the run calibrates one weight per block on its labels.
 
     Args:
-        dim: output dimensions (at most the number of kept hashed columns and fitted texts, minus one).
+        dim: output dimensions per block (the view is ``B * dim`` wide: the estimation cost of its candidates).
+        analyzers: the blocks, from ``word`` and ``char`` (``choose.lexical``).
         n_features: hashing space (2**n_bits buckets).
-        max_columns: hashed columns kept (the most frequent with document frequency >= 2): the size of the
-            saved transform is ``dim x max_columns`` float32.
-        sample: texts the SVD is fitted on (a seeded sample when there are more); idf uses every text.
+        max_columns: hashed columns kept per block (the most frequent with document frequency >= 2): the size of
+            the saved transform is ``dim x max_columns`` float32 per block.
+        sample: texts idf and the SVD are fitted on (a seeded sample when there are more), so fitting costs
+            O(sample) and every text is hashed once, by :meth:`transform`.
         seed: sampling and SVD seed.
     """
 
-    def __init__(self, dim: int = 256, n_features: int = 2**20, max_columns: int = 2**16, sample: int = 20_000,
-                 seed: int = 0):  # fmt: skip
-        self.dim, self.n_features, self.max_columns, self.sample, self.seed = dim, n_features, max_columns, sample, seed
-        self.columns: np.ndarray | None = None  # (V,) int64 kept hashed columns
-        self.idf: np.ndarray | None = None  # (V,) float32
-        self.components: np.ndarray | None = None  # (dim', V) float32
+    def __init__(self, dim: int = 256, analyzers: tuple[str, ...] = ("word",), n_features: int = 2**20,
+                 max_columns: int = 2**16, sample: int = 20_000, seed: int = 0):  # fmt: skip
+        bad = [a for a in analyzers if a not in ANALYZERS]
+        if bad or not analyzers or len(set(analyzers)) != len(analyzers):
+            raise ValueError(f"lexical view: analyzers {analyzers!r} (distinct names from {', '.join(ANALYZERS)})")
+        self.dim, self.analyzers, self.n_features = dim, tuple(analyzers), n_features
+        self.max_columns, self.sample, self.seed = max_columns, sample, seed
+        self.blocks: dict[str, dict[str, np.ndarray]] = {}  # analyzer -> columns (V,), idf (V,), components (k, V)
 
-    def _hashed(self, texts: list[str]):
+    @property
+    def width(self) -> int:
+        """Columns of one block."""
+        return self.dim
+
+    def block_slices(self) -> list[slice]:
+        """The columns of each block in the view's vectors, in ``analyzers`` order."""
+        w = self.width
+        return [slice(k * w, (k + 1) * w) for k in range(len(self.analyzers))]
+
+    def _hashed(self, texts: list[str], analyzer: str):
         from sklearn.feature_extraction.text import HashingVectorizer
 
-        hv = HashingVectorizer(n_features=self.n_features, alternate_sign=False, norm=None, ngram_range=(1, 2))
+        kw = {"ngram_range": (1, 2)} if analyzer == "word" else {"analyzer": "char_wb", "ngram_range": (3, 5)}
+        hv = HashingVectorizer(n_features=self.n_features, alternate_sign=False, norm=None, **kw)
         x = hv.transform(texts).tocsr()
         x.data = 1.0 + np.log(x.data)  # sublinear tf
         return x
 
     def fit(self, texts: list[str]) -> LexicalView:
-        """Fit idf, the kept columns and the SVD on ``texts``; returns self."""
+        """Fit each block's idf, kept columns and SVD on ``texts`` (a seeded sample of ``sample``); returns self."""
         from sklearn.decomposition import TruncatedSVD
 
-        x = self._hashed(texts)
-        df = np.bincount(x.indices, minlength=self.n_features)
-        order = np.argsort(-df, kind="stable")
-        keep = order[: self.max_columns]
-        keep = np.sort(keep[df[keep] >= min(2, int(df.max(initial=0)))])
-        if len(keep) < 2:
-            raise ValueError(f"lexical view: the texts share fewer than 2 word n-grams ({len(texts)} texts)")
-        n = x.shape[0]
-        self.columns = keep.astype(np.int64)
-        self.idf = (np.log((1 + n) / (1 + df[keep])) + 1.0).astype(np.float32)
-        xs = self._weighted(x)
         rng = np.random.default_rng([self.seed, 13])
+        n = len(texts)
         fit_rows = np.sort(rng.choice(n, self.sample, replace=False)) if n > self.sample else np.arange(n)
-        k = max(1, min(self.dim, len(keep) - 1, len(fit_rows) - 1))
-        svd = TruncatedSVD(k, algorithm="randomized", n_iter=5, random_state=self.seed)
-        svd.fit(xs[fit_rows])
-        self.components = svd.components_.astype(np.float32)
+        sample = [texts[i] for i in fit_rows]
+        for analyzer in self.analyzers:
+            x = self._hashed(sample, analyzer)
+            df = np.bincount(x.indices, minlength=self.n_features)
+            keep = np.argsort(-df, kind="stable")[: self.max_columns]
+            keep = np.sort(keep[df[keep] >= min(2, int(df.max(initial=0)))])
+            if len(keep) < 2:
+                raise ValueError(f"lexical view: the texts share fewer than 2 {analyzer} n-grams ({n} texts)")
+            block = {"columns": keep.astype(np.int64),
+                     "idf": (np.log((1 + len(sample)) / (1 + df[keep])) + 1.0).astype(np.float32)}  # fmt: skip
+            k = max(1, min(self.width, len(keep) - 1, len(sample) - 1))
+            svd = TruncatedSVD(k, algorithm="randomized", n_iter=5, random_state=self.seed)
+            svd.fit(self._weighted(x, block))
+            block["components"] = svd.components_.astype(np.float32)
+            self.blocks[analyzer] = block
         return self
 
-    def _weighted(self, x):
+    @staticmethod
+    def _weighted(x, block: dict[str, np.ndarray]):
         """The kept columns of hashed counts, tf-idf weighted and row-normalised."""
         from sklearn.preprocessing import normalize
 
-        xs = x[:, self.columns].multiply(self.idf[None, :]).tocsr()
+        xs = x[:, block["columns"]].multiply(block["idf"][None, :]).tocsr()
         return normalize(xs, norm="l2", copy=False)
 
     def transform(self, texts: list[str], chunk: int = 8192) -> np.ndarray:
-        """(len(texts), dim') float32 unit vectors (a text with no kept n-gram maps to zeros)."""
-        if self.components is None:
+        """(len(texts), B * width) float32: per block a unit vector scaled by ``1/sqrt(B)`` (a text with no kept
+        n-gram of a block has zeros there)."""
+        if len(self.blocks) != len(self.analyzers):
             raise RuntimeError("LexicalView.transform before fit/load")
-        out = np.zeros((len(texts), self.components.shape[0]), np.float32)
-        for s in range(0, len(texts), chunk):
-            z = np.asarray(self._weighted(self._hashed(texts[s : s + chunk])) @ self.components.T, np.float32)
-            norm = np.linalg.norm(z, axis=1, keepdims=True)
-            out[s : s + len(z)] = np.divide(z, norm, out=np.zeros_like(z), where=norm > 0)
+        from tqdm.auto import tqdm
+
+        scale = np.float32(1.0 / np.sqrt(len(self.analyzers)))
+        out = np.zeros((len(texts), self.width * len(self.analyzers)), np.float32)
+        with tqdm(total=len(texts), desc="lexical view", unit="item", disable=len(texts) <= chunk, leave=False) as bar:
+            for s in range(0, len(texts), chunk):
+                for analyzer, cols in zip(self.analyzers, self.block_slices(), strict=True):
+                    block = self.blocks[analyzer]
+                    x = self._weighted(self._hashed(texts[s : s + chunk], analyzer), block)
+                    z = np.asarray(x @ block["components"].T, np.float32)
+                    norm = np.linalg.norm(z, axis=1, keepdims=True)
+                    z = np.divide(z, norm, out=np.zeros_like(z), where=norm > 0) * scale
+                    out[s : s + len(z), cols.start : cols.start + z.shape[1]] = z
+                bar.update(min(chunk, len(texts) - s))
         return out
 
     def save(self, path: str | Path) -> None:
-        write_safetensors(
-            path,
-            {"columns": self.columns, "idf": self.idf, "components": self.components},
-            metadata={"view": "lexical", "n_features": str(self.n_features), "seed": str(self.seed)},
-        )
+        arrays = {f"{a}.{k}": v for a, block in self.blocks.items() for k, v in block.items()}
+        meta = {"view": "lexical", "n_features": str(self.n_features), "seed": str(self.seed), "dim": str(self.dim),
+                "analyzers": ",".join(self.analyzers)}  # fmt: skip
+        write_safetensors(path, arrays, metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path) -> LexicalView:
@@ -104,9 +139,17 @@ class LexicalView:
 
         with safe_open(str(path), "np") as fh:
             meta = fh.metadata() or {}
-        v = cls(dim=int(t["components"].shape[0]), n_features=int(meta.get("n_features", 2**20)))
-        v.columns, v.idf, v.components = t["columns"], t["idf"], t["components"]
+        if "analyzers" not in meta:
+            raise ValueError(f"{path}: a lexical view saved before its blocks (word, char); rerun the choose stage")
+        v = cls(dim=int(meta["dim"]), analyzers=tuple(meta["analyzers"].split(",")), n_features=int(meta["n_features"]),
+                seed=int(meta["seed"]))  # fmt: skip
+        v.blocks = {a: {k: t[f"{a}.{k}"] for k in ("columns", "idf", "components")} for a in v.analyzers}
         return v
+
+
+def transform_texts(view: LexicalView, texts: list[str]) -> np.ndarray:
+    """``view.transform(texts)``: the task of a fan-out over chunks of texts (executor ``map_tasks``)."""
+    return view.transform(texts)
 
 
 def item_texts(prompts, responses) -> list[str]:

@@ -256,3 +256,23 @@ def test_ray_fit_on_a_gpu_matches_the_cpu_fit(ray_session, tmp_path):
     state, hist = fit_ray(cfg, e, {"a": task}, num_workers=1, use_gpu=True, storage=tmp_path, name="g")["a"]
     assert len(hist) == 2 and all(np.isfinite(h["val_mse"]) for h in hist)
     assert all(v.device.type == "cpu" for v in state.values())
+
+
+def test_lexical_view_chunks_as_ray_tasks_equal_the_local_twin(ray_session):
+    """The choose stage's lexical vectors of a large side: chunks fanned out through ``map_tasks``."""
+    from types import SimpleNamespace
+
+    from nncift.exec.local import LocalExecutor
+    from nncift.exec.ray_executor import map_tasks_ray
+    from nncift.surrogate.recipes import lexical_vectors
+    from nncift.surrogate.views import LexicalView
+    from tests.surrogate.test_views import TEXTS
+
+    view = LexicalView(dim=4, analyzers=("word", "char")).fit(TEXTS)
+    texts = TEXTS * 2
+    whole = view.transform(texts)
+    local = lexical_vectors(SimpleNamespace(executor=LocalExecutor()), view, texts, chunk=5)
+    remote = lexical_vectors(SimpleNamespace(executor=SimpleNamespace(map_tasks=map_tasks_ray)), view, texts, chunk=5)
+    assert local.shape == remote.shape == whole.shape == (32, 8)
+    np.testing.assert_allclose(local, whole, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(remote, local, rtol=1e-6, atol=1e-7)

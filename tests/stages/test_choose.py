@@ -59,6 +59,68 @@ def test_calibrate_and_ridge_recover_linear_truth():
     np.testing.assert_allclose(w, [1.0, -2.0, 0.5, 0.0, 0.7], atol=0.02)
 
 
+def test_calibrate_blocks_weighs_each_block_on_its_own():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(400, 2))
+    a, b = ch.calibrate_blocks(x, 2.0 * x[:, 0] + 0.5 * x[:, 1] + 1.0)
+    np.testing.assert_allclose(a, [2.0, 0.5], atol=1e-9)
+    assert b == pytest.approx(1.0)
+    x[:, 1] = 0.3  # a block constant on the labels carries no weight
+    a, b = ch.calibrate_blocks(x, 2.0 * x[:, 0] + 1.0)
+    np.testing.assert_allclose(a, [2.0, 0.0], atol=1e-9)
+    assert b == pytest.approx(1.0)
+    a, b = ch.calibrate_blocks(x[:, :1], 3 * x[:, 0] - 2)  # one block: calibrate's answer
+    assert (a[0], b) == pytest.approx(ch.calibrate(x[:, 0], 3 * x[:, 0] - 2))
+    # with the labels' rows: the mix that orders each row best, then its least-squares scale
+    x = rng.normal(size=(400, 2))
+    rows = np.repeat(np.arange(40), 10)
+    a, b = ch.calibrate_blocks(x, 0.5 + 2.0 * x[:, 1], groups=rows)
+    np.testing.assert_allclose(a, [0.0, 2.0], atol=1e-9)
+    assert b == pytest.approx(0.5)
+    # least squares would follow the far pairs: y = block 0 + a row constant that block 1 tracks across rows,
+    # but within each row only block 0 orders the columns
+    shift = rng.normal(size=40)[rows] * 10
+    x[:, 1] = shift + rng.normal(size=400)
+    a, _ = ch.calibrate_blocks(x, x[:, 0] + shift, groups=rows)
+    assert a[0] > 0 and a[1] == 0
+    ls, _ = ch.calibrate_blocks(x, x[:, 0] + shift)
+    assert ls[1] > 0.5
+
+
+def test_within_row_spearman_by_hand():
+    groups = np.array([0, 0, 0, 1, 1, 1, 2, 2])
+    x = np.array([1.0, 2.0, 3.0, 3.0, 2.0, 1.0, 5.0, 4.0])
+    y = np.array([1.0, 2.0, 3.0, 1.0, 2.0, 3.0, 1.0, 2.0])
+    assert ch.within_row_spearman(groups, x, y) == pytest.approx(0.0)  # +1 and -1; the 2-label row is ignored
+    assert ch.within_row_spearman(groups[:3], x[:3], y[:3]) == pytest.approx(1.0)
+    assert np.isnan(ch.within_row_spearman(groups[6:], x[6:], y[6:]))
+
+
+def test_a_lexical_view_of_two_blocks_is_calibrated_per_block():
+    """``diag_lexical`` and ``additive_lexical`` on a word + char view: one weight per block, so a teacher that
+    reads only one block's similarity is recovered exactly, and the form stays one bilinear W."""
+    rng = np.random.default_rng(4)
+    n = 50
+    e = _unit(rng.normal(size=(n, 4)))
+    lex = np.concatenate([_unit(rng.normal(size=(n, 3))), _unit(rng.normal(size=(n, 3)))], 1) / np.sqrt(2)
+    blocks = {"lexical": [slice(0, 3), slice(3, 6)]}
+    rows, cols = np.nonzero(~np.eye(n, dtype=bool))
+    dots = ch.block_dots(lex[rows], lex[cols], blocks["lexical"])
+    y = 0.2 + 3.0 * dots[:, 1]  # the teacher reads the second block only
+    recs = ch.build_recipes("ff", (rows, cols, y), {"embedding": (e, e), "lexical": (lex, lex)}, None, None, True,
+                            ("diag_lexical", "additive_lexical"), blocks=blocks)  # fmt: skip
+    rec = {r.name: r for r in recs}
+    np.testing.assert_allclose(rec["diag_lexical"].info["a"], [0.0, 3.0], atol=1e-6)
+    np.testing.assert_allclose(np.diag(rec["diag_lexical"].W), [0, 0, 0, 3, 3, 3, 0.2], atol=1e-6)
+    for name in ("diag_lexical", "additive_lexical"):
+        p, q = ch.dot_factors(rec[name], lex, lex)
+        np.testing.assert_allclose((p @ q.T)[rows, cols], y, atol=1e-4)
+    one = {r.name: r for r in ch.build_recipes("ff", (rows, cols, y), {"embedding": (e, e), "lexical": (lex, lex)},
+                                               None, None, True, ("diag_lexical",))}  # fmt: skip
+    p, q = ch.dot_factors(one["diag_lexical"], lex, lex)  # one weight for both blocks cannot
+    assert np.corrcoef((p @ q.T)[rows, cols], y)[0, 1] < 0.9
+
+
 def test_additive_effects_measured_on_labeled_items_and_predicted_elsewhere():
     rng = np.random.default_rng(0)
     n = 200

@@ -261,15 +261,16 @@ def test_score_equals_a_fresh_estimate_over_pool_plus_new(dense_run, sparse_run,
         np.testing.assert_allclose(sparse_extent(scored, kernel), sparse_extent(fresh, kernel), rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["diag_lexical", "additive"])
-def test_score_with_a_free_or_additive_estimate_extends_it_to_new_rows(tmp_path, mode):
+@pytest.mark.parametrize(("mode", "lexical"), [("diag_lexical", "word"), ("diag_lexical", "word,char"),
+                                               ("additive", "word")])  # fmt: skip
+def test_score_with_a_free_or_additive_estimate_extends_it_to_new_rows(tmp_path, mode, lexical):
     """A chosen estimate that is not the network: new rows get its bilinear form on their own view vectors (the
     lexical view through the run's fitted transform) and, for per-item effects, their ridge predictions."""
     from nncift.store import read_safetensors
     from nncift.surrogate.recipes import chosen_recipes
     from nncift.surrogate.views import LexicalView, item_texts
 
-    runner, files = _run(tmp_path, [*COLUMN, f"choose.mode={mode}"])
+    runner, files = _run(tmp_path, [*COLUMN, f"choose.mode={mode}", f"choose.lexical={lexical}"])
     run = runner.store.root
     assert json.loads((run / "choose" / "choice.json").read_text())["chosen"] == mode
     assert main(["score", "-q", "--run-dir", str(run), "--input", str(files["new"])]) == 0
@@ -284,6 +285,7 @@ def test_score_with_a_free_or_additive_estimate_extends_it_to_new_rows(tmp_path,
     if rec["ff"].view == "lexical":
         pool, target = runner.ctx.tables(["prompt", "response"])
         lex = LexicalView.load(run / "choose" / "lexical.safetensors")
+        assert ",".join(lex.analyzers) == lexical
         v_pool = lex.transform(item_texts(pool.column("prompt").to_pylist(), pool.column("response").to_pylist()))
         v_t = lex.transform(item_texts(target.column("prompt").to_pylist(), target.column("response").to_pylist()))
         v_new = lex.transform(
