@@ -17,7 +17,7 @@ Teachers:
            (benchmarks/data/delift_icl_smollm2_t32_s1.parquet); since then `label.probes=auto` was set on icl and icl2
   icl3     a third full DELIFT ICL table, built after every default was set: other items (seed 2), 64/32 tokens,
            90 x 112 (benchmarks/data/delift_icl_smollm2_t64_s2.parquet)
-  charsim  a TF-IDF character 3-5-gram cosine (M=800, N=200), as issue #17 describes its outside text teacher; the
+  charsim  a TF-IDF character 3-5-gram cosine (M=800, N=200): a text teacher of another tokenisation than words; the
            lexical view's character block (choose.lexical) was added after measuring it: not an unseen teacher
   bm25     BM25 of each target's text as the query against each example's text (M=800, N=200; asymmetric),
            nothing was tuned on it

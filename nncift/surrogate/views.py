@@ -140,7 +140,10 @@ class LexicalView:
         with safe_open(str(path), "np") as fh:
             meta = fh.metadata() or {}
         if "analyzers" not in meta:
-            raise ValueError(f"{path}: a lexical view saved before its blocks (word, char); rerun the choose stage")
+            from nncift.errors import ProvenanceError
+
+            raise ProvenanceError(f"{path}: a lexical view saved before its blocks (word, char) existed; rerun the "
+                                  "choose stage (nncift run ... --overwrite)")  # fmt: skip
         v = cls(dim=int(meta["dim"]), analyzers=tuple(meta["analyzers"].split(",")), n_features=int(meta["n_features"]),
                 seed=int(meta["seed"]))  # fmt: skip
         v.blocks = {a: {k: t[f"{a}.{k}"] for k in ("columns", "idf", "components")} for a in v.analyzers}

@@ -263,7 +263,7 @@ def test_score_equals_a_fresh_estimate_over_pool_plus_new(dense_run, sparse_run,
 
 @pytest.mark.parametrize(("mode", "lexical"), [("diag_lexical", "word"), ("diag_lexical", "word,char"),
                                                ("additive", "word")])  # fmt: skip
-def test_score_with_a_free_or_additive_estimate_extends_it_to_new_rows(tmp_path, mode, lexical):
+def test_score_with_a_free_or_additive_estimate_extends_it_to_new_rows(tmp_path, mode, lexical, capsys):
     """A chosen estimate that is not the network: new rows get its bilinear form on their own view vectors (the
     lexical view through the run's fitted transform) and, for per-item effects, their ridge predictions."""
     from nncift.store import read_safetensors
@@ -306,6 +306,16 @@ def test_score_with_a_free_or_additive_estimate_extends_it_to_new_rows(tmp_path,
             c_all = np.concatenate([r.c, aug(v_new) @ r.c_w]) if kernel == "ff" else r.c
             want = want + c_all[None, :]
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    if rec["ff"].view == "lexical" and lexical == "word":  # a lexical transform saved before its blocks existed
+        from nncift.store import write_safetensors
+
+        old = {k.split(".", 1)[1]: v for k, v in read_safetensors(run / "choose" / "lexical.safetensors").items()}
+        write_safetensors(run / "choose" / "lexical.safetensors", old, metadata={"view": "lexical"})
+        args = ["score", "-q", "--run-dir", str(run), "--input", str(files["new"]), "--name", "again"]
+        capsys.readouterr()
+        assert main(args) == 2
+        assert "lexical.safetensors: a lexical view saved before its blocks" in capsys.readouterr().err
+        assert not (run / "score" / "again").exists()
 
 
 # ----------------------------------------------------------------------------------------- select --scored

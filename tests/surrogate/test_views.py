@@ -43,6 +43,7 @@ def test_the_char_block_reads_shared_stems_the_word_block_misses():
 
 
 def test_saved_view_gives_the_same_vectors_and_an_old_file_is_refused(tmp_path):
+    from nncift.errors import ProvenanceError
     from nncift.store import write_safetensors
 
     view = LexicalView(dim=5, analyzers=("char", "word"), seed=3).fit(TEXTS)
@@ -52,7 +53,7 @@ def test_saved_view_gives_the_same_vectors_and_an_old_file_is_refused(tmp_path):
     np.testing.assert_array_equal(again.transform(TEXTS), view.transform(TEXTS))
     block = view.blocks["word"]
     write_safetensors(tmp_path / "old.safetensors", dict(block), metadata={"view": "lexical"})
-    with pytest.raises(ValueError, match=r"old\.safetensors.*rerun the choose stage"):
+    with pytest.raises(ProvenanceError, match=r"old\.safetensors.*rerun the choose stage"):
         LexicalView.load(tmp_path / "old.safetensors")
 
 
