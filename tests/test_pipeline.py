@@ -119,8 +119,9 @@ def _cli(run_dir, corpus, overrides):
 @pytest.mark.parametrize(
     "watch",
     [
-        "label/blocks/*.parquet",
-        # CI time: an estimate actor killed mid-stage and truncated estimate blocks are in CI (tests/test_trust.py)
+        # CI time: a label stage resumed from its finished blocks (test_icl_label_resume_recomputes_only_missing_blocks),
+        # an actor killed mid-stage and truncated blocks (tests/test_trust.py) are in CI
+        pytest.param("label/blocks/*.parquet", marks=pytest.mark.slow),
         pytest.param("estimate/blocks/ff_*.parquet", marks=pytest.mark.slow),
         "fit/_STARTED.json",
     ],
