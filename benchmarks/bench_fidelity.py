@@ -208,7 +208,7 @@ def choose_on_truth(t: dict, cfg, labels: dict, nets: dict, diag, seed: int, ker
     """The choose stage on the teacher's values: candidates, held-out rows, the pairs they need (looked up in the
     full kernel, as the teacher would label them), the decision; and every candidate's dense kernels."""
     from nncift.surrogate import candidates as ch
-    from nncift.surrogate.views import LexicalView
+    from nncift.surrogate.recipes import lexical_analyzers, view_blocks
 
     c, sc = cfg.choose, cfg.select
     m = len(t["ff"])
@@ -217,10 +217,9 @@ def choose_on_truth(t: dict, cfg, labels: dict, nets: dict, diag, seed: int, ker
     if c.views == "none":
         kinds = tuple(k for k in kinds if k not in ("lexical", "diag_lexical"))
     views = {"embedding": (t["e_pool"], t["e_target"])}
-    analyzers = tuple(x.strip() for x in c.lexical.split(",") if x.strip())
-    blocks = {"lexical": LexicalView(analyzers=analyzers).block_slices()}
+    blocks = view_blocks(c)
     if c.views == "lexical":
-        views["lexical"] = lexical_view(t, seed, analyzers)
+        views["lexical"] = lexical_view(t, seed, lexical_analyzers(c))
     if t.get("lm") and c.teacher_features != "none":
         views.update(lm_views(t, cfg))
     kv = {k: {v: (p, p if k == "ff" else q) for v, (p, q) in views.items()} for k in kernels}

@@ -96,7 +96,7 @@ class ChooseStage(Stage):
             (rc, y), (prc, py) = labels[kernel]["q1"], labels[kernel]["probe"]
             recipes[kernel] = ch.build_recipes(kernel, (rc[0], rc[1], y), kviews[kernel], net, scaler,
                                                diag is not None, kinds, probes=(prc[0], prc[1], py),
-                                               blocks=view_blocks(ctx))  # fmt: skip
+                                               blocks=view_blocks(c))  # fmt: skip
         recipes = ch.narrow_family(recipes, keep=c.mode)
         save_recipes(ctx, recipes)
         names = [r.name for r in recipes["ff"]]

@@ -216,30 +216,33 @@ def block_dots(vr: np.ndarray, vc: np.ndarray, blocks: list[slice] | None = None
     return np.stack([np.einsum("pd,pd->p", vr[:, s], vc[:, s]) for s in blocks or [slice(None)]], 1).astype(np.float64)
 
 
-def within_row_spearman(groups: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
-    """Mean over groups (rows) with at least 3 labels of the Spearman correlation of ``x`` and ``y`` within the
-    group (ordinal ranks): how well ``x`` orders each row's labeled columns, what greedy selection reads.
-    NaN when no group has 3 labels."""
-    groups = np.asarray(groups)
+def _row_ranks(g: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """(P,) ordinal rank of each value within its group (``g``: (P,) group index), ties in input order."""
+    order = np.lexsort((np.arange(len(v)), v, g))
+    gs = g[order]
+    first = np.r_[0, np.flatnonzero(gs[1:] != gs[:-1]) + 1]
+    out = np.empty(len(v))
+    out[order] = np.arange(len(v)) - np.repeat(first, np.diff(np.r_[first, len(v)]))
+    return out
 
-    def ranks(v: np.ndarray) -> np.ndarray:
-        order = np.lexsort((np.arange(len(v)), v, groups))
-        g = groups[order]
-        first = np.r_[0, np.flatnonzero(g[1:] != g[:-1]) + 1]
-        pos = np.arange(len(v)) - np.repeat(first, np.diff(np.r_[first, len(v)]))
-        out = np.empty(len(v))
-        out[order] = pos
-        return out
 
-    if len(groups) == 0:
-        return float("nan")
-    _, g = np.unique(groups, return_inverse=True)
+def _row_rank_corr(g: np.ndarray, rx: np.ndarray, ry: np.ndarray) -> float:
+    """Mean over groups with >= 3 members of the Pearson correlation of within-group ranks (NaN: no such group)."""
     n = np.bincount(g)
-    rx, ry = ranks(np.asarray(x, np.float64)), ranks(np.asarray(y, np.float64))
     dx, dy = rx - (np.bincount(g, rx) / n)[g], ry - (np.bincount(g, ry) / n)[g]
     num, den = np.bincount(g, dx * dy), np.sqrt(np.bincount(g, dx * dx) * np.bincount(g, dy * dy))
     ok = (n >= 3) & (den > 0)
     return float(np.mean(num[ok] / den[ok])) if ok.any() else float("nan")
+
+
+def within_row_spearman(groups: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
+    """Mean over groups (rows) with at least 3 labels of the Spearman correlation of ``x`` and ``y`` within the
+    group (ordinal ranks): how well ``x`` orders each row's labeled columns, what greedy selection reads.
+    NaN when no group has 3 labels."""
+    if len(groups) == 0:
+        return float("nan")
+    g = np.unique(np.asarray(groups), return_inverse=True)[1]
+    return _row_rank_corr(g, _row_ranks(g, np.asarray(x, np.float64)), _row_ranks(g, np.asarray(y, np.float64)))
 
 
 def calibrate_blocks(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None, steps: int = 8
@@ -260,12 +263,14 @@ def calibrate_blocks(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None = N
         a, b = calibrate(x[:, 0], y)
         return np.array([a]), b
     if groups is not None and len(y) >= 3:
+        g = np.unique(np.asarray(groups), return_inverse=True)[1]
+        ry = _row_ranks(g, y)  # the labels' ranks, shared by every mix
         best, best_mix = -np.inf, None
         for combo in itertools.product(range(steps + 1), repeat=n_b - 1):
             if sum(combo) > steps:
                 continue
             mix = np.array([*combo, steps - sum(combo)], np.float64) / steps
-            rho = within_row_spearman(groups, x @ mix, y)
+            rho = _row_rank_corr(g, _row_ranks(g, x @ mix), ry)
             if np.isfinite(rho) and rho > best:
                 best, best_mix = rho, mix
         if best_mix is not None:
@@ -405,17 +410,16 @@ def build_recipes(kernel: str, labels: tuple[np.ndarray, np.ndarray, np.ndarray]
     has_diag = diag and kernel == "ff"  # K_FT has no diagonal: its candidates carry the K_FF names
     out: list[Recipe] = []
     blocks = blocks or {}
-    cal: dict[str, tuple[float, float]] = {}
+    cal: dict[str, tuple[np.ndarray, float]] = {}  # view -> (one weight per block, intercept)
     for view in ("embedding", "lexical"):  # the views whose cosine is a candidate (not the teacher-LM features)
         if view in views:
             vr, vc = views[view]
-            a_, b_ = calibrate_blocks(block_dots(vr[rows], vc[cols], blocks.get(view)), y, groups=rows)
-            cal[view] = (float(a_[0]) if len(a_) == 1 else a_, b_)
-    lex_w = {}  # the calibrated lexical form and its info (one weight per block)
+            cal[view] = calibrate_blocks(block_dots(vr[rows], vc[cols], blocks.get(view)), y, groups=rows)
+    lex_w = {}  # the calibrated lexical form and its info
     if "lexical" in views:
         al, bl = cal["lexical"]
         lex_w = {"W": affine_form(views["lexical"][0].shape[1], al, bl, blocks.get("lexical")),
-                 "info": {"a": np.ravel(al).tolist() if np.ndim(al) else al, "b": bl}}  # fmt: skip
+                 "info": {"a": al.tolist(), "b": bl}}  # fmt: skip
     d_emb = views["embedding"][0].shape[1]
     mu = float(np.mean(y)) if len(y) else 0.0
 
@@ -430,7 +434,7 @@ def build_recipes(kernel: str, labels: tuple[np.ndarray, np.ndarray, np.ndarray]
                 info={"zero_label": True})  # fmt: skip
     else:
         add("diag_const", free=True, view="embedding", W=affine_form(d_emb, 0.0, mu), diag=has_diag)
-    a, b = cal["embedding"]
+    a, b = float(cal["embedding"][0][0]), cal["embedding"][1]
     add("diag_cosine", free=True, view="embedding", W=affine_form(d_emb, a, b), diag=has_diag, info={"a": a, "b": b})
     if "lexical" in views:
         add("diag_lexical", free=True, view="lexical", W=lex_w["W"], diag=has_diag, info=dict(lex_w["info"]))

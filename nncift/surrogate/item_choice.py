@@ -171,7 +171,7 @@ def topk_out_of_fold(ctx: Context, views: dict, names: list[str], folds: int = 5
         net.eval()
         head = {**net.estimator(torch.as_tensor(e_pool), torch.as_tensor(e_target)), "lo": scaler.lo, "hi": scaler.hi}
         recs = ch.build_recipes("ft", (r[keep], c[keep], y[keep]), views, net, scaler, has_diag, wanted(ctx),
-                                blocks=view_blocks(ctx))  # fmt: skip
+                                blocks=view_blocks(ctx.cfg.choose))  # fmt: skip
         est = ch.Estimates(recs, views, head, None)
         for name in names:
             if name in est.recipes:

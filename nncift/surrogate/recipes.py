@@ -15,6 +15,7 @@ from nncift.exec.devices import local_device
 from nncift.store import read_safetensors, write_json, write_safetensors
 
 if TYPE_CHECKING:
+    from nncift.config import ChooseConfig
     from nncift.stages.base import Context
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def item_views(ctx: Context) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         arrays = {}
         if ctx.cfg.choose.views == "lexical":
             texts = [item_texts(*c) for c in cols]
-            lex = LexicalView(analyzers=lexical_analyzers(ctx), seed=ctx.cfg.seed).fit(texts[0] + texts[1])
+            lex = LexicalView(analyzers=lexical_analyzers(ctx.cfg.choose), seed=ctx.cfg.seed).fit(texts[0] + texts[1])
             lex.save(ctx.path("choose", "lexical.safetensors"))
             for side, items in zip(("pool", "target"), texts, strict=True):
                 arrays[f"lexical.{side}"] = lexical_vectors(ctx, lex, items)
@@ -116,25 +117,25 @@ def item_views(ctx: Context) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def lexical_vectors(ctx: Context, lex: Any, texts: list[str], chunk: int = 8192) -> np.ndarray:
     """(len(texts), width) float32 lexical vectors, chunks of ``chunk`` texts fanned out over the executor
     (:meth:`map_tasks`: Ray tasks on a cluster, in order in this process locally; the same vectors either way)."""
-    from nncift.surrogate.views import transform_texts
+    from nncift.surrogate.views import LexicalView
 
     if len(texts) <= chunk:
         return lex.transform(texts)
     tasks = [(texts[s : s + chunk],) for s in range(0, len(texts), chunk)]
-    return np.concatenate(ctx.executor.map_tasks(transform_texts, lex, tasks, desc="lexical view"))
+    return np.concatenate(ctx.executor.map_tasks(LexicalView.transform, lex, tasks, desc="lexical view"))
 
 
-def lexical_analyzers(ctx: Context) -> tuple[str, ...]:
+def lexical_analyzers(choose: ChooseConfig) -> tuple[str, ...]:
     """The lexical view's blocks (``choose.lexical``)."""
-    return tuple(a.strip() for a in ctx.cfg.choose.lexical.split(",") if a.strip())
+    return tuple(a.strip() for a in choose.lexical.split(",") if a.strip())
 
 
-def view_blocks(ctx: Context) -> dict[str, list[slice]]:
+def view_blocks(choose: ChooseConfig) -> dict[str, list[slice]]:
     """view name -> its blocks' column slices (the lexical view: one per analyzer), for
     :func:`nncift.surrogate.candidates.build_recipes`."""
     from nncift.surrogate.views import LexicalView
 
-    return {"lexical": LexicalView(analyzers=lexical_analyzers(ctx)).block_slices()}
+    return {"lexical": LexicalView(analyzers=lexical_analyzers(choose)).block_slices()}
 
 
 def new_item_views(ctx: Context, e_new: np.ndarray, prompts: list[str] | None, responses: list[str] | None) -> dict:

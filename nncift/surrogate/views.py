@@ -54,15 +54,9 @@ class LexicalView:
         self.max_columns, self.sample, self.seed = max_columns, sample, seed
         self.blocks: dict[str, dict[str, np.ndarray]] = {}  # analyzer -> columns (V,), idf (V,), components (k, V)
 
-    @property
-    def width(self) -> int:
-        """Columns of one block."""
-        return self.dim
-
     def block_slices(self) -> list[slice]:
         """The columns of each block in the view's vectors, in ``analyzers`` order."""
-        w = self.width
-        return [slice(k * w, (k + 1) * w) for k in range(len(self.analyzers))]
+        return [slice(k * self.dim, (k + 1) * self.dim) for k in range(len(self.analyzers))]
 
     def _hashed(self, texts: list[str], analyzer: str):
         from sklearn.feature_extraction.text import HashingVectorizer
@@ -90,7 +84,7 @@ class LexicalView:
                 raise ValueError(f"lexical view: the texts share fewer than 2 {analyzer} n-grams ({n} texts)")
             block = {"columns": keep.astype(np.int64),
                      "idf": (np.log((1 + len(sample)) / (1 + df[keep])) + 1.0).astype(np.float32)}  # fmt: skip
-            k = max(1, min(self.width, len(keep) - 1, len(sample) - 1))
+            k = max(1, min(self.dim, len(keep) - 1, len(sample) - 1))
             svd = TruncatedSVD(k, algorithm="randomized", n_iter=5, random_state=self.seed)
             svd.fit(self._weighted(x, block))
             block["components"] = svd.components_.astype(np.float32)
@@ -106,14 +100,14 @@ class LexicalView:
         return normalize(xs, norm="l2", copy=False)
 
     def transform(self, texts: list[str], chunk: int = 8192) -> np.ndarray:
-        """(len(texts), B * width) float32: per block a unit vector scaled by ``1/sqrt(B)`` (a text with no kept
+        """(len(texts), B * dim) float32: per block a unit vector scaled by ``1/sqrt(B)`` (a text with no kept
         n-gram of a block has zeros there)."""
         if len(self.blocks) != len(self.analyzers):
             raise RuntimeError("LexicalView.transform before fit/load")
         from tqdm.auto import tqdm
 
         scale = np.float32(1.0 / np.sqrt(len(self.analyzers)))
-        out = np.zeros((len(texts), self.width * len(self.analyzers)), np.float32)
+        out = np.zeros((len(texts), self.dim * len(self.analyzers)), np.float32)
         with tqdm(total=len(texts), desc="lexical view", unit="item", disable=len(texts) <= chunk, leave=False) as bar:
             for s in range(0, len(texts), chunk):
                 for analyzer, cols in zip(self.analyzers, self.block_slices(), strict=True):
@@ -148,11 +142,6 @@ class LexicalView:
                 seed=int(meta["seed"]))  # fmt: skip
         v.blocks = {a: {k: t[f"{a}.{k}"] for k in ("columns", "idf", "components")} for a in v.analyzers}
         return v
-
-
-def transform_texts(view: LexicalView, texts: list[str]) -> np.ndarray:
-    """``view.transform(texts)``: the task of a fan-out over chunks of texts (executor ``map_tasks``)."""
-    return view.transform(texts)
 
 
 def item_texts(prompts, responses) -> list[str]:

@@ -486,3 +486,14 @@ def test_score_on_ray_equals_local(ray_session, tmp_path, tiny_st_model):
         np.testing.assert_allclose(
             read_row_means(a / "blocks", kernel, M + NEW), read_row_means(b / "blocks", kernel, M + NEW), rtol=1e-5
         )
+    # a lexical transform saved before its blocks existed is refused on Ray as locally (one line, nothing written)
+    from nncift.errors import ProvenanceError
+    from nncift.store import write_safetensors
+
+    lex = run / "choose" / "lexical.safetensors"
+    old = {k.split(".", 1)[1]: v for k, v in read_safetensors(lex).items() if k.startswith("word.")}
+    write_safetensors(lex, old, metadata={"view": "lexical"})
+    r = Runner(load_config(cfg_yaml, ["ray.executor=ray", "embed.concurrency=1"]), run)
+    with pytest.raises(ProvenanceError, match=r"lexical\.safetensors: a lexical view saved before its blocks"):
+        score(r, files["new"], "again")
+    assert not (run / "score" / "again").exists()
