@@ -486,10 +486,18 @@ def test_score_on_ray_equals_local(ray_session, tmp_path, tiny_st_model):
         np.testing.assert_allclose(
             read_row_means(a / "blocks", kernel, M + NEW), read_row_means(b / "blocks", kernel, M + NEW), rtol=1e-5
         )
-    # a lexical transform saved before its blocks existed is refused on Ray as locally (one line, nothing written)
-    from nncift.errors import ProvenanceError
-    from nncift.store import write_safetensors
 
+
+@pytest.mark.slow  # CI time: the local refusal is in CI (test_score_with_a_free_or_additive_estimate...[diag_lexical-word])
+def test_an_old_lexical_transform_is_refused_on_ray(ray_session, tmp_path, tiny_st_model):
+    """A lexical transform saved before its blocks existed is refused on Ray as locally (nothing written)."""
+    from nncift.errors import ProvenanceError
+    from nncift.stages.score import score
+    from nncift.store import read_safetensors, write_safetensors
+
+    runner, files = _run(tmp_path, [f"embed.model={tiny_st_model}", *SPARSE])
+    run = runner.store.root
+    cfg_yaml = run / "config.yaml"
     lex = run / "choose" / "lexical.safetensors"
     old = {k.split(".", 1)[1]: v for k, v in read_safetensors(lex).items() if k.startswith("word.")}
     write_safetensors(lex, old, metadata={"view": "lexical"})
