@@ -157,13 +157,22 @@ def test_kill_9_and_resume_gives_the_same_selection(tmp_path, corpus, tiny_overr
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # 40 s of Ray startups; each fan-out's own twin test (tests/exec) runs in CI
 @pytest.mark.timeout(600)
-def test_end_to_end_ray(ray_session, tmp_path, corpus, tiny_overrides):
-    run = tmp_path / "run"
-    _run(run, corpus, [*tiny_overrides, "fit.num_workers=2", "embed.concurrency=1"])
-    rep = json.loads((run / "report" / "report.json").read_text())
-    assert rep["selection"]["budget"] == 24
+def test_end_to_end_ray_equals_the_local_twin(ray_session, tmp_path, corpus, tiny_overrides):
+    """Every stage on the Ray executor (Ray Data reads, embedding actors, label actors, Ray Train on 2
+    workers, estimate actors) gives the local run's selection and fidelity."""
+    ray_run, local_run = tmp_path / "ray", tmp_path / "local"
+    _run(ray_run, corpus, [*tiny_overrides, "fit.num_workers=2", "embed.concurrency=1"])
+    _run(local_run, corpus, [*tiny_overrides, *LOCAL])
+    rep, twin = (json.loads((r / "report" / "report.json").read_text()) for r in (ray_run, local_run))
+    assert rep["selection"]["budget"] == twin["selection"]["budget"] == 24
     assert rep["network"]["ff"]["epochs"] >= 1
+    assert rep["choice"]["chosen"] == twin["choice"]["chosen"]
+    assert isinstance(twin["fidelity"]["gap_closed"], float)
+    assert rep["fidelity"]["gap_closed"] == pytest.approx(twin["fidelity"]["gap_closed"], abs=1e-6)
+    ids = [pq.read_table(r / "select" / "selection.parquet").column("id").to_pylist() for r in (ray_run, local_run)]
+    assert ids[0] == ids[1]
 
 
 def test_end_to_end_delift_icl_tiny_lm(tmp_path, corpus, tiny_overrides, tiny_lm):
