@@ -86,9 +86,10 @@ def bm25(queries: list[str], docs: list[str], k1: float = 1.5, b: float = 0.75) 
     return ((q * idf) @ w.T).astype(np.float32)
 
 
-def teacher(name: str, work: Path) -> dict:
+def teacher(name: str, work: Path, plain: bool = False) -> dict:
     """Embeddings, texts, true kernels and a label for one teacher: {e_pool, e_target, texts_pool, texts_target,
-    ff, ft, name, symmetric}."""
+    ff, ft, name, symmetric, lm}. ``plain``: a DELIFT table read as a table without provenance (no teacher-LM
+    features; ``label.probes=auto`` decided on the labels), as a user's own table file is."""
     from nncift.influence import build_influence_function
     from nncift.selection import fidelity as fid
 
@@ -139,7 +140,7 @@ def teacher(name: str, work: Path) -> dict:
             "texts_target": item_texts(target.prompts, target.responses),
             "prompts_pool": pool.prompts, "responses_pool": pool.responses,
             "prompts_target": target.prompts, "responses_target": target.responses,
-            "lm": name in TABLES,  # DELIFT tables: teacher-LM features and probes (the `auto` settings)
+            "lm": name in TABLES and not plain,  # DELIFT tables: teacher-LM features and probes (the `auto` settings)
             "symmetric": name in ("se", "textsim", "charsim")}  # fmt: skip
 
 
@@ -266,12 +267,38 @@ def choose_on_truth(t: dict, cfg, labels: dict, nets: dict, diag, seed: int, ker
     }
 
 
-def probes_for(t: dict, probes: str) -> int:
+def probes_for(t: dict, probes: str) -> int | None:
     """``label.probes`` resolved as the label stage resolves it: ``auto`` is DELIFT ICL's 4 on the DELIFT tables
-    (their provenance names delift_icl), 0 on the other teachers."""
+    (their provenance names delift_icl), DELIFT-SE's 0 on `se`, and None (decided on the run's own training
+    labels, :func:`nncift.labels.probes.decide_probes`) on the other teachers and on plain tables (``--plain``),
+    whose nature a run does not know."""
     from nncift.influence import teacher_class
 
-    return (teacher_class("delift_icl").auto_probes if t["lm"] else 0) if probes == "auto" else int(probes)
+    if probes != "auto":
+        return int(probes)
+    if t["lm"]:
+        return teacher_class("delift_icl").auto_probes
+    return teacher_class("delift_se").auto_probes if t["name"] == "se" else None
+
+
+def plan_for(t: dict, lb, fraction: float, seed: int, design: str):
+    """The run's label plan on a teacher, as the label stage makes it: the probe columns of a teacher of unknown
+    nature decided on the K_FF training labels. Returns (plan, probe decision or None)."""
+    from nncift.labels.plan import plan_labels, probe_sets
+    from nncift.labels.probes import decide_probes
+
+    m, n = t["ff"].shape[0], t["ft"].shape[1]
+    probes = probes_for(t, lb.probes)
+    plan = plan_labels(m, n, fraction, min(lb.min_count, m), lb.eval_pairs, seed, design=design,
+                       partners=lb.partners, diagonal=lb.diagonal, probes=probes or 0)  # fmt: skip
+    if probes is not None or fraction >= 1.0:
+        return plan, None
+    q1 = [s for s in plan.sets if s.kernel == "ff" and s.quadrant == "q1"]
+    rows = np.concatenate([np.repeat(s.rows, len(s.cols)) for s in q1])
+    cols = np.concatenate([np.tile(s.cols, len(s.rows)) for s in q1])
+    decision = decide_probes(rows, cols, t["ff"][rows, cols])
+    plan.sets += probe_sets(m, plan.pool_labeled, decision["probes"], seed)
+    return plan, decision
 
 
 def run_one(t: dict, cfg, variant: str, fraction: float, seed: int, kernels: tuple[str, ...]) -> dict:
@@ -279,7 +306,6 @@ def run_one(t: dict, cfg, variant: str, fraction: float, seed: int, kernels: tup
     import torch
 
     from nncift.kernels.estimate_worker import overwrite_diagonal
-    from nncift.labels.plan import plan_labels
     from nncift.selection import fidelity as fid
     from nncift.surrogate.fitting import PairLabels, fit_loop, split_train_val
     from nncift.surrogate.metrics import spearman, topk_recall
@@ -289,9 +315,8 @@ def run_one(t: dict, cfg, variant: str, fraction: float, seed: int, kernels: tup
     cfg = variant_config(cfg, variant)
     lb, nw, sc = cfg.label, cfg.fit, cfg.select
     kind, design = nw.kind, lb.design
-    m, n = t["ff"].shape[0], t["ft"].shape[1]
-    plan = plan_labels(m, n, fraction, min(lb.min_count, m), lb.eval_pairs, seed, design=design,
-                       partners=lb.partners, diagonal=lb.diagonal, probes=probes_for(t, lb.probes))  # fmt: skip
+    m = t["ff"].shape[0]
+    plan, decision = plan_for(t, lb, fraction, seed, design)
     sym = {"auto": t["symmetric"], "true": True, "false": False}[nw.symmetric]
     fit_cfg = {"kind": kind, "hidden": nw.hidden, "rank": nw.rank, "symmetric": sym, "cosine_prior": nw.cosine_prior,
                "lr": nw.lr, "weight_decay": nw.weight_decay, "epochs": nw.epochs, "batch_size": nw.batch_size,
@@ -351,7 +376,7 @@ def run_one(t: dict, cfg, variant: str, fraction: float, seed: int, kernels: tup
     pairs = sum(s.num_pairs for s in plan.sets if s.quadrant == "q1" and s.kernel in kernels)
     pairs += plan.diag_pairs + plan.probe_pairs + sum(round2.values())
     out = {"variant": variant, "kind": kind, "design": design, "fraction": fraction, "seed": seed,
-           "labeled_items": len(plan.pool_labeled), "q4": q4}  # fmt: skip
+           "labeled_items": len(plan.pool_labeled), "q4": q4, "probe_decision": decision}  # fmt: skip
     subsets = {"est": fid.select(est["ff"], est.get("ft"), budget, sc.objective, sc.eta, sc.nu)}
     if variant in CHOOSING:
         probe = {}
@@ -506,6 +531,9 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench_fidelity"), help="run directories (embeddings)")
     ap.add_argument("--out", default=None, help="results JSON (default <work>/results.json); the plot goes beside")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--plain", action="store_true",
+                    help="read the DELIFT tables as tables without provenance, as a user's own table file: no "
+                         "teacher-LM features, label.probes=auto decided on the run's labels")  # fmt: skip
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -519,7 +547,7 @@ def main() -> None:
     split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     results = {}
     for name in split(args.teacher):
-        t = teacher(name, work)
+        t = teacher(name, work, plain=args.plain)
         base = baselines(t, cfg)
         rows = []
         for variant in split(args.variants):
@@ -542,7 +570,8 @@ def main() -> None:
         results[name] = {"runs": rows, "summary": summary, "baselines": base}
     out = Path(args.out) if args.out else work / "results.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config_overrides": args.overrides, "results": results}, indent=1, default=float))
+    out.write_text(json.dumps({"config_overrides": args.overrides, "plain": args.plain, "results": results}, indent=1,
+                              default=float))  # fmt: skip
     print(f"results: {out}")
     plot(out.with_suffix(".png"), results)
 

@@ -33,6 +33,7 @@ def build_report(store: RunDir) -> dict:
             "design": lab.get("design", "block"),
             "diag_pairs": lab.get("diag_pairs", 0),
             "probe_pairs": lab.get("probe_pairs", 0),
+            "probe_decision": lab.get("probe_decision"),
             "pairs_labeled": lab.get("pairs_labeled"),
             "train_pairs": lab.get("train_pairs"),
             "eval_pairs": lab.get("eval_pairs"),
@@ -88,6 +89,16 @@ def teacher_cost(lab: dict, choose: dict) -> dict:
              "probe": lab.get("probe_pairs") or 0, "choose": choose_n}  # fmt: skip
     return {"unit": unit, **parts, "selection": int(sum(parts.values())), "report_only": lab.get("eval_pairs") or 0,
             "seconds": seconds}  # fmt: skip
+
+
+def _probe_decision_markdown(dec: dict | None) -> str:
+    """The label stage's probe decision for a teacher of unknown nature (``label/probes.json``), in words."""
+    if not dec:
+        return ""
+    what = f"{dec['probes']} probe columns" if dec["probes"] else "no probe columns"
+    return (f" `label.probes=auto` on a teacher of unknown nature: {what} ({dec['reason']}; the training labels "
+            f"measured both ways tell an asymmetric, in-context-like teacher, which the probes help, from a "
+            f"similarity).")  # fmt: skip
 
 
 def _cost_markdown(rep: dict) -> list[str]:
@@ -267,7 +278,8 @@ def _markdown(rep: dict, plots: list[str]) -> str:
         f"{rep['label']['eval_pairs']:,} for the fidelity report"
         + (f", {rep['label']['diag_pairs']:,} exact self-utilities" if rep["label"]["diag_pairs"] else "")
         + (f", {rep['label']['probe_pairs']:,} probe pairs" if rep["label"].get("probe_pairs") else "")
-        + ".",
+        + "."
+        + _probe_decision_markdown(rep["label"].get("probe_decision")),
         "",
         *_cost_markdown(rep),
         *_estimate_markdown(rep.get("estimate") or {}),

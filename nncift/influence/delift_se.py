@@ -18,6 +18,7 @@ class DeliftSE(InfluenceFunction):
 
     name = "delift_se"
     symmetric = True
+    auto_probes = 0  # a symmetric cosine: the free estimates read it whole (docs/fidelity.md)
     exact_is_cheap = True
 
     def utility(self, examples: Items, targets: Items) -> np.ndarray:

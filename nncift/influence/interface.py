@@ -61,7 +61,10 @@ class InfluenceFunction(ABC):
             kernel carries strong per-item effects (how much a target gains from examples in general, how much
             an example helps targets in general), so ``label.probes=auto`` labels :attr:`auto_probes` probe
             columns to measure them, and ``choose.teacher_features=auto`` reads the LM's hidden states.
-        auto_probes: probe columns ``label.probes=auto`` labels for this teacher (M pairs each).
+        auto_probes: probe columns ``label.probes=auto`` labels for this teacher (M pairs each); None (a teacher
+            of unknown nature: a table without provenance, a plugin) decides on the run's own training labels
+            (:func:`nncift.labels.probes.decide_probes`: probe columns when the pairs labeled both ways are not
+            symmetric).
     """
 
     name: ClassVar[str] = "base"
@@ -72,7 +75,7 @@ class InfluenceFunction(ABC):
     pairs_per_second: float = 1e6
     cost_unit: ClassVar[str] = "pair"
     in_context: ClassVar[bool] = False
-    auto_probes: ClassVar[int] = 0
+    auto_probes: ClassVar[int | None] = None
 
     @classmethod
     def source(cls, section: Any) -> tuple[str, dict[str, Any]]:

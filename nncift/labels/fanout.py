@@ -42,25 +42,53 @@ def items_touched(plan) -> dict[str, int]:
     return {"labeled": labeled, "report": total - labeled, "total": total}
 
 
+def probes_decided_by_labels(ctx: Context) -> bool:
+    """``label.probes=auto`` on a pairwise, per-pair teacher of unknown nature (its ``auto_probes`` is None: a
+    table without provenance, a plugin): the label stage decides the probe columns on the run's own training
+    labels (:func:`nncift.labels.probes.decide_probes`) and records the decision in ``label/probes.json``."""
+    c = ctx.cfg.label
+    if c.probes != "auto" or c.fraction >= 1.0 or ctx.pointwise() or ctx.teacher().cost_unit == "item":
+        return False
+    cls = ctx.source_teacher()[0]
+    return cls.auto_probes is None and not cls.symmetric
+
+
+def probe_decision(ctx: Context) -> dict | None:
+    """The label stage's recorded decision (``label/probes.json``), or None before it was made."""
+    import json
+
+    path = ctx.path("label", "probes.json")
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def label_probes(ctx: Context) -> int:
     """``label.probes`` resolved: ``auto`` is the teacher's :attr:`~nncift.influence.interface.InfluenceFunction.auto_probes`
-    (4 for DELIFT ICL and for a table of its values, 0 otherwise)."""
+    (4 for DELIFT ICL and for a table of its values, 0 for DELIFT-SE and declared-symmetric teachers); for a
+    teacher of unknown nature, the label stage's decision (0 before it was made)."""
     p = ctx.cfg.label.probes
-    return ctx.source_teacher()[0].auto_probes if p == "auto" else int(p)
+    if p != "auto":
+        return int(p)
+    if probes_decided_by_labels(ctx):
+        return int((probe_decision(ctx) or {}).get("probes", 0))
+    return ctx.source_teacher()[0].auto_probes or 0
 
 
-def label_plan(ctx: Context):
+def label_plan(ctx: Context, decided: bool = True):
     """The run's label plan (:func:`nncift.labels.plan.plan_labels` or ``plan_items``, capped by ``label.max_pairs``):
-    deterministic in the configuration, so later stages recompute it instead of reading it back."""
-    from nncift.labels.plan import cap_plan, plan_items, plan_labels
+    deterministic in the configuration (and, for a teacher of unknown nature, the label stage's recorded probe
+    decision, appended after the cap), so later stages recompute it instead of reading it back. ``decided=False``:
+    the plan's first round, before any probe decision (the label stage's own)."""
+    from nncift.labels.plan import cap_plan, plan_items, plan_labels, probe_sets
 
     c = ctx.cfg.label
     m, n = ctx.size()
+    by_labels = False
     if ctx.pointwise():
         plan = plan_items(m, c.fraction, c.min_count, c.eval_pairs, ctx.cfg.seed)
     else:
         item_cost = ctx.teacher().cost_unit == "item"
-        probes = label_probes(ctx)
+        by_labels = probes_decided_by_labels(ctx)
+        probes = 0 if by_labels else label_probes(ctx)
         if item_cost and (c.diagonal or probes):
             log.info("label: %s pays per item: no diagonal or probe columns (they would touch every pool item)",
                      c.function)  # fmt: skip
@@ -68,9 +96,12 @@ def label_plan(ctx: Context):
                            partners=c.partners, diagonal=c.diagonal and not item_cost, probes=0 if item_cost else probes,
                            item_cost=item_cost)  # fmt: skip
     try:
-        return cap_plan(plan, c.max_pairs, ctx.cfg.seed)
+        plan = cap_plan(plan, c.max_pairs, ctx.cfg.seed)
     except ValueError as exc:
         raise ConfigError(f"config field 'label.max_pairs': {exc}") from None
+    if by_labels and decided and label_probes(ctx):
+        plan.sets += probe_sets(m, plan.pool_labeled, label_probes(ctx), ctx.cfg.seed)
+    return plan
 
 
 def used_items(plan) -> tuple[np.ndarray, np.ndarray]:

@@ -172,11 +172,19 @@ def plan_labels(
         idx = np.arange(m, dtype=np.int64)
         plan.sets.append(LabelSet("ff", "diag", idx, idx, paired=True))
     if probes > 0 and fraction < 1.0:
-        probe_rng = np.random.default_rng([seed, 5])
-        for j in np.sort(probe_rng.choice(pool_l, size=min(probes, len(pool_l)), replace=False)):
-            others = np.setdiff1d(np.arange(m, dtype=np.int64), [j])
-            plan.sets.append(LabelSet("ff", "probe", others, np.array([j], np.int64)))
+        plan.sets += probe_sets(m, pool_l, probes, seed)
     return plan
+
+
+def probe_sets(m: int, pool_labeled: np.ndarray, probes: int, seed: int) -> list[LabelSet]:
+    """``probes`` seeded labeled pool items, each the in-context example of every other pool item: one K_FF
+    column of M - 1 pairs each (quadrant ``probe``)."""
+    rng = np.random.default_rng([seed, 5])
+    sets = []
+    for j in np.sort(rng.choice(pool_labeled, size=min(probes, len(pool_labeled)), replace=False)):
+        others = np.setdiff1d(np.arange(m, dtype=np.int64), [j])
+        sets.append(LabelSet("ff", "probe", others, np.array([j], np.int64)))
+    return sets
 
 
 def _plan_items_cost(m: int, n: int, fraction: float, eval_pairs: int, seed: int) -> LabelPlan:

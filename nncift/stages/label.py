@@ -3,7 +3,8 @@
 Reads: ``data/*.parquet``, ``embed/embeddings.safetensors``.
 Writes: ``label/plan.json`` (the design, the labeled items, the sets), ``label/blocks/<id>.parquet`` (one
 file per finished block, so an interrupted stage resumes), ``label/blocks_active/`` and
-``label/active_pairs.parquet`` (``label.design=active``), ``label/teacher/`` (the teacher's own prepared
+``label/active_pairs.parquet`` (``label.design=active``), ``label/probes.json`` and ``label/blocks_probe/`` (the
+probe decision of a teacher of unknown nature, ``label.probes=auto``, and its probe columns), ``label/teacher/`` (the teacher's own prepared
 state, e.g. LESS's warm-up and gradient features), and ``label/labels.parquet``: ``kernel`` (ff | ft | item),
 ``quadrant`` (q1..q4 | diag), ``row_id``, ``col_id``, ``row``, ``col``, ``value``.
 """
@@ -24,6 +25,7 @@ from nncift.labels.fanout import (
     label_plan,
     label_sections,
     prepare_teacher,
+    probes_decided_by_labels,
     run_label_blocks,
     used_items,
 )
@@ -39,7 +41,7 @@ class LabelStage(Stage):
     sections = ("label",)
     after = ("embed",)
     reads = ("data/pool.parquet", "data/target.parquet", "embed/embeddings.safetensors")
-    writes = ("label/plan.json", "label/blocks/", "label/teacher/", "label/labels.parquet")
+    writes = ("label/plan.json", "label/blocks/", "label/probes.json", "label/teacher/", "label/labels.parquet")
 
     def config_sections(self, cfg) -> tuple[str, ...]:
         """``label`` and the teacher's own section (``label.function=less`` reads ``less.*``)."""
@@ -55,16 +57,8 @@ class LabelStage(Stage):
         c = ctx.cfg.label
         m, n = ctx.size()
         kind = ctx.kind()
-        plan = label_plan(ctx)
-        write_json(
-            ctx.path("label", "plan.json"),
-            {
-                "design": plan.design,
-                "pool_labeled": plan.pool_labeled,
-                "target_labeled": plan.target_labeled,
-                "sets": plan.summary(),
-            },
-        )
+        plan = label_plan(ctx, decided=False)
+        self._write_plan(ctx, plan)
         kwargs = self._prepare(ctx, plan)
         side = label_block_side(ctx)
         specs = plan_blocks(plan, side)
@@ -95,6 +89,10 @@ class LabelStage(Stage):
             log.info("label (active round 2): %d pairs in %d blocks", sum(s.num_pairs for s in second), len(specs2))
             run_label_blocks(ctx, second, specs2, todo2, block_dir2, desc="label (active)", kwargs=kwargs)
             labels = pa.concat_tables([labels, gather_labels(block_dir2, len(specs2))])
+        decision = None
+        if probes_decided_by_labels(ctx):
+            decision, labels = self._probe_round(ctx, plan, labels, kwargs, side)
+            self._write_plan(ctx, plan)
         write_labels(ctx.store, labels)
         return {
             "function": c.function,
@@ -111,7 +109,62 @@ class LabelStage(Stage):
             "items_touched": items_touched(plan),
             "labeled_pool": len(plan.pool_labeled),
             "labeled_target": len(plan.target_labeled),
+            "probe_decision": decision,
         }
+
+    @staticmethod
+    def _write_plan(ctx: Context, plan) -> None:
+        write_json(
+            ctx.path("label", "plan.json"),
+            {
+                "design": plan.design,
+                "pool_labeled": plan.pool_labeled,
+                "target_labeled": plan.target_labeled,
+                "sets": plan.summary(),
+            },
+        )
+
+    def _probe_round(self, ctx: Context, plan, labels: pa.Table, kwargs: dict, side: int):
+        """``label.probes=auto`` on a teacher of unknown nature: decide the probe columns on the K_FF training
+        labels (:func:`~nncift.labels.probes.decide_probes`), record the decision in ``label/probes.json`` and
+        label the columns (``label/blocks_probe/``, resumable). Returns (decision, labels with the probes);
+        ``plan`` gains the probe sets."""
+        from nncift.labels.label_worker import plan_blocks
+        from nncift.labels.plan import probe_sets
+        from nncift.labels.probes import decide_probes
+        from nncift.labels.tables import gather_labels
+
+        c = ctx.cfg.label
+        m = ctx.size()[0]
+        q1 = labels.filter(
+            pa.compute.and_(
+                pa.compute.equal(labels.column("kernel"), "ff"), pa.compute.equal(labels.column("quadrant"), "q1")
+            )
+        )
+        decision = decide_probes(
+            q1.column("row").to_numpy(), q1.column("col").to_numpy(), q1.column("value").to_numpy()
+        )
+        sets = probe_sets(m, plan.pool_labeled, decision["probes"], ctx.cfg.seed) if decision["probes"] else []
+        pairs = sum(s.num_pairs for s in sets)
+        have = sum(s.num_pairs for s in plan.sets)
+        if sets and c.max_pairs is not None and have + pairs > c.max_pairs:
+            decision.update(probes=0, reason=f"{decision['reason']}; but {pairs:,} probe pairs would exceed "
+                                             f"label.max_pairs={c.max_pairs:,} ({have:,} planned)")  # fmt: skip
+            sets = []
+        write_json(ctx.path("label", "probes.json"), decision)
+        log.info("label.probes=auto (%s, a teacher of unknown nature): %d probe columns: %s",
+                 ctx.source_teacher()[0].name, decision["probes"], decision["reason"])  # fmt: skip
+        if not sets:
+            return decision, labels
+        plan.sets += sets
+        kwargs = self._prepare(ctx, plan)  # the probe columns touch every pool item
+        specs = plan_blocks(SimpleNamespace(sets=sets), side)
+        block_dir = ctx.path("label", "blocks_probe")
+        todo = todo_blocks(block_dir, specs, block_key)
+        log.info("label (probe columns): %d pairs in %d blocks (%d already done)", pairs, len(specs),
+                 len(specs) - len(todo))  # fmt: skip
+        run_label_blocks(ctx, sets, specs, todo, block_dir, desc="label (probes)", kwargs=kwargs)
+        return decision, pa.concat_tables([labels, gather_labels(block_dir, len(specs))])
 
     def _prepare(self, ctx: Context, plan) -> dict[str, Any]:
         """The teacher's driver-side preparation over the items any label of ``plan`` touches."""

@@ -331,6 +331,8 @@ TEACHERS = {
     # no item feature predicts; its table's provenance names delift_icl, so label.probes=auto measures the effect
     "icl_effects": lambda e, w: 0.4 * w["self"][:, None] + 0.05 * w["noise"] + np.diag(0.5 + 0.4 * w["self2"]),
 }
+# the same teacher as a plain table (no provenance): label.probes=auto decides on the labels measured both ways
+TEACHERS["icl_effects_plain"] = TEACHERS["icl_effects"]
 PROVENANCE = {"icl_effects": "delift_icl"}
 
 
@@ -394,7 +396,17 @@ def test_a_default_run_is_never_worse_than_the_best_free_estimate(tmp_path, teac
     assert g_run >= best_free - 0.1, (teacher, chosen, g_run, {k: v["gap_closed"] for k, v in cands.items()})
     if teacher == "bilinear":  # no free estimate reads this teacher: the run must have proved a learned one better
         assert not free[chosen] and g_run > best_free + 0.1
-    if teacher == "icl_effects":  # label.probes=auto labeled 4 columns; they measure every row's effect
+    decision = rep["label"]["probe_decision"]  # made on the labels only for a teacher of unknown nature
+    if teacher == "icl_effects":
+        assert decision is None
+    else:  # U(i -> j) against U(j -> i) over the pairs the spread design labeled both ways
+        assert decision["mirror_pairs"] >= 12
+        if teacher == "cosine":
+            assert decision["probes"] == 0 and decision["symmetry"] > 0.9 and rep["label"]["probe_pairs"] == 0
+        else:  # the other three are asymmetric
+            assert decision["probes"] == 4 and abs(decision["symmetry"]) < 0.5, decision
+        assert json.loads((run / "label" / "probes.json").read_text()) == decision
+    if teacher.startswith("icl_effects"):  # label.probes=auto labeled 4 columns; they measure every row's effect
         assert rep["label"]["probe_pairs"] == 4 * (m - 1)
         gaps = str({k: round(v["gap_closed"], 3) for k, v in cands.items()})
         assert cands["additive"]["gap_closed"] > best_free + 0.1, gaps  # measured: +1.007 against +0.721
