@@ -24,6 +24,11 @@ Teachers:
 
     .venv/bin/python benchmarks/bench_fidelity.py --fractions 0.3 --seeds 0,1,2,3,4,5,6,7,8,9
     .venv/bin/python benchmarks/bench_fidelity.py --teacher icl2 --variants paper,default --seeds 0
+    .venv/bin/python benchmarks/bench_fidelity.py --teacher icl,icl2,icl3 --plain --variants default   # as user tables
+
+``label.probes=auto`` resolves as in a run: 4 on the DELIFT tables (their provenance), 0 on `se` (DELIFT-SE), and
+on the other teachers and on ``--plain`` tables (teachers of unknown nature) decided on each plan's own K_FF
+training labels (:func:`nncift.labels.probes.decide_probes`); each run's decision is in the results JSON.
 
 Teacher pairs counted per configuration = training pairs (Q1) + the diagonal (when labeled) + the pairs the
 held-out choice labels (``default``); the Q2-Q4 evaluation pairs are a measurement, not needed for the

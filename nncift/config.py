@@ -198,7 +198,8 @@ class LabelConfig:
         "auto",
         "probe examples: each labeled as the in-context example of every pool item (probes x M "
         "pairs, one shared prefix each), measuring every item's per-target effect (the additive estimate); "
-        "auto = 4 for DELIFT ICL (or a table of its values), 0 otherwise",
+        "auto = 4 for DELIFT ICL (or a table of its values), 0 for DELIFT-SE, and for a teacher of unknown nature "
+        "(a table without provenance, a plugin) 4 when its training labels measured both ways are asymmetric, else 0",
     )
     eval_pairs: int = _f(4000, "pairs sampled per quadrant Q2-Q4 and kernel for the fidelity report")
     max_pairs: int | None = _f(

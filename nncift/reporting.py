@@ -96,9 +96,8 @@ def _probe_decision_markdown(dec: dict | None) -> str:
     if not dec:
         return ""
     what = f"{dec['probes']} probe columns" if dec["probes"] else "no probe columns"
-    return (f" `label.probes=auto` on a teacher of unknown nature: {what} ({dec['reason']}; the training labels "
-            f"measured both ways tell an asymmetric, in-context-like teacher, which the probes help, from a "
-            f"similarity).")  # fmt: skip
+    return (f" `label.probes=auto` on a teacher of unknown nature, decided on the K_FF training pairs labeled "
+            f"both ways: {what} ({dec['reason']}).")  # fmt: skip
 
 
 def _cost_markdown(rep: dict) -> list[str]:

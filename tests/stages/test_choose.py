@@ -406,6 +406,8 @@ def test_a_default_run_is_never_worse_than_the_best_free_estimate(tmp_path, teac
         else:  # the other three are asymmetric
             assert decision["probes"] == 4 and abs(decision["symmetry"]) < 0.5, decision
         assert json.loads((run / "label" / "probes.json").read_text()) == decision
+        what = f"{decision['probes']} probe columns" if decision["probes"] else "no probe columns"
+        assert f"labeled both ways: {what} ({decision['reason']})" in (run / "report" / "report.md").read_text()
     if teacher.startswith("icl_effects"):  # label.probes=auto labeled 4 columns; they measure every row's effect
         assert rep["label"]["probe_pairs"] == 4 * (m - 1)
         gaps = str({k: round(v["gap_closed"], 3) for k, v in cands.items()})
