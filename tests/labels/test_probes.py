@@ -140,3 +140,20 @@ def test_max_pairs_too_small_for_the_probe_columns_skips_them_and_says_why(tmp_p
     Runner(cfg2, run2).run("label")
     decision = json.loads((run2 / "label" / "probes.json").read_text())
     assert decision["probes"] == 0 and "label.max_pairs" in decision["reason"] and "asymmetric" in decision["reason"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # the probe round maps the same label fan-out as the first round, whose Ray twin runs in CI
+@pytest.mark.timeout(600)
+def test_the_probe_round_on_ray_equals_the_local_twin(ray_session, tmp_path):
+    import dataclasses
+
+    from nncift.runner import Runner
+
+    cfg, run, m = _table_run(tmp_path, symmetric_values=False)
+    Runner(cfg, run).run("label")
+    ray_cfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, executor="ray"))
+    Runner(ray_cfg, tmp_path / "ray").run("label")
+    local, remote = (pq.read_table(r / "label" / "labels.parquet") for r in (run, tmp_path / "ray"))
+    assert remote.equals(local) and pc.sum(pc.equal(local.column("quadrant"), "probe")).as_py() == 4 * (m - 1)
+    assert (tmp_path / "ray" / "label" / "probes.json").read_text() == (run / "label" / "probes.json").read_text()
