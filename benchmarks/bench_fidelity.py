@@ -19,6 +19,8 @@ Teachers:
            90 x 112 (benchmarks/data/delift_icl_smollm2_t64_s2.parquet)
   charsim  a TF-IDF character 3-5-gram cosine (M=800, N=200): a text teacher of another tokenisation than words; the
            lexical view's character block (choose.lexical) was added after measuring it: not an unseen teacher
+  char24   a TF-IDF character 2-4-gram cosine with scikit-learn's defaults otherwise (across word boundaries, raw
+           term counts; M=800, N=200), added after every default was set: the lexical view reads it only in part
   bm25     BM25 of each target's text as the query against each example's text (M=800, N=200; asymmetric),
            nothing was tuned on it
 
@@ -118,7 +120,7 @@ def teacher(name: str, work: Path, plain: bool = False) -> dict:
         text_t = [p + "\n" + r for p, r in zip(target.prompts, target.responses, strict=True)]
         ff = bm25(text, text)  # K_FF[i, j] = U(j -> i): target i's text as the query, example j as the document
         ft = bm25(text_t, text).T  # K_FT[i, j] = U(pool i -> target j)
-    elif name in ("textsim", "charsim"):
+    elif name in ("textsim", "charsim", "char24"):
         from sklearn.feature_extraction.text import TfidfVectorizer
 
         pipe = _pipeline(str(ROOT / "jobs/configs/delift_se_2000.yaml"), work / "se", [])
@@ -129,6 +131,8 @@ def teacher(name: str, work: Path, plain: bool = False) -> dict:
         ]
         if name == "textsim":
             vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2).fit_transform(texts)
+        elif name == "char24":  # scikit-learn's plain character n-grams: across word boundaries, raw counts
+            vec = TfidfVectorizer(analyzer="char", ngram_range=(2, 4)).fit_transform(texts)
         else:  # character n-grams within word boundaries: another tokenisation than the lexical view's words
             vec = TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True, min_df=2).fit_transform(
                 texts
@@ -146,7 +150,7 @@ def teacher(name: str, work: Path, plain: bool = False) -> dict:
             "prompts_pool": pool.prompts, "responses_pool": pool.responses,
             "prompts_target": target.prompts, "responses_target": target.responses,
             "lm": name in TABLES and not plain,  # DELIFT tables: teacher-LM features and probes (the `auto` settings)
-            "symmetric": name in ("se", "textsim", "charsim")}  # fmt: skip
+            "symmetric": name in ("se", "textsim", "charsim", "char24")}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- variants
@@ -524,8 +528,8 @@ def plot(path: Path, results: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--teacher", default="se,icl,textsim,icl2,bm25,icl3,charsim",
-                    help="comma-separated: se | icl | textsim | icl2 | bm25 | icl3 | charsim")  # fmt: skip
+    ap.add_argument("--teacher", default="se,icl,textsim,icl2,bm25,icl3,charsim,char24",
+                    help="comma-separated: se | icl | textsim | icl2 | bm25 | icl3 | charsim | char24")  # fmt: skip
     ap.add_argument("--variants", default="paper,default", help=f"comma-separated, of: {', '.join(VARIANTS)}")
     ap.add_argument("--fractions", default="0.3", help="fractions of items labeled")
     ap.add_argument("--max-train-pairs", type=int, default=700_000, help="skip block designs above this")
