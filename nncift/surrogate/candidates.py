@@ -27,6 +27,9 @@ name                free   estimate off the diagonal
 ``additive_lm<L>``  no     the same, the effects predicted from the teacher LM's layer-L hidden states
                            (``choose.teacher_features``)
 ``additive_lexical`` no    ``a lex + b + r_i + c_j``: the same effects on the calibrated lexical cosine
+``metric_lexical``  no     ``sum_k w_k lex_i[k] lex_j[k] + b``: one weight per dimension of the lexical view,
+                           ridge-shrunk toward the blocks' calibration (:func:`metric_form`), for text
+                           teachers that weigh terms otherwise than the view's cosine
 ==================  =====  ======================================================================
 
 Of the additive family (``additive``, ``additive_lm<L>``), which differ only in the features that predict the
@@ -78,7 +81,8 @@ log = logging.getLogger(__name__)
 SHRINK = (0.75, 0.5, 0.25)
 # preference order among candidates tied within noise: free before learned, simpler before richer
 PREFERENCE = ("diag_cosine", "diag_lexical", "cosine", "lexical", "diag_const",
-              *(f"shrink_{x:g}" for x in SHRINK), "surrogate", "additive", "additive_lexical", "additive_lm")  # fmt: skip
+              *(f"shrink_{x:g}" for x in SHRINK), "surrogate", "metric_lexical", "additive", "additive_lexical",
+              "additive_lm")  # fmt: skip
 ITEM_CANDIDATES = ("response_length", "prompt_length", "ridge", "surrogate")  # pointwise teachers
 FREE = ("diag_cosine", "diag_lexical", "cosine", "lexical", "diag_const", "response_length", "prompt_length")
 CANDIDATES = PREFERENCE  # families: ``additive_lm`` builds one ``additive_lm<layer>`` per teacher-LM layer
@@ -285,6 +289,77 @@ def calibrate_blocks(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None = N
     return a, float(coef[-1])
 
 
+METRIC_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0)  # ridge penalties of the lexical metric, relative to tr(G) / d
+
+
+def _metric_normal(vr: np.ndarray, vc: np.ndarray, rows: np.ndarray, cols: np.ndarray, y: np.ndarray,
+                   chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, int]:  # fmt: skip
+    """The centred normal equations of ``y ~ F w + b``, ``F[p] = vr[rows[p]] * vc[cols[p]]``, accumulated over
+    ``chunk`` pairs at a time: (centred Gram (d, d), centred F^T y (d,), mean of F (d,), mean of y, pairs)."""
+    d, n = vr.shape[1], len(y)
+    gram, fy, fsum = np.zeros((d, d)), np.zeros(d), np.zeros(d)
+    for s in range(0, n, chunk):
+        f = vr[rows[s : s + chunk]].astype(np.float64) * vc[cols[s : s + chunk]]
+        gram += f.T @ f
+        fy += f.T @ y[s : s + chunk]
+        fsum += f.sum(0)
+    fm, ym = fsum / max(n, 1), float(y.mean()) if n else 0.0
+    return gram - n * np.outer(fm, fm), fy - n * fm * ym, fm, ym, n
+
+
+def _metric_solve(normal: tuple, prior: np.ndarray, alpha: float | None) -> tuple[np.ndarray, float]:
+    """Weights and intercept of the metric at penalty ``alpha`` x tr(G) / d toward ``prior`` (None: the prior)."""
+    gc, gy, fm, ym, _ = normal
+    w = prior.copy()
+    if alpha is not None:
+        scale = max(float(np.trace(gc)) / len(prior), 1e-30)
+        w = prior + np.linalg.solve(gc + alpha * scale * np.eye(len(prior)), gy - gc @ prior)
+    return w, float(ym - fm @ w)
+
+
+def metric_form(vr: np.ndarray, vc: np.ndarray, rows: np.ndarray, cols: np.ndarray, y: np.ndarray,
+                prior: np.ndarray, alphas: tuple[float, ...] = METRIC_ALPHAS, chunk: int = 65536
+                ) -> tuple[np.ndarray, float, dict[str, Any]]:  # fmt: skip
+    """A diagonal metric on a view: ``y ~ sum_k w_k v_i[k] v_j[k] + b``, ridge-shrunk toward ``prior``.
+
+    A text teacher that tokenises or weighs terms differently from the view (character n-grams across word
+    boundaries, raw counts) reads the view's dimensions with other weights than its cosine does; one weight
+    per dimension, fitted on the training labels, recovers much of that (docs/fidelity.md: `char24`). The
+    normal equations are accumulated over ``chunk`` pairs at a time (a (d, d) Gram, never a (P, d) matrix).
+    The penalty (``alpha x tr(G) / d`` for ``alpha`` in ``alphas``, or the prior itself) is the one whose fit on
+    half of the labeled rows best orders the other half's labeled columns (:func:`within_row_spearman`, what
+    selection reads; two folds of rows), so a teacher the prior already reads keeps the prior.
+
+    Args:
+        vr, vc: (M, d) / (C, d) float32 view vectors of the rows and columns.
+        rows, cols, y: (P,) the training pairs and their raw labels.
+        prior: (d,) float the weights the penalty shrinks toward (the blocks' calibration).
+
+    Returns:
+        ``(w, b, info)``: (d,) float64 weights, the intercept, and ``{"alpha"`` (None: the prior),
+        ``"fold_spearman"}``.
+    """
+    rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
+    y, prior = np.asarray(y, np.float64), np.asarray(prior, np.float64)
+    fold = (rows * 2654435761 % 2**32) % 2  # each labeled row's pairs in one fold
+    options: list[float | None] = [None, *sorted(alphas, reverse=True)]
+    score = np.zeros(len(options))
+    for k in (0, 1):
+        fit, test = fold != k, fold == k
+        if fit.sum() < 3 or test.sum() < 3:
+            continue
+        normal = _metric_normal(vr, vc, rows[fit], cols[fit], y[fit], chunk)
+        for i, alpha in enumerate(options):
+            w, _ = _metric_solve(normal, prior, alpha)
+            pred = np.concatenate([np.einsum("pd,pd,d->p", vr[rows[test][s : s + chunk]], vc[cols[test][s : s + chunk]], w)
+                                   for s in range(0, int(test.sum()), chunk)])  # fmt: skip
+            rho = within_row_spearman(rows[test], pred, y[test])
+            score[i] += rho if np.isfinite(rho) else 0.0
+    best = int(np.argmax(score))  # ties: the earlier option (the prior, then the stronger penalty)
+    w, b = _metric_solve(_metric_normal(vr, vc, rows, cols, y, chunk), prior, options[best])
+    return w, b, {"alpha": options[best], "fold_spearman": round(float(score[best]) / 2, 4)}
+
+
 def ridge_gcv(x: np.ndarray, y: np.ndarray, lambdas=(1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3),
               score: bool = False) -> np.ndarray | tuple[np.ndarray, float]:  # fmt: skip
     """Ridge regression of ``y`` on ``[x, 1]`` (intercept not penalised), the penalty chosen by generalised
@@ -468,6 +543,14 @@ def build_recipes(kernel: str, labels: tuple[np.ndarray, np.ndarray, np.ndarray]
             r, c, r_w, c_w, _ = additive_effects(rows, cols, resid_l, len(vr), len(vc), vr, vc)
             out.append(Recipe("additive_lexical", kernel, free=False, view="lexical", W=w_l, r=r, c=c, r_w=r_w,
                               c_w=c_w, diag=has_diag, effect_view="embedding", info=dict(lex_w["info"])))  # fmt: skip
+    if "lexical" in views and "metric_lexical" in kinds and len(y) >= 3:
+        lr_, lc_ = views["lexical"]
+        w0 = np.diag(lex_w["W"])[:-1].astype(np.float64)
+        w_m, b_m, info = metric_form(lr_, lc_, labels[0], labels[1], labels[2], w0)
+        form = np.zeros_like(lex_w["W"])
+        form[np.arange(len(w_m)), np.arange(len(w_m))] = w_m
+        form[-1, -1] = b_m
+        add("metric_lexical", free=False, view="lexical", W=form, diag=has_diag, info=info)
     return out
 
 

@@ -121,6 +121,51 @@ def test_a_lexical_view_of_two_blocks_is_calibrated_per_block():
     assert np.corrcoef((p @ q.T)[rows, cols], y)[0, 1] < 0.9
 
 
+def test_metric_lexical_weighs_each_dimension_of_the_view():
+    """``metric_lexical``: a teacher that weighs the view's dimensions unequally (as a text teacher of other term
+    weights does) is recovered on held-out pairs, which the blocks' calibration cannot; a teacher that is the
+    calibrated view itself keeps the calibration (the ridge shrinks toward it)."""
+    rng = np.random.default_rng(7)
+    n, d = 120, 12
+    e = _unit(rng.normal(size=(n, 4)))
+    lex = _unit(rng.normal(size=(n, d)))
+    weights = np.r_[np.full(d // 2, 4.0), np.full(d // 2, 0.5)]  # the teacher reads half the dimensions more
+    truth = (lex * weights) @ lex.T + 0.1
+    rows, cols = np.nonzero(~np.eye(n, dtype=bool))
+    train = (rows < 80) & (cols < 80)  # pairs among the first 80 items; the rest are held out
+    views = {"embedding": (e, e), "lexical": (lex, lex)}
+
+    def held_out_corr(y_teacher):
+        recs = ch.build_recipes("ff", (rows[train], cols[train], y_teacher[rows[train], cols[train]]), views, None,
+                                None, True, ("diag_lexical", "metric_lexical"))  # fmt: skip
+        out = {}
+        for r in recs:
+            p, q = ch.dot_factors(r, lex, lex)
+            est, keep = (p @ q.T)[rows, cols], ~train
+            out[r.name] = (np.corrcoef(est[keep], y_teacher[rows, cols][keep])[0, 1], r)
+        return out
+
+    got = held_out_corr(truth)
+    assert got["metric_lexical"][0] > 0.99 and got["diag_lexical"][0] < 0.9, got
+    w = np.diag(got["metric_lexical"][1].W)[:-1]
+    assert w[: d // 2].min() > 2 * w[d // 2 :].max()  # the weights found are the teacher's, up to scale
+    assert got["metric_lexical"][1].factor_width == got["diag_lexical"][1].factor_width  # the same estimation cost
+    plain = 2.0 * lex @ lex.T + 0.1  # the view's own cosine: the metric keeps it
+    got = held_out_corr(plain)
+    assert got["metric_lexical"][0] > 0.999 and got["diag_lexical"][0] > 0.999
+
+
+def test_metric_form_streams_the_pairs_in_chunks():
+    rng = np.random.default_rng(8)
+    v = rng.normal(size=(30, 5))
+    rows, cols = rng.integers(0, 30, 400), rng.integers(0, 30, 400)
+    y = rng.normal(size=400)
+    whole = ch.metric_form(v, v, rows, cols, y, np.ones(5))
+    chunked = ch.metric_form(v, v, rows, cols, y, np.ones(5), chunk=37)
+    np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-6, atol=1e-9)
+    assert chunked[1] == pytest.approx(whole[1]) and chunked[2]["alpha"] == whole[2]["alpha"]
+
+
 def test_additive_effects_measured_on_labeled_items_and_predicted_elsewhere():
     rng = np.random.default_rng(0)
     n = 200
