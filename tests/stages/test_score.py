@@ -262,7 +262,7 @@ def test_score_equals_a_fresh_estimate_over_pool_plus_new(dense_run, sparse_run,
 
 
 @pytest.mark.parametrize(("mode", "lexical"), [("diag_lexical", "word"), ("diag_lexical", "word,char"),
-                                               ("additive", "word")])  # fmt: skip
+                                               ("metric_lexical", "word,char"), ("additive", "word")])  # fmt: skip
 def test_score_with_a_free_or_additive_estimate_extends_it_to_new_rows(tmp_path, mode, lexical, capsys):
     """A chosen estimate that is not the network: new rows get its bilinear form on their own view vectors (the
     lexical view through the run's fitted transform) and, for per-item effects, their ridge predictions."""
