@@ -318,7 +318,7 @@ def _metric_solve(normal: tuple, prior: np.ndarray, alpha: float | None) -> tupl
 
 
 def metric_form(vr: np.ndarray, vc: np.ndarray, rows: np.ndarray, cols: np.ndarray, y: np.ndarray,
-                prior: np.ndarray, alphas: tuple[float, ...] = METRIC_ALPHAS, chunk: int = 65536
+                prior: np.ndarray, alphas: tuple[float, ...] = METRIC_ALPHAS, chunk: int = 16384
                 ) -> tuple[np.ndarray, float, dict[str, Any]]:  # fmt: skip
     """A diagonal metric on a view: ``y ~ sum_k w_k v_i[k] v_j[k] + b``, ridge-shrunk toward ``prior``.
 
