@@ -298,6 +298,7 @@ def test_a_killed_actor_is_retried_and_the_labels_are_identical(ray_session, tmp
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # CI time: the same retry of map_blocks is in CI for the label actors (the test above)
 @pytest.mark.timeout(600)
 def test_a_killed_estimate_actor_is_retried_and_the_tiles_are_identical(ray_session, tmp_path):
     from nncift.config import RayConfig

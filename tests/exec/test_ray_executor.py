@@ -65,6 +65,7 @@ def test_label_ray_equals_local(ray_session, tmp_path):
     np.testing.assert_allclose(a.column("value").to_numpy()[ft], np.sum(e[rows[ft]] * e[40 + cols[ft]], 1), rtol=1e-5)
 
 
+@pytest.mark.slow  # CI time: the embedding's Ray twin in CI is test_devices.py::test_embed_on_logical_gpus_equals_local
 def test_embed_ray_streams_parquet_and_equals_local(ray_session, tiny_st_model, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -168,7 +169,7 @@ def _bilinear_heads(m=37, n=11, d=6):
     return heads
 
 
-@pytest.mark.parametrize("layout", ["dense", "sparse"])
+@pytest.mark.parametrize("layout", [pytest.param("dense", marks=pytest.mark.slow), "sparse"])  # CI time
 def test_estimate_ray_equals_local_for_the_bilinear_kind(ray_session, tmp_path, layout):
     from nncift.kernels.kernel_io import read_sparse
 

@@ -464,6 +464,7 @@ def test_new_rows_are_embedded_as_the_pool_was(tmp_path, tiny_st_model):
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # CI time: its two fan-outs' Ray twins (embedding, estimate blocks) run in CI (tests/exec)
 @pytest.mark.timeout(600)
 def test_score_on_ray_equals_local(ray_session, tmp_path, tiny_st_model):
     """The embedding and the block fan-out run on the run's executor: Ray gives the local artifacts."""
