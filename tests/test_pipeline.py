@@ -235,7 +235,11 @@ def test_icl_label_resume_recomputes_only_missing_blocks(tmp_path, corpus, tiny_
     monkeypatch.setattr(LabelWorker, "run_block", lambda self, spec: calls.append(spec["block_id"]) or orig(self, spec))
     Runner(cfg, run).run("label")
     assert sorted(calls) == sorted(int(b.stem) for b in dropped)
-    assert pq.read_table(run / "label" / "labels.parquet").equals(full)
+    again = pq.read_table(run / "label" / "labels.parquet")
+    assert again.drop(["value"]).equals(full.drop(["value"]))
+    # a recomputed block may batch its no-example losses differently: equal up to float32 rounding of losses
+    # near 5 (a utility is a difference of two of them)
+    np.testing.assert_allclose(again.column("value").to_numpy(), full.column("value").to_numpy(), rtol=0, atol=2e-6)
 
 
 def test_full_labeling_mode_labels_every_pair(tmp_path, corpus, tiny_overrides):

@@ -238,6 +238,7 @@ def test_resume_rereads_only_missing_parts(tmp_path, monkeypatch):
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # CI time: map_blocks on Ray is in CI with the label, estimate and eval workers (tests/exec)
 @pytest.mark.timeout(300)
 def test_ray_executor_writes_identical_files(tmp_path, ray_session):
     from nncift.exec.ray_executor import RayExecutor

@@ -175,6 +175,7 @@ def test_each_actor_gets_its_own_logical_gpu_and_auto_falls_back_to_cpu(ray_gpus
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # CI time: device=auto in an actor is in CI with the LM teacher and the embedding (below)
 @pytest.mark.timeout(120)
 def test_estimate_on_logical_gpus_equals_local(ray_gpus, tmp_path):
     from nncift.exec.local import LocalExecutor
