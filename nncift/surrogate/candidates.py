@@ -292,10 +292,10 @@ def calibrate_blocks(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None = N
 METRIC_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0)  # ridge penalties of the lexical metric, relative to tr(G) / d
 
 
-def _metric_normal(vr: np.ndarray, vc: np.ndarray, rows: np.ndarray, cols: np.ndarray, y: np.ndarray,
-                   chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, int]:  # fmt: skip
-    """The centred normal equations of ``y ~ F w + b``, ``F[p] = vr[rows[p]] * vc[cols[p]]``, accumulated over
-    ``chunk`` pairs at a time: (centred Gram (d, d), centred F^T y (d,), mean of F (d,), mean of y, pairs)."""
+def _metric_sums(vr: np.ndarray, vc: np.ndarray, rows: np.ndarray, cols: np.ndarray, y: np.ndarray,
+                 chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, int]:  # fmt: skip
+    """The uncentred sums of ``y ~ F w + b``, ``F[p] = vr[rows[p]] * vc[cols[p]]``, accumulated over ``chunk``
+    pairs at a time: (F^T F (d, d), F^T y (d,), sum of F (d,), sum of y, pairs). Sums of disjoint pair sets add."""
     d, n = vr.shape[1], len(y)
     gram, fy, fsum = np.zeros((d, d)), np.zeros(d), np.zeros(d)
     for s in range(0, n, chunk):
@@ -303,7 +303,14 @@ def _metric_normal(vr: np.ndarray, vc: np.ndarray, rows: np.ndarray, cols: np.nd
         gram += f.T @ f
         fy += f.T @ y[s : s + chunk]
         fsum += f.sum(0)
-    fm, ym = fsum / max(n, 1), float(y.mean()) if n else 0.0
+    return gram, fy, fsum, float(y.sum()), n
+
+
+def _metric_normal(sums: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, int]:
+    """The centred normal equations from :func:`_metric_sums`: (centred Gram, centred F^T y, mean of F, mean of
+    y, pairs)."""
+    gram, fy, fsum, ysum, n = sums
+    fm, ym = fsum / max(n, 1), ysum / max(n, 1)
     return gram - n * np.outer(fm, fm), fy - n * fm * ym, fm, ym, n
 
 
@@ -325,10 +332,11 @@ def metric_form(vr: np.ndarray, vc: np.ndarray, rows: np.ndarray, cols: np.ndarr
     A text teacher that tokenises or weighs terms differently from the view (character n-grams across word
     boundaries, raw counts) reads the view's dimensions with other weights than its cosine does; one weight
     per dimension, fitted on the training labels, recovers much of that (docs/fidelity.md: `char24`). The
-    normal equations are accumulated over ``chunk`` pairs at a time (a (d, d) Gram, never a (P, d) matrix).
-    The penalty (``alpha x tr(G) / d`` for ``alpha`` in ``alphas``, or the prior itself) is the one whose fit on
-    half of the labeled rows best orders the other half's labeled columns (:func:`within_row_spearman`, what
-    selection reads; two folds of rows), so a teacher the prior already reads keeps the prior.
+    normal equations are accumulated over ``chunk`` pairs at a time (a (d, d) Gram, never a (P, d) matrix),
+    once per fold of rows: the whole fit adds the two folds' sums. The penalty (``alpha x tr(G) / d`` for
+    ``alpha`` in ``alphas``, or the prior itself) is the one whose fit on half of the labeled rows best orders
+    the other half's labeled columns (:func:`within_row_spearman`, what selection reads; two folds of rows), so
+    a teacher the prior already reads keeps the prior.
 
     Args:
         vr, vc: (M, d) / (C, d) float32 view vectors of the rows and columns.
@@ -343,12 +351,13 @@ def metric_form(vr: np.ndarray, vc: np.ndarray, rows: np.ndarray, cols: np.ndarr
     y, prior = np.asarray(y, np.float64), np.asarray(prior, np.float64)
     fold = (rows * 2654435761 % 2**32) % 2  # each labeled row's pairs in one fold
     options: list[float | None] = [None, *sorted(alphas, reverse=True)]
+    sums = [_metric_sums(vr, vc, rows[fold == k], cols[fold == k], y[fold == k], chunk) for k in (0, 1)]
     score = np.zeros(len(options))
     for k in (0, 1):
         fit, test = fold != k, fold == k
         if fit.sum() < 3 or test.sum() < 3:
             continue
-        normal = _metric_normal(vr, vc, rows[fit], cols[fit], y[fit], chunk)
+        normal = _metric_normal(sums[1 - k])  # the fit fold's sums
         for i, alpha in enumerate(options):
             w, _ = _metric_solve(normal, prior, alpha)
             pred = np.concatenate([np.einsum("pd,pd,d->p", vr[rows[test][s : s + chunk]], vc[cols[test][s : s + chunk]], w)
@@ -356,7 +365,8 @@ def metric_form(vr: np.ndarray, vc: np.ndarray, rows: np.ndarray, cols: np.ndarr
             rho = within_row_spearman(rows[test], pred, y[test])
             score[i] += rho if np.isfinite(rho) else 0.0
     best = int(np.argmax(score))  # ties: the earlier option (the prior, then the stronger penalty)
-    w, b = _metric_solve(_metric_normal(vr, vc, rows, cols, y, chunk), prior, options[best])
+    whole = tuple(a + b for a, b in zip(*sums, strict=True))
+    w, b = _metric_solve(_metric_normal(whole), prior, options[best])
     return w, b, {"alpha": options[best], "fold_spearman": round(float(score[best]) / 2, 4)}
 
 

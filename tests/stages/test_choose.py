@@ -166,6 +166,24 @@ def test_metric_form_streams_the_pairs_in_chunks():
     assert chunked[1] == pytest.approx(whole[1]) and chunked[2]["alpha"] == whole[2]["alpha"]
 
 
+def test_metric_fold_sums_add_up_to_the_whole_fit():
+    """The metric's normal equations are accumulated once per fold of rows; their sums give the whole fit's."""
+    rng = np.random.default_rng(9)
+    v = rng.normal(size=(25, 4))
+    rows, cols, y = rng.integers(0, 25, 300), rng.integers(0, 25, 300), rng.normal(size=300)
+    half = rows % 2 == 0
+    parts = [ch._metric_sums(v, v, rows[m], cols[m], y[m], 64) for m in (half, ~half)]
+    whole = ch._metric_sums(v, v, rows, cols, y, 64)
+    for a, b, w in zip(*parts, whole, strict=True):
+        np.testing.assert_allclose(np.asarray(a) + np.asarray(b), w, rtol=1e-10, atol=1e-9)
+    gc, gy, fm, ym, n = ch._metric_normal(whole)
+    f = v[rows] * v[cols]
+    np.testing.assert_allclose(fm, f.mean(0), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(gc, (f - f.mean(0)).T @ (f - f.mean(0)), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(gy, (f - f.mean(0)).T @ (y - y.mean()), rtol=1e-9, atol=1e-9)
+    assert n == 300 and ym == pytest.approx(y.mean())
+
+
 def test_additive_effects_measured_on_labeled_items_and_predicted_elsewhere():
     rng = np.random.default_rng(0)
     n = 200
