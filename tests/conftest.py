@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import os
+
+# One OpenMP/BLAS thread per process, set before numpy or torch loads its runtime: the tests' models are tiny, and
+# two spinning threads on 2 cores shared with Ray actors and subprocesses made some tests 8x slower (the whole
+# suite a third slower). Ray gives its workers one thread per CPU they ask anyway.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 WORDS = [
     "python",
