@@ -199,6 +199,7 @@ def test_estimate_on_logical_gpus_equals_local(ray_gpus, tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # CI time: label actors' Ray twin is in CI (test_ray_executor.py), device=auto with the embedding
 @pytest.mark.timeout(120)
 def test_label_with_an_lm_teacher_on_logical_gpus_equals_local(ray_gpus, tiny_lm, tmp_path):
     """label.device=auto reaches the teacher (``function_kwargs.device``) and is resolved in the actor."""

@@ -184,6 +184,7 @@ def _ray_twin(tiny_lm, tmp_path, stop_after: int | None) -> dict:
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # CI time (37 s on a clean clone): Ray Train's DDP twin in CI is tests/exec (the surrogate fit)
 @pytest.mark.timeout(600)
 def test_two_ray_workers_equal_the_local_twin(ray_session, tiny_lm, tmp_path):
     assert _ray_twin(tiny_lm, tmp_path, stop_after=None)["resumed_from"] == 0
