@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 # One OpenMP/BLAS thread per process, set before numpy or torch loads its runtime: the tests' models are tiny, and
-# two spinning threads on 2 cores shared with Ray actors and subprocesses made some tests 8x slower (the whole
-# suite a third slower). Ray gives its workers one thread per CPU they ask anyway.
+# two threads per process on 2 cores shared with Ray actors and subprocesses only contend (the non-Ray tests of
+# tests/lm, tests/influence and tests/test_pipeline.py: 117 s with two, 77 s with one; docs/testing.md).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

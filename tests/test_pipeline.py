@@ -126,11 +126,13 @@ def _cli(run_dir, corpus, overrides):
         "fit/_STARTED.json",
     ],
 )
-def test_kill_9_and_resume_gives_the_same_selection(tmp_path, corpus, tiny_overrides, watch):
+def test_kill_9_and_resume_gives_the_same_selection(tmp_path, corpus, tiny_overrides, watch, request):
     overrides = [*tiny_overrides, *LOCAL, "label.block_size=4", "estimate.block_size=10"]
     ref, run = tmp_path / "ref", tmp_path / "run"
     # the uninterrupted reference runs beside the run to be killed (CI time); the kill waits for a file, not a time
-    ref_proc = subprocess.Popen(_cli(ref, corpus, overrides), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ref_err = (tmp_path / "ref.stderr").open("wb")  # a file, not a pipe nobody reads until the end
+    ref_proc = subprocess.Popen(_cli(ref, corpus, overrides), stdout=subprocess.DEVNULL, stderr=ref_err)
+    request.addfinalizer(lambda: (ref_proc.kill(), ref_proc.wait(), ref_err.close()))  # never left running
     proc = subprocess.Popen(_cli(run, corpus, overrides), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not list(run.glob(watch)) and proc.poll() is None and time.time() < deadline:
@@ -143,8 +145,7 @@ def test_kill_9_and_resume_gives_the_same_selection(tmp_path, corpus, tiny_overr
     if "blocks" in watch:
         assert any(p.match(watch) for p in finished), "the run was killed before any watched block landed"
     subprocess.run(_cli(run, corpus, overrides), check=True, timeout=300, capture_output=True)
-    _, err = ref_proc.communicate(timeout=300)
-    assert ref_proc.returncode == 0, err.decode()[-2000:]
+    assert ref_proc.wait(timeout=300) == 0, (tmp_path / "ref.stderr").read_text()[-2000:]
     a = pq.read_table(ref / "select" / "selection.parquet")
     b = pq.read_table(run / "select" / "selection.parquet")
     assert a.equals(b)
