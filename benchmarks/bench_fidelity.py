@@ -93,6 +93,32 @@ def bm25(queries: list[str], docs: list[str], k1: float = 1.5, b: float = 0.75) 
     return ((q * idf) @ w.T).astype(np.float32)
 
 
+TEXT_TEACHERS = ("textsim", "charsim", "char24")
+
+
+def text_kernels(name: str, pool_texts: list[str], target_texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """A text teacher's full kernels: the cosine of scikit-learn TF-IDF vectors fitted on the pool and target
+    texts together: ``textsim`` word 1-2-grams (sublinear tf, min_df 2); ``charsim`` character 3-5-grams within
+    word boundaries (sublinear tf, min_df 2); ``char24`` character 2-4-grams across word boundaries, raw counts.
+
+    Returns:
+        K_FF (M, M), K_FT (M, N) float32 (symmetric teachers: U(j -> i) = U(i -> j) = the cosine).
+    """
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    if name == "textsim":
+        vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2)
+    elif name == "char24":  # scikit-learn's plain character n-grams: across word boundaries, raw counts
+        vec = TfidfVectorizer(analyzer="char", ngram_range=(2, 4))
+    elif name == "charsim":  # character n-grams within word boundaries: another tokenisation than the view's words
+        vec = TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True, min_df=2)
+    else:
+        raise ValueError(f"unknown text teacher {name!r} (one of {', '.join(TEXT_TEACHERS)})")
+    x = vec.fit_transform(list(pool_texts) + list(target_texts))
+    xp, xt = x[: len(pool_texts)], x[len(pool_texts) :]
+    return (xp @ xp.T).toarray().astype(np.float32), (xp @ xt.T).toarray().astype(np.float32)
+
+
 def teacher(name: str, work: Path, plain: bool = False) -> dict:
     """Embeddings, texts, true kernels and a label for one teacher: {e_pool, e_target, texts_pool, texts_target,
     ff, ft, name, symmetric, lm}. ``plain``: a DELIFT table read as a table without provenance (no teacher-LM
@@ -112,34 +138,17 @@ def teacher(name: str, work: Path, plain: bool = False) -> dict:
         pipe = _pipeline(None, work / name, [f"{k}={v}" for k, v in meta["data_overrides"].items()])
         pool, target = pipe.ctx.items()
         ff, ft = fid.teacher_kernels(build_influence_function("table", path=str(table)), pool, target)
-    elif name == "bm25":
+    elif name == "bm25" or name in TEXT_TEACHERS:  # text teachers on the first 800 / 200 items of the SE demo data
         pipe = _pipeline(str(ROOT / "jobs/configs/delift_se_2000.yaml"), work / "se", [])
         pool, target = pipe.ctx.items()
         pool, target = pool.take(np.arange(800)), target.take(np.arange(200))
         text = [p + "\n" + r for p, r in zip(pool.prompts, pool.responses, strict=True)]
         text_t = [p + "\n" + r for p, r in zip(target.prompts, target.responses, strict=True)]
-        ff = bm25(text, text)  # K_FF[i, j] = U(j -> i): target i's text as the query, example j as the document
-        ft = bm25(text_t, text).T  # K_FT[i, j] = U(pool i -> target j)
-    elif name in ("textsim", "charsim", "char24"):
-        from sklearn.feature_extraction.text import TfidfVectorizer
-
-        pipe = _pipeline(str(ROOT / "jobs/configs/delift_se_2000.yaml"), work / "se", [])
-        pool, target = pipe.ctx.items()
-        pool, target = pool.take(np.arange(800)), target.take(np.arange(200))
-        texts = [
-            p + "\n" + r for p, r in zip(pool.prompts + target.prompts, pool.responses + target.responses, strict=True)
-        ]
-        if name == "textsim":
-            vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2).fit_transform(texts)
-        elif name == "char24":  # scikit-learn's plain character n-grams: across word boundaries, raw counts
-            vec = TfidfVectorizer(analyzer="char", ngram_range=(2, 4)).fit_transform(texts)
-        else:  # character n-grams within word boundaries: another tokenisation than the lexical view's words
-            vec = TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True, min_df=2).fit_transform(
-                texts
-            )
-        x = vec[: len(pool)]
-        ff = (x @ x.T).toarray().astype(np.float32)
-        ft = (x @ vec[len(pool) :].T).toarray().astype(np.float32)
+        if name == "bm25":
+            ff = bm25(text, text)  # K_FF[i, j] = U(j -> i): target i's text as the query, example j as the document
+            ft = bm25(text_t, text).T  # K_FT[i, j] = U(pool i -> target j)
+        else:
+            ff, ft = text_kernels(name, text, text_t)
     else:
         raise SystemExit(f"unknown teacher {name!r}")
     from nncift.surrogate.views import item_texts
@@ -293,8 +302,8 @@ def probes_for(t: dict, probes: str) -> int | None:
 def plan_for(t: dict, lb, fraction: float, seed: int, design: str):
     """The run's label plan on a teacher, as the label stage makes it: the probe columns of a teacher of unknown
     nature decided on the K_FF training labels. Returns (plan, probe decision or None)."""
-    from nncift.labels.plan import plan_labels, probe_sets
-    from nncift.labels.probes import decide_probes
+    from nncift.labels.plan import plan_labels
+    from nncift.labels.probes import probe_round
 
     m, n = t["ff"].shape[0], t["ft"].shape[1]
     probes = probes_for(t, lb.probes)
@@ -305,8 +314,8 @@ def plan_for(t: dict, lb, fraction: float, seed: int, design: str):
     q1 = [s for s in plan.sets if s.kernel == "ff" and s.quadrant == "q1"]
     rows = np.concatenate([np.repeat(s.rows, len(s.cols)) for s in q1])
     cols = np.concatenate([np.tile(s.cols, len(s.rows)) for s in q1])
-    decision = decide_probes(rows, cols, t["ff"][rows, cols])
-    plan.sets += probe_sets(m, plan.pool_labeled, decision["probes"], seed)
+    decision, sets = probe_round(m, plan, rows, cols, t["ff"][rows, cols], seed, lb.max_pairs)
+    plan.sets += sets
     return plan, decision
 
 

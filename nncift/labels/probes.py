@@ -73,3 +73,28 @@ def decide_probes(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, probes
     if rho >= SYMMETRIC_AT:
         return {**out, "probes": 0, "reason": f"symmetric: Spearman {rho:.2f} >= {SYMMETRIC_AT} over {n} pairs"}
     return {**out, "probes": int(probes), "reason": f"asymmetric: Spearman {rho:.2f} < {SYMMETRIC_AT} over {n} pairs"}
+
+
+def probe_round(m: int, plan: Any, rows: np.ndarray, cols: np.ndarray, values: np.ndarray, seed: int,
+                max_pairs: int | None = None) -> tuple[dict[str, Any], list]:  # fmt: skip
+    """``label.probes=auto``'s round for a teacher of unknown nature: :func:`decide_probes` on the K_FF training
+    labels, and the probe columns it asks for (:func:`~nncift.labels.plan.probe_sets` over ``plan``'s labeled
+    pool items), none when they would take the plan past ``max_pairs`` (the decision then says so).
+
+    Args:
+        m: pool size. plan: the first round's :class:`~nncift.labels.plan.LabelPlan`.
+        rows, cols, values: (P,) its K_FF training labels. seed: the run's seed.
+
+    Returns:
+        ``(decision, sets)``: :func:`decide_probes`'s dict and the probe :class:`~nncift.labels.plan.LabelSet` list.
+    """
+    from nncift.labels.plan import probe_sets
+
+    decision = decide_probes(rows, cols, values)
+    sets = probe_sets(m, plan.pool_labeled, decision["probes"], seed) if decision["probes"] else []
+    pairs, have = sum(s.num_pairs for s in sets), sum(s.num_pairs for s in plan.sets)
+    if sets and max_pairs is not None and have + pairs > max_pairs:
+        decision.update(probes=0, reason=f"{decision['reason']}; but {pairs:,} probe pairs would exceed "
+                                         f"label.max_pairs={max_pairs:,} ({have:,} planned)")  # fmt: skip
+        sets = []
+    return decision, sets

@@ -126,31 +126,22 @@ class LabelStage(Stage):
 
     def _probe_round(self, ctx: Context, plan, labels: pa.Table, kwargs: dict, side: int):
         """``label.probes=auto`` on a teacher of unknown nature: decide the probe columns on the K_FF training
-        labels (:func:`~nncift.labels.probes.decide_probes`), record the decision in ``label/probes.json`` and
+        labels (:func:`~nncift.labels.probes.probe_round`), record the decision in ``label/probes.json`` and
         label the columns (``label/blocks_probe/``, resumable). Returns (decision, labels with the probes);
         ``plan`` gains the probe sets."""
         from nncift.labels.label_worker import plan_blocks
-        from nncift.labels.plan import probe_sets
-        from nncift.labels.probes import decide_probes
+        from nncift.labels.probes import probe_round
         from nncift.labels.tables import gather_labels
 
-        c = ctx.cfg.label
         m = ctx.size()[0]
         q1 = labels.filter(
             pa.compute.and_(
                 pa.compute.equal(labels.column("kernel"), "ff"), pa.compute.equal(labels.column("quadrant"), "q1")
             )
         )
-        decision = decide_probes(
-            q1.column("row").to_numpy(), q1.column("col").to_numpy(), q1.column("value").to_numpy()
-        )
-        sets = probe_sets(m, plan.pool_labeled, decision["probes"], ctx.cfg.seed) if decision["probes"] else []
+        decision, sets = probe_round(m, plan, q1.column("row").to_numpy(), q1.column("col").to_numpy(),
+                                     q1.column("value").to_numpy(), ctx.cfg.seed, ctx.cfg.label.max_pairs)  # fmt: skip
         pairs = sum(s.num_pairs for s in sets)
-        have = sum(s.num_pairs for s in plan.sets)
-        if sets and c.max_pairs is not None and have + pairs > c.max_pairs:
-            decision.update(probes=0, reason=f"{decision['reason']}; but {pairs:,} probe pairs would exceed "
-                                             f"label.max_pairs={c.max_pairs:,} ({have:,} planned)")  # fmt: skip
-            sets = []
         write_json(ctx.path("label", "probes.json"), decision)
         log.info("label.probes=auto (%s, a teacher of unknown nature): %d probe columns: %s",
                  ctx.source_teacher()[0].name, decision["probes"], decision["reason"])  # fmt: skip

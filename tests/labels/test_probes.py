@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from nncift.labels.probes import AUTO_PROBES, MIN_MIRRORS, decide_probes, mirrored_values
+from nncift.labels.probes import AUTO_PROBES, MIN_MIRRORS, decide_probes, mirrored_values, probe_round
 
 
 def test_mirrored_values_by_hand():
@@ -52,6 +52,29 @@ def test_too_few_pairs_both_ways_or_constant_labels_get_no_probes():
     rows, cols = _both_ways(MIN_MIRRORS, rng)
     dec = decide_probes(rows, cols, np.ones(len(rows)))
     assert dec == {"mirror_pairs": MIN_MIRRORS, "symmetry": None, "probes": 0, "reason": "constant labels"}
+
+
+def test_probe_round_adds_the_decided_columns_within_the_pair_cap():
+    from nncift.labels.plan import plan_labels
+
+    m = 60
+    plan = plan_labels(m, 10, 0.5, 2, 0, 3, design="spread", partners=8, diagonal=False, probes=0)
+    q1 = [s for s in plan.sets if s.kernel == "ff" and s.quadrant == "q1"]
+    rows = np.concatenate([np.repeat(s.rows, len(s.cols)) for s in q1])
+    cols = np.concatenate([np.tile(s.cols, len(s.rows)) for s in q1])
+    have = sum(s.num_pairs for s in plan.sets)
+    asym = np.sin(rows * 1.7 + cols * 0.3) + np.cos(cols * 2.9)  # U(j -> i) unrelated to U(i -> j)
+    dec, sets = probe_round(m, plan, rows, cols, asym, seed=3)
+    assert dec["probes"] == AUTO_PROBES == len(sets) and "asymmetric" in dec["reason"]
+    assert all(s.quadrant == "probe" and s.num_pairs == m - 1 and s.cols[0] in plan.pool_labeled for s in sets)
+    assert len({int(s.cols[0]) for s in sets}) == AUTO_PROBES
+    dec_fit, sets_fit = probe_round(m, plan, rows, cols, asym, seed=3, max_pairs=have + AUTO_PROBES * (m - 1))
+    assert dec_fit["probes"] == AUTO_PROBES and [s.cols[0] for s in sets_fit] == [s.cols[0] for s in sets]
+    dec_cap, sets_cap = probe_round(m, plan, rows, cols, asym, seed=3, max_pairs=have + AUTO_PROBES * (m - 1) - 1)
+    assert dec_cap["probes"] == 0 and sets_cap == [] and "label.max_pairs" in dec_cap["reason"]
+    dec_sym, sets_sym = probe_round(m, plan, rows, cols, np.cos(rows) * np.cos(cols), seed=3)  # symmetric
+    assert dec_sym["probes"] == 0 and sets_sym == [] and "symmetric" in dec_sym["reason"]
+    assert sum(s.num_pairs for s in plan.sets) == have  # the caller adds the sets: the plan is not changed
 
 
 def _table_run(tmp_path, symmetric_values: bool, extra: list[str] = ()):
