@@ -20,7 +20,7 @@ Teachers:
     .venv/bin/python benchmarks/bench_table_cli.py --teacher char24,icl2
     .venv/bin/python benchmarks/bench_table_cli.py --teacher textsim --set label.fraction=0.2
 
-Writes ``<work>/<teacher>/`` (the run directory and the table) and ``<work>/results.json``.
+Writes ``<work>/<teacher>[_<pool>x<target>]/`` (the run directory and the table) and ``<work>/results.json``.
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ log = logging.getLogger("bench_table_cli")
 
 
 def _cli(command: str, run_dir: Path, overrides: list[str]) -> None:
-    """``nncift <command> --run-dir RUN --set ...``; a failure stops the benchmark with the command's output."""
-    args = [*NNCIFT, command, "--run-dir", str(run_dir), "-q"]
+    """``nncift <command> --run-dir RUN --set ... --overwrite`` (a rerun with other overrides recomputes the stages
+    they change); a failure stops the benchmark with the command's output."""
+    args = [*NNCIFT, command, "--run-dir", str(run_dir), "-q", "--overwrite"]
     for o in overrides:
         args += ["--set", o]
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
@@ -71,12 +72,17 @@ def write_table(path: Path, pool_ids: list[str], target_ids: list[str], ff: np.n
     tmp.replace(path)
 
 
+def run_dir_of(name: str, work: Path, pool: int, target: int) -> Path:
+    """The teacher's folder: one per size for the text teachers (their table is built over the run's own items)."""
+    return work / name if name in TABLES else work / f"{name}_{pool}x{target}"
+
+
 def prepare(name: str, work: Path, pool: int, target: int) -> tuple[Path, list[str]]:
     """The teacher's table file and the data overrides a run over its ids needs."""
     import pyarrow.parquet as pq
 
-    run_dir = work / name / "run"
-    table = work / name / "teacher.parquet"
+    run_dir = run_dir_of(name, work, pool, target) / "run"
+    table = run_dir.parent / "teacher.parquet"
     if name in TABLES:  # a shipped DELIFT table, its provenance dropped
         meta = json.loads(TABLES[name].with_suffix(".json").read_text())
         data = [f"{k}={v}" for k, v in meta["data_overrides"].items()]
@@ -106,7 +112,7 @@ def run_teacher(name: str, work: Path, fraction: float, pool: int, target: int, 
     from nncift.surrogate.candidates import FREE
 
     table, data = prepare(name, work, pool, target)
-    run_dir = work / name / "run"
+    run_dir = run_dir_of(name, work, pool, target) / "run"
     _cli("report", run_dir, [*data, "label.function=table", f"table.path={table}", f"label.fraction={fraction}",
                              f"fidelity.truth_table={table}", *extra])  # fmt: skip
     fid = json.loads((run_dir / "report" / "fidelity.json").read_text())
