@@ -116,7 +116,16 @@ class ChooseStage(Stage):
             from nncift.surrogate.item_choice import choose_topk
 
             return {**info, **choose_topk(ctx, recipes, views, nets, diag)}
-        crit = ch.criterion_rows(m, c.rows, c.whole_pool, sc.fraction, ctx.cfg.seed, c.top, c.whole_top)
+        per_item = ctx.teacher().cost_unit == "item"
+        if per_item:  # featurise only the held-out rows; the candidates pick among already featurised items
+            from nncift.labels.fanout import label_plan, used_items
+            from nncift.surrogate.item_choice import held_out_rows
+
+            pool_used, target_used = used_items(label_plan(ctx))
+            crit = ch.criterion_items(held_out_rows(ctx, m, exclude=pool_used), pool_used, target_used, sc.fraction,
+                                      c.top)  # fmt: skip
+        else:
+            crit = ch.criterion_rows(m, c.rows, c.whole_pool, sc.fraction, ctx.cfg.seed, c.top, c.whole_top)
         rows, n_rows = crit.rows, len(crit.rows)
         est = {k: ch.Estimates(recipes[k], kviews[k], nets[k], diag if k == "ff" else None) for k in ("ff", "ft")}
         probes = ch.probe_criterion(est["ff"], est["ft"], crit, sc.objective, sc.eta, sc.nu)
@@ -139,19 +148,25 @@ class ChooseStage(Stage):
         free = {r.name: r.free for r in recipes["ff"]}
         dec, _ = ch.decide_criterion(crit, per_row, probes, known["ff"], free, c.z, c.z_near)
         cost = len(new_labels["row"])
+        extra: dict[str, Any] = {}
+        if per_item:  # the teacher's own unit: items it featurised for the choice and for nothing else
+            new_pool = np.setdiff1d(np.unique(np.concatenate([pr, pc[kern == "ff"]])), pool_used)
+            extra = {"teacher_items": len(new_pool) + len(np.setdiff1d(pc[kern == "ft"], target_used)),
+                     "columns": len(crit.cols)}  # fmt: skip
         write_json(
             ctx.path("choose", "choice.json"),
             {**dec, "mode": c.mode, "candidates": names, "teacher_pairs": cost, "teacher_seconds": teacher_s,
              "budget": crit.budget,
              "held_out_rows": rows, "objective": sc.objective,
-             "factor_width": {r.name: r.factor_width for r in recipes["ff"]}},
+             "factor_width": {r.name: r.factor_width for r in recipes["ff"]}, **extra},
         )  # fmt: skip
         s = dec["scores"]
         log.info("choose: %s (%s, %d teacher pairs); coverage / neighbour scores: %s", dec["chosen"],
                  f"every row of the pool ({n_rows}; choose.whole_pool={c.whole_pool})" if crit.whole
                  else f"{n_rows} held-out rows", cost, ", ".join(f"{k} {v['fl']['mean']:.4f}/{v['near']['mean']:.4f}"
                                          for k, v in sorted(s.items(), key=lambda kv: -kv[1]["fl"]["mean"])), extra=CONSOLE)  # fmt: skip
-        return {**info, "chosen": dec["chosen"], "teacher_pairs": cost, "teacher_seconds": teacher_s, "rows": n_rows}
+        return {**info, "chosen": dec["chosen"], "teacher_pairs": cost, "teacher_seconds": teacher_s, "rows": n_rows,
+                **extra}  # fmt: skip
 
     @staticmethod
     def _known(ctx: Context, labels: dict, diag: np.ndarray | None, m: int, n: int) -> dict[str, Any]:

@@ -642,12 +642,16 @@ class Probe:
 @dataclass
 class Criterion:
     """The rows the criterion reads (``rows`` (R,) int64 sorted), the selection budget over them, whether they are
-    the whole pool, and how many of each candidate's best-ranked picks per row the teacher labels (``top``)."""
+    the whole pool, and how many of each candidate's best-ranked picks per row the teacher labels (``top``).
+    ``cols`` / ``tcols``: the pool / target columns the candidates may pick among (sorted int64; None: every
+    column), for a teacher that pays per item (:func:`criterion_items`)."""
 
     rows: np.ndarray
     budget: int
     whole: bool
     top: int
+    cols: np.ndarray | None = None
+    tcols: np.ndarray | None = None
 
 
 def criterion_rows(m: int, rows: int, whole_pool: int, fraction: float, seed: int, top: int = 5,
@@ -667,10 +671,25 @@ def criterion_rows(m: int, rows: int, whole_pool: int, fraction: float, seed: in
     return Criterion(picked, max(1, round(fraction * n_rows)), False, top)
 
 
+def criterion_items(held_out: np.ndarray, pool_items: np.ndarray, target_items: np.ndarray, fraction: float,
+                    top: int = 5) -> Criterion:  # fmt: skip
+    """The criterion of a teacher that pays per item (one feature per distinct item, e.g. LESS): once an item is
+    featurised, its pairs with every other featurised item are free. The rows are ``held_out`` (R,) new pool
+    items (the only items the criterion featurises), the candidates pick among the items the label plan already
+    featurised (``pool_items``, ``target_items``) and the held-out rows themselves, and the budget is scaled to
+    the rows as in the sampled criterion. Without this, each candidate's picks over the whole pool would
+    featurise items nothing else touches (the whole-pool criterion: every pool item)."""
+    held_out = np.sort(np.asarray(held_out, np.int64))
+    cols = np.union1d(np.asarray(pool_items, np.int64), held_out)
+    tcols = np.sort(np.asarray(target_items, np.int64)) if len(target_items) else None
+    return Criterion(held_out, max(1, round(fraction * len(held_out))), False, top, cols, tcols)
+
+
 def probe_criterion(ff: Estimates, ft: Estimates | None, crit: Criterion, objective: str, eta: float = 1.0,
                     nu: float = 1.0) -> dict[str, Probe]:  # fmt: skip
-    """:func:`probe_fl` on the criterion's rows (the whole-pool criterion asks no neighbour pairs)."""
-    return probe_fl(ff, ft, crit.rows, crit.budget, crit.top, objective, eta, nu, near=not crit.whole)
+    """:func:`probe_fl` on the criterion's rows and columns (the whole-pool criterion asks no neighbour pairs)."""
+    return probe_fl(ff, ft, crit.rows, crit.budget, crit.top, objective, eta, nu, near=not crit.whole,
+                    cols=crit.cols, tcols=crit.tcols)  # fmt: skip
 
 
 def decide_criterion(crit: Criterion, fl: dict[str, np.ndarray], probes: dict[str, Probe], known_ff: Known,
@@ -685,40 +704,51 @@ def decide_criterion(crit: Criterion, fl: dict[str, np.ndarray], probes: dict[st
 
 
 def probe_fl(ff: Estimates, ft: Estimates | None, rows: np.ndarray, budget: int, top: int, objective: str,
-             eta: float = 1.0, nu: float = 1.0, near: bool = True) -> dict[str, Probe]:  # fmt: skip
-    """Each candidate's greedy selection for the held-out ``rows`` over every column, and the pairs to label.
+             eta: float = 1.0, nu: float = 1.0, near: bool = True, cols: np.ndarray | None = None,
+             tcols: np.ndarray | None = None) -> dict[str, Probe]:  # fmt: skip
+    """Each candidate's greedy selection for the held-out ``rows`` over every column (or over ``cols``), and the
+    pairs to label.
 
     The rows' objective is the run's (FL, FLMI, FLCG) on each candidate's own estimate, min-max scaled over
     the rows' rectangle, with ``budget`` picks. Without ``near`` the probes ask no neighbour pairs (the
-    whole-pool criterion reads the objective alone).
+    whole-pool criterion reads the objective alone). ``cols`` / ``tcols`` (sorted int64; ``rows`` among
+    ``cols``): the only pool / target columns a candidate may pick or rank (:func:`criterion_items`).
 
     Returns:
-        name -> :class:`Probe`.
+        name -> :class:`Probe` (global column indices).
     """
     from nncift.selection.greedy import OBJECTIVES, lazy_greedy, minmax_scale
 
     obj = OBJECTIVES.get(objective)
+    own = np.asarray(rows, np.int64) if cols is None else np.searchsorted(cols, rows)  # each row's own column
+    if cols is not None and not np.array_equal(cols[np.minimum(own, len(cols) - 1)], rows):
+        raise ValueError("probe_fl: every criterion row must be one of the columns it may pick")
+    glob = (lambda x: x) if cols is None else (lambda x: cols[x])
     out = {}
     for name in ff.recipes:
         e = ff.rows(name, rows)
+        e = e if cols is None else e[:, cols]
         k, floor, cap_top = minmax_scale(e), None, None
         if obj.cap is not None or obj.floor is not None:  # FLMI / FLCG: each row's best K_FT value bounds it
             ef = ft.rows(name, rows)
+            ef = ef if tcols is None else ef[:, tcols]
             best = minmax_scale(ef).max(axis=1)
             cap_top = np.argsort(-ef, axis=1, kind="stable")[:, :top]
+            cap_top = cap_top if tcols is None else tcols[cap_top]
             if obj.cap is not None:
                 k = np.minimum(k, obj.cap(eta, best)[:, None])
             if obj.floor is not None:
                 floor = obj.floor(nu, best)
         picks, _ = lazy_greedy(k, min(budget, k.shape[1]), floor)
+        picks = np.asarray(picks, np.int64)
         sub = e[:, picks]
         order = np.argsort(-sub, axis=1, kind="stable")[:, : min(top, len(picks))]
         nb = np.zeros((len(rows), 0), np.int64)
         if near:
             off = e.copy()
-            off[np.arange(len(rows)), rows] = -np.inf  # K_FF: the row's own column is not a neighbour
-            nb = np.argsort(-off, axis=1, kind="stable")[:, : min(top, e.shape[1] - 1)]
-        out[name] = Probe(np.asarray(picks, np.int64), picks[order], nb, cap_top)
+            off[np.arange(len(rows)), own] = -np.inf  # K_FF: the row's own column is not a neighbour
+            nb = glob(np.argsort(-off, axis=1, kind="stable")[:, : min(top, e.shape[1] - 1)])
+        out[name] = Probe(glob(picks), glob(picks[order]), nb, cap_top)
     return out
 
 

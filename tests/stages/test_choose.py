@@ -290,6 +290,38 @@ def test_criterion_rows_read_a_small_pool_whole_and_sample_a_large_one():
     assert not whole and len(rows) == 30
 
 
+def test_a_per_item_criterion_picks_only_among_featurised_items_and_its_rows():
+    rng = np.random.default_rng(2)
+    m = 60
+    e = _unit(rng.normal(size=(m, 4)))
+    truth = (e @ e.T).astype(np.float32)
+    est = _estimates({"diag_cosine": truth, "cosine": rng.random((m, m)).astype(np.float32)})
+    featurised, held = np.arange(0, m, 2), np.array([5, 17, 33, 41])
+    crit = ch.criterion_items(held, featurised, np.zeros(0, np.int64), 0.3, top=4)
+    assert np.array_equal(crit.rows, held) and not crit.whole and crit.budget == 1 and crit.tcols is None
+    assert np.array_equal(crit.cols, np.union1d(featurised, held))
+    crit.budget = 6
+    probes = ch.probe_criterion(est, None, crit, "fl")
+    for p in probes.values():
+        for x in (p.picks, p.top, p.near):
+            assert np.isin(x, crit.cols).all()
+        assert len(p.picks) == 6 and not (p.near == held[:, None]).any()  # a row is never its own neighbour
+    pool_pairs = ch.probe_pairs(probes, held)["ff"]
+    assert np.isin(pool_pairs[0], held).all() and np.isin(pool_pairs[1], crit.cols).all()
+    # the truth's own picks: the best truth columns among the allowed ones
+    allowed = truth[np.ix_(held, crit.cols)].copy()
+    allowed[np.arange(len(held)), np.searchsorted(crit.cols, held)] = -np.inf
+    assert np.array_equal(probes["diag_cosine"].near[:, 0], crit.cols[allowed.argmax(axis=1)])
+    # every column allowed: the same probes as the unrestricted criterion
+    full = ch.probe_fl(est, None, held, 6, 4, "fl", cols=np.arange(m))
+    plain = ch.probe_fl(est, None, held, 6, 4, "fl")
+    for name in full:
+        for a in ("picks", "top", "near"):
+            assert np.array_equal(getattr(full[name], a), getattr(plain[name], a))
+    with pytest.raises(ValueError, match="criterion row"):
+        ch.probe_fl(est, None, held, 6, 4, "fl", cols=featurised)  # held-out rows outside the columns
+
+
 def test_decide_whole_keeps_the_best_objective_and_a_free_one_on_an_exact_tie():
     free = {"diag_cosine": True, "additive": False, "surrogate": False}
     fl = {"diag_cosine": np.array([0.5, 0.5, 0.5]), "additive": np.array([0.5, 0.5, 0.53]),
@@ -567,3 +599,50 @@ def test_item_criteria_by_hand():
     c = concordance(scores, truth)
     np.testing.assert_allclose(c["a"], [0.0, 1 / 3, 1 / 3, 0.0])
     np.testing.assert_allclose(c["flat"], [0.5] * 4)  # no order: half of every pair
+
+
+def test_a_teacher_paying_per_item_featurises_only_the_held_out_rows_for_the_fl_choice(tmp_path, monkeypatch):
+    """A pairwise teacher that pays per item (LESS's cost model, here a table declared so): the FL criterion's
+    candidates pick among the items the plan featurised, so the choice featurises only its held-out rows (a pool
+    of 90 would otherwise be read whole: every item featurised)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nncift.config import load_config
+    from nncift.influence.table import TableFunction
+    from nncift.labels.fanout import label_plan, used_items
+    from nncift.runner import Runner
+    from tests.conftest import make_rows, write_jsonl
+
+    monkeypatch.setattr(TableFunction, "cost_unit", "item")
+    rng = np.random.default_rng(4)
+    m, n = 90, 20
+    rows = make_rows(m + n, seed=4, topics=5)
+    emb = _unit(rng.normal(size=(m + n, 6)))
+    for i, r in enumerate(rows):
+        r["emb"] = emb[i].tolist()
+    full = (emb @ emb.T + 0.1 * rng.random((m + n, m + n))).astype(np.float32)  # K[i, j] = U(j -> i)
+    ids = [r["id"] for r in rows]
+    ex, tg = np.meshgrid(np.arange(m + n), np.arange(m + n), indexing="ij")
+    pq.write_table(pa.table({"example_id": [ids[i] for i in ex.ravel()], "target_id": [ids[j] for j in tg.ravel()],
+                             "value": full.T.ravel()}), tmp_path / "teacher.parquet")  # fmt: skip
+    over = [f"data.input={write_jsonl(tmp_path / 'pool.jsonl', rows[:m])}",
+            f"data.target={write_jsonl(tmp_path / 'target.jsonl', rows[m:])}", "data.test_size=0",
+            "data.embedding_field=emb", "embed.source=column", "label.function=table",
+            f"table.path={tmp_path / 'teacher.parquet'}", "label.fraction=0.3", "label.eval_pairs=100",
+            "fit.rank=4", "fit.epochs=20", "ray.executor=local", "select.fraction=0.3", "select.objective=flmi"]  # fmt: skip
+    runner = Runner(load_config(None, over), tmp_path / "run")
+    runner.run("report")
+    run = tmp_path / "run"
+    choice = json.loads((run / "choose" / "choice.json").read_text())
+    pool_used, target_used = used_items(label_plan(runner.ctx))
+    held = np.asarray(choice["held_out_rows"])
+    assert not choice["whole_pool"] and 2 <= len(held) <= m // 10 and not np.isin(held, pool_used).any()
+    assert choice["teacher_items"] == len(held) and choice["columns"] == len(pool_used) + len(held) < m
+    pairs = pq.read_table(run / "choose" / "pairs.parquet").to_pydict()
+    kern, r, c = (np.asarray(pairs[k]) for k in ("kernel", "row", "col"))
+    assert (kern == "ff").any() and (kern == "ft").any()  # FLMI reads the targets too
+    assert np.isin(r, held).all()
+    assert np.isin(c[kern == "ff"], np.union1d(pool_used, held)).all() and np.isin(c[kern == "ft"], target_used).all()
+    rep = json.loads((run / "report" / "report.json").read_text())
+    assert rep["teacher_cost"]["unit"] == "items" and rep["teacher_cost"]["choose"] == len(held)
