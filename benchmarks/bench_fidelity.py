@@ -93,19 +93,23 @@ def bm25(queries: list[str], docs: list[str], k1: float = 1.5, b: float = 0.75) 
     return ((q * idf) @ w.T).astype(np.float32)
 
 
-TEXT_TEACHERS = ("textsim", "charsim", "char24")
+TEXT_TEACHERS = ("textsim", "charsim", "char24", "bm25")
 
 
 def text_kernels(name: str, pool_texts: list[str], target_texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """A text teacher's full kernels: the cosine of scikit-learn TF-IDF vectors fitted on the pool and target
-    texts together: ``textsim`` word 1-2-grams (sublinear tf, min_df 2); ``charsim`` character 3-5-grams within
-    word boundaries (sublinear tf, min_df 2); ``char24`` character 2-4-grams across word boundaries, raw counts.
+    """A text teacher's full kernels. ``bm25``: Okapi BM25 of each target's text as the query against each
+    example's text (asymmetric). The others, the cosine of scikit-learn TF-IDF vectors fitted on the pool and
+    target texts together: ``textsim`` word 1-2-grams (sublinear tf, min_df 2); ``charsim`` character 3-5-grams
+    within word boundaries (sublinear tf, min_df 2); ``char24`` character 2-4-grams across word boundaries, raw
+    counts.
 
     Returns:
-        K_FF (M, M), K_FT (M, N) float32 (symmetric teachers: U(j -> i) = U(i -> j) = the cosine).
+        K_FF (M, M) (``K_FF[i, j] = U(pool j -> pool i)``), K_FT (M, N) (``U(pool i -> target j)``) float32.
     """
     from sklearn.feature_extraction.text import TfidfVectorizer
 
+    if name == "bm25":  # K_FF[i, j]: item i's text as the query, example j's as the document
+        return bm25(pool_texts, pool_texts), bm25(target_texts, pool_texts).T
     if name == "textsim":
         vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2)
     elif name == "char24":  # scikit-learn's plain character n-grams: across word boundaries, raw counts
@@ -138,17 +142,12 @@ def teacher(name: str, work: Path, plain: bool = False) -> dict:
         pipe = _pipeline(None, work / name, [f"{k}={v}" for k, v in meta["data_overrides"].items()])
         pool, target = pipe.ctx.items()
         ff, ft = fid.teacher_kernels(build_influence_function("table", path=str(table)), pool, target)
-    elif name == "bm25" or name in TEXT_TEACHERS:  # text teachers on the first 800 / 200 items of the SE demo data
+    elif name in TEXT_TEACHERS:  # text teachers on the first 800 / 200 items of the SE demo data
         pipe = _pipeline(str(ROOT / "jobs/configs/delift_se_2000.yaml"), work / "se", [])
         pool, target = pipe.ctx.items()
         pool, target = pool.take(np.arange(800)), target.take(np.arange(200))
-        text = [p + "\n" + r for p, r in zip(pool.prompts, pool.responses, strict=True)]
-        text_t = [p + "\n" + r for p, r in zip(target.prompts, target.responses, strict=True)]
-        if name == "bm25":
-            ff = bm25(text, text)  # K_FF[i, j] = U(j -> i): target i's text as the query, example j as the document
-            ft = bm25(text_t, text).T  # K_FT[i, j] = U(pool i -> target j)
-        else:
-            ff, ft = text_kernels(name, text, text_t)
+        ff, ft = text_kernels(name, [p + "\n" + r for p, r in zip(pool.prompts, pool.responses, strict=True)],
+                              [p + "\n" + r for p, r in zip(target.prompts, target.responses, strict=True)])  # fmt: skip
     else:
         raise SystemExit(f"unknown teacher {name!r}")
     from nncift.surrogate.views import item_texts

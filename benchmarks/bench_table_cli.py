@@ -35,9 +35,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_fidelity import TABLES, TEXT_TEACHERS, bm25, text_kernels
+from bench_fidelity import TABLES, TEXT_TEACHERS, text_kernels
 
-TEXT = (*TEXT_TEACHERS, "bm25")
+from nncift.store import write_parquet
 
 ROOT = Path(__file__).resolve().parents[1]
 NNCIFT = [sys.executable, "-m", "nncift.cli"]
@@ -59,17 +59,14 @@ def write_table(path: Path, pool_ids: list[str], target_ids: list[str], ff: np.n
     """A full-label table (``example_id``, ``target_id``, ``value``): ``K_FF[i, j] = U(pool j -> pool i)``,
     ``K_FT[i, j] = U(pool i -> target j)``; no provenance (a table of unknown nature)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     pid, tid = np.asarray(pool_ids, object), np.asarray(target_ids, object)
     m, n = len(pid), len(tid)
     ex = np.concatenate([np.tile(pid, m), np.repeat(pid, n)])
     tg = np.concatenate([np.repeat(pid, m), np.tile(tid, m)])
     val = np.concatenate([ff.reshape(-1), ft.reshape(-1)]).astype(np.float32)
-    tmp = path.with_suffix(".tmp.parquet")
-    pq.write_table(pa.table({"example_id": pa.array(ex.tolist(), pa.string()),
-                             "target_id": pa.array(tg.tolist(), pa.string()), "value": pa.array(val)}), tmp)  # fmt: skip
-    tmp.replace(path)
+    write_parquet(path, pa.table({"example_id": pa.array(ex.tolist(), pa.string()),
+                                  "target_id": pa.array(tg.tolist(), pa.string()), "value": pa.array(val)}))  # fmt: skip
 
 
 def run_dir_of(name: str, work: Path, pool: int, target: int) -> Path:
@@ -88,21 +85,17 @@ def prepare(name: str, work: Path, pool: int, target: int) -> tuple[Path, list[s
         data = [f"{k}={v}" for k, v in meta["data_overrides"].items()]
         if not table.is_file():
             table.parent.mkdir(parents=True, exist_ok=True)
-            t = pq.read_table(TABLES[name])
-            pq.write_table(t.replace_schema_metadata(None), table)
+            write_parquet(table, pq.read_table(TABLES[name]).replace_schema_metadata(None))
         return table, data
-    if name not in TEXT:
-        sys.exit(f"unknown teacher {name!r}: one of {', '.join([*TEXT, *TABLES])}")
+    if name not in TEXT_TEACHERS:
+        sys.exit(f"unknown teacher {name!r}: one of {', '.join([*TEXT_TEACHERS, *TABLES])}")
     data = [f"data.pool_size={pool}", f"data.target_size={target}"]
     if not table.is_file():
         _cli("data", run_dir, data)
         p = pq.read_table(run_dir / "data" / "pool.parquet").to_pydict()
         t = pq.read_table(run_dir / "data" / "target.parquet").to_pydict()
         texts = lambda d: [a + "\n" + b for a, b in zip(d["prompt"], d["response"], strict=True)]  # noqa: E731
-        if name == "bm25":  # K_FF[i, j] = U(j -> i): item i's text as the query, example j's as the document
-            ff, ft = bm25(texts(p), texts(p)), bm25(texts(t), texts(p)).T
-        else:
-            ff, ft = text_kernels(name, texts(p), texts(t))
+        ff, ft = text_kernels(name, texts(p), texts(t))
         write_table(table, p["id"], t["id"], ff, ft)
     return table, data
 
@@ -129,7 +122,7 @@ def run_teacher(name: str, work: Path, fraction: float, pool: int, target: int, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--teacher", default="char24,charsim,textsim,bm25,icl2", help="comma-separated, of: "
-                    + ", ".join([*TEXT, *TABLES]))  # fmt: skip
+                    + ", ".join([*TEXT_TEACHERS, *TABLES]))  # fmt: skip
     ap.add_argument("--fraction", type=float, default=0.3, help="label.fraction")
     ap.add_argument("--pool", type=int, default=800, help="pool items of the text teachers")
     ap.add_argument("--target", type=int, default=200, help="target items of the text teachers")

@@ -431,6 +431,18 @@ TEACHERS["icl_effects_plain"] = TEACHERS["icl_effects"]
 PROVENANCE = {"icl_effects": "delift_icl"}
 
 
+def _write_full_table(path, ids: list[str], full: np.ndarray):
+    """Every pair of ``full`` (K[i, j] = U(j -> i) over ``ids``) as a teacher table file; returns the table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ex, tg = np.meshgrid(np.arange(len(ids)), np.arange(len(ids)), indexing="ij")
+    table = pa.table({"example_id": [ids[i] for i in ex.ravel()], "target_id": [ids[j] for j in tg.ravel()],
+                      "value": full.T.ravel()})  # fmt: skip
+    pq.write_table(table, path)
+    return table
+
+
 @pytest.mark.parametrize("teacher", list(TEACHERS))
 def test_a_default_run_is_never_worse_than_the_best_free_estimate(tmp_path, teacher):
     """On teachers of very different structure, the run's chosen estimate closes (within noise) at least the gap
@@ -453,14 +465,10 @@ def test_a_default_run_is_never_worse_than_the_best_free_estimate(tmp_path, teac
              "self2": rng.random(m + n)}  # fmt: skip
     full = TEACHERS[teacher](emb, parts).astype(np.float32)  # (M+N, M+N); K[i, j] = U(j -> i)
     ids = [r["id"] for r in rows]
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    ex, tg = np.meshgrid(np.arange(m + n), np.arange(m + n), indexing="ij")
-    table = pa.table({"example_id": [ids[i] for i in ex.ravel()], "target_id": [ids[j] for j in tg.ravel()],
-                      "value": full.T.ravel()})  # fmt: skip
+    table = _write_full_table(tmp_path / "teacher.parquet", ids, full)
     assert table.column_names == list(TABLE_COLUMNS)
-    pq.write_table(table, tmp_path / "teacher.parquet")
     if teacher in PROVENANCE:
         (tmp_path / "teacher.json").write_text(json.dumps({"function": PROVENANCE[teacher], "teacher_config": {}}))
     pool = write_jsonl(tmp_path / "pool.jsonl", rows[:m])
@@ -605,7 +613,6 @@ def test_a_teacher_paying_per_item_featurises_only_the_held_out_rows_for_the_fl_
     """A pairwise teacher that pays per item (LESS's cost model, here a table declared so): the FL criterion's
     candidates pick among the items the plan featurised, so the choice featurises only its held-out rows (a pool
     of 90 would otherwise be read whole: every item featurised)."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from nncift.config import load_config
@@ -623,9 +630,7 @@ def test_a_teacher_paying_per_item_featurises_only_the_held_out_rows_for_the_fl_
         r["emb"] = emb[i].tolist()
     full = (emb @ emb.T + 0.1 * rng.random((m + n, m + n))).astype(np.float32)  # K[i, j] = U(j -> i)
     ids = [r["id"] for r in rows]
-    ex, tg = np.meshgrid(np.arange(m + n), np.arange(m + n), indexing="ij")
-    pq.write_table(pa.table({"example_id": [ids[i] for i in ex.ravel()], "target_id": [ids[j] for j in tg.ravel()],
-                             "value": full.T.ravel()}), tmp_path / "teacher.parquet")  # fmt: skip
+    _write_full_table(tmp_path / "teacher.parquet", ids, full)
     over = [f"data.input={write_jsonl(tmp_path / 'pool.jsonl', rows[:m])}",
             f"data.target={write_jsonl(tmp_path / 'target.jsonl', rows[m:])}", "data.test_size=0",
             "data.embedding_field=emb", "embed.source=column", "label.function=table",
